@@ -1,0 +1,91 @@
+"""Fake-quantization ops that compute exactly what ncnn's int8 layers compute.
+
+Public functions:
+
+* :func:`fake_quantize_per_channel`: weights, one symmetric scale per group of dim 0;
+* :func:`fake_quantize_per_tensor`: activations, one scale from a moving-average range.
+
+Both are backed by ``torch.library`` custom ops (namespace ``ncnnqat``) with compiled CPU and
+CUDA kernels and a pure-PyTorch reference (:mod:`lightning_ncnnqat.ops.reference`).
+Inputs may be float32, float16 or bfloat16 of any rank and layout; math is float32, outputs
+keep the input dtype and are contiguous.
+
+Gradients (straight-through estimator): weights pass their gradient unchanged (an absmax
+scale never clips a weight). Activations pass it only where the value was not clipped at
++-qmax: there the forward is constant, so the true derivative is 0, and passing it (as
+ncnnqat does) pushes outliers further out without any effect on the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _registry, reference  # noqa: F401  (registers the ops)
+from ._registry import STATUS
+
+__all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "STATUS", "reference"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_common(op: str, t: Tensor, arg: str, bits: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{op}: `{arg}` must be float32, float16 or bfloat16, got {t.dtype}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{op}: `bits` must be an int in [2, 8], got {bits!r}")
+
+
+def fake_quantize_per_channel(weight: Tensor, num_groups: int, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Fake-quantize ``weight`` with one symmetric scale per group of dim 0.
+
+    ``num_groups`` is ``out_channels`` for Conv2d/Linear and ``groups`` for depthwise and
+    grouped convolutions. Returns ``(weight_fq, scales)``; ``scales[g] = qmax / absmax(group g)``
+    (``qmax = 2**(bits-1) - 1``: 127 for 8 bits, 31 for the 6-bit 3x3 rule) is exactly the
+    weight row of the ncnn table.
+    """
+    op = "fake_quantize_per_channel"
+    _check_common(op, weight, "weight", bits)
+    if weight.dim() == 0:
+        raise ValueError(f"{op}: `weight` must have at least 1 dimension, got a scalar")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{op}: `num_groups` must be a positive int, got {num_groups!r}")
+    if weight.shape[0] % num_groups != 0:
+        raise ValueError(
+            f"{op}: `num_groups`={num_groups} must divide weight.shape[0]={weight.shape[0]}"
+        )
+    return torch.ops.ncnnqat.fake_quantize_per_channel(weight, num_groups, bits)
+
+
+def fake_quantize_per_tensor(
+    x: Tensor, running_absmax: Tensor, momentum: float, training: bool, bits: int = 8
+) -> Tensor:
+    """Fake-quantize ``x`` with one scale from the moving-average range ``running_absmax``.
+
+    ``running_absmax`` is a 1-element float32 buffer, ``-1`` until initialised. In training it
+    is first updated in place, ``r += momentum * (batch_absmax - r)`` (the first batch sets it),
+    then ``x`` is quantized with the updated value; outside training it is left untouched. The
+    scale used is ``qmax / running_absmax``, exactly the input row of the ncnn table.
+    """
+    op = "fake_quantize_per_tensor"
+    _check_common(op, x, "x", bits)
+    if (
+        not isinstance(running_absmax, Tensor)
+        or running_absmax.dtype != torch.float32
+        or running_absmax.numel() != 1
+    ):
+        got = f"{running_absmax.dtype} of shape {tuple(running_absmax.shape)}" if isinstance(
+            running_absmax, Tensor
+        ) else type(running_absmax).__name__
+        raise TypeError(f"{op}: `running_absmax` must be a 1-element float32 tensor, got {got}")
+    if running_absmax.device != x.device:
+        raise ValueError(
+            f"{op}: `running_absmax` is on {running_absmax.device} but `x` is on {x.device}"
+        )
+    if training:
+        if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0.0 < momentum <= 1.0:
+            raise ValueError(f"{op}: `momentum` must be a float in (0, 1], got {momentum!r}")
+        torch.ops.ncnnqat.update_absmax_(x.detach(), running_absmax, float(momentum))
+    return torch.ops.ncnnqat.fake_quantize_per_tensor(x, running_absmax, bits)

@@ -1,0 +1,93 @@
+"""Pure-PyTorch reference of the ncnn int8 fake-quant math.
+
+This is the test oracle for the compiled kernels and the fallback when they are absent.
+Every step is float32 and matches ncnn (see ``NCNN_INT8.md``):
+
+* ``scale = qmax / absmax`` (a multiplier), ``qmax = 2**(bits-1) - 1``; absmax 0 gives 1,
+  a scale that would overflow float32 is clamped to FLT_MAX, so it is always finite;
+* ``q = clamp(round_half_away_from_zero(x * scale), -qmax, qmax)``, output ``q / scale``;
+* absmax ignores non-finite values (NaN and +-inf never poison a range); a NaN input gives
+  a NaN output, +-inf saturates to +-qmax / scale;
+* the running range is ``-1`` until the first training batch initialises it; a quantizer
+  whose range is uninitialised passes its input through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+def qmax_of(bits: int) -> float:
+    return float(2 ** (bits - 1) - 1)
+
+
+def scale_from_absmax(absmax: Tensor, bits: int) -> Tensor:
+    """ncnn's scale multiplier for a float32 absmax, guarded against zero and overflow."""
+    absmax = absmax.float()
+    scale = qmax_of(bits) / absmax
+    scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
+    return torch.clamp(scale, max=FLT_MAX)
+
+
+def round_half_away(v: Tensor) -> Tensor:
+    """C ``round()``: ties go away from zero (``torch.round`` goes to even)."""
+    t = torch.trunc(v)
+    step = torch.where((v - t).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+    return t + step
+
+
+def finite_absmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """max |x| over finite values (0 for an empty reduction)."""
+    a = x.float().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    if dim is None:
+        return a.amax() if a.numel() else a.new_zeros(())
+    if a.shape[dim] == 0:
+        shape = list(a.shape)
+        del shape[dim]
+        return a.new_zeros(shape)
+    return a.amax(dim=dim)
+
+
+def _quantize(xf: Tensor, scale: Tensor, bits: int) -> Tensor:
+    qmax = qmax_of(bits)
+    v = torch.clamp(xf * scale, -qmax, qmax)
+    return round_half_away(v) / scale
+
+
+def fake_quantize_per_channel(weight: Tensor, num_groups: int, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-group fake quantization of ``weight`` along dim 0; returns (weight_fq, scales)."""
+    w = weight.contiguous().float().reshape(num_groups, -1)
+    scales = scale_from_absmax(finite_absmax(w, dim=1), bits)
+    out = _quantize(w, scales[:, None], bits)
+    return out.reshape(weight.shape).to(weight.dtype).contiguous(), scales.contiguous()
+
+
+def update_absmax_(x: Tensor, running_absmax: Tensor, momentum: float) -> None:
+    """Moving average of the batch absmax, in place; the first batch (running < 0) initialises it."""
+    b = finite_absmax(x).to(running_absmax.device)
+    r = running_absmax.float()
+    m = torch.tensor(momentum, dtype=torch.float32, device=r.device)
+    new = torch.where(r < 0, b, r + m * (b - r))
+    running_absmax.copy_(new)
+
+
+def fake_quantize_per_tensor(x: Tensor, running_absmax: Tensor, bits: int) -> Tensor:
+    """Fake-quantize ``x`` with the scale implied by ``running_absmax`` (identity if uninitialised)."""
+    r = running_absmax.float().reshape(())
+    xf = x.contiguous().float()
+    out = _quantize(xf, scale_from_absmax(r, bits), bits)
+    out = torch.where(r < 0, xf, out)
+    return out.to(x.dtype).contiguous()
+
+
+def fake_quantize_per_tensor_backward(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: int) -> Tensor:
+    """Clipped straight-through estimator: pass the gradient where ``round(x*scale)`` was not clamped."""
+    r = running_absmax.float().reshape(())
+    v = (x.contiguous().float() * scale_from_absmax(r, bits)).abs()
+    keep = (v < qmax_of(bits) + 0.5) | (r < 0)
+    g = grad.contiguous()
+    return torch.where(keep, g, torch.zeros_like(g)).contiguous()
