@@ -1,0 +1,34 @@
+"""lightning-ncnnqat: quantization-aware training for ncnn int8 as a Lightning callback.
+
+    Trainer(callbacks=[QATCallback(start_epoch=5)])
+
+Public API: :class:`QATCallback`, :class:`QATConfig`, :func:`prepare_qat` (surgery without a
+Trainer), :func:`export` (ONNX + ncnn tables + int8 ncnn model + parity report) and the
+fake-quant ops in :mod:`lightning_ncnnqat.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .callbacks import QATCallback
+from .config import QATConfig
+from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint
+
+__all__ = [
+    "QATCallback",
+    "QATConfig",
+    "export",
+    "folded_float_model",
+    "prepare_qat",
+    "quantized_layers",
+    "restore_from_checkpoint",
+]
+__version__ = "0.1.0"
+
+
+def export(*args: Any, **kwargs: Any) -> Any:
+    """Export a QAT model: see :func:`lightning_ncnnqat.export.export` (imported lazily: onnx, pnnx)."""
+    from .export import export as _export
+
+    return _export(*args, **kwargs)

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from .qat import QATCallback
+
+__all__ = ["QATCallback"]

@@ -1,0 +1,262 @@
+"""QATCallback: ncnn-faithful quantization-aware training from a chosen epoch.
+
+Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the export in
+:mod:`lightning_ncnnqat.export`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import QATConfig
+from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat
+from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    """The model input of a batch: the batch itself, or its first element (``(x, y)`` batches)."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        return next((v for v in batch.values() if isinstance(v, Tensor)), None)
+    return None
+
+
+class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
+    """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
+
+    At the start of epoch ``start_epoch`` it folds every BatchNorm that alone reads a
+    Conv2d/Linear output into that layer (statistics frozen), and fake-quantizes every layer
+    ncnn runs in int8: weights per output channel (per group for depthwise convs), 6-bit for
+    3x3 stride-1 convs, inputs per tensor from a moving-average range shared by all readers of
+    a tensor. Ranges move only in training steps. At the end of fit (global rank 0) it exports
+    the ONNX model, the ncnn tables, a ready-to-run int8 ncnn model and a parity report.
+
+    Args:
+        start_epoch: epoch at which QAT starts (0 = from the first epoch). Fine-tuning a
+            trained float model for a few epochs is the usual recipe.
+        momentum: weight of the newest batch in each input range's moving average, in (0, 1].
+        six_bit_3x3: 6-bit weights for 3x3 stride-1 dilation-1 convs, as ncnn2table does.
+        skip: module names or fnmatch patterns of layers to keep in float.
+        quantize_grouped_convs: also run grouped convs (1 < groups < channels) in int8. Off by
+            default: ncnn's default int8 path computes them wrongly.
+        sync_ranges: all-reduce input ranges across processes under DDP.
+        export_dir: where ``on_fit_end`` writes the export; relative paths are resolved
+            against ``trainer.default_root_dir``. ``None`` turns export off.
+        example_input: input used to trace the model and export it; defaults to the
+            LightningModule's ``example_input_array``, then to the first training batch.
+        held_batch_size: number of validation inputs the parity report compares on.
+        log_every_n_steps: how often input ranges and clipped fractions are logged (0 = never).
+        verbose: print the QAT summary and the export summary.
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        momentum: float = 0.1,
+        six_bit_3x3: bool = True,
+        skip: Optional[list[str]] = None,
+        quantize_grouped_convs: bool = False,
+        sync_ranges: bool = True,
+        export_dir: Optional[str] = "ncnn_export",
+        example_input: Any = None,
+        held_batch_size: int = 64,
+        log_every_n_steps: int = 50,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("start_epoch", start_epoch), ("held_batch_size", held_batch_size),
+                            ("log_every_n_steps", log_every_n_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "held_batch_size" else 0):
+                low = 1 if name == "held_batch_size" else 0
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
+            raise TypeError(f"`export_dir` must be a path or None, got {export_dir!r}")
+        if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
+            raise TypeError(f"`example_input` must be a Tensor, a tuple of Tensors or None, got {type(example_input).__name__}")
+        if not isinstance(verbose, bool):
+            raise TypeError(f"`verbose` must be a bool, got {verbose!r}")
+        self.config = QATConfig(
+            momentum=momentum,
+            six_bit_3x3=six_bit_3x3,
+            skip=tuple(skip or ()),
+            quantize_grouped_convs=quantize_grouped_convs,
+            sync_ranges=sync_ranges,
+        )
+        self.start_epoch = start_epoch
+        self.export_dir = None if export_dir is None else os.fspath(export_dir)
+        self.example_input = example_input
+        self.held_batch_size = held_batch_size
+        self.log_every_n_steps = log_every_n_steps
+        self.verbose = verbose
+        self.plan: QATPlan | None = None
+        self.export_report: Any = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(start_epoch=self.start_epoch)
+
+    @property
+    def active(self) -> bool:
+        """Whether the model is being trained with fake quantization."""
+        return self.plan is not None
+
+    # ---- set-up and resume ------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            max_epochs = trainer.max_epochs
+            if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
+                raise ValueError(
+                    f"QATCallback: `start_epoch`={self.start_epoch} is not before the Trainer's "
+                    f"`max_epochs`={max_epochs}: QAT would never start. Lower start_epoch or raise max_epochs."
+                )
+        self.plan = get_plan(pl_module)
+        self._install_restore_hook(pl_module)
+
+    def _install_restore_hook(self, pl_module: Any) -> None:
+        """Re-apply the checkpoint's QAT plan before Lightning loads the state dict into the model.
+
+        Lightning calls ``LightningModule.on_load_checkpoint`` with the loaded checkpoint just
+        before loading the weights; the callbacks' own hook comes only after, too late to add the
+        quantizer buffers and fold the BatchNorms the checkpoint's state dict expects.
+        """
+        if "on_load_checkpoint" in pl_module.__dict__:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            if "ncnnqat" in checkpoint and get_plan(pl_module) is None:
+                apply_plan(pl_module, QATPlan.from_dict(checkpoint["ncnnqat"]))
+                self.plan = get_plan(pl_module)
+            return original(checkpoint)
+
+        pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
+
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.plan is not None:
+            checkpoint["ncnnqat"] = self.plan.to_dict()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_epoch": self.start_epoch, "active": self.active}
+
+    # ---- switching QAT on -------------------------------------------------------------
+
+    @override
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.plan is None and trainer.current_epoch >= self.start_epoch:
+            example = self.example_input if self.example_input is not None else pl_module.example_input_array
+            if example is not None:
+                self._activate(trainer, pl_module, example)
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.plan is None and trainer.current_epoch >= self.start_epoch:
+            example = _first_tensor(batch)
+            if example is None:
+                raise ValueError(
+                    "QATCallback needs an example input to trace the model: set `example_input_array` on "
+                    "the LightningModule or pass `example_input=` (the batch is not a Tensor or (Tensor, ...))"
+                )
+            self._activate(trainer, pl_module, example[:1])
+        if self.plan is not None and self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
+            for q in input_quantizers(pl_module).values():
+                q.record_stats = True
+
+    def _activate(self, trainer: Any, pl_module: Any, example: Any) -> None:
+        def to_device(t: Any) -> Any:
+            return t.to(pl_module.device) if isinstance(t, Tensor) else t
+
+        example = tuple(map(to_device, example)) if isinstance(example, tuple) else to_device(example)
+        self.plan = prepare_qat(pl_module, example, self.config)
+        if self.verbose:
+            rank_zero_info(f"Epoch {trainer.current_epoch}: " + self.plan.summary())
+
+    # ---- monitoring -------------------------------------------------------------------
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.plan is None or not self.log_every_n_steps:
+            return
+        metrics: dict[str, Tensor] = {}
+        for name, q in input_quantizers(pl_module).items():
+            if q.record_stats:
+                q.record_stats = False
+                metrics[f"qat_range/{name}"] = q.running_absmax.detach().reshape(())
+                if q.last_clip_fraction is not None:
+                    metrics[f"qat_clipped/{name}"] = q.last_clip_fraction
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.plan is not None:
+            check_ranges(pl_module)
+
+    # ---- export -----------------------------------------------------------------------
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.export_dir is None:
+            return
+        if self.plan is None:
+            rank_zero_warn("QATCallback: QAT never started (fit ended before `start_epoch`); nothing exported.")
+            return
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                self.export_report = self._export(trainer, pl_module)
+            except BaseException as exc:  # other ranks must not wait forever at the barrier
+                error = exc
+        trainer.strategy.barrier("ncnnqat_export")
+        if error is not None:
+            raise error
+
+    def _export(self, trainer: Any, pl_module: Any) -> Any:
+        from ..export import export
+
+        export_dir = self.export_dir
+        if not os.path.isabs(export_dir):
+            export_dir = os.path.join(trainer.default_root_dir, export_dir)
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        held = self._held_batch(trainer)
+        return export(pl_module, export_dir, example_input=example, held_batch=held, verbose=self.verbose)
+
+    def _held_batch(self, trainer: Any) -> Tensor | None:
+        """Real inputs for the parity report: from the validation loader, else the training loader."""
+        for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+            if loaders is None:
+                continue
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            if isinstance(loader, dict):
+                loader = next(iter(loader.values()))
+            chunks: list[Tensor] = []
+            n = 0
+            try:
+                for batch in loader:
+                    x = _first_tensor(batch)
+                    if x is None:
+                        break
+                    chunks.append(x.detach().cpu())
+                    n += x.shape[0]
+                    if n >= self.held_batch_size:
+                        break
+            except TypeError:
+                continue
+            if chunks:
+                return torch.cat(chunks)[: self.held_batch_size]
+        return None
