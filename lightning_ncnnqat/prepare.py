@@ -255,7 +255,20 @@ def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
 
 
 def check_ranges(model: nn.Module, require_initialized: bool = False) -> None:
-    """Raise naming the layer if a range is NaN/inf (or, optionally, still uninitialised)."""
+    """Raise naming the layer if a range or a folded weight is NaN/inf (or a range uninitialised).
+
+    Ranges ignore non-finite activations by design, so a diverged run shows up in the weights.
+    """
+    plan = _require_plan(model)
+    modules = dict(model.named_modules())
+    for name in plan.layers:
+        with torch.no_grad():
+            w, b = modules[name].folded_weight_bias()
+            finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
+        if not finite:
+            raise RuntimeError(
+                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged (check the loss)"
+            )
     for name, q in input_quantizers(model).items():
         r = float(q.running_absmax.detach().float().cpu().item())
         if r != r or r in (float("inf"), float("-inf")):

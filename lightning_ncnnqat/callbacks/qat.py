@@ -173,7 +173,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     "the LightningModule or pass `example_input=` (the batch is not a Tensor or (Tensor, ...))"
                 )
             self._activate(trainer, pl_module, example[:1])
-        if self.plan is not None and self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
+        if (
+            self.plan is not None
+            and self.log_every_n_steps
+            and trainer.loggers
+            and trainer.global_step % self.log_every_n_steps == 0
+        ):
             for q in input_quantizers(pl_module).values():
                 q.record_stats = True
 

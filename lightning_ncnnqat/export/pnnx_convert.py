@@ -1,0 +1,78 @@
+"""float32 ncnn model from the folded float model, with pnnx from PyPI.
+
+We trace with ``torch.jit.trace`` ourselves and call the ``pnnx`` binary directly (instead of
+``pnnx.export``): ``pnnx.convert`` ignores the converter's exit status and imports the Python
+file it generated, so a failure would surface as an unrelated ImportError. Everything runs in
+a private temporary directory; only the checked ``.ncnn.param``/``.ncnn.bin`` are handed back.
+pnnx keeps ops it cannot convert as layers of their torch name (``torch.cumprod``) and exits
+0, so the result is checked against the layer types this ncnn build can create.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LayerError
+from .ncnn_param import NcnnParam
+from .tracing import traceable
+
+
+@dataclass
+class PnnxResult:
+    param_text: str
+    bin_bytes: bytes
+    log: str
+
+
+def _inputshape(x: torch.Tensor) -> str:
+    types = {torch.float32: "f32", torch.float16: "f16", torch.float64: "f64"}
+    if x.dtype not in types:
+        raise ValueError(f"example input must be a float tensor, got {x.dtype}")
+    return "[" + ",".join(str(int(d)) for d in x.shape) + "]" + types[x.dtype]
+
+
+def unknown_layer_types(param: NcnnParam) -> list[tuple[str, str]]:
+    """(layer name, type) of layers this ncnn build cannot create."""
+    import ncnn
+
+    return [(lay.name, lay.type) for lay in param.layers if ncnn.layer_to_index(lay.type) < 0]
+
+
+def convert_with_pnnx(model: nn.Module, example: torch.Tensor, timeout_s: float = 600.0) -> PnnxResult:
+    """Trace ``model`` on ``example`` (batch 1) and convert it to a float32 ncnn model."""
+    import pnnx
+
+    model = model.eval()
+    with tempfile.TemporaryDirectory(prefix="ncnnqat_pnnx_") as tmp:
+        tmpdir = Path(tmp)
+        pt = tmpdir / "model.pt"
+        with traceable(model), torch.no_grad():
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+        traced.save(str(pt))
+        cmd = [pnnx.EXEC_PATH, str(pt), f"inputshape={_inputshape(example)}", "device=cpu", "fp16=0"]
+        proc = subprocess.run(cmd, cwd=tmpdir, capture_output=True, text=True, timeout=timeout_s)
+        log = proc.stdout + proc.stderr
+        param_path, bin_path = tmpdir / "model.ncnn.param", tmpdir / "model.ncnn.bin"
+        if proc.returncode != 0 or not param_path.is_file() or not bin_path.is_file():
+            tail = "\n".join(log.strip().splitlines()[-15:])
+            raise LayerError(None, f"pnnx failed (exit status {proc.returncode}):\n{tail}")
+        text = param_path.read_text()
+        data = bin_path.read_bytes()
+    param = NcnnParam.parse(text)
+    bad = unknown_layer_types(param)
+    if bad:
+        name, typ = bad[0]
+        ignored = [ln for ln in log.splitlines() if ln.startswith("ignore ")]
+        hint = f" (pnnx: {ignored[0]})" if ignored else ""
+        raise LayerError(
+            name,
+            f"pnnx could not convert op '{typ}' (ncnn layer '{name}') to an ncnn layer{hint}; "
+            f"all unconvertible: {', '.join(f'{n} ({t})' for n, t in bad)}",
+        )
+    return PnnxResult(text, data, log)
