@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,37 +22,58 @@ def loader(ds: TensorDataset, batch_size: int = 16) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
-def make_module(base: type, example: bool = True, lr: float = 0.05) -> object:
-    """A LightningModule subclass of ``base`` (lightning.pytorch or pytorch_lightning)."""
+class _Steps:
+    """Training/eval steps shared by the lightning.pytorch and pytorch_lightning modules."""
 
-    class LitMixed(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
+    lr = 0.05
+
+    def _build(self, example: bool) -> None:
+        self.net = MixedNet()
+        if example:
+            self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self(batch[0])
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class LitMixed(_Steps, L.LightningModule):
+    def __init__(self, example: bool = True) -> None:
+        super().__init__()
+        self._build(example)
+
+
+try:
+    import pytorch_lightning as PL
+
+    class PLMixed(_Steps, PL.LightningModule):
+        def __init__(self, example: bool = True) -> None:
             super().__init__()
-            self.net = MixedNet()
-            if example:
-                self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+            self._build(example)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
+except ImportError:  # pragma: no cover
+    PL = None
 
-        def training_step(self, batch, batch_idx):  # noqa: ANN001
-            x, y = batch
-            loss = F.cross_entropy(self(x), y)
-            self.log("train_loss", loss)
-            return loss
 
-        def validation_step(self, batch, batch_idx):  # noqa: ANN001
-            x, y = batch
-            self.log("val_loss", F.cross_entropy(self(x), y))
-
-        def test_step(self, batch, batch_idx):  # noqa: ANN001
-            x, y = batch
-            self.log("test_loss", F.cross_entropy(self(x), y))
-
-        def predict_step(self, batch, batch_idx):  # noqa: ANN001
-            return self(batch[0])
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
-
-    return LitMixed()
+def make_module(base: type, example: bool = True) -> L.LightningModule:
+    """A test LightningModule deriving from ``base`` (lightning.pytorch or pytorch_lightning)."""
+    return (LitMixed if base is L.LightningModule else PLMixed)(example)

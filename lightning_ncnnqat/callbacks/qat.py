@@ -119,6 +119,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     f"QATCallback: `start_epoch`={self.start_epoch} is not before the Trainer's "
                     f"`max_epochs`={max_epochs}: QAT would never start. Lower start_epoch or raise max_epochs."
                 )
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+            raise ValueError(
+                f"QATCallback does not support the {strategy} strategy: it shards parameters, so layers cannot "
+                "be fake-quantized per output channel or exported from one rank. Use strategy='ddp' or 'ddp_spawn'."
+            )
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
 

@@ -1,0 +1,56 @@
+"""QAT under DDP (gloo, 2 CPU processes): synchronised ranges, identical state, resume."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
+
+
+def _run(out, strategy: str, devices: int, batch: int, resume: str | None = None) -> list[dict]:  # noqa: ANN001
+    cmd = [sys.executable, SCRIPT, str(out), strategy, str(devices), str(batch)] + ([resume] if resume else [])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(devices)]
+
+
+def _assert_same(a: dict, b: dict, **tol: float) -> None:
+    assert a["ranges"].keys() == b["ranges"].keys()
+    for k in a["ranges"]:
+        assert torch.allclose(a["ranges"][k], b["ranges"][k], **tol), k
+    for k in a["params"]:
+        assert torch.allclose(a["params"][k], b["params"][k], **tol), k
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ranks_hold_identical_state_and_match_single_process(tmp_path, strategy: str) -> None:  # noqa: ANN001
+    ranks = _run(tmp_path / "ddp", strategy, 2, 8)
+    assert ranks[0]["world_size"] == 2
+    assert all(r > 0 for r in ranks[0]["ranges"].values())
+    for k in ranks[0]["ranges"]:
+        assert torch.equal(ranks[0]["ranges"][k], ranks[1]["ranges"][k]), k  # bit-identical across ranks
+    for k in ranks[0]["params"]:
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+    if strategy == "ddp":
+        # one process over the same global batches (2 x 8, the distributed sampler interleaves)
+        (single,) = _run(tmp_path / "single", "auto", 1, 16)
+        _assert_same(ranks[0], single, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_from_ddp_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    first = _run(tmp_path / "a", "ddp", 2, 8)
+    ckpt = sorted(glob.glob(str(tmp_path / "a" / "ckpt" / "epoch=1*.ckpt")))[0]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert "ncnnqat" in state
+    resumed = _run(tmp_path / "b", "ddp", 2, 8, resume=ckpt)
+    _assert_same(first[0], resumed[0], rtol=1e-6, atol=1e-7)
+    for k in resumed[0]["ranges"]:
+        assert torch.equal(resumed[0]["ranges"][k], resumed[1]["ranges"][k])
