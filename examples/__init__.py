@@ -1,0 +1,1 @@
+"""Examples; a package so tests can `from examples import cifar10`."""
