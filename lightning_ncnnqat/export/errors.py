@@ -30,6 +30,8 @@ class ExportError(RuntimeError):
         written: list[str] | None = None,
         failures: list[tuple[str, str | None, str]] | None = None,
     ) -> None:
+        if layer and message.startswith(f"layer '{layer}': "):
+            message = message[len(f"layer '{layer}': ") :]
         where = f"step '{step}'" + (f", layer '{layer}'" if layer else "")
         text = f"export failed at {where}: {message}"
         others = [f for f in (failures or [])[1:]]

@@ -81,7 +81,10 @@ class NcnnLayer:
         i, is_array = hit
         if is_array or "," in self.params[i][1]:
             raise NcnnFormatError(f"layer '{self.name}': param {pid} is an array, expected an int")
-        return int(float(self.params[i][1])) if _is_float_text(self.params[i][1]) else int(self.params[i][1])
+        text = self.params[i][1]
+        if _is_float_text(text):
+            raise NcnnFormatError(f"layer '{self.name}': param {pid} is {text!r}, expected an int")
+        return int(text)
 
     def get_float(self, pid: int, default: float) -> float:
         hit = self._find(pid)

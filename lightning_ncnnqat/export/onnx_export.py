@@ -31,6 +31,7 @@ OUTPUT_NAME = "out0"
 class OnnxResult:
     model_bytes: bytes
     exporter: str  # "torchscript" or "dynamo"
+    opset: int
     node_names: list[str]  # onnx2ncnn layer name of every node, graph order
 
 
@@ -76,7 +77,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = 17) -> Onn
         raise LayerError(None, "onnxsim could not validate the simplified model")
     onnx.checker.check_model(simplified)
     names = [onnx2ncnn_name(n) for n in simplified.graph.node]
-    return OnnxResult(simplified.SerializeToString(), exporter, names)
+    opset_used = next((o.version for o in simplified.opset_import if o.domain in ("", "ai.onnx")), opset)
+    return OnnxResult(simplified.SerializeToString(), exporter, int(opset_used), names)
 
 
 def onnx_weight_owners(model_bytes: bytes) -> list[WeightOwner]:

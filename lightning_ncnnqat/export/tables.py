@@ -21,6 +21,7 @@ import numpy as np
 from .errors import LayerError
 
 MAX_NAME = 255
+FLT_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class TableRow:
 def check_scale(torch_name: str, what: str, value: float) -> None:
     """A scale must be a finite positive float32."""
     v = float(value)
-    if not math.isfinite(v) or v <= 0.0 or not math.isfinite(float(np.float32(v))):
+    if not math.isfinite(v) or v <= 0.0 or v > FLT_MAX:
         raise LayerError(torch_name, f"layer '{torch_name}': {what} is {value!r}; it must be finite and > 0")
 
 

@@ -1,0 +1,12 @@
+"""Export a QAT-trained model for ncnn: ONNX + table, float32 ncnn + table, int8 ncnn, report.
+
+Main entry point: :func:`export`. The pieces (``.param`` parsing, the int8 writer, the table
+writer, parity checks) are usable on their own from the submodules.
+"""
+
+from __future__ import annotations
+
+from .api import ExportReport, LayerReport, export, validate_layers
+from .errors import ExportError, LayerError
+
+__all__ = ["export", "ExportReport", "LayerReport", "ExportError", "LayerError", "validate_layers"]
