@@ -9,15 +9,19 @@ fake-quant ops in :mod:`lightning_ncnnqat.ops`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .callbacks import QATCallback
 from .config import QATConfig
+
+# The function shadows the subpackage's name on purpose: `lightning_ncnnqat.export(...)`; the
+# subpackage stays importable as `from lightning_ncnnqat.export import ExportReport`.
+from .export import ExportError, ExportReport, export
 from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint
 
 __all__ = [
     "QATCallback",
     "QATConfig",
+    "ExportError",
+    "ExportReport",
     "export",
     "folded_float_model",
     "prepare_qat",
@@ -25,10 +29,3 @@ __all__ = [
     "restore_from_checkpoint",
 ]
 __version__ = "0.1.0"
-
-
-def export(*args: Any, **kwargs: Any) -> Any:
-    """Export a QAT model: see :func:`lightning_ncnnqat.export.export` (imported lazily: onnx, pnnx)."""
-    from .export import export as _export
-
-    return _export(*args, **kwargs)

@@ -172,10 +172,13 @@ def test_checkpoint_loads_into_fresh_model_without_training(tmp_path) -> None:  
 
 def test_first_batch_is_the_example_when_module_has_none(tmp_path) -> None:  # noqa: ANN001
     ds = make_data()
-    cb = QATCallback(start_epoch=1, export_dir=None)
+    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False)
     model = make_module(L.LightningModule, example=False)
     _trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model, loader(ds))
     assert cb.active and all(r > 0 for r in _ranges(model).values())
+    # export traces with the same first-batch example, and its parity batch comes from the train loader
+    assert (tmp_path / "export" / "model.int8.param").is_file()
+    assert cb.export_report.ok
 
 
 def test_bf16_mixed_precision(tmp_path) -> None:  # noqa: ANN001

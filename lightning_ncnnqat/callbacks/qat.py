@@ -97,6 +97,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.verbose = verbose
         self.plan: QATPlan | None = None
         self.export_report: Any = None
+        self._traced_example: Any = None
 
     @property
     @override
@@ -194,6 +195,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
         example = tuple(map(to_device, example)) if isinstance(example, tuple) else to_device(example)
         self.plan = prepare_qat(pl_module, example, self.config)
+        self._traced_example = example
         if self.verbose:
             rank_zero_info(f"Epoch {trainer.current_epoch}: " + self.plan.summary())
 
@@ -244,6 +246,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if not os.path.isabs(export_dir):
             export_dir = os.path.join(trainer.default_root_dir, export_dir)
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:  # QAT was traced on the first training batch
+            example = self._traced_example
         held = self._held_batch(trainer)
         return export(pl_module, export_dir, example_input=example, held_batch=held, verbose=self.verbose)
 

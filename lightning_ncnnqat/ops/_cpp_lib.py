@@ -21,6 +21,9 @@ import torch
 
 BUILD_HINT = "pip install --no-build-isolation -e . (from a source checkout)"
 
+# The operators every compiled library must register a kernel for (schemas: _registry.py).
+OPS = ("fake_quantize_per_channel", "update_absmax_", "fake_quantize_per_tensor", "fake_quantize_per_tensor_backward")
+
 
 @dataclass
 class LibraryStatus:
@@ -42,6 +45,32 @@ def _try_import(module: str) -> str | None:
     return None
 
 
+def _missing_kernels(dispatch_key: str) -> list[str]:
+    """The ``ncnnqat`` ops that have no kernel registered for ``dispatch_key`` (e.g. "CPU")."""
+    missing = []
+    for op in OPS:
+        try:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"ncnnqat::{op}", dispatch_key)
+        except RuntimeError:  # schema not defined (load() called before _registry defined it)
+            has = False
+        if not has:
+            missing.append(op)
+    return missing
+
+
+def _load_one(module: str, dispatch_key: str) -> str | None:
+    """Import a compiled library and check that it registered every kernel; return why not."""
+    err = _try_import(module)
+    if err is not None:
+        return f"the compiled {dispatch_key} library could not be loaded ({err})"
+    missing = _missing_kernels(dispatch_key)
+    if missing:
+        return f"{module} loaded but registered no {dispatch_key} kernel for " + ", ".join(
+            f"ncnnqat::{op}" for op in missing
+        )
+    return None
+
+
 def load() -> LibraryStatus:
     """Import the compiled extensions once; return which devices have compiled kernels."""
     global _STATUS
@@ -52,19 +81,19 @@ def load() -> LibraryStatus:
         status.reasons["cpu"] = status.reasons["cuda"] = "LIGHTNING_NCNNQAT_FORCE_REFERENCE=1"
         _STATUS = status
         return status
-    err = _try_import("lightning_ncnnqat._C")
+    err = _load_one("lightning_ncnnqat._C", "CPU")
     if err is None:
         status.cpu = True
     else:
-        status.reasons["cpu"] = f"the compiled CPU library could not be loaded ({err})"
+        status.reasons["cpu"] = err
     if torch.version.cuda is None:
         status.reasons["cuda"] = "this torch build has no CUDA"
     else:
-        err = _try_import("lightning_ncnnqat._C_cuda")
+        err = _load_one("lightning_ncnnqat._C_cuda", "CUDA")
         if err is None:
             status.cuda = True
         else:
-            status.reasons["cuda"] = f"the compiled CUDA library could not be loaded ({err})"
+            status.reasons["cuda"] = err
     _STATUS = status
     if not status.cpu or (torch.version.cuda is not None and not status.cuda):
         missing = [d for d in ("cpu", "cuda") if d in status.reasons and not (d == "cuda" and torch.version.cuda is None)]
