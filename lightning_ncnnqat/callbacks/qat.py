@@ -248,12 +248,19 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:  # QAT was traced on the first training batch
             example = self._traced_example
-        held = self._held_batch(trainer)
-        return export(pl_module, export_dir, example_input=example, held_batch=held, verbose=self.verbose)
+        held, source = self._held_batch(trainer)
+        return export(
+            pl_module,
+            export_dir,
+            example_input=example,
+            held_batch=held,
+            held_batch_source=source,
+            verbose=self.verbose,
+        )
 
-    def _held_batch(self, trainer: Any) -> Tensor | None:
+    def _held_batch(self, trainer: Any) -> tuple[Tensor | None, str]:
         """Real inputs for the parity report: from the validation loader, else the training loader."""
-        for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+        for source, loaders in (("validation", trainer.val_dataloaders), ("training", trainer.train_dataloader)):
             if loaders is None:
                 continue
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
@@ -273,5 +280,6 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             except TypeError:
                 continue
             if chunks:
-                return torch.cat(chunks)[: self.held_batch_size]
-        return None
+                held = torch.cat(chunks)[: self.held_batch_size]
+                return held, f"first {len(held)} inputs of the {source} dataloader"
+        return None, "none"

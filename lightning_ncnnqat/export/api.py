@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,11 +169,30 @@ def _jsonable(v: Any) -> Any:
 _LAYER_RE = re.compile(r"layer '([^']+)'")
 
 
+_STEP_TITLES = {
+    "validate": "checking scales",
+    "onnx": "ONNX export + onnxsim -> model.onnx",
+    "onnx_table": "table keyed by ONNX names -> model.table",
+    "pnnx": "pnnx conversion -> model.ncnn.param/.bin",
+    "ncnn_table": "table keyed by ncnn layer names -> model.ncnn.table",
+    "int8": "int8 model -> model.int8.param/.bin",
+    "parity": "parity in the ncnn runtime -> report.json",
+}
+
+
 @contextlib.contextmanager
-def _step(name: str) -> Iterator[None]:
-    """Turn any failure inside a step into an ExportError naming the step (and layer)."""
+def _step(name: str, verbose: bool = False) -> Iterator[None]:
+    """Turn any failure inside a step into an ExportError naming the step (and layer).
+
+    With ``verbose``, print one progress line per step (export takes seconds to minutes).
+    """
+    t0 = time.perf_counter()
+    if verbose:
+        print(f"ncnn export: {_STEP_TITLES.get(name, name)} ...", flush=True)
     try:
         yield
+        if verbose:
+            print(f"ncnn export: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
     except ExportError:
         raise
     except LayerError as e:
@@ -235,6 +255,7 @@ def export(
     export_dir: str | Path,
     example_input: Any = None,
     held_batch: Any = None,
+    held_batch_source: str = "held batch",
     *,
     verbose: bool = True,
     layer_check_samples: int = 4,
@@ -252,7 +273,8 @@ def export(
             ``model.example_input_array``.
         held_batch: real inputs ``[N, ...]`` (or an ``(inputs, targets)`` batch) for the parity
             checks; defaults to the example input, which the report then says.
-        verbose: print the summary at the end.
+        held_batch_source: where the held batch came from, for the report.
+        verbose: print a line per step and the summary at the end.
         layer_check_samples: samples of the held batch used for the per-layer check.
         timing_runs: timed inferences per model (median reported).
         timing_threads: ncnn threads for the timing (None: ncnn's default, all big cores). One
@@ -274,17 +296,17 @@ def export(
     if held_batch is None:
         held, held_source = example, "example input (no held batch was given: parity on it is weak evidence)"
     else:
-        held, held_source = _first_tensor(held_batch, "held_batch").detach().cpu().float(), "held batch"
+        held, held_source = _first_tensor(held_batch, "held_batch").detach().cpu().float(), held_batch_source
     if tuple(held.shape[1:]) != tuple(example.shape[1:]):
         raise ValueError(f"held batch shape {tuple(held.shape)} does not match the example input {tuple(example.shape)}")
     x1 = example[:1].contiguous()
 
     # -- validate: before anything is written
-    with _step("validate"):
+    with _step("validate", verbose):
         infos = quantized_layers(model)
         validate_layers(infos)
         floats = float_layers(model)
-    with _step("validate"):
+    with _step("validate", verbose):
         folded = folded_float_model(model).cpu().eval()
     report = ExportReport(str(export_dir))
     report.float_layers = [{"name": n, "reason": r} for n, r in floats]
@@ -309,7 +331,7 @@ def export(
 
     # -- ONNX branch
     try:
-        with _step("onnx"):
+        with _step("onnx", verbose):
             onnx_res = export_onnx(folded, x1, opset)
             report.onnx = {"exporter": onnx_res.exporter, "opset": onnx_res.opset}
             if check_onnx:
@@ -321,7 +343,7 @@ def export(
                 if err > 1e-3 * max(1.0, float(np.abs(want).max())):
                     report.warnings.append(f"model.onnx (onnx reference evaluator) differs from PyTorch float by {err:.3g}")
             land({"model.onnx": onnx_res.model_bytes})
-        with _step("onnx_table"):
+        with _step("onnx_table", verbose):
             names = onnx_names(onnx_res.model_bytes, infos)
             for t, n in names.items():
                 by_torch[t].onnx_name = n
@@ -331,17 +353,17 @@ def export(
 
     # -- ncnn branch
     try:
-        with _step("pnnx"):
+        with _step("pnnx", verbose):
             pn = convert_with_pnnx(folded, x1)
             f_param = NcnnParam.parse(pn.param_text)
             land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
-        with _step("ncnn_table"):
+        with _step("ncnn_table", verbose):
             ncnn_names = match_by_weights(infos, _ncnn_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
             for t, n in ncnn_names.items():
                 by_torch[t].ncnn_name = n
             order = [lay.name for lay in f_param.layers]
             land({"model.ncnn.table": format_table(_table_rows(infos, ncnn_names, order), "ncnn layer")})
-        with _step("int8"):
+        with _step("int8", verbose):
             specs = {}
             for i in infos:
                 wfq = ops.fake_quantize_per_channel(i.weight, i.num_groups, i.weight_bits)[0]
@@ -360,7 +382,7 @@ def export(
                 "int8_bin": len(res.bin_bytes),
                 "ratio": len(pn.bin_bytes) / max(1, len(res.bin_bytes)),
             }
-        with _step("parity"):
+        with _step("parity", verbose):
             _parity(
                 model, folded, export_dir, report, ncnn_names, res.requantize, held,
                 layer_check_samples, timing_runs, timing_threads,
@@ -370,7 +392,7 @@ def export(
 
     report.failures = [{"step": e.step, "layer": e.layer, "message": e.message} for e in failures]
     if report.int8_vs_qat is not None:
-        with _step("parity"):
+        with _step("parity", verbose):
             land({"report.json": json.dumps(report.to_dict(), indent=2) + "\n"})
     if verbose:
         print(report.summary())
