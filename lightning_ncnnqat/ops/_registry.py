@@ -63,7 +63,7 @@ def _fake_per_tensor_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: 
 
 # Autograd: straight-through estimators.
 def _per_channel_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    pass
+    ctx.mark_non_differentiable(output[1])  # the scales are a statistic, not a function to train
 
 
 def _per_channel_backward(ctx, grad_w: Tensor, grad_scales: Tensor):  # noqa: ANN001

@@ -27,7 +27,9 @@ def qmax_of(bits: int) -> float:
 def scale_from_absmax(absmax: Tensor, bits: int) -> Tensor:
     """ncnn's scale multiplier for a float32 absmax, guarded against zero and overflow."""
     absmax = absmax.float()
-    scale = qmax_of(bits) / absmax
+    # tensor / tensor: one correctly rounded float32 division, as ncnn's `127 / absmax`.
+    # (`python_number / tensor` would run as reciprocal() * qmax: two roundings, off by 1 ulp.)
+    scale = torch.full_like(absmax, qmax_of(bits)) / absmax
     scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
     return torch.clamp(scale, max=FLT_MAX)
 

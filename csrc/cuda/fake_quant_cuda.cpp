@@ -1,0 +1,178 @@
+// CUDA bindings of the ncnnqat operators (schemas: lightning_ncnnqat/ops/_registry.py): checks
+// arguments, allocates outputs and scratch through torch (caching allocator, current stream),
+// and calls the launchers of fake_quant_kernels.cu. Nothing here synchronises with the host.
+// Only c10/cuda headers are used (at::cuda::getCurrentCUDAStream is c10::cuda's), so building
+// needs no cuBLAS/cuSPARSE headers.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+#include <tuple>
+
+#include "fake_quant_kernels.h"
+
+// Python module stub: `import lightning_ncnnqat._C_cuda` loads this library, whose static
+// initialisers register the kernels below with the dispatcher.
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace ncnnqat {
+namespace {
+
+using at::Tensor;
+
+cuda::DType to_dtype(const char* op, const char* arg, const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "ncnnqat::", op, ": `", arg, "` must be float32, float16 or bfloat16, got ", t.scalar_type());
+  return cuda::DType::kFloat32;  // unreachable
+}
+
+// Integers and shapes go into error messages as std::to_string strings, never streamed: built
+// against torch 2.11+cu130 with GCC 13.3 (an extension whose ldd listed no libstdc++.so, so
+// probably a static copy), streaming an int64 into a TORCH_CHECK message segfaulted instead of
+// raising, while strings, dtypes and devices were fine.
+std::string num_str(int64_t v) { return std::to_string(v); }
+
+std::string shape_str(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+void check_bits(const char* op, int64_t bits) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "ncnnqat::", op, ": `bits` must be in [2, 8], got ", num_str(bits));
+}
+
+void check_cuda(const char* op, const char* arg, const Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "ncnnqat::", op, ": `", arg, "` must be a CUDA tensor, got one on ", t.device());
+}
+
+void check_running(const char* op, const Tensor& running, const Tensor& x) {
+  TORCH_CHECK(running.scalar_type() == at::kFloat && running.numel() == 1, "ncnnqat::", op,
+              ": `running_absmax` must be a 1-element float32 tensor, got ", running.scalar_type(),
+              " of shape ", shape_str(running.sizes()));
+  TORCH_CHECK(running.device() == x.device(), "ncnnqat::", op, ": `running_absmax` is on ", running.device(),
+              " but `x` is on ", x.device());
+}
+
+// Multiprocessor count of the current device (sizes the grids), cached per device.
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int cached = cache[dev].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+std::tuple<Tensor, Tensor> fake_quantize_per_channel_cuda(const Tensor& weight, int64_t num_groups, int64_t bits) {
+  constexpr const char* op = "fake_quantize_per_channel";
+  check_cuda(op, "weight", weight);
+  const cuda::DType dtype = to_dtype(op, "weight", weight);
+  check_bits(op, bits);
+  TORCH_CHECK(num_groups >= 1, "ncnnqat::", op, ": `num_groups` must be >= 1, got ", num_str(num_groups));
+  TORCH_CHECK(weight.numel() % num_groups == 0, "ncnnqat::", op, ": `num_groups`=", num_str(num_groups),
+              " must divide weight.numel()=", num_str(weight.numel()));
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const Tensor w = weight.contiguous();
+  Tensor out = at::empty(w.sizes(), w.options());
+  Tensor scales = at::empty({num_groups}, w.options().dtype(at::kFloat));
+  const int64_t gs = w.numel() / num_groups;
+  if (gs == 0) {
+    scales.fill_(1.0f);  // an empty group's absmax is 0
+    return {out, scales};
+  }
+  const int sms = sm_count();
+  const int64_t scratch_size = cuda::per_channel_scratch_size(num_groups, gs, dtype, sms);
+  Tensor scratch = at::empty({scratch_size > 0 ? scratch_size : 1}, w.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_fake_quantize_per_channel(w.data_ptr(), out.data_ptr(), scales.data_ptr<float>(), dtype,
+                                                        num_groups, gs, static_cast<int>(bits),
+                                                        scratch.data_ptr<float>(), sms,
+                                                        current_stream()));
+  return {out, scales};
+}
+
+void update_absmax_cuda(const Tensor& x, const Tensor& running_absmax, double momentum) {
+  constexpr const char* op = "update_absmax_";
+  check_cuda(op, "x", x);
+  const cuda::DType dtype = to_dtype(op, "x", x);
+  check_running(op, running_absmax, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  const int sms = sm_count();
+  Tensor scratch = at::empty({cuda::update_absmax_scratch_size(xc.numel(), sms)}, xc.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_update_absmax(xc.data_ptr(), dtype, xc.numel(), running_absmax.data_ptr<float>(),
+                                            static_cast<float>(momentum), scratch.data_ptr<float>(), sms,
+                                            current_stream()));
+}
+
+Tensor fake_quantize_per_tensor_cuda(const Tensor& x, const Tensor& running_absmax, int64_t bits) {
+  constexpr const char* op = "fake_quantize_per_tensor";
+  check_cuda(op, "x", x);
+  const cuda::DType dtype = to_dtype(op, "x", x);
+  check_bits(op, bits);
+  check_running(op, running_absmax, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty(xc.sizes(), xc.options());
+  C10_CUDA_CHECK(cuda::launch_fake_quantize_per_tensor(xc.data_ptr(), out.data_ptr(), dtype, xc.numel(),
+                                                       running_absmax.data_ptr<float>(), static_cast<int>(bits),
+                                                       sm_count(), current_stream()));
+  return out;
+}
+
+Tensor fake_quantize_per_tensor_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& running_absmax,
+                                              int64_t bits) {
+  constexpr const char* op = "fake_quantize_per_tensor_backward";
+  check_cuda(op, "grad", grad);
+  check_cuda(op, "x", x);
+  const cuda::DType grad_dtype = to_dtype(op, "grad", grad);
+  const cuda::DType x_dtype = to_dtype(op, "x", x);
+  check_bits(op, bits);
+  check_running(op, running_absmax, x);
+  TORCH_CHECK(grad.device() == x.device(), "ncnnqat::", op, ": `grad` is on ", grad.device(), " but `x` is on ",
+              x.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "ncnnqat::", op, ": `grad` has shape ", shape_str(grad.sizes()),
+              " but `x` has shape ", shape_str(x.sizes()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor g = grad.contiguous();
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
+  C10_CUDA_CHECK(cuda::launch_fake_quantize_per_tensor_backward(
+      g.data_ptr(), grad_dtype, xc.data_ptr(), x_dtype, out.data_ptr(), g.numel(), running_absmax.data_ptr<float>(),
+      static_cast<int>(bits), sm_count(), current_stream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
+  m.impl("fake_quantize_per_channel", &fake_quantize_per_channel_cuda);
+  m.impl("update_absmax_", &update_absmax_cuda);
+  m.impl("fake_quantize_per_tensor", &fake_quantize_per_tensor_cuda);
+  m.impl("fake_quantize_per_tensor_backward", &fake_quantize_per_tensor_backward_cuda);
+}
+
+}  // namespace ncnnqat

@@ -1,0 +1,49 @@
+// Launchers of the ncnnqat CUDA kernels: raw device pointers and a stream, no torch types, so
+// fake_quant_kernels.cu builds with plain nvcc. fake_quant_cuda.cpp binds them to the operators.
+//
+// Every launcher enqueues work on `stream` only (no host synchronisation, no allocation) and
+// returns cudaGetLastError() after its launches. Outputs are contiguous buffers of `n` elements
+// of the input's dtype; scalars that live on the device (running_absmax) are read on the device.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace ncnnqat {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Number of floats of device scratch that launch_update_absmax needs.
+int64_t update_absmax_scratch_size(int64_t n, int sm_count);
+
+// running_absmax[0] = ema(running_absmax[0], max finite |x|, momentum): a partial-max kernel
+// writes per-block maxima into `scratch`, a one-block kernel reduces them and updates the EMA.
+cudaError_t launch_update_absmax(const void* x, DType dtype, int64_t n, float* running_absmax, float momentum,
+                                 float* scratch, int sm_count, cudaStream_t stream);
+
+// out = fake_quant(x) with the scale of running_absmax[0] (read on the device); out = x when it is < 0.
+cudaError_t launch_fake_quantize_per_tensor(const void* x, void* out, DType dtype, int64_t n,
+                                            const float* running_absmax, int bits, int sm_count,
+                                            cudaStream_t stream);
+
+// out = grad where |x * scale| < qmax + 0.5 (or running_absmax[0] < 0), else 0.
+cudaError_t launch_fake_quantize_per_tensor_backward(const void* grad, DType grad_dtype, const void* x,
+                                                     DType x_dtype, void* out, int64_t n,
+                                                     const float* running_absmax, int bits, int sm_count,
+                                                     cudaStream_t stream);
+
+// Number of floats of device scratch that launch_fake_quantize_per_channel needs (0 when every
+// group fits in one block's registers, the single-pass path).
+int64_t per_channel_scratch_size(int64_t num_groups, int64_t group_size, DType dtype, int sm_count);
+
+// Per group g of `group_size` consecutive elements: scales[g] = scale of the group's finite
+// absmax, out = fake_quant(w, scales[g]). Groups of up to a few thousand elements are read once
+// (kept in registers); larger ones take a partial-max, a scale and a quantize kernel.
+cudaError_t launch_fake_quantize_per_channel(const void* w, void* out, float* scales, DType dtype,
+                                             int64_t num_groups, int64_t group_size, int bits, float* scratch,
+                                             int sm_count, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ncnnqat

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On a machine with a GPU and a CUDA build of torch: build the CUDA kernels, run the ops and GPU
+# tests (also under compute-sanitizer) and the GPU benchmarks. Logs go to ${OUT:-gpu_logs}/.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-gpu_logs}; mkdir -p "$out"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 LIGHTNING_NCNNQAT_REQUIRE_KERNELS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY -m pip install -q --no-build-isolation --no-deps -e . \
+  >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+$PY -c "import lightning_ncnnqat.ops as o; print('kernels:', o.STATUS)" | tee -a "$out/gpu.txt"
+$PY -m pytest tests/test_ops.py tests/test_ops_cuda.py tests/test_gpu_fit.py -q -p no:cacheprovider -x 2>&1 | tail -5 | tee "$out/tests.txt"
+compute-sanitizer --tool memcheck $PY -m pytest tests/test_ops_cuda.py -q -p no:cacheprovider -x \
+  -k "not compile and not opcheck" 2>&1 | tail -4 | tee "$out/sanitizer.txt"
+$PY benchmarks/qat_step.py --device cuda --with-reference 2>&1 | grep -v Warn | tee "$out/qat_step.txt"
+$PY benchmarks/ops.py --device cuda 2>&1 | tee "$out/ops.txt"

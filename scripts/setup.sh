@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with the pinned requirements (CPU torch 2.13.0)
+# and this package installed in editable mode, building the C++ kernels (and the CUDA ones when a
+# CUDA toolkit and a CUDA build of torch are present). Sourced by scripts/main.sh and scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.requirements.sha
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -r requirements.txt
+  echo "$want" >"$stamp"
+fi
+# Rebuild the extension whenever its sources changed (cheap no-op otherwise).
+src=$(cat setup.py csrc/*.cpp csrc/*.h csrc/cuda/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.build.sha 2>/dev/null)" != "$src" ]; then
+  python -m pip install -q --no-build-isolation --no-deps -e .
+  echo "$src" >.venv/.build.sha
+fi
+python -c "import lightning_ncnnqat.ops as o; s=o.STATUS; print(f'lightning_ncnnqat kernels: cpu={s.cpu} cuda={s.cuda}')"

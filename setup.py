@@ -1,0 +1,98 @@
+"""Builds the compiled fake-quant kernels (metadata lives in pyproject.toml).
+
+* ``lightning_ncnnqat._C``: C++ CPU kernels, always built.
+* ``lightning_ncnnqat._C_cuda``: CUDA kernels, built only when the installed torch is a CUDA
+  build AND a CUDA toolkit (nvcc) is found. A visible GPU is not needed, and a missing toolkit
+  never fails the install: the package then uses the reference on CUDA tensors.
+
+Environment: ``LIGHTNING_NCNNQAT_CPU_ONLY=1`` skips the CUDA extension;
+``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default: a list that includes sm_90).
+
+Build against the installed torch: ``pip install --no-build-isolation -e .``
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pragma: no cover - the build needs torch
+    sys.exit(f"lightning-ncnnqat: building the kernels needs torch installed first ({exc}); "
+             "use `pip install --no-build-isolation -e .`")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+# Kernels must be bit-exact with the reference: no FMA contraction, no fast math.
+# -fno-trapping-math / -fno-math-errno change no value (only FP exception flags and errno, as in
+# torch's own build); without them GCC will not vectorise the selects of the quantize loop.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fno-math-errno"]
+if platform.system() != "Windows":
+    CXX_FLAGS.append("-fopenmp")  # at::parallel_for is OpenMP, inlined from torch's headers
+LINK_FLAGS = ["-fopenmp"] if platform.system() != "Windows" else []
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _log(msg: str) -> None:
+    print(f"lightning-ncnnqat setup: {msg}", file=sys.stderr)
+
+
+def _cuda_toolkit() -> str | None:
+    """Return the CUDA toolkit root if the CUDA extension should be built, else None."""
+    if os.environ.get("LIGHTNING_NCNNQAT_CPU_ONLY", "") == "1":
+        _log("LIGHTNING_NCNNQAT_CPU_ONLY=1: building the CPU kernels only")
+        return None
+    if torch.version.cuda is None:
+        _log(f"torch {torch.__version__} has no CUDA: building the CPU kernels only")
+        return None
+    home = cpp_extension.CUDA_HOME or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    if nvcc is None or not (os.path.exists(nvcc) or os.path.exists(nvcc + ".exe")):
+        nvcc = shutil.which("nvcc")
+        home = os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    if not home:
+        _log("no CUDA toolkit (nvcc) found: building the CPU kernels only; "
+             "set CUDA_HOME to build the CUDA kernels")
+        return None
+    return home
+
+
+def extensions() -> list:
+    exts = [
+        cpp_extension.CppExtension(
+            "lightning_ncnnqat._C",
+            sources=[os.path.join(CSRC, "fake_quant_cpu.cpp")],
+            include_dirs=[os.path.join(ROOT, CSRC)],
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=LINK_FLAGS,
+        )
+    ]
+    if _cuda_toolkit() is not None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        _log(f"building the CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "lightning_ncnnqat._C_cuda",
+                sources=[
+                    os.path.join(CSRC, "cuda", "fake_quant_cuda.cpp"),
+                    os.path.join(CSRC, "cuda", "fake_quant_kernels.cu"),
+                ],
+                include_dirs=[os.path.join(ROOT, CSRC), os.path.join(ROOT, CSRC, "cuda")],
+                extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": NVCC_FLAGS},
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
