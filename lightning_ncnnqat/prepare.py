@@ -215,10 +215,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
         m.updates_range = p.input_owner == name
         m.input_quantizer = quantizers[p.input_owner]
         if p.bn:
-            bn = modules[p.bn]
-            bn.__class__ = FoldedBatchNorm
-            bn.eval()
-            m.__dict__["_ncnnqat_folded_bn"] = bn
+            m.__dict__["_ncnnqat_folded_bn"] = FoldedBatchNorm.fold(modules[p.bn])
     model.__dict__["_ncnnqat_plan"] = plan
 
 
