@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -10,13 +11,16 @@ import sys
 import pytest
 import torch
 
+from lightning_ncnnqat.ops import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-def _run(out, strategy: str, devices: int, batch: int, resume: str | None = None) -> list[dict]:  # noqa: ANN001
+def _run(out, strategy: str, devices: int, batch: int, resume: str | None = None, export=None) -> list[dict]:  # noqa: ANN001
     cmd = [sys.executable, SCRIPT, str(out), strategy, str(devices), str(batch)] + ([resume] if resume else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", NCNNQAT_TEST_EXPORT=str(export or ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(devices)]
@@ -54,3 +58,36 @@ def test_resume_from_ddp_checkpoint(tmp_path) -> None:  # noqa: ANN001
     _assert_same(first[0], resumed[0], rtol=1e-6, atol=1e-7)
     for k in resumed[0]["ranges"]:
         assert torch.equal(resumed[0]["ranges"][k], resumed[1]["ranges"][k])
+
+
+def _table(path) -> dict[str, list[float]]:  # noqa: ANN001
+    rows = {}
+    for line in open(path).read().splitlines():
+        name, *values = line.split(" ")
+        rows[name] = [float(v) for v in values]
+    return rows
+
+
+def test_ddp_export_equals_rank0_state_and_cli_reexports_the_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    export_dir = tmp_path / "export"
+    ranks = _run(tmp_path / "a", "ddp", 2, 8, export=export_dir)
+    report = json.loads((export_dir / "report.json").read_text())
+    table = _table(export_dir / "model.ncnn.table")
+    assert report["layers"]
+    for layer in report["layers"]:
+        rank0 = ranks[0]["ranges"][layer["input_owner"]]
+        expected = float(reference.scale_from_absmax(rank0, 8).item())
+        assert layer["input_scale"] == expected, layer["torch_name"]
+        assert table[layer["ncnn_name"]] == pytest.approx([expected], rel=1e-8)
+    # the export command rebuilds the model from the DDP run's last checkpoint: same tables, byte for byte
+    ckpt = sorted(glob.glob(str(tmp_path / "a" / "ckpt" / "epoch=2*.ckpt")))[0]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), PYTHONWARNINGS="ignore")
+    cli = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_ncnnqat", "export", ckpt, "--model", "lit_models:LitMixed",
+         "--export-dir", str(cli), "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.table", "model.ncnn.table"):
+        assert (cli / name).read_bytes() == (export_dir / name).read_bytes(), name
