@@ -176,7 +176,8 @@ _STEP_TITLES = {
     "pnnx": "pnnx conversion -> model.ncnn.param/.bin",
     "ncnn_table": "table keyed by ncnn layer names -> model.ncnn.table",
     "int8": "int8 model -> model.int8.param/.bin",
-    "parity": "parity in the ncnn runtime -> report.json",
+    "parity": "parity and timing in the ncnn runtime",
+    "report": "report -> report.json",
 }
 
 
@@ -392,7 +393,7 @@ def export(
 
     report.failures = [{"step": e.step, "layer": e.layer, "message": e.message} for e in failures]
     if report.int8_vs_qat is not None:
-        with _step("parity", verbose):
+        with _step("report", verbose):
             land({"report.json": json.dumps(report.to_dict(), indent=2) + "\n"})
     if verbose:
         print(report.summary())
