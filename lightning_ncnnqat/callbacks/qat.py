@@ -197,7 +197,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.plan = prepare_qat(pl_module, example, self.config)
         self._traced_example = example
         if self.verbose:
-            rank_zero_info(f"Epoch {trainer.current_epoch}: " + self.plan.summary())
+            rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
 
     # ---- monitoring -------------------------------------------------------------------
 
