@@ -71,15 +71,19 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("start_epoch", start_epoch), ("held_batch_size", held_batch_size),
-                            ("log_every_n_steps", log_every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "held_batch_size" else 0):
-                low = 1 if name == "held_batch_size" else 0
+        for name, value, low in (
+            ("start_epoch", start_epoch, 0),
+            ("held_batch_size", held_batch_size, 1),
+            ("log_every_n_steps", log_every_n_steps, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
             raise TypeError(f"`export_dir` must be a path or None, got {export_dir!r}")
         if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
-            raise TypeError(f"`example_input` must be a Tensor, a tuple of Tensors or None, got {type(example_input).__name__}")
+            raise TypeError(
+                f"`example_input` must be a Tensor, a tuple of Tensors or None, got {type(example_input).__name__}"
+            )
         if not isinstance(verbose, bool):
             raise TypeError(f"`verbose` must be a bool, got {verbose!r}")
         self.config = QATConfig(
