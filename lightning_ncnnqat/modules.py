@@ -51,10 +51,6 @@ class InputQuantizer(nn.Module):
                     self.last_clip_fraction = (v >= qmax_of(self.bits) + 0.5).float().mean()
         return torch.ops.ncnnqat.fake_quantize_per_tensor(x, self.running_absmax, self.bits)
 
-    @property
-    def initialized(self) -> bool:
-        return bool(self.running_absmax.item() >= 0)
-
     def scale(self) -> float:
         """The input scale ncnn's table carries: qmax / running_absmax."""
         return float(scale_from_absmax(self.running_absmax.detach().cpu(), self.bits).item())

@@ -352,25 +352,31 @@ def test_per_tensor_bitexact(shape: tuple[int, ...], bits: int, dtype: torch.dty
 RUNNING_VALUES = [3.0, 0.0, 1e-30, 1e-42, 1e30, -1.0, 0.7371]
 
 
+def extreme_case(gen: torch.Generator, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations mixing ordinary, tiny, subnormal and huge values with NaN/+-inf/+-0, and a
+    gradient holding NaN and inf (where the STE mask is 0 they must become 0, not NaN)."""
+    tiny, sub, huge = _magnitudes(dtype)
+    x = torch.cat(
+        [
+            torch.randn(3 * n, generator=gen) * 3,
+            torch.randn(n, generator=gen) * tiny,
+            torch.randn(n, generator=gen) * sub,
+            torch.randn(n, generator=gen) * huge,
+            torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0]),
+        ]
+    ).to(dtype)
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    g[::7] = math.nan
+    g[1::7] = math.inf
+    return x, g
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("running", RUNNING_VALUES)
 def test_per_tensor_extreme_ranges(running: float, dtype: torch.dtype) -> None:
-    gen = make_gen((running, str(dtype)))
-    tiny, sub, huge = _magnitudes(dtype)
-    x = torch.cat(
-        [
-            torch.randn(300, generator=gen) * 3,
-            torch.randn(100, generator=gen) * tiny,
-            torch.randn(100, generator=gen) * sub,
-            torch.randn(100, generator=gen) * huge,
-            torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0]),
-        ]
-    ).to(dtype)
+    x, g = extreme_case(make_gen((running, str(dtype))), dtype, 100)
     r = torch.tensor([running])
-    g = torch.randn(x.shape, generator=gen).to(dtype)
-    g[::7] = math.nan  # a NaN gradient where the mask is 0 must become 0, not NaN
-    g[1::7] = math.inf
     for bits in (8, 6):
         assert_bitexact(torch.ops.ncnnqat.fake_quantize_per_tensor(x, r, bits), R.fake_quantize_per_tensor(x, r, bits),
                         f"range {running} {bits}b {dtype}")

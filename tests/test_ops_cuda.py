@@ -19,6 +19,7 @@ from test_ops import (
     REQUIRE_KERNELS,
     RUNNING_VALUES,
     _magnitudes,
+    extreme_case,
     assert_bitexact,
     compile_matches_eager,
     has_kernel,
@@ -154,21 +155,8 @@ def test_per_tensor_backward_mixed_dtypes_cuda() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("running", RUNNING_VALUES)
 def test_per_tensor_extreme_ranges_cuda(running: float, dtype: torch.dtype) -> None:
-    gen = make_gen(("cuda", running, str(dtype)))
-    tiny, sub, huge = _magnitudes(dtype)
-    x = torch.cat(
-        [
-            torch.randn(3000, generator=gen) * 3,
-            torch.randn(1000, generator=gen) * tiny,
-            torch.randn(1000, generator=gen) * sub,
-            torch.randn(1000, generator=gen) * huge,
-            torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0]),
-        ]
-    ).to(dtype)
+    x, g = extreme_case(make_gen(("cuda", running, str(dtype))), dtype, 1000)
     r = torch.tensor([running])
-    g = torch.randn(x.shape, generator=gen).to(dtype)
-    g[::7] = math.nan
-    g[1::7] = math.inf
     for bits in (8, 6):
         assert_bitexact(torch.ops.ncnnqat.fake_quantize_per_tensor(x.to(DEV), r.to(DEV), bits),
                         R.fake_quantize_per_tensor(x, r, bits), f"range {running} {bits}b {dtype}")
