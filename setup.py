@@ -69,7 +69,7 @@ def extensions() -> list:
     exts = [
         cpp_extension.CppExtension(
             "lightning_ncnnqat._C",
-            sources=[os.path.join(CSRC, "fake_quant_cpu.cpp")],
+            sources=[os.path.join(CSRC, "fake_quant_cpu.cpp"), os.path.join(CSRC, "autograd.cpp")],
             include_dirs=[os.path.join(ROOT, CSRC)],
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=LINK_FLAGS,

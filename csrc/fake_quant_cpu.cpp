@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "fake_quant_math.h"
+#include "fold_args.h"
 
 // Python module stub: `import lightning_ncnnqat._C` loads this library, whose static
 // initialisers register the kernels below with the dispatcher.
@@ -129,6 +130,63 @@ NCNNQAT_DEFINE_LOOPS(float)
 NCNNQAT_DEFINE_LOOPS(c10::Half)
 NCNNQAT_DEFINE_LOOPS(c10::BFloat16)
 #undef NCNNQAT_DEFINE_LOOPS
+
+// BN-fold row loops: x scaled by the row's fold factor s, in float32 (never rounded to T).
+template <typename T>
+NCNNQAT_ALWAYS_INLINE float fold_absmax_loop(const T* __restrict x, int64_t n, float s) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = fmax_nn(m, finite_abs(fmul(load_f(x, i), s)));
+  return m;
+}
+
+template <typename T>
+NCNNQAT_ALWAYS_INLINE void fold_quantize_loop(const T* __restrict x, T* __restrict out, int64_t n, float s,
+                                              float scale, float qmax) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(fake_quant(fmul(load_f(x, i), s), scale, qmax));
+}
+
+// grad_w = g * s, and returns sum(g * w): kLanes interleaved float32 partial sums added in a fixed
+// tree at the end, so the loop vectorises and the result does not depend on the instruction set.
+constexpr int kLanes = 16;
+template <typename T>
+NCNNQAT_ALWAYS_INLINE float fold_backward_loop(const T* __restrict g, const T* __restrict w, T* __restrict grad_w,
+                                               int64_t n, float s) {
+  float acc[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float gj = load_f(g, i + j);
+      acc[j] = fadd(acc[j], fmul(gj, load_f(w, i + j)));
+      grad_w[i + j] = static_cast<T>(fmul(gj, s));
+    }
+  }
+  for (int64_t i = body; i < n; ++i) {
+    const float gi = load_f(g, i);
+    acc[i - body] = fadd(acc[i - body], fmul(gi, load_f(w, i)));
+    grad_w[i] = static_cast<T>(fmul(gi, s));
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] = fadd(acc[j], acc[j + width]);
+  }
+  return acc[0];
+}
+
+#define NCNNQAT_DEFINE_FOLD_LOOPS(T)                                                                        \
+  NCNNQAT_MULTIVERSION float fold_absmax_kernel(const T* x, int64_t n, float s) {                          \
+    return fold_absmax_loop(x, n, s);                                                                      \
+  }                                                                                                        \
+  NCNNQAT_MULTIVERSION void fold_quantize_kernel(const T* x, T* out, int64_t n, float s, float scale,      \
+                                                 float qmax) {                                             \
+    fold_quantize_loop(x, out, n, s, scale, qmax);                                                         \
+  }                                                                                                        \
+  NCNNQAT_MULTIVERSION float fold_backward_kernel(const T* g, const T* w, T* grad_w, int64_t n, float s) { \
+    return fold_backward_loop(g, w, grad_w, n, s);                                                         \
+  }
+
+NCNNQAT_DEFINE_FOLD_LOOPS(float)
+NCNNQAT_DEFINE_FOLD_LOOPS(c10::Half)
+NCNNQAT_DEFINE_FOLD_LOOPS(c10::BFloat16)
+#undef NCNNQAT_DEFINE_FOLD_LOOPS
 
 // A gradient whose dtype differs from x's (not produced by autograd, but allowed by the schema).
 template <typename G, typename X>
@@ -313,6 +371,109 @@ Tensor fake_quantize_per_tensor_backward_cpu(const Tensor& grad, const Tensor& x
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// BN fold + per-group fake quantization of a weight (and its backward). Weights are small, so
+// these are plain loops, parallel over groups / rows.
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> fold_forward_impl(const FoldArgs& a, int64_t num_groups, float qmax) {
+  const Tensor& w = a.weight;
+  Tensor out = at::empty(w.sizes(), w.options());
+  Tensor bias_out = at::empty({a.rows}, w.options());
+  Tensor scales = at::empty({num_groups}, w.options().dtype(at::kFloat));
+  const float* gamma = fold_ptr(a.bn_weight);
+  const float* beta = fold_ptr(a.bn_bias);
+  const float* bias = fold_ptr(a.bias);
+  const float* mean = a.bn_mean.data_ptr<float>();
+  const float* inv_std = a.bn_inv_std.data_ptr<float>();
+  T* b = bias_out.data_ptr<T>();
+  for (int64_t c = 0; c < a.rows; ++c) b[c] = static_cast<T>(fold_bias(beta, bias, mean, c, fold_scale(gamma, inv_std, c)));
+  const T* src = w.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  float* sc = scales.data_ptr<float>();
+  const int64_t rows_per_group = a.rows / num_groups;
+  const int64_t len = a.row_len;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, rows_per_group * len));
+  at::parallel_for(0, num_groups, grain, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t r0 = g * rows_per_group;
+      float m = 0.0f;
+      for (int64_t r = r0; r < r0 + rows_per_group; ++r) {
+        m = fmax_nn(m, fold_absmax_kernel(src + r * len, len, fold_scale(gamma, inv_std, r)));
+      }
+      const float scale = scale_from_absmax(m, qmax);
+      sc[g] = scale;
+      for (int64_t r = r0; r < r0 + rows_per_group; ++r) {
+        fold_quantize_kernel(src + r * len, dst + r * len, len, fold_scale(gamma, inv_std, r), scale, qmax);
+      }
+    }
+  });
+  return {out, bias_out, scales};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fold_fake_quantize_weight_cpu(const Tensor& weight, const std::optional<Tensor>& bias,
+                                                                 const std::optional<Tensor>& bn_weight,
+                                                                 const std::optional<Tensor>& bn_bias,
+                                                                 const Tensor& bn_mean, const Tensor& bn_inv_std,
+                                                                 int64_t num_groups, int64_t bits) {
+  constexpr const char* op = "fold_fake_quantize_weight";
+  check_bits(op, bits);
+  const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std);
+  check_fold_groups(op, num_groups, a.rows);
+  std::tuple<Tensor, Tensor, Tensor> result;
+  dispatch_float_types(a.weight.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    result = fold_forward_impl<scalar_t>(a, num_groups, qmax_of(bits));
+  });
+  return result;
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> fold_backward_impl(const Tensor& g, const Tensor& gb, const FoldArgs& a) {
+  const Tensor& w = a.weight;
+  Tensor grad_w = at::empty(w.sizes(), w.options());
+  Tensor vecs = at::empty({3, a.rows}, w.options().dtype(at::kFloat));
+  const float* gamma = fold_ptr(a.bn_weight);
+  const float* bias = fold_ptr(a.bias);
+  const float* mean = a.bn_mean.data_ptr<float>();
+  const float* inv_std = a.bn_inv_std.data_ptr<float>();
+  const float* gbp = gb.data_ptr<float>();
+  const T* gp = g.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op_ = grad_w.data_ptr<T>();
+  float* v = vecs.data_ptr<float>();
+  const int64_t len = a.row_len;
+  const int64_t rows = a.rows;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, len)), [&](int64_t rb, int64_t re) {
+    for (int64_t c = rb; c < re; ++c) {
+      const float s = fold_scale(gamma, inv_std, c);
+      const float dot = fold_backward_kernel(gp + c * len, wp + c * len, op_ + c * len, len, s);
+      fold_vector_grads(dot, gbp[c], bias, mean, inv_std, c, s, v, rows);
+    }
+  });
+  return {grad_w, vecs};
+}
+
+std::tuple<Tensor, Tensor> fold_fake_quantize_weight_backward_cpu(
+    const Tensor& grad_weight_fq, const Tensor& grad_bias, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& bn_weight, const Tensor& bn_mean, const Tensor& bn_inv_std) {
+  constexpr const char* op = "fold_fake_quantize_weight_backward";
+  const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, std::nullopt, bn_mean, bn_inv_std);
+  TORCH_CHECK(grad_weight_fq.scalar_type() == weight.scalar_type(), "ncnnqat::", op,
+              ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
+              grad_weight_fq.scalar_type());
+  TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
+              shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", shape_str(weight.sizes()));
+  const Tensor gb = fold_vector(op, "grad_bias", grad_bias, weight);
+  const Tensor g = grad_weight_fq.contiguous();
+  std::tuple<Tensor, Tensor> result;
+  dispatch_float_types(a.weight.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    result = fold_backward_impl<scalar_t>(g, gb, a);
+  });
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ncnnqat, CPU, m) {
@@ -320,6 +481,8 @@ TORCH_LIBRARY_IMPL(ncnnqat, CPU, m) {
   m.impl("update_absmax_", &update_absmax_cpu);
   m.impl("fake_quantize_per_tensor", &fake_quantize_per_tensor_cpu);
   m.impl("fake_quantize_per_tensor_backward", &fake_quantize_per_tensor_backward_cpu);
+  m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cpu);
+  m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cpu);
 }
 
 }  // namespace ncnnqat

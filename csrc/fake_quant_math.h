@@ -102,4 +102,29 @@ NCNNQAT_HD float ema_update(float r, float b, float momentum) {
   return r < 0.0f ? b : fadd(r, fmul(momentum, fsub(b, r)));
 }
 
+// BatchNorm folded into the layer before it, one output channel c (vectors may be null when the
+// BN has no affine parameters or the layer no bias); the reference is fold_factors /
+// fold_weight_bias in reference.py. s = gamma * inv_std (inv_std alone without affine).
+NCNNQAT_HD float fold_scale(const float* gamma, const float* inv_std, int64_t c) {
+  return gamma ? fmul(gamma[c], inv_std[c]) : inv_std[c];
+}
+
+// Folded bias: t + bias * s with t = beta - mean * s (-(mean * s) without affine).
+NCNNQAT_HD float fold_bias(const float* beta, const float* bias, const float* mean, int64_t c, float s) {
+  const float ms = fmul(mean[c], s);
+  const float t = beta ? fsub(beta[c], ms) : -ms;
+  return bias ? fadd(t, fmul(bias[c], s)) : t;
+}
+
+// Gradients of one channel's fold vectors from dot = sum(grad_w * weight) and gb = grad of the
+// folded bias: out[0] = d/d bias, out[1] = d/d gamma, out[2] = d/d beta (stride `stride`).
+NCNNQAT_HD void fold_vector_grads(float dot, float gb, const float* bias, const float* mean, const float* inv_std,
+                                  int64_t c, float s, float* out, int64_t stride) {
+  const float centred = bias ? fsub(bias[c], mean[c]) : -mean[c];
+  const float grad_s = fadd(dot, fmul(gb, centred));
+  out[c] = fmul(gb, s);
+  out[stride + c] = fmul(grad_s, inv_std[c]);
+  out[2 * stride + c] = gb;
+}
+
 }  // namespace ncnnqat

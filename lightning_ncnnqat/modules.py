@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.ncnnqat)
-from .ops.reference import qmax_of, scale_from_absmax
+from .ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
+
+
+# The ops, resolved once (a call through torch.ops.ncnnqat.<name> resolves them on every call).
+_UPDATE_ABSMAX = torch.ops.ncnnqat.update_absmax_.default
+_PER_TENSOR = torch.ops.ncnnqat.fake_quantize_per_tensor.default
+_PER_CHANNEL = torch.ops.ncnnqat.fake_quantize_per_channel.default
+_FOLD = torch.ops.ncnnqat.fold_fake_quantize_weight.default
 
 
 class InputQuantizer(nn.Module):
@@ -42,14 +49,14 @@ class InputQuantizer(nn.Module):
 
     def forward(self, x: Tensor, update: bool = True) -> Tensor:
         if self.training and update:
-            torch.ops.ncnnqat.update_absmax_(x.detach(), self.running_absmax, self.momentum)
+            _UPDATE_ABSMAX(x.detach(), self.running_absmax, self.momentum)
             if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(self.running_absmax, op=dist.ReduceOp.MAX)
             if self.record_stats:
                 with torch.no_grad():
                     v = x.detach().float().abs() * scale_from_absmax(self.running_absmax, self.bits)
                     self.last_clip_fraction = (v >= qmax_of(self.bits) + 0.5).float().mean()
-        return torch.ops.ncnnqat.fake_quantize_per_tensor(x, self.running_absmax, self.bits)
+        return _PER_TENSOR(x, self.running_absmax, self.bits)
 
     def scale(self) -> float:
         """The input scale ncnn's table carries: qmax / running_absmax."""
@@ -71,7 +78,7 @@ class FoldedBatchNorm(nn.modules.batchnorm._BatchNorm):
     Its affine parameters stay registered and keep training through the folded weight of
     that layer, so every parameter the optimizer and DDP know is still used. The frozen
     ``1/sqrt(running_var + eps)`` is cached (a non-persistent buffer, refreshed whenever a state
-    dict is loaded), which keeps the fold to three small ops per step.
+    dict is loaded); the fold itself runs inside the layer's fused weight op.
     """
 
     inv_std: Tensor
@@ -95,12 +102,9 @@ class FoldedBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
         pass
 
-    def fold_factor(self) -> tuple[Tensor, Tensor]:
-        """(scale, shift) with BN(y) = y * scale + shift under the frozen statistics."""
-        if not self.affine:
-            return self.inv_std, -self.running_mean * self.inv_std
-        scale = self.weight * self.inv_std
-        return scale, torch.addcmul(self.bias, self.running_mean, scale, value=-1.0)
+    def fold_args(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+        """(gamma, beta, running_mean, inv_std): the operands of the fold (gamma/beta None without affine)."""
+        return self.weight, self.bias, self.running_mean, self.inv_std
 
 
 class _QATLayer:
@@ -118,18 +122,31 @@ class _QATLayer:
         return self.__dict__.get("_ncnnqat_folded_bn")
 
     def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:
-        """Weight and bias with the folded BatchNorm applied (differentiable)."""
+        """Weight and bias with the folded BatchNorm applied (differentiable, float32 math).
+
+        The same float32 operations as the fused training op, so an export of these weights
+        quantizes to exactly the values the QAT forward used.
+        """
         bn = self.folded_bn
         if bn is None:
             return self.weight, self.bias
-        scale, shift = bn.fold_factor()
-        w = self.weight * scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
-        b = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
-        return w, b
+        w, b = fold_weight_bias(self.weight, self.bias, *bn.fold_args())
+        return w.to(self.weight.dtype), b.to(self.weight.dtype)
 
     def quantized_weight_bias(self) -> tuple[Tensor, Tensor | None]:
-        w, b = self.folded_weight_bias()
-        wq, _ = torch.ops.ncnnqat.fake_quantize_per_channel(w, self.weight_groups, self.weight_bits)
+        """Fake-quantized (BN-folded) weight and the (folded) bias, as the forward uses them.
+
+        One fused op (fold, per-group fake quantization, and in backward the straight-through
+        gradients of weight, bias and BN affine): per layer one call instead of about ten small
+        ops, which is what keeps the QAT step's host time near the float step's on a GPU.
+        """
+        bn = self.folded_bn
+        if bn is None:
+            wq, _ = _PER_CHANNEL(self.weight, self.weight_groups, self.weight_bits)
+            return wq, self.bias
+        wq, b, _ = _FOLD(
+            self.weight, self.bias, *bn.fold_args(), self.weight_groups, self.weight_bits
+        )
         return wq, b
 
 

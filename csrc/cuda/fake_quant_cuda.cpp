@@ -13,9 +13,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <optional>
 #include <string>
 #include <tuple>
 
+#include "../fold_args.h"
 #include "fake_quant_kernels.h"
 
 // Python module stub: `import lightning_ncnnqat._C_cuda` loads this library, whose static
@@ -166,6 +168,59 @@ Tensor fake_quantize_per_tensor_backward_cuda(const Tensor& grad, const Tensor& 
   return out;
 }
 
+cuda::FoldVectors fold_vectors(const FoldArgs& a) {
+  return {fold_ptr(a.bias), fold_ptr(a.bn_weight), fold_ptr(a.bn_bias), fold_ptr(a.bn_mean), fold_ptr(a.bn_inv_std)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fold_fake_quantize_weight_cuda(const Tensor& weight, const std::optional<Tensor>& bias,
+                                                                  const std::optional<Tensor>& bn_weight,
+                                                                  const std::optional<Tensor>& bn_bias,
+                                                                  const Tensor& bn_mean, const Tensor& bn_inv_std,
+                                                                  int64_t num_groups, int64_t bits) {
+  constexpr const char* op = "fold_fake_quantize_weight";
+  check_cuda(op, "weight", weight);
+  check_bits(op, bits);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std);
+  check_fold_groups(op, num_groups, a.rows);
+  const cuda::DType dtype = to_dtype(op, "weight", a.weight);
+  Tensor out = at::empty(a.weight.sizes(), a.weight.options());
+  Tensor bias_out = at::empty({a.rows}, a.weight.options());
+  Tensor scales = at::empty({num_groups}, a.weight.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_fold_fake_quantize_weight(a.weight.data_ptr(), out.data_ptr(), bias_out.data_ptr(),
+                                                        scales.data_ptr<float>(), dtype, a.rows, a.row_len, num_groups,
+                                                        fold_vectors(a), static_cast<int>(bits), sm_count(),
+                                                        current_stream()));
+  return {out, bias_out, scales};
+}
+
+std::tuple<Tensor, Tensor> fold_fake_quantize_weight_backward_cuda(
+    const Tensor& grad_weight_fq, const Tensor& grad_bias, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& bn_weight, const Tensor& bn_mean, const Tensor& bn_inv_std) {
+  constexpr const char* op = "fold_fake_quantize_weight_backward";
+  check_cuda(op, "weight", weight);
+  check_cuda(op, "grad_weight_fq", grad_weight_fq);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, std::nullopt, bn_mean, bn_inv_std);
+  TORCH_CHECK(grad_weight_fq.scalar_type() == weight.scalar_type(), "ncnnqat::", op,
+              ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
+              grad_weight_fq.scalar_type());
+  TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
+              shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", shape_str(weight.sizes()));
+  TORCH_CHECK(grad_weight_fq.device() == weight.device(), "ncnnqat::", op, ": `grad_weight_fq` is on ",
+              grad_weight_fq.device(), " but `weight` is on ", weight.device());
+  const Tensor gb = fold_vector(op, "grad_bias", grad_bias, weight);
+  const Tensor g = grad_weight_fq.contiguous();
+  const cuda::DType dtype = to_dtype(op, "weight", a.weight);
+  Tensor grad_w = at::empty(a.weight.sizes(), a.weight.options());
+  Tensor vecs = at::empty({3, a.rows}, a.weight.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::launch_fold_fake_quantize_weight_backward(g.data_ptr(), a.weight.data_ptr(), grad_w.data_ptr(),
+                                                                 gb.data_ptr<float>(), vecs.data_ptr<float>(), dtype,
+                                                                 a.rows, a.row_len, fold_vectors(a),
+                                                                 current_stream()));
+  return {grad_w, vecs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
@@ -173,6 +228,8 @@ TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
   m.impl("update_absmax_", &update_absmax_cuda);
   m.impl("fake_quantize_per_tensor", &fake_quantize_per_tensor_cuda);
   m.impl("fake_quantize_per_tensor_backward", &fake_quantize_per_tensor_backward_cuda);
+  m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cuda);
+  m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cuda);
 }
 
 }  // namespace ncnnqat

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -91,6 +92,23 @@ __device__ __forceinline__ float block_max(float v) {
   const int nwarps = (blockDim.x + 31) >> 5;
   v = lane < nwarps ? smem[lane] : 0.0f;
   return warp_max(v);
+}
+
+// Sum over the whole block in a fixed order (so the result is deterministic); every thread gets it.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float smem[32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fadd(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = lane < nwarps ? smem[lane] : 0.0f;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fadd(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -327,6 +345,64 @@ __global__ void __launch_bounds__(kThreads) per_channel_regs_kernel(const T* __r
 }
 
 // ------------------------------------------------------------------------------------------
+// BN fold + per-group fake quantization of a weight [rows, row_len]. Weights are small (they
+// stay in L2), so these favour simplicity: the scale pass and the quantize pass each read w.
+
+// One block per group: scales[g] from the folded rows' finite absmax; folded biases of its rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fold_scales_kernel(const T* __restrict__ w, T* __restrict__ bias_out,
+                                                               float* __restrict__ scales, int64_t rows_per_group,
+                                                               int64_t row_len, FoldVectors v, float qmax) {
+  const int64_t g = blockIdx.x;
+  const int64_t r0 = g * rows_per_group;
+  const int64_t n = rows_per_group * row_len;
+  const T* src = w + r0 * row_len;
+  float m = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const int64_t r = r0 + i / row_len;
+    m = fmax_nn(m, finite_abs(fmul(to_f(src[i]), fold_scale(v.gamma, v.inv_std, r))));
+  }
+  m = block_max(m);
+  if (threadIdx.x == 0) scales[g] = scale_from_absmax(m, qmax);
+  for (int64_t r = r0 + threadIdx.x; r < r0 + rows_per_group; r += kThreads) {
+    bias_out[r] = from_f<T>(fold_bias(v.beta, v.bias, v.mean, r, fold_scale(v.gamma, v.inv_std, r)));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fold_quantize_kernel(const T* __restrict__ w, T* __restrict__ out,
+                                                                 const float* __restrict__ scales, int64_t n,
+                                                                 int64_t row_len, int64_t rows_per_group,
+                                                                 FoldVectors v, float qmax) {
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < n; i += stride) {
+    const int64_t r = i / row_len;
+    const float s = fold_scale(v.gamma, v.inv_std, r);
+    out[i] = from_f<T>(fake_quant(fmul(to_f(w[i]), s), scales[r / rows_per_group], qmax));
+  }
+}
+
+// One block per row: grad_w = grad * s, dot = sum(grad * w), then the row's vector gradients.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fold_backward_kernel(const T* __restrict__ grad, const T* __restrict__ w,
+                                                                 T* __restrict__ grad_w,
+                                                                 const float* __restrict__ grad_bias,
+                                                                 float* __restrict__ vecs, int64_t rows,
+                                                                 int64_t row_len, FoldVectors v) {
+  const int64_t c = blockIdx.x;
+  const float s = fold_scale(v.gamma, v.inv_std, c);
+  const int64_t base = c * row_len;
+  float dot = 0.0f;
+  for (int64_t k = threadIdx.x; k < row_len; k += kThreads) {
+    const float gk = to_f(grad[base + k]);
+    dot = fadd(dot, fmul(gk, to_f(w[base + k])));
+    grad_w[base + k] = from_f<T>(fmul(gk, s));
+  }
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) fold_vector_grads(dot, grad_bias[c], v.bias, v.mean, v.inv_std, c, s, vecs, rows);
+}
+
+// ------------------------------------------------------------------------------------------
 // Launch helpers.
 
 // Elements per block of the chunked kernels: about 4 blocks per SM for small inputs, capped
@@ -499,6 +575,43 @@ cudaError_t launch_fake_quantize_per_channel(const void* w, void* out, float* sc
                                                                        scales, qmax);
       quantize_chunks_kernel<T, false, false><<<blocks, kThreads, 0, stream>>>(src, dst, grid, scales, qmax);
     }
+  });
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fold_fake_quantize_weight(const void* w, void* out, void* bias_out, float* scales, DType dtype,
+                                             int64_t rows, int64_t row_len, int64_t num_groups, FoldVectors v,
+                                             int bits, int sm_count, cudaStream_t stream) {
+  if (rows <= 0 || num_groups <= 0) return cudaSuccess;
+  if (!grid_ok(num_groups)) return cudaErrorInvalidConfiguration;
+  const float qmax = qmax_of(bits);
+  const int64_t rows_per_group = rows / num_groups;
+  const int64_t n = rows * row_len;
+  const int64_t blocks = n > 0 ? std::min<int64_t>(ceil_div(n, kThreads), int64_t{sm_count > 0 ? sm_count : 1} * 8) : 0;
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(w);
+    fold_scales_kernel<T><<<num_groups, kThreads, 0, stream>>>(src, static_cast<T*>(bias_out), scales,
+                                                               rows_per_group, row_len, v, qmax);
+    if (blocks > 0) {
+      fold_quantize_kernel<T><<<blocks, kThreads, 0, stream>>>(src, static_cast<T*>(out), scales, n, row_len,
+                                                               rows_per_group, v, qmax);
+    }
+  });
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fold_fake_quantize_weight_backward(const void* grad, const void* w, void* grad_w,
+                                                      const float* grad_bias, float* vecs, DType dtype, int64_t rows,
+                                                      int64_t row_len, FoldVectors v, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (!grid_ok(rows)) return cudaErrorInvalidConfiguration;
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fold_backward_kernel<T><<<rows, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(w),
+                                                           static_cast<T*>(grad_w), grad_bias, vecs, rows, row_len, v);
   });
   if (err != cudaSuccess) return err;
   return cudaGetLastError();

@@ -45,5 +45,30 @@ cudaError_t launch_fake_quantize_per_channel(const void* w, void* out, float* sc
                                              int64_t num_groups, int64_t group_size, int bits, float* scratch,
                                              int sm_count, cudaStream_t stream);
 
+// The per-output-channel float32 vectors of a BatchNorm fold (see ../fake_quant_math.h, fold_*):
+// bias, gamma and beta may be null (no layer bias, a BN without affine parameters).
+struct FoldVectors {
+  const float* bias;
+  const float* gamma;
+  const float* beta;
+  const float* mean;
+  const float* inv_std;
+};
+
+// w is [rows, row_len]; row r is scaled by s[r] = fold_scale(r), then fake-quantized per group of
+// rows / num_groups consecutive rows: scales[g], out (w's dtype), and bias_out[r] = fold_bias(r)
+// (w's dtype). One block per group finds the scales and writes the biases, then a streaming
+// kernel quantizes.
+cudaError_t launch_fold_fake_quantize_weight(const void* w, void* out, void* bias_out, float* scales, DType dtype,
+                                             int64_t rows, int64_t row_len, int64_t num_groups, FoldVectors v,
+                                             int bits, int sm_count, cudaStream_t stream);
+
+// Straight-through backward of the above, one block per row: grad_w = grad * s[r] (w's dtype),
+// and vecs (float32 [3, rows]) = fold_vector_grads of dot = sum(grad * w) (a fixed-order, so
+// deterministic, float32 block sum) and grad_bias[r]. grad has w's dtype.
+cudaError_t launch_fold_fake_quantize_weight_backward(const void* grad, const void* w, void* grad_w,
+                                                      const float* grad_bias, float* vecs, DType dtype, int64_t rows,
+                                                      int64_t row_len, FoldVectors v, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ncnnqat

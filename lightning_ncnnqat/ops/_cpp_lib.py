@@ -22,7 +22,14 @@ import torch
 BUILD_HINT = "pip install --no-build-isolation -e . (from a source checkout)"
 
 # The operators every compiled library must register a kernel for (schemas: _registry.py).
-OPS = ("fake_quantize_per_channel", "update_absmax_", "fake_quantize_per_tensor", "fake_quantize_per_tensor_backward")
+OPS = (
+    "fake_quantize_per_channel",
+    "update_absmax_",
+    "fake_quantize_per_tensor",
+    "fake_quantize_per_tensor_backward",
+    "fold_fake_quantize_weight",
+    "fold_fake_quantize_weight_backward",
+)
 
 
 @dataclass

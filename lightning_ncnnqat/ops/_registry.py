@@ -22,6 +22,14 @@ SCHEMAS = {
     "fake_quantize_per_tensor_backward": (
         "fake_quantize_per_tensor_backward(Tensor grad, Tensor x, Tensor running_absmax, int bits) -> Tensor"
     ),
+    "fold_fake_quantize_weight": (
+        "fold_fake_quantize_weight(Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor bn_mean, Tensor bn_inv_std, int num_groups, int bits) -> (Tensor, Tensor, Tensor)"
+    ),
+    "fold_fake_quantize_weight_backward": (
+        "fold_fake_quantize_weight_backward(Tensor grad_weight_fq, Tensor grad_bias, Tensor weight, Tensor? bias, "
+        "Tensor? bn_weight, Tensor bn_mean, Tensor bn_inv_std) -> (Tensor, Tensor)"
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -36,6 +44,10 @@ _lib.impl("update_absmax_", reference.update_absmax_, "CompositeExplicitAutograd
 _lib.impl("fake_quantize_per_tensor", reference.fake_quantize_per_tensor, "CompositeExplicitAutograd")
 _lib.impl(
     "fake_quantize_per_tensor_backward", reference.fake_quantize_per_tensor_backward, "CompositeExplicitAutograd"
+)
+_lib.impl("fold_fake_quantize_weight", reference.fold_fake_quantize_weight, "CompositeExplicitAutograd")
+_lib.impl(
+    "fold_fake_quantize_weight_backward", reference.fold_fake_quantize_weight_backward, "CompositeExplicitAutograd"
 )
 
 
@@ -61,7 +73,23 @@ def _fake_per_tensor_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: 
     return grad.new_empty(grad.shape)
 
 
-# Autograd: straight-through estimators.
+@torch.library.register_fake(f"{NAMESPACE}::fold_fake_quantize_weight")
+def _fake_fold(weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std, num_groups, bits):  # noqa: ANN001, ANN202
+    return (
+        weight.new_empty(weight.shape),
+        weight.new_empty((weight.shape[0],)),
+        weight.new_empty((num_groups,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fold_fake_quantize_weight_backward")
+def _fake_fold_bwd(grad_weight_fq, grad_bias, weight, bias, bn_weight, bn_mean, bn_inv_std):  # noqa: ANN001, ANN202
+    return weight.new_empty(weight.shape), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
+
+
+# Autograd: straight-through estimators. The compiled CPU library registers them in C++
+# (csrc/autograd.cpp: no Python on the training step's hot path); these Python versions are
+# registered only where it did not load (the pure-PyTorch fallback).
 def _per_channel_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.mark_non_differentiable(output[1])  # the scales are a statistic, not a function to train
 
@@ -84,9 +112,37 @@ def _per_tensor_backward(ctx, grad: Tensor):  # noqa: ANN001
     return grad_x, None, None
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::fake_quantize_per_channel", _per_channel_backward, setup_context=_per_channel_setup
-)
-torch.library.register_autograd(
-    f"{NAMESPACE}::fake_quantize_per_tensor", _per_tensor_backward, setup_context=_per_tensor_setup
-)
+def _fold_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std, _, _ = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, bn_weight, bn_bias))
+    ctx.save_for_backward(weight, bias, bn_weight, bn_mean, bn_inv_std)
+
+
+def _fold_backward(ctx, grad_wq: Tensor, grad_b: Tensor, grad_scales: Tensor):  # noqa: ANN001
+    weight, bias, bn_weight, bn_mean, bn_inv_std = ctx.saved_tensors
+    if grad_wq is None:
+        grad_wq = torch.zeros_like(weight)
+    if grad_b is None:
+        grad_b = weight.new_zeros((weight.shape[0],))
+    grad_w, vecs = torch.ops.ncnnqat.fold_fake_quantize_weight_backward(
+        grad_wq, grad_b, weight, bias, bn_weight, bn_mean, bn_inv_std
+    )
+    grads = [vecs[i].to(dt) if has else None for i, (has, dt) in enumerate(zip(ctx.has, ctx.dtypes))]
+    return (grad_w, *grads, None, None, None, None)
+
+
+AUTOGRAD_IN_CPP = torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::fake_quantize_per_tensor", "Autograd")
+"""True when the compiled library registered the autograd of the ops (csrc/autograd.cpp)."""
+
+if not AUTOGRAD_IN_CPP:
+    torch.library.register_autograd(
+        f"{NAMESPACE}::fake_quantize_per_channel", _per_channel_backward, setup_context=_per_channel_setup
+    )
+    torch.library.register_autograd(
+        f"{NAMESPACE}::fake_quantize_per_tensor", _per_tensor_backward, setup_context=_per_tensor_setup
+    )
+    torch.library.register_autograd(
+        f"{NAMESPACE}::fold_fake_quantize_weight", _fold_backward, setup_context=_fold_setup
+    )

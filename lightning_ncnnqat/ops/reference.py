@@ -93,3 +93,87 @@ def fake_quantize_per_tensor_backward(grad: Tensor, x: Tensor, running_absmax: T
     keep = (v < qmax_of(bits) + 0.5) | (r < 0)
     g = grad.contiguous()
     return torch.where(keep, g, torch.zeros_like(g)).contiguous()
+
+
+def fold_factors(
+    bn_weight: Tensor | None, bn_bias: Tensor | None, bn_mean: Tensor, bn_inv_std: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel (s, t) with BN(y) = y * s + t under frozen statistics, in float32.
+
+    ``s = gamma * inv_std`` (``inv_std`` alone without affine), ``t = beta - mean * s``
+    (``-(mean * s)`` without affine); each step is one float32 operation, as in the kernels.
+    """
+    inv_std = bn_inv_std.float()
+    s = inv_std if bn_weight is None else bn_weight.float() * inv_std
+    ms = bn_mean.float() * s
+    t = -ms if bn_bias is None else bn_bias.float() - ms
+    return s, t
+
+
+def fold_weight_bias(
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_mean: Tensor,
+    bn_inv_std: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """BN folded into the layer before it: float32 ``(weight * s[row], t + bias * s)``."""
+    s, t = fold_factors(bn_weight, bn_bias, bn_mean, bn_inv_std)
+    w = weight.contiguous().float() * s.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b = t if bias is None else t + bias.float() * s
+    return w, b
+
+
+def fold_fake_quantize_weight(
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_mean: Tensor,
+    bn_inv_std: Tensor,
+    num_groups: int,
+    bits: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold BN into (weight, bias), then fake-quantize the folded weight per group.
+
+    Returns ``(weight_fq, bias_folded, scales)``; both tensors in ``weight``'s dtype. The folded
+    weight is quantized in float32 (never rounded to ``weight``'s dtype first).
+    """
+    w, b = fold_weight_bias(weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std)
+    g = w.reshape(num_groups, -1)
+    scales = scale_from_absmax(finite_absmax(g, dim=1), bits)
+    out = _quantize(g, scales[:, None], bits)
+    return (
+        out.reshape(weight.shape).to(weight.dtype).contiguous(),
+        b.to(weight.dtype).contiguous(),
+        scales.contiguous(),
+    )
+
+
+def fold_fake_quantize_weight_backward(
+    grad_weight_fq: Tensor,
+    grad_bias: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_mean: Tensor,
+    bn_inv_std: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Straight-through gradients of :func:`fold_fake_quantize_weight`.
+
+    Returns ``grad_weight`` (``weight``'s dtype) and a float32 ``[3, C]`` tensor whose rows are
+    the gradients of ``bias``, ``bn_weight`` and ``bn_bias``:
+    ``grad_weight = g * s``, ``grad_s = sum(g * weight) + gb * (bias - mean)``,
+    ``grad_bias = gb * s``, ``grad_gamma = grad_s * inv_std``, ``grad_beta = gb``.
+    """
+    c = weight.shape[0]
+    s, _ = fold_factors(bn_weight, None, bn_mean, bn_inv_std)
+    g = grad_weight_fq.contiguous().float().reshape(c, -1)
+    w = weight.contiguous().float().reshape(c, -1)
+    grad_weight = (g * s[:, None]).reshape(weight.shape).to(weight.dtype).contiguous()
+    gb = grad_bias.float()
+    centred = -bn_mean.float() if bias is None else bias.float() - bn_mean.float()
+    grad_s = (g * w).sum(dim=1) + gb * centred
+    vecs = torch.stack([gb * s, grad_s * bn_inv_std.float(), gb])
+    return grad_weight, vecs.contiguous()
