@@ -132,11 +132,22 @@ NCNNQAT_DEFINE_LOOPS(c10::BFloat16)
 #undef NCNNQAT_DEFINE_LOOPS
 
 // BN-fold row loops: x scaled by the row's fold factor s, in float32 (never rounded to T).
+// Max of finite |x * s|, on the bit patterns as in max_finite_abs_bits (an integer max
+// vectorises; a float max reduction would need -ffinite-math-only). Exact.
 template <typename T>
 NCNNQAT_ALWAYS_INLINE float fold_absmax_loop(const T* __restrict x, int64_t n, float s) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < n; ++i) m = fmax_nn(m, finite_abs(fmul(load_f(x, i), s)));
-  return m;
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = fmul(load_f(x, i), s);
+    int32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    b &= 0x7fffffff;
+    b = b < 0x7f800000 ? b : 0;  // NaN and inf count as 0
+    m = b > m ? b : m;
+  }
+  float f;
+  std::memcpy(&f, &m, sizeof(f));
+  return f;
 }
 
 template <typename T>

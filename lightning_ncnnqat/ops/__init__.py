@@ -6,7 +6,11 @@ Public functions:
 * :func:`fake_quantize_per_tensor`: activations, one scale from a moving-average range.
 
 Both are backed by ``torch.library`` custom ops (namespace ``ncnnqat``) with compiled CPU and
-CUDA kernels and a pure-PyTorch reference (:mod:`lightning_ncnnqat.ops.reference`).
+CUDA kernels and a pure-PyTorch reference (:mod:`lightning_ncnnqat.ops.reference`). QAT layers
+also use ``torch.ops.ncnnqat.fold_fake_quantize_weight``, which folds a frozen BatchNorm into
+the weight and bias and fake-quantizes the folded weight in one call (one launch pair on a GPU
+instead of about ten small ops). Autograd of the ops is registered in C++ by the compiled
+library, in Python when it is not loaded.
 Inputs may be float32, float16 or bfloat16 of any rank and layout; math is float32, outputs
 keep the input dtype and are contiguous.
 
