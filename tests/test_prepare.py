@@ -107,7 +107,8 @@ def test_parameters_keep_identity_and_forward_matches_reference_math() -> None:
     assert out.shape == ref_float.shape
     # The first layer's computation, by hand with the reference ops.
     conv, bn = m.stem[0], m.stem[1]
-    inv = torch.rsqrt(bn.running_var + bn.eps)
+    inv = (1.0 / torch.sqrt(bn.running_var.double() + bn.eps)).float()  # device-independent bits
+    assert torch.equal(bn.inv_std, inv)
     w = conv.weight * (bn.weight * inv)[:, None, None, None]
     b = bn.bias - bn.running_mean * bn.weight * inv
     wq, _ = reference.fake_quantize_per_channel(w, 16, 6)

@@ -12,20 +12,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..batches import model_input
 from ..config import QATConfig
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    """The model input of a batch: the batch itself, or its first element (``(x, y)`` batches)."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        return next((v for v in batch.values() if isinstance(v, Tensor)), None)
-    return None
 
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -177,11 +167,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.plan is None and trainer.current_epoch >= self.start_epoch:
-            example = _first_tensor(batch)
+            example = model_input(batch)
             if example is None:
                 raise ValueError(
                     "QATCallback needs an example input to trace the model: set `example_input_array` on "
-                    "the LightningModule or pass `example_input=` (the batch is not a Tensor or (Tensor, ...))"
+                    "the LightningModule or pass `example_input=` (the batch is neither a Tensor, nor a list/tuple whose "
+                    "first element is one, nor a dict holding one)"
                 )
             self._activate(trainer, pl_module, example[:1])
         if (
@@ -274,7 +265,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             n = 0
             try:
                 for batch in loader:
-                    x = _first_tensor(batch)
+                    x = model_input(batch)
                     if x is None:
                         break
                     chunks.append(x.detach().cpu())

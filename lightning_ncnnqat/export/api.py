@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..batches import INPUT_KEYS, model_input
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, quantized_layers
 from .errors import ExportError, LayerError
 from .files import remove_stale_outputs, write_files_atomically
@@ -204,15 +205,13 @@ def _step(name: str, verbose: bool = False) -> Iterator[None]:
 
 
 def _first_tensor(v: Any, what: str) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v
-    if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
-        return v[0]
-    if isinstance(v, dict):
-        for k in ("x", "input", "inputs", "image", "images"):
-            if isinstance(v.get(k), torch.Tensor):
-                return v[k]
-    raise TypeError(f"`{what}` must be a tensor (or a batch whose first element is the input tensor), got {type(v).__name__}")
+    x = model_input(v)
+    if x is None:
+        raise TypeError(
+            f"`{what}` must be a tensor, or a batch holding the input tensor first (or under one of the keys "
+            f"{', '.join(INPUT_KEYS)}), got {type(v).__name__}"
+        )
+    return x
 
 
 def validate_layers(infos: list[QuantLayerInfo]) -> None:
