@@ -470,13 +470,9 @@ std::tuple<Tensor, Tensor> fold_fake_quantize_weight_backward_cpu(
     const std::optional<Tensor>& bn_weight, const Tensor& bn_mean, const Tensor& bn_inv_std) {
   constexpr const char* op = "fold_fake_quantize_weight_backward";
   const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, std::nullopt, bn_mean, bn_inv_std);
-  TORCH_CHECK(grad_weight_fq.scalar_type() == weight.scalar_type(), "ncnnqat::", op,
-              ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
-              grad_weight_fq.scalar_type());
-  TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
-              shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", shape_str(weight.sizes()));
-  const Tensor gb = fold_vector(op, "grad_bias", grad_bias, weight);
-  const Tensor g = grad_weight_fq.contiguous();
+  const std::pair<Tensor, Tensor> grads = prepare_fold_grads(op, grad_weight_fq, grad_bias, weight);
+  const Tensor& g = grads.first;
+  const Tensor& gb = grads.second;
   std::tuple<Tensor, Tensor> result;
   dispatch_float_types(a.weight.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace ncnnqat {
 
@@ -63,6 +64,26 @@ inline void check_fold_groups(const char* op, int64_t num_groups, int64_t rows) 
   TORCH_CHECK(num_groups >= 1, "ncnnqat::", op, ": `num_groups` must be >= 1, got ", std::to_string(num_groups));
   TORCH_CHECK(rows % num_groups == 0, "ncnnqat::", op, ": `num_groups`=", std::to_string(num_groups),
               " must divide weight.shape[0]=", std::to_string(rows));
+}
+
+inline std::string fold_shape_str(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+// The incoming gradients of the backward: grad_weight_fq (weight's dtype, shape and device),
+// returned contiguous, and grad_bias as a contiguous float32 vector.
+inline std::pair<at::Tensor, at::Tensor> prepare_fold_grads(const char* op, const at::Tensor& grad_weight_fq,
+                                                            const at::Tensor& grad_bias, const at::Tensor& weight) {
+  TORCH_CHECK(grad_weight_fq.scalar_type() == weight.scalar_type(), "ncnnqat::", op,
+              ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
+              grad_weight_fq.scalar_type());
+  TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
+              fold_shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", fold_shape_str(weight.sizes()));
+  TORCH_CHECK(grad_weight_fq.device() == weight.device(), "ncnnqat::", op, ": `grad_weight_fq` is on ",
+              grad_weight_fq.device(), " but `weight` is on ", weight.device());
+  return {grad_weight_fq.contiguous(), fold_vector(op, "grad_bias", grad_bias, weight)};
 }
 
 // Raw pointer of an optional float32 vector (nullptr when absent).

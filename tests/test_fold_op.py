@@ -23,19 +23,14 @@ from torch import Tensor
 import lightning_ncnnqat.ops as ops
 from lightning_ncnnqat.ops import reference as R
 
-OPS = ("fold_fake_quantize_weight", "fold_fake_quantize_weight_backward")
 HAS_CUDA = torch.cuda.is_available()
-
-
-def _has(key: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"ncnnqat::{op}", key) for op in OPS) and has_kernel(key)
 
 
 DEVICES = [
     pytest.param(
         "cpu",
         marks=pytest.mark.skipif(
-            not _has("CPU") and not REQUIRE_KERNELS, reason=f"CPU kernels not loaded: {ops.STATUS.reasons.get('cpu')}"
+            not has_kernel("CPU") and not REQUIRE_KERNELS, reason=f"CPU kernels not loaded: {ops.STATUS.reasons.get('cpu')}"
         ),
     ),
     pytest.param(
@@ -44,7 +39,7 @@ DEVICES = [
             pytest.mark.cuda,
             pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is False)"),
             pytest.mark.skipif(
-                HAS_CUDA and not _has("CUDA") and not REQUIRE_KERNELS,
+                HAS_CUDA and not has_kernel("CUDA") and not REQUIRE_KERNELS,
                 reason=f"CUDA kernels not loaded: {ops.STATUS.reasons.get('cuda')}",
             ),
         ],

@@ -27,17 +27,10 @@ from torch import Tensor
 
 import lightning_ncnnqat.ops as ops
 from lightning_ncnnqat.ops import reference as R
+from lightning_ncnnqat.ops._cpp_lib import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-OPS = (
-    "fake_quantize_per_channel",
-    "update_absmax_",
-    "fake_quantize_per_tensor",
-    "fake_quantize_per_tensor_backward",
-    "fold_fake_quantize_weight",
-    "fold_fake_quantize_weight_backward",
-)
 REQUIRE_KERNELS = os.environ.get("LIGHTNING_NCNNQAT_REQUIRE_KERNELS", "") == "1"
 SEED = int(os.environ.get("NCNNQAT_TEST_SEED", random.randrange(2**31)))
 

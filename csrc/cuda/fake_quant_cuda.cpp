@@ -202,15 +202,9 @@ std::tuple<Tensor, Tensor> fold_fake_quantize_weight_backward_cuda(
   check_cuda(op, "grad_weight_fq", grad_weight_fq);
   const c10::cuda::CUDAGuard guard(weight.device());
   const FoldArgs a = prepare_fold_args(op, weight, bias, bn_weight, std::nullopt, bn_mean, bn_inv_std);
-  TORCH_CHECK(grad_weight_fq.scalar_type() == weight.scalar_type(), "ncnnqat::", op,
-              ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
-              grad_weight_fq.scalar_type());
-  TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
-              shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", shape_str(weight.sizes()));
-  TORCH_CHECK(grad_weight_fq.device() == weight.device(), "ncnnqat::", op, ": `grad_weight_fq` is on ",
-              grad_weight_fq.device(), " but `weight` is on ", weight.device());
-  const Tensor gb = fold_vector(op, "grad_bias", grad_bias, weight);
-  const Tensor g = grad_weight_fq.contiguous();
+  const std::pair<Tensor, Tensor> grads = prepare_fold_grads(op, grad_weight_fq, grad_bias, weight);
+  const Tensor& g = grads.first;
+  const Tensor& gb = grads.second;
   const cuda::DType dtype = to_dtype(op, "weight", a.weight);
   Tensor grad_w = at::empty(a.weight.sizes(), a.weight.options());
   Tensor vecs = at::empty({3, a.rows}, a.weight.options().dtype(at::kFloat));
