@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .bn_fold import is_bn_like
+
 
 @dataclass
 class Node:
@@ -51,6 +53,9 @@ def _tensors(obj: Any) -> list[Tensor]:
 class _Recorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
         self.nodes: list[Node] = []
         self.producer: dict[int, int] = {}
         self.consumers: dict[int, list[int]] = {}
@@ -100,16 +105,39 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def trace_dataflow(model: nn.Module, *inputs: Any) -> DataFlow:
-    """Run ``model(*inputs)`` once (eval mode, no grad) and record its data flow.
+def _is_leaf(m: nn.Module) -> bool:
+    """Modules traced as one node: no children, BN-like (timm's BatchNormAct2d holds its
+    activation as a child but computes batch_norm itself) or already converted by QAT."""
+    return not any(True for _ in m.children()) or is_bn_like(m) or "_ncnnqat_orig_class" in m.__dict__
 
-    The model's train/eval flags are restored afterwards; BatchNorm statistics are untouched.
+
+def _rng_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def _with_batch_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The call with every batch-of-one tensor repeated twice, or None if there is none."""
+    one = lambda t: isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1  # noqa: E731
+    if not any(one(t) for t in (*args, *kwargs.values())):
+        return None
+    dbl = lambda t: torch.cat([t, t]) if one(t) else t  # noqa: E731
+    return tuple(dbl(a) for a in args), {k: dbl(v) for k, v in kwargs.items()}
+
+
+def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, training: bool = False) -> DataFlow:
+    """Run ``model(*args, **kwargs)`` once under no_grad, in eval or training mode, and record its data flow.
+
+    Leaves no trace on the model: train/eval flags are restored, and in training mode every
+    buffer (BatchNorm statistics, QAT ranges) and the torch RNG state (dropout) are put back as
+    they were. A training-mode forward on a batch of one that fails (BatchNorm needs more than one
+    value per channel) is retried once with that batch repeated twice.
     """
+    kwargs = kwargs or {}
     rec = _Recorder()
     names: dict[nn.Module, str] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(m, n)
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    leaves = [(n, m) for n, m in model.named_modules() if _is_leaf(m)]
     handles = []
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -126,13 +154,40 @@ def trace_dataflow(model: nn.Module, *inputs: Any) -> DataFlow:
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if training else []
     try:
-        model.eval()
-        with torch.no_grad(), rec:
-            model(*inputs)
+        model.train(training)
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(), enabled=training):
+            try:
+                with rec:
+                    model(*args, **kwargs)
+            except Exception:
+                if not training:
+                    raise
+                doubled = _with_batch_two(args, kwargs)
+                if doubled is None:
+                    raise
+                rec.reset()
+                for b, v in saved:
+                    b.copy_(v)
+                with rec:
+                    model(*doubled[0], **doubled[1])
     finally:
         for h in handles:
             h.remove()
+        for m in model.modules():
+            m.__dict__.pop("_ncnnqat_trace_node", None)
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
     return DataFlow(rec.nodes, rec.producer, rec.consumers, rec.calls)
+
+
+def trace_dataflow(model: nn.Module, *inputs: Any) -> DataFlow:
+    """Run ``model(*inputs)`` once (eval mode, no grad) and record its data flow.
+
+    The model's train/eval flags are restored afterwards; BatchNorm statistics are untouched.
+    """
+    return trace_call(model, tuple(inputs), {}, training=False)

@@ -1,4 +1,4 @@
-"""The modules QAT swaps in: input quantizers, fake-quantized Conv2d/Linear, folded BatchNorm.
+"""The modules QAT swaps in: input quantizers, fake-quantized Conv2d/Linear (folded BNs: ``bn_fold``).
 
 Layers are converted in place by changing their class (as ``torch.nn.utils.parametrize`` does),
 so every Parameter object stays the same: the optimizer, its state and DDP keep training it,
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.ncnnqat)
+from .bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm
 from .ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
 
 
@@ -66,55 +67,6 @@ class InputQuantizer(nn.Module):
         return f"momentum={self.momentum}, bits={self.bits}"
 
 
-def _refresh_inv_std(module: nn.Module, incompatible_keys: object = None) -> None:
-    """Recompute the cached 1/sqrt(var + eps) after the frozen statistics were (re)loaded.
-
-    Computed on the CPU in float64 and rounded once: the same bits whatever the device (on an
-    H100, torch.rsqrt differed from the CPU's in about 30% of values, float32 1/sqrt in 0.5%;
-    this path in none of 12M). So a model trained on a GPU and exported on a CPU folds to the
-    same weights. Runs only when a BN is folded or its statistics are loaded, not per step.
-    """
-    with torch.no_grad():
-        var = module.running_var.detach().to("cpu", torch.float64)
-        inv = (1.0 / torch.sqrt(var + module.eps)).to(module.running_var.dtype)
-        module.inv_std = inv.to(module.running_var.device)
-
-
-class FoldedBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """A BatchNorm folded into the layer before it: identity in forward, statistics frozen.
-
-    Its affine parameters stay registered and keep training through the folded weight of
-    that layer, so every parameter the optimizer and DDP know is still used. The frozen
-    ``1/sqrt(running_var + eps)`` is cached (a non-persistent buffer, refreshed whenever a state
-    dict is loaded); the fold itself runs inside the layer's fused weight op.
-    """
-
-    inv_std: Tensor
-
-    @classmethod
-    def fold(cls, bn: nn.modules.batchnorm._BatchNorm) -> FoldedBatchNorm:
-        """Convert ``bn`` in place (its class changes; parameters and buffers are kept)."""
-        bn.__class__ = cls
-        bn.eval()
-        bn.register_buffer("inv_std", torch.empty_like(bn.running_var), persistent=False)
-        _refresh_inv_std(bn)
-        bn.register_load_state_dict_post_hook(_refresh_inv_std)
-        return bn  # type: ignore[return-value]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-    def train(self, mode: bool = True) -> FoldedBatchNorm:
-        return super().train(False)
-
-    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
-        pass
-
-    def fold_args(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-        """(gamma, beta, running_mean, inv_std): the operands of the fold (gamma/beta None without affine)."""
-        return self.weight, self.bias, self.running_mean, self.inv_std
-
-
 class _QATLayer:
     """Shared logic of the fake-quantized layers (mixed into Conv2d and Linear subclasses)."""
 
@@ -126,7 +78,7 @@ class _QATLayer:
     updates_range: bool
 
     @property
-    def folded_bn(self) -> FoldedBatchNorm | None:
+    def folded_bn(self) -> FoldedBatchNorm | FoldedFrozenBatchNorm | None:
         return self.__dict__.get("_ncnnqat_folded_bn")
 
     def folded_weight_bias(self) -> tuple[Tensor, Tensor | None]:
@@ -175,5 +127,12 @@ class QATLinear(_QATLayer, nn.Linear):
         w, b = self.quantized_weight_bias()
         return F.linear(x, w, b)
 
+
+__all__ = [
+    "InputQuantizer", "QATConv2d", "QATLinear", "FoldedBatchNorm", "FoldedFrozenBatchNorm", "QAT_CLASSES", "ORIG_CLASS",
+]
+
+ORIG_CLASS = "_ncnnqat_orig_class"
+"""Key in a converted module's ``__dict__`` holding the class it had before QAT."""
 
 QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QATConv2d, nn.Linear: QATLinear}

@@ -7,101 +7,50 @@ Usable without a Trainer::
     ... train ...
     infos = quantized_layers(model)                  # scales for the ncnn table
     float_model = folded_float_model(model)          # what the converters see
+    unprepare(model)                                 # back to the float model, same Parameters
 
-Decisions come from the data flow of one traced forward (``graph.py``) and are recorded in a
-:class:`QATPlan`, a plain dict in checkpoints, so a fresh model can be rebuilt exactly
-(:func:`restore_from_checkpoint`) without tracing again.
+Decisions come from the data flow of one traced eval-mode forward (``graph.py``; what ncnn will
+run), checked against one training-mode forward (which layers a training step reaches), and are
+recorded in a :class:`QATPlan`, a plain dict in checkpoints, so a fresh model can be rebuilt
+exactly (:func:`restore_from_checkpoint`) without tracing again. Every function accepts the
+model inside DataParallel, DDP, ``torch.compile`` or Fabric wrappers (``wrappers.unwrap``).
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
-from dataclasses import asdict, dataclass, field
+import logging
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import ops
+from .batches import as_call, check_call
+from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .config import QATConfig
-from .graph import DataFlow, trace_dataflow
-from .modules import QAT_CLASSES, FoldedBatchNorm, InputQuantizer, QATConv2d, QATLinear
+from .graph import DataFlow, trace_call
+from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer
+from .plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
+from .prepared import (
+    check_ranges,
+    float_layers,
+    folded_float_model,
+    input_quantizers,
+    quantized_layers,
+    strip_wrapper_prefixes,
+)
+from .wrappers import unwrap
 
-PLAN_VERSION = 1
-_FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
-_QAT_LAYERS = (QATConv2d, QATLinear)
+__all__ = [
+    "PLAN_VERSION", "LayerPlan", "QATPlan", "QuantLayerInfo", "plan_qat", "apply_plan", "prepare_qat", "unprepare",
+    "get_plan", "input_quantizers", "check_ranges", "quantized_layers", "float_layers", "folded_float_model",
+    "strip_wrapper_prefixes", "restore_from_checkpoint",
+]
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class LayerPlan:
-    """How one layer is quantized."""
-
-    kind: str  # ncnn layer type: Convolution | ConvolutionDepthWise | InnerProduct
-    weight_bits: int
-    num_groups: int  # number of weight scales
-    input_owner: str  # the layer whose quantizer (shared by all readers of the tensor) moves the range
-    bn: str | None = None  # BatchNorm folded into this layer
-
-
-@dataclass
-class QATPlan:
-    """Every decision QAT made for a model: quantized layers, float layers and why, BN folds."""
-
-    layers: dict[str, LayerPlan]
-    float_layers: dict[str, str]
-    config: QATConfig
-    version: int = PLAN_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "layers": {k: asdict(v) for k, v in self.layers.items()},
-            "float_layers": dict(self.float_layers),
-            "config": self.config.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QATPlan:
-        if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"unsupported QAT plan version {d.get('version')!r} (expected {PLAN_VERSION})")
-        return cls(
-            layers={k: LayerPlan(**v) for k, v in d["layers"].items()},
-            float_layers=dict(d["float_layers"]),
-            config=QATConfig.from_dict(d["config"]),
-        )
-
-    def summary(self) -> str:
-        """A human-readable table of what runs in int8, what stays in float and why."""
-        lines = [f"ncnn QAT: {len(self.layers)} layers in int8, {len(self.float_layers)} kept in float"]
-        w = max([len(n) for n in self.layers] + [len(n) for n in self.float_layers] + [5])
-        lines.append(f"  {'layer':<{w}}  {'ncnn type':<20} {'w-bits':>6} {'scales':>6}  notes")
-        for name, p in self.layers.items():
-            notes = []
-            if p.bn:
-                notes.append(f"folded {p.bn}")
-            if p.input_owner != name:
-                notes.append(f"input range shared with {p.input_owner}")
-            lines.append(f"  {name:<{w}}  {p.kind:<20} {p.weight_bits:>6} {p.num_groups:>6}  {'; '.join(notes)}")
-        for name, reason in self.float_layers.items():
-            lines.append(f"  {name:<{w}}  {'float':<20} {'-':>6} {'-':>6}  {reason}")
-        return "\n".join(lines)
-
-
-@dataclass
-class QuantLayerInfo:
-    """What the export needs of one quantized layer (all tensors float32, cpu, detached)."""
-
-    name: str
-    kind: str
-    weight_bits: int
-    num_groups: int
-    weight: Tensor
-    bias: Tensor | None
-    weight_scales: Tensor
-    input_scale: float
-    input_owner: str
-    input_absmax: float = field(default=0.0)
+EVAL_ONLY = "runs only in eval mode: no training step gives it a range"
+TRAIN_ONLY = "not called in the traced forward (eval mode): runs only in training, so it is not exported"
+_QAT_ATTRS = ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS)
 
 
 def _is_plain(m: nn.Module, base: type[nn.Module]) -> bool:
@@ -125,7 +74,7 @@ def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tup
         return None, "kept in float by `skip`"
     calls = flow.module_calls(name)
     if not calls:
-        return None, "not called in the traced forward"
+        return None, TRAIN_ONLY
     if len(calls) > 1:
         return None, f"called {len(calls)} times per forward (shared weights); kept in float"
     shape = calls[0].input_shapes[0] if calls[0].input_shapes else ()
@@ -147,52 +96,91 @@ def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tup
     return LayerPlan("ConvolutionDepthWise", 8, m.groups, name), None
 
 
-def _find_bn(name: str, m: nn.Module, flow: DataFlow, modules: dict[str, nn.Module]) -> str | None:
-    """The BatchNorm that alone consumes this layer's output, and consumes nothing else."""
+def _find_bn(name: str, m: nn.Module, flow: DataFlow) -> tuple[str | None, BNMatch | None, str | None]:
+    """``(bn, match, None)``: the BN-like module that alone reads this layer's output, foldable;
+    ``(None, None, reason)``: such a module exists but cannot be folded (the layer must stay float:
+    the converters fold it into the layer, so a table for the unfolded weight would be wrong);
+    ``(None, None, None)``: no BN-like module reads the output alone."""
     (call,) = flow.module_calls(name)
     if len(call.outputs) != 1:
-        return None
+        return None, None, None
     readers = flow.consumers.get(call.outputs[0], [])
     if len(readers) != 1:
-        return None
+        return None, None, None
     reader = flow.nodes[readers[0]]
     bn = reader.module
-    if type(bn) not in _FOLDABLE_BN or len(flow.module_calls(reader.target)) != 1:
-        return None
-    if reader.inputs != call.outputs or not bn.track_running_stats or bn.running_var is None:
-        return None
+    if bn is None or not is_bn_like(bn):
+        return None, None, None
+    what = f"feeds {type(bn).__name__} '{reader.target}', which the converters fold into this layer but QAT cannot"
+    n_calls = len(flow.module_calls(reader.target))
+    if n_calls != 1:
+        return None, None, f"{what}: it is called {n_calls} times per forward"
+    if reader.inputs != call.outputs:
+        return None, None, f"{what}: it reads more than this layer's output"
     out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-    if bn.num_features != out:
-        return None
-    return reader.target
+    match, why = match_bn(bn, reader.input_shapes[0])
+    if match is None:
+        return None, None, f"{what}: {why}"
+    if bn.running_mean.numel() != out:
+        return None, None, f"{what}: {bn.running_mean.numel()} channels, the layer has {out}"
+    return reader.target, match, None
+
+
+def _traced(model: nn.Module, args: tuple, kwargs: dict) -> tuple[DataFlow, DataFlow | None, str | None]:
+    flow = trace_call(model, args, kwargs, training=False)
+    try:
+        return flow, trace_call(model, args, kwargs, training=True), None
+    except Exception as exc:  # noqa: BLE001  (the eval graph is what ncnn runs; go on without)
+        return flow, None, f"{type(exc).__name__}: {exc}"
 
 
 def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = None) -> QATPlan:
-    """Trace one forward of ``model`` on ``example_input`` and decide what QAT does to it."""
+    """Trace ``model`` on ``example_input`` (eval and training mode) and decide what QAT does to it.
+
+    ``example_input``: a Tensor, a tuple/list of positional inputs or a dict of keyword inputs
+    (Lightning's ``example_input_array`` convention). Raises TypeError naming the ``forward``
+    parameter when a required one is not supplied. Wrappers (DDP, torch.compile, ...) are unwrapped.
+    """
     config = config or QATConfig()
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    flow = trace_dataflow(model, *inputs)
+    model = unwrap(model)
+    args, kwargs = as_call(example_input)
+    check_call(model, args, kwargs)
+    flow, train_flow, train_error = _traced(model, args, kwargs)
     modules = dict(model.named_modules())
     layers: dict[str, LayerPlan] = {}
     floats: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    if train_error is not None:
+        notes["(training forward)"] = (
+            f"the training-mode forward failed on the example ({train_error[:200]}); "
+            "layers that run only in eval mode cannot be told apart and may get no range"
+        )
     for name, m in modules.items():
         plan, reason = _classify(name, m, flow, config)
+        if plan is not None and train_flow is not None and not train_flow.module_calls(name):
+            plan, reason = None, EVAL_ONLY
         if plan is not None:
             layers[name] = plan
         elif reason is not None:
             floats[name] = reason
+    for name in list(layers):
+        bn, match, reason = _find_bn(name, modules[name], flow)
+        if reason is not None:
+            del layers[name]
+            floats[name] = reason
+        elif bn is not None and match is not None:
+            layers[name].bn, layers[name].bn_eps, layers[name].bn_tail = bn, match.eps, list(match.tail)
     # Readers of one tensor share one range, owned by the first reader in call order.
     owner_of_value: dict[int, str] = {}
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):
         (call,) = flow.module_calls(name)
-        v = call.inputs[0]
-        layers[name].input_owner = owner_of_value.setdefault(v, name)
-        layers[name].bn = _find_bn(name, modules[name], flow, modules)
-    return QATPlan(layers, floats, config)
+        layers[name].input_owner = owner_of_value.setdefault(call.inputs[0], name)
+    return QATPlan(layers, floats, config, notes=notes)
 
 
 def apply_plan(model: nn.Module, plan: QATPlan) -> None:
     """Convert ``model`` in place as ``plan`` says (idempotent on an already prepared model)."""
+    model = unwrap(model)
     if get_plan(model) is not None:
         return
     modules = dict(model.named_modules())
@@ -209,173 +197,72 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             quantizers[p.input_owner] = InputQuantizer(plan.config.momentum, 8, plan.config.sync_ranges).to(
                 m.weight.device
             )
+        m.__dict__[ORIG_CLASS] = type(m)
         m.__class__ = QAT_CLASSES[base]
         m.weight_bits = p.weight_bits
         m.weight_groups = p.num_groups
         m.updates_range = p.input_owner == name
         m.input_quantizer = quantizers[p.input_owner]
         if p.bn:
-            m.__dict__["_ncnnqat_folded_bn"] = FoldedBatchNorm.fold(modules[p.bn])
-    model.__dict__["_ncnnqat_plan"] = plan
+            bn = modules[p.bn]
+            eps = p.bn_eps if p.bn_eps is not None else float(getattr(bn, "eps", 1e-5))
+            m.__dict__["_ncnnqat_folded_bn"] = fold_bn(bn, BNMatch(eps, tuple(p.bn_tail)))
+    model.__dict__[PLAN_ATTR] = plan
 
 
 def prepare_qat(model: nn.Module, example_input: Any, config: QATConfig | None = None) -> QATPlan:
-    """Plan and apply QAT to ``model`` in place; raise if ncnn could run nothing in int8."""
+    """Plan and apply QAT to ``model`` in place; raise if ncnn could run nothing in int8.
+
+    ``model`` may be wrapped (DataParallel, DDP, ``torch.compile``, Fabric): the user's model
+    inside is converted, and a compiled wrapper recompiles on its next call.
+    """
     plan = plan_qat(model, example_input, config)
     if not plan.layers:
         found = "; ".join(f"{n}: {r}" for n, r in plan.float_layers.items()) or "no Conv2d or Linear at all"
         raise ValueError(
-            f"{type(model).__name__} has no layer ncnn can run in int8 (Conv2d, depthwise Conv2d, or "
+            f"{type(unwrap(model)).__name__} has no layer ncnn can run in int8 (Conv2d, depthwise Conv2d, or "
             f"Linear on 2-D input called once per forward); found: {found}"
         )
     apply_plan(model, plan)
     return plan
 
 
-def get_plan(model: nn.Module) -> QATPlan | None:
-    """The plan applied to ``model``, or None if it is not prepared for QAT."""
-    return model.__dict__.get("_ncnnqat_plan")
+def unprepare(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan` in place: the user's classes back, quantizers removed, BNs unfolded.
 
-
-def _require_plan(model: nn.Module) -> QATPlan:
-    plan = get_plan(model)
+    Parameters and the BN statistics are untouched (the same objects), so the optimizer keeps
+    training them; the quantizer ranges are dropped. A model that is not prepared is returned as is.
+    """
+    inner = unwrap(model)
+    plan = get_plan(inner)
     if plan is None:
-        raise ValueError(f"{type(model).__name__} is not prepared for QAT (call prepare_qat or use QATCallback)")
-    return plan
-
-
-def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
-    """The input range of each range-owning layer, by layer name."""
-    plan = _require_plan(model)
-    modules = dict(model.named_modules())
-    return {n: modules[n].input_quantizer for n, p in plan.layers.items() if p.input_owner == n}
-
-
-def check_ranges(model: nn.Module, require_initialized: bool = False) -> None:
-    """Raise naming the layer if a range or a folded weight is NaN/inf (or a range uninitialised).
-
-    Ranges ignore non-finite activations by design, so a diverged run shows up in the weights.
-    """
-    plan = _require_plan(model)
-    modules = dict(model.named_modules())
-    for name in plan.layers:
-        with torch.no_grad():
-            w, b = modules[name].folded_weight_bias()
-            finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
-        if not finite:
-            raise RuntimeError(
-                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged (check the loss)"
-            )
-    for name, q in input_quantizers(model).items():
-        r = float(q.running_absmax.detach().float().cpu().item())
-        if r != r or r in (float("inf"), float("-inf")):
-            raise RuntimeError(f"layer '{name}': its input range became {r}; training diverged (check the loss)")
-        if require_initialized and r < 0:
-            raise RuntimeError(
-                f"layer '{name}': its input range was never initialised (no QAT training step reached it)"
-            )
-
-
-def quantized_layers(model: nn.Module) -> list[QuantLayerInfo]:
-    """Folded float weights and the ncnn scales of every quantized layer, in module order."""
-    plan = _require_plan(model)
-    check_ranges(model, require_initialized=True)
-    infos = []
-    for name, m in model.named_modules():
-        if name not in plan.layers:
-            continue
-        p = plan.layers[name]
-        with torch.no_grad():
-            w, b = m.folded_weight_bias()
-            w = w.detach().float().cpu().contiguous()
-            b = None if b is None else b.detach().float().cpu().contiguous()
-            scales = ops.fake_quantize_per_channel(w, p.num_groups, p.weight_bits)[1]
-        q = m.input_quantizer
-        infos.append(
-            QuantLayerInfo(
-                name=name,
-                kind=p.kind,
-                weight_bits=p.weight_bits,
-                num_groups=p.num_groups,
-                weight=w,
-                bias=b,
-                weight_scales=scales,
-                input_scale=q.scale(),
-                input_owner=p.input_owner,
-                input_absmax=float(q.running_absmax.item()),
-            )
-        )
-    return infos
-
-
-def float_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """(name, reason) of every weight layer kept in float."""
-    return list(_require_plan(model).float_layers.items())
-
-
-def _deepcopy_without_trainer(model: nn.Module) -> nn.Module:
-    memo: dict[int, Any] = {}
-    for attr in ("_trainer", "_fabric"):
-        obj = model.__dict__.get(attr)
-        if obj is not None:
-            memo[id(obj)] = None
-    return copy.deepcopy(model, memo)
-
-
-def folded_float_model(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with BN folded into quantized layers and all quantizers removed.
-
-    Quantized layers become plain nn.Conv2d / nn.Linear holding the folded float weights (the
-    converters quantize them with the table's scales to exactly the QAT forward's values);
-    folded BatchNorms become nn.Identity. Module names are unchanged.
-    """
-    plan = _require_plan(model)
-    out = _deepcopy_without_trainer(model)
-    out.__dict__.pop("_ncnnqat_plan", None)
-    modules = dict(out.named_modules())
-    with torch.no_grad():
-        for name, p in plan.layers.items():
-            m = modules[name]
-            w, b = m.folded_weight_bias()
-            w, b = w.detach().clone(), None if b is None else b.detach().clone()
-            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
-            del m._modules["input_quantizer"]
-            for attr in ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn"):
-                m.__dict__.pop(attr, None)
-            m.weight = nn.Parameter(w)
-            m.bias = None if b is None else nn.Parameter(b)
-        for p in plan.layers.values():
-            if p.bn:
-                parent_name, _, child = p.bn.rpartition(".")
-                setattr(modules[parent_name] if parent_name else out, child, nn.Identity())
-    out.eval()
-    for param in out.parameters():
-        param.requires_grad_(False)
-    return out
-
-
-_PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
-
-
-def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove ``module.`` (DataParallel/DDP) and similar wrapper prefixes from checkpoint keys."""
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for pre in _PREFIXES:
-                if k.startswith(pre):
-                    k, changed = k[len(pre) :], True
-        out[k] = v
-    return out
+        return model
+    modules = dict(inner.named_modules())
+    for name, p in plan.layers.items():
+        m = modules[name]
+        base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+        m.__class__ = m.__dict__.get(ORIG_CLASS, base)
+        m._modules.pop("input_quantizer", None)
+        for attr in _QAT_ATTRS:
+            m.__dict__.pop(attr, None)
+        if p.bn:
+            unfold_bn(modules[p.bn], inner.training)
+    del inner.__dict__[PLAN_ATTR]
+    return model
 
 
 def restore_from_checkpoint(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
-    """Apply the QAT plan stored in ``checkpoint`` to a fresh float ``model`` and load its weights."""
+    """Apply the QAT plan stored in ``checkpoint`` to a fresh float ``model`` and load its weights.
+
+    Wrapper prefixes in the keys (``module.``, ``_orig_mod.``...) and wrapped models are handled.
+    """
     if "ncnnqat" not in checkpoint:
         raise ValueError("the checkpoint holds no QAT state (key 'ncnnqat'): was it saved after QAT started?")
-    apply_plan(model, QATPlan.from_dict(checkpoint["ncnnqat"]))
+    inner = unwrap(model)
+    apply_plan(inner, QATPlan.from_dict(checkpoint["ncnnqat"]))
     state = checkpoint.get("state_dict", checkpoint)
-    model.load_state_dict(strip_wrapper_prefixes(state))
+    inner.load_state_dict(strip_wrapper_prefixes(state))
     return model
+
+
+_require_plan = require_plan  # older name

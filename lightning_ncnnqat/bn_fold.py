@@ -1,0 +1,240 @@
+"""BatchNorm-like modules: recognising BN math, folding it into the layer before, unfolding it.
+
+ncnn's converters (onnxsim's conv-BN fusion, pnnx) fold any batch normalization that alone reads
+a Conv/Gemm output into that layer, whatever module computed it. So QAT must fold the same
+modules, or the calibration table it writes would belong to weights the converter never emits.
+A module is folded when its *eval-mode math* is BN, checked numerically on a probe tensor:
+``module(x) == tail(F.batch_norm(x, running_mean, running_var, weight, bias, eps))`` where the
+tail is nothing or the module's own submodules in order (timm's ``BatchNormAct2d``: BN, then
+``drop``, then ``act``). Candidates are every ``_BatchNorm`` subclass (``SyncBatchNorm``, bare
+subclasses) and modules holding ``running_mean``/``running_var`` tensors (torchvision's
+``FrozenBatchNorm2d``, whose gamma/beta are buffers). Names are never trusted alone.
+
+Folding changes the module's class in place (parameters and buffers kept, so checkpoint keys
+stay the user's) to one whose forward is only the tail; the original class is recorded so
+:func:`unfold_bn` restores it exactly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ORIG = "_ncnnqat_orig_class"
+_TAIL = "_ncnnqat_tail"
+_EPS = "_ncnnqat_eps"
+_HOOK = "_ncnnqat_load_hook"
+_PROBE_SPATIAL = 6  # BN math is per channel and elementwise: a small probe map decides it
+
+
+@dataclass(frozen=True)
+class BNMatch:
+    """How a BN-like module computes in eval mode: batch_norm with ``eps``, then its children ``tail``."""
+
+    eps: float
+    tail: tuple[str, ...] = ()
+
+
+def _vec(m: nn.Module, name: str) -> Tensor | None:
+    t = getattr(m, name, None)
+    return t if isinstance(t, Tensor) and t.dim() == 1 else None
+
+
+def is_bn_like(m: nn.Module) -> bool:
+    """A ``_BatchNorm`` (any subclass) or a module holding 1-D ``running_mean``/``running_var`` tensors."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    rm, rv = _vec(m, "running_mean"), _vec(m, "running_var")
+    return rm is not None and rv is not None and rm.shape == rv.shape
+
+
+def is_folded(m: nn.Module) -> bool:
+    """Whether ``m`` is a BN-like module folded by :func:`fold_bn`."""
+    return _ORIG in m.__dict__
+
+
+def _tail_candidates(m: nn.Module) -> list[tuple[str, ...]]:
+    children = tuple(n for n, _ in m.named_children())
+    cands: list[tuple[str, ...]] = [()]
+    for c in (children, tuple(n for n in ("drop", "act") if n in children), ("act",) if "act" in children else ()):
+        if c and c not in cands:
+            cands.append(c)
+    return cands
+
+
+def _apply_tail(m: nn.Module, tail: tuple[str, ...], x: Tensor) -> Tensor:
+    for name in tail:
+        x = m._modules[name](x)  # type: ignore[misc]
+    return x
+
+
+def _probe(m: nn.Module, input_shape: tuple[int, ...], channels: int) -> Tensor:
+    rm, rv = m.running_mean, m.running_var  # type: ignore[union-attr]
+    shape = [2, channels] + [min(s, _PROBE_SPATIAL) for s in input_shape[2:]]
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    z = torch.randn(shape, generator=g, dtype=torch.float32).to(rm.device, rm.dtype)
+    view = [1, channels] + [1] * (len(shape) - 2)
+    std = torch.sqrt(rv.detach().clamp_min(0) + 1e-5).reshape(view)
+    return rm.detach().reshape(view) + 2 * std * z  # both signs after BN: an activation shows
+
+
+def match_bn(m: nn.Module, input_shape: tuple[int, ...]) -> tuple[BNMatch | None, str]:
+    """``(match, "")`` if ``m`` computes BN (plus a known tail) in eval mode, else ``(None, reason)``.
+
+    ``input_shape`` is the shape ``m`` was called with in the traced forward (N, C, ...). Runs
+    ``m`` once per candidate in eval mode under no_grad; no state changes (eval BN moves no
+    statistics; the train flags are restored).
+    """
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (not m.track_running_stats or m.running_var is None):
+        return None, "does not track running statistics (uses batch statistics in eval too)"
+    rm, rv = _vec(m, "running_mean"), _vec(m, "running_var")
+    if rm is None or rv is None:
+        return None, "has no running_mean/running_var"
+    if len(input_shape) < 2 or input_shape[1] != rm.numel():
+        return None, f"input of shape {tuple(input_shape)} does not match its {rm.numel()} channels"
+    if not rm.is_floating_point():
+        return None, f"running statistics of dtype {rm.dtype}"
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    w = w if isinstance(w, Tensor) else None
+    b = b if isinstance(b, Tensor) else None
+    eps_attr = getattr(m, "eps", None)
+    eps_cands = [float(eps_attr)] if isinstance(eps_attr, (int, float)) else [1e-5, 0.0]
+    x = _probe(m, input_shape, rm.numel())
+    modes = {mod: mod.training for mod in m.modules()}
+    try:
+        m.eval()
+        with torch.no_grad():
+            try:
+                y = m(x)
+            except Exception as exc:  # noqa: BLE001
+                return None, f"its eval forward failed on a probe input ({type(exc).__name__}: {exc})"
+            if not isinstance(y, Tensor) or y.shape != x.shape:
+                return None, "its eval output is not one tensor of its input's shape"
+            for eps in eps_cands:
+                bn = F.batch_norm(x, rm, rv, w, b, False, 0.0, eps)
+                for tail in _tail_candidates(m):
+                    ref = _apply_tail(m, tail, bn.clone())
+                    tol = 1e-5 * max(1.0, float(ref.abs().max()))
+                    if isinstance(ref, Tensor) and ref.shape == y.shape and torch.allclose(y, ref, rtol=1e-4, atol=tol):
+                        return BNMatch(eps, tail), ""
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    return None, "its eval output is not batch_norm(x) (followed by its own submodules)"
+
+
+def _refresh_inv_std(module: nn.Module, incompatible_keys: object = None) -> None:
+    """Recompute the cached 1/sqrt(var + eps) after the frozen statistics were (re)loaded.
+
+    Computed on the CPU in float64 and rounded once: the same bits whatever the device (on an
+    H100, torch.rsqrt differed from the CPU's in about 30% of values, float32 1/sqrt in 0.5%;
+    this path in none of 12M). So a model trained on a GPU and exported on a CPU folds to the
+    same weights. Runs only when a BN is folded or its statistics are loaded, not per step.
+    """
+    with torch.no_grad():
+        rv = module.running_var
+        var = rv.detach().to("cpu", torch.float64)
+        inv = (1.0 / torch.sqrt(var + module.__dict__[_EPS])).to(rv.dtype)
+        module.inv_std = inv.to(rv.device)
+
+
+class _FoldedMixin:
+    """Shared behaviour of folded BN-like modules: forward is the tail, statistics frozen."""
+
+    inv_std: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    _modules: dict[str, nn.Module]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for name in self.__dict__.get(_TAIL, ()):
+            x = self._modules[name](x)
+        return x
+
+    def train(self, mode: bool = True) -> Any:
+        nn.Module.train(self, mode)  # type: ignore[arg-type]  # the tail's children follow the model
+        self.training = False  # the statistics are frozen
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # The user's class's loading rules (e.g. FrozenBatchNorm2d drops num_batches_tracked),
+        # run with the user's class in place so its zero-argument super() works.
+        folded, orig = self.__class__, self.__dict__[_ORIG]
+        self.__class__ = orig
+        try:
+            orig._load_from_state_dict(self, *args, **kwargs)
+        finally:
+            self.__class__ = folded
+
+    def fold_args(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+        """(gamma, beta, running_mean, inv_std): the operands of the fold (gamma/beta None without affine)."""
+        w, b = getattr(self, "weight", None), getattr(self, "bias", None)
+        return (w if isinstance(w, Tensor) else None, b if isinstance(b, Tensor) else None, self.running_mean,
+                self.inv_std)
+
+    def extra_repr(self) -> str:
+        return f"folded {self.__dict__[_ORIG].__name__}, tail={list(self.__dict__.get(_TAIL, ()))}"
+
+
+class FoldedBatchNorm(_FoldedMixin, nn.modules.batchnorm._BatchNorm):
+    """A ``_BatchNorm`` (any subclass) folded into the layer before it: its forward is only its tail.
+
+    Its affine parameters stay registered and keep training through the folded weight of
+    that layer, so every parameter the optimizer and DDP know is still used. The frozen
+    ``1/sqrt(running_var + eps)`` is cached (a non-persistent buffer, refreshed whenever a state
+    dict is loaded); the fold itself runs inside the layer's fused weight op.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
+        pass
+
+
+class FoldedFrozenBatchNorm(_FoldedMixin, nn.Module):
+    """A BN-like module that is not a ``_BatchNorm`` (torchvision's ``FrozenBatchNorm2d``), folded."""
+
+
+def fold_bn(bn: nn.Module, match: BNMatch | None = None) -> nn.Module:
+    """Fold ``bn`` in place (class changed, parameters and buffers kept); idempotent.
+
+    ``match`` (from :func:`match_bn`) gives eps and the tail; default: the module's ``eps``, no tail.
+    """
+    if is_folded(bn):
+        return bn
+    match = match or BNMatch(float(getattr(bn, "eps", 1e-5)))
+    orig = type(bn)
+    bn.__dict__[_ORIG] = orig
+    bn.__dict__[_TAIL] = tuple(match.tail)
+    bn.__dict__[_EPS] = float(match.eps)
+    bn.__class__ = FoldedBatchNorm if isinstance(bn, nn.modules.batchnorm._BatchNorm) else FoldedFrozenBatchNorm
+    bn.training = False
+    bn.register_buffer("inv_std", torch.empty_like(bn.running_var), persistent=False)
+    _refresh_inv_std(bn)
+    bn.__dict__[_HOOK] = bn.register_load_state_dict_post_hook(_refresh_inv_std)
+    return bn
+
+
+def unfold_bn(bn: nn.Module, training: bool) -> nn.Module:
+    """Undo :func:`fold_bn`: the user's class back, the cache and hook gone, train flag ``training``."""
+    if not is_folded(bn):
+        return bn
+    bn.__dict__.pop(_HOOK).remove()
+    bn._buffers.pop("inv_std", None)
+    bn.__dict__.pop("inv_std", None)
+    bn.__class__ = bn.__dict__.pop(_ORIG)
+    for attr in (_TAIL, _EPS):
+        bn.__dict__.pop(attr, None)
+    bn.train(training)
+    return bn
+
+
+def float_replacement(bn: nn.Module) -> nn.Module:
+    """What a folded BN becomes in the folded float model: Identity, or its tail (names kept)."""
+    tail = bn.__dict__.get(_TAIL, ())
+    if not tail:
+        return nn.Identity()
+    return nn.Sequential(OrderedDict((n, bn._modules[n]) for n in tail))

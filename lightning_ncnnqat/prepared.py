@@ -1,0 +1,151 @@
+"""Reading a QAT-prepared model: its ranges, the folded weights and scales, a float copy.
+
+Every function accepts the model inside DataParallel/DDP/torch.compile/Fabric wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .bn_fold import float_replacement
+from .modules import ORIG_CLASS, InputQuantizer
+from .plan import PLAN_ATTR, QuantLayerInfo, require_plan
+from .wrappers import unwrap
+
+
+def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
+    """The input range of each range-owning layer, by layer name."""
+    model = unwrap(model)
+    plan = require_plan(model)
+    modules = dict(model.named_modules())
+    return {n: modules[n].input_quantizer for n, p in plan.layers.items() if p.input_owner == n}
+
+
+def check_ranges(model: nn.Module, require_initialized: bool = False) -> None:
+    """Raise naming the layer if a range or a folded weight is NaN/inf (or a range uninitialised).
+
+    Ranges ignore non-finite activations by design, so a diverged run shows up in the weights.
+    """
+    model = unwrap(model)
+    plan = require_plan(model)
+    modules = dict(model.named_modules())
+    for name in plan.layers:
+        with torch.no_grad():
+            w, b = modules[name].folded_weight_bias()
+            finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
+        if not finite:
+            raise RuntimeError(
+                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged (check the loss)"
+            )
+    for name, q in input_quantizers(model).items():
+        r = float(q.running_absmax.detach().float().cpu().item())
+        if r != r or r in (float("inf"), float("-inf")):
+            raise RuntimeError(f"layer '{name}': its input range became {r}; training diverged (check the loss)")
+        if require_initialized and r < 0:
+            raise RuntimeError(
+                f"layer '{name}': its input range was never initialised (no QAT training step reached it)"
+            )
+
+
+def quantized_layers(model: nn.Module) -> list[QuantLayerInfo]:
+    """Folded float weights and the ncnn scales of every quantized layer, in module order."""
+    model = unwrap(model)
+    plan = require_plan(model)
+    check_ranges(model, require_initialized=True)
+    infos = []
+    for name, m in model.named_modules():
+        if name not in plan.layers:
+            continue
+        p = plan.layers[name]
+        with torch.no_grad():
+            w, b = m.folded_weight_bias()
+            w = w.detach().float().cpu().contiguous()
+            b = None if b is None else b.detach().float().cpu().contiguous()
+            scales = ops.fake_quantize_per_channel(w, p.num_groups, p.weight_bits)[1]
+        q = m.input_quantizer
+        infos.append(
+            QuantLayerInfo(
+                name=name,
+                kind=p.kind,
+                weight_bits=p.weight_bits,
+                num_groups=p.num_groups,
+                weight=w,
+                bias=b,
+                weight_scales=scales,
+                input_scale=q.scale(),
+                input_owner=p.input_owner,
+                input_absmax=float(q.running_absmax.item()),
+            )
+        )
+    return infos
+
+
+def float_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, reason) of every weight layer kept in float."""
+    return list(require_plan(model).float_layers.items())
+
+
+def _deepcopy_without_trainer(model: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        obj = model.__dict__.get(attr)
+        if obj is not None:
+            memo[id(obj)] = None
+    return copy.deepcopy(model, memo)
+
+
+def folded_float_model(model: nn.Module) -> nn.Module:
+    """A deep copy (of the unwrapped model) in eval mode with BN folded and all quantizers removed.
+
+    Quantized layers become plain nn.Conv2d / nn.Linear holding the folded float weights (the
+    converters quantize them with the table's scales to exactly the QAT forward's values);
+    folded BatchNorm-like modules become nn.Identity, or an nn.Sequential of the submodules they
+    still ran after the BN (timm's ``BatchNormAct2d``: its ``drop`` and ``act``, names kept).
+    Module names are unchanged.
+    """
+    model = unwrap(model)
+    plan = require_plan(model)
+    out = _deepcopy_without_trainer(model)
+    out.__dict__.pop(PLAN_ATTR, None)
+    modules = dict(out.named_modules())
+    with torch.no_grad():
+        for name in plan.layers:
+            m = modules[name]
+            w, b = m.folded_weight_bias()
+            w, b = w.detach().clone(), None if b is None else b.detach().clone()
+            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            del m._modules["input_quantizer"]
+            for attr in ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS):
+                m.__dict__.pop(attr, None)
+            m.weight = nn.Parameter(w)
+            m.bias = None if b is None else nn.Parameter(b)
+        for p in plan.layers.values():
+            if p.bn:
+                parent_name, _, child = p.bn.rpartition(".")
+                setattr(modules[parent_name] if parent_name else out, child, float_replacement(modules[p.bn]))
+    out.eval()
+    for param in out.parameters():
+        param.requires_grad_(False)
+    return out
+
+
+_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "_original_module.")
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove ``module.`` (DataParallel/DDP), ``_orig_mod.`` (torch.compile) and Fabric prefixes from keys."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre) :], True
+        out[k] = v
+    return out
