@@ -229,23 +229,31 @@ def test_missing_example_input_names_both_sources(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- forced failures
 
 
-def test_uninitialised_range_fails_validation_and_writes_nothing(tmp_path: Path) -> None:
+def test_uninitialised_ranges_are_set_from_the_held_batch_on_a_copy(tmp_path: Path) -> None:
     model = MixedNet()
     prepare_qat(model, torch.randn(2, 3, 16, 16))  # no training step: ranges are still -1
-    out = tmp_path / "out"
-    with pytest.raises(ExportError, match="never initialised") as info:
-        export(model, out, torch.randn(1, 3, 16, 16), verbose=False)
-    assert info.value.step == "validate" and info.value.layer == "stem.0"
-    assert not out.exists() or os.listdir(out) == []
+    held = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    report = export(model, tmp_path, held[:1], held, verbose=False, timing_runs=0)
+    assert report.ok, report.summary()
+    missing = [w for w in report.warnings if "no training step set the input range" in w]
+    assert len(missing) == 1 and "stem.0" in missing[0] and "fc" in missing[0]
+    # the user's model is untouched; the exported scale is the held batch's absmax
+    assert float(model.stem[0].input_quantizer.running_absmax) == -1.0
+    want = 127.0 / float(held.abs().max())
+    assert np.isclose(report.layers[0].input_scale, want, rtol=1e-6)
+    assert report.int8_vs_qat.cosine > 0.999
 
 
-def test_nan_range_fails_validation_naming_the_layer(tmp_path: Path) -> None:
+def test_nan_range_fails_validation_naming_the_layer_and_still_writes_the_report(tmp_path: Path) -> None:
     model = train(MixedNet(), make_data(32, 16, seed=0), 0, 1)
     model.down.input_quantizer.running_absmax.fill_(float("nan"))
     with pytest.raises(ExportError) as info:
         export(model, tmp_path, torch.randn(1, 3, 16, 16), verbose=False)
     assert info.value.step == "validate" and info.value.layer == "down" and "nan" in str(info.value)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["report.json"]  # nothing else: no model from a diverged run
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["ok"] is False and rep["failures"][0]["step"] == "validate" and rep["failures"][0]["layer"] == "down"
+    assert rep["files"] == {}
 
 
 class TopkNet(nn.Module):
@@ -268,8 +276,11 @@ def test_unconvertible_op_fails_pnnx_step_and_keeps_only_finished_files(tmp_path
         export(model, tmp_path, torch.randn(1, 3, 16, 16), verbose=False)
     e = info.value
     assert e.step == "pnnx" and e.layer.startswith("torch.topk_") and "could not convert op 'torch.topk'" in str(e)
-    assert e.written == ["model.onnx", "model.table"]
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.table"]  # ONNX branch landed, nothing partial
+    assert e.written == ["model.onnx", "model.table", "report.json"]
+    # ONNX branch landed, nothing partial, and the report says so
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.table", "report.json"]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(rep["files"]) == ["model.onnx", "model.table"] and rep["failures"][0]["step"] == "pnnx"
     onnx.checker.check_model(onnx.load(str(tmp_path / "model.onnx")))
 
 

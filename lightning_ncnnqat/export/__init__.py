@@ -1,12 +1,13 @@
 """Export a QAT-trained model for ncnn: ONNX + table, float32 ncnn + table, int8 ncnn, report.
 
 Main entry point: :func:`export`. The pieces (``.param`` parsing, the int8 writer, the table
-writer, parity checks) are usable on their own from the submodules.
+writer, parity checks, the isolated ncnn runtime) are usable on their own from the submodules.
 """
 
 from __future__ import annotations
 
-from .api import ExportReport, LayerReport, export, validate_layers
+from .api import export, validate_layers
 from .errors import ExportError, LayerError
+from .report import ExportReport, LayerReport, OutputParity
 
-__all__ = ["export", "ExportReport", "LayerReport", "ExportError", "LayerError", "validate_layers"]
+__all__ = ["export", "ExportReport", "LayerReport", "OutputParity", "ExportError", "LayerError", "validate_layers"]

@@ -1,15 +1,18 @@
 """``export()``: everything a QAT-trained model becomes for ncnn, with measured proof.
 
-Steps (each named in errors):
+Steps (each named in errors and in ``report.json``):
 
-``validate``    scales and weights of every quantized layer are finite and positive; nothing is
-                written before this passes.
-``onnx``        ``model.onnx``: folded float model, exported and simplified with onnxsim.
+``inputs``      the flat signature: input blobs ``in0..`` (tensors of the example), output blobs
+                ``out0..`` (tensor leaves of the output); the held batch in that structure.
+``validate``    scales and weights of every quantized layer are finite and positive.
+``onnx``        ``model.onnx``: folded float model, exported and simplified with onnxsim, then
+                run with onnxruntime against PyTorch (a disagreement is a warning: the file stays).
 ``onnx_table``  ``model.table``: the calibration table keyed by ONNX node names (onnx2ncnn).
 ``pnnx``        ``model.ncnn.param/.bin``: float32 ncnn model converted by pnnx.
 ``ncnn_table``  ``model.ncnn.table``: the table keyed by the layer names in model.ncnn.param.
 ``int8``        ``model.int8.param/.bin``: what ncnn2int8 writes from model.ncnn.* + the table.
-``parity``      ``report.json``: parity on the held batch, per-layer checks, timing.
+``parity``      parity on the held batch per output, per-layer checks, timing: in a child process.
+``report``      ``report.json``: always written (failures included) once the directory exists.
 
 The ONNX steps and the ncnn steps are independent: if one branch fails the other still runs,
 its files land, and the error raised at the end names every failed step.
@@ -18,13 +21,13 @@ its files land, and the error raised at the end names every failed step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
-import math
-import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,161 +36,40 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..batches import INPUT_KEYS, model_input
-from ..prepare import QuantLayerInfo, float_layers, folded_float_model, quantized_layers
+from ..batches import positional_names
+from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
+from ..wrappers import unwrap
 from .errors import ExportError, LayerError
-from .files import remove_stale_outputs, write_files_atomically
+from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from .int8_writer import Int8Spec, write_int8
+from .layer_checks import QuantizedRef
 from .matching import WeightOwner, match_by_weights
+from .model_io import FlatModel, ModelIO, held_inputs, model_io, torch_outputs
 from .ncnn_param import INT8_TYPES, NcnnParam, bin_layout
-from .ncnn_runtime import NcnnNet
-from .onnx_export import export_onnx, onnx_names, onnx_reference_output
-from .parity import Agreement, LayerCheck, agreement, check_layers, torch_outputs
+from .onnx_export import export_onnx, onnx_names, run_onnx
 from .pnnx_convert import convert_with_pnnx
+from .report import ExportReport, LayerReport
+from .runtime_checks import ModelFiles, blob_names, measure
 from .tables import TableRow, check_scales, format_table
-
-
-@dataclass
-class LayerReport:
-    """One quantized layer, under each of its names."""
-
-    torch_name: str
-    onnx_name: str | None
-    ncnn_name: str | None
-    kind: str
-    weight_bits: int
-    input_scale: float
-    num_weight_scales: int
-    input_owner: str
-    int8_scale_term: int | None = None  # param 8 in model.int8.param
-    requantize_to: str | None = None  # first consumer whose input scale the output is requantized with
-    output_scale: float | None = None
-
-
-@dataclass
-class ExportReport:
-    """What was written and how closely it matches the PyTorch models (also ``report.json``)."""
-
-    export_dir: str
-    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
-    layers: list[LayerReport] = field(default_factory=list)
-    float_layers: list[dict[str, str]] = field(default_factory=list)
-    held_batch: dict[str, Any] = field(default_factory=dict)
-    onnx: dict[str, Any] = field(default_factory=dict)
-    int8_vs_qat: Agreement | None = None  # ncnn int8 vs PyTorch QAT model (eval)
-    float_vs_torch: Agreement | None = None  # ncnn float32 vs folded float model (default options)
-    float_vs_torch_fp32_storage: Agreement | None = None  # same with use_fp16_storage=False
-    layer_checks: list[LayerCheck] = field(default_factory=list)
-    timing: dict[str, Any] = field(default_factory=dict)
-    sizes: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    failures: list[dict[str, str | None]] = field(default_factory=list)
-
-    @property
-    def flagged_layers(self) -> list[str]:
-        """Torch names of quantized layers the int8 runtime computes wrongly (default options)."""
-        return [c.torch_name for c in self.layer_checks if c.ok is False]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures and not self.flagged_layers
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        d["flagged_layers"] = self.flagged_layers
-        return _jsonable(d)
-
-    def summary(self) -> str:
-        """A short human-readable summary."""
-        out = [f"ncnn export -> {self.export_dir}"]
-        if self.layers:
-            w = max(len(r.torch_name) for r in self.layers)
-            wn = max(len(r.ncnn_name or "-") for r in self.layers)
-            out.append(f"  {'layer':<{w}}  {'ncnn':<{wn}}  {'type':<20} bits  input scale   scales  int8 check")
-            checks = {c.torch_name: c for c in self.layer_checks}
-            for r in self.layers:
-                c = checks.get(r.torch_name)
-                if c is None:
-                    verdict = "-"
-                elif c.ok is None:
-                    verdict = "not judged (its ncnn input is garbage from upstream)"
-                else:
-                    verdict = f"ok (cos {c.isolated_cosine:.5f})" if c.ok else f"WRONG (cos {c.isolated_cosine:.3f})"
-                out.append(
-                    f"  {r.torch_name:<{w}}  {r.ncnn_name or '-':<{wn}}  {r.kind:<20} {r.weight_bits:>4}  "
-                    f"{r.input_scale:<12.6g} {r.num_weight_scales:>6}  {verdict}"
-                )
-        for f in self.float_layers:
-            out.append(f"  float: {f['name']}: {f['reason']}")
-        hb = self.held_batch
-        if hb:
-            out.append(f"  held batch: {hb.get('n')} samples ({hb.get('source')})")
-        if self.int8_vs_qat:
-            a = self.int8_vs_qat
-            top1 = "n/a" if a.top1_agreement is None else f"{100 * a.top1_agreement:.2f}%"
-            out.append(
-                f"  ncnn int8 vs PyTorch QAT: top-1 {top1}, cosine {a.cosine:.6f}, "
-                f"max abs err {a.max_abs_err:.3g}, max rel err {a.max_rel_err:.3g}"
-            )
-        if self.float_vs_torch:
-            a = self.float_vs_torch
-            line = f"  ncnn fp32 vs PyTorch float: cosine {a.cosine:.6f}, max abs err {a.max_abs_err:.3g}"
-            if self.float_vs_torch_fp32_storage:
-                line += f" ({self.float_vs_torch_fp32_storage.max_abs_err:.3g} with use_fp16_storage=False)"
-            out.append(line)
-        if self.sizes.get("ratio"):
-            out.append(
-                f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
-                f"({self.sizes['ratio']:.2f}x smaller)"
-            )
-        if self.timing:
-            t = self.timing
-            out.append(
-                f"  ncnn time/image ({t['threads']} threads): fp32 {t['float32_ms']:.3f} ms, "
-                f"int8 {t['int8_ms']:.3f} ms (speed-up {t['speedup']:.2f}x)"
-            )
-        for msg in self.warnings:
-            out.append(f"  WARNING: {msg}")
-        for f in self.failures:
-            out.append(f"  FAILED step '{f['step']}'" + (f" layer '{f['layer']}'" if f.get("layer") else "") + f": {f['message']}")
-        return "\n".join(out)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
 
 _LAYER_RE = re.compile(r"layer '([^']+)'")
 
-
 _STEP_TITLES = {
+    "inputs": "model inputs and outputs",
     "validate": "checking scales",
     "onnx": "ONNX export + onnxsim -> model.onnx",
     "onnx_table": "table keyed by ONNX names -> model.table",
     "pnnx": "pnnx conversion -> model.ncnn.param/.bin",
     "ncnn_table": "table keyed by ncnn layer names -> model.ncnn.table",
     "int8": "int8 model -> model.int8.param/.bin",
-    "parity": "parity and timing in the ncnn runtime",
+    "parity": "parity and timing in the ncnn runtime (child process)",
     "report": "report -> report.json",
 }
 
 
 @contextlib.contextmanager
 def _step(name: str, verbose: bool = False) -> Iterator[None]:
-    """Turn any failure inside a step into an ExportError naming the step (and layer).
-
-    With ``verbose``, print one progress line per step (export takes seconds to minutes).
-    """
+    """Turn any failure inside a step into an ExportError naming the step (and layer)."""
     t0 = time.perf_counter()
     if verbose:
         print(f"ncnn export: {_STEP_TITLES.get(name, name)} ...", flush=True)
@@ -202,16 +84,6 @@ def _step(name: str, verbose: bool = False) -> Iterator[None]:
     except Exception as e:  # noqa: BLE001
         m = _LAYER_RE.search(str(e))
         raise ExportError(name, m.group(1) if m else None, f"{type(e).__name__}: {e}") from e
-
-
-def _first_tensor(v: Any, what: str) -> torch.Tensor:
-    x = model_input(v)
-    if x is None:
-        raise TypeError(
-            f"`{what}` must be a tensor, or a batch holding the input tensor first (or under one of the keys "
-            f"{', '.join(INPUT_KEYS)}), got {type(v).__name__}"
-        )
-    return x
 
 
 def validate_layers(infos: list[QuantLayerInfo]) -> None:
@@ -250,6 +122,143 @@ def _table_rows(infos: list[QuantLayerInfo], names: dict[str, str], order: list[
     return sorted(rows, key=lambda r: pos.get(r.layer, len(pos)))
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        obj = model.__dict__.get(attr)
+        if obj is not None:
+            memo[id(obj)] = None
+    return copy.deepcopy(model, memo)
+
+
+def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor]) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` whose input ranges that no training step set are set from ``inputs``
+    (absmax of one eval forward), and the names of those layers; ``model`` itself when none is
+    missing. The user's model is never changed."""
+    missing = [n for n, q in input_quantizers(model).items() if float(q.running_absmax.reshape(-1)[0]) < 0]
+    if not missing:
+        return model, []
+    copy_ = _deepcopy(model)
+    copy_.eval()
+    qs = input_quantizers(copy_)
+    for n in missing:
+        qs[n].training = True  # only these move; the forward runs the rest in eval
+    device = next((p.device for p in copy_.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        a, k = io.call([t.to(device) for t in inputs])
+        copy_(*a, **k)
+    for n in missing:
+        qs[n].training = False
+    return copy_, missing
+
+
+@dataclass
+class _Prepared:
+    """What every step after ``validate`` works from."""
+
+    qmodel: nn.Module
+    io: ModelIO
+    held: list[torch.Tensor]
+    infos: list[QuantLayerInfo]
+    folded: nn.Module
+
+
+def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: ExportReport, verbose: bool) -> _Prepared:
+    with _step("inputs", verbose):
+        io = model_io(model, example_input)
+        if held_batch is None:
+            held = [t.detach().cpu().float() for t in io.example_tensors()]
+        else:
+            held = held_inputs(io, held_batch, positional_names(model))
+        report.io = io.describe()
+    with _step("validate", verbose):
+        if get_plan(model) is None:
+            raise ValueError(f"{type(model).__name__} is not prepared for QAT (call prepare_qat or use QATCallback)")
+        qmodel, filled = fill_missing_ranges(model, io, held)
+        if filled:
+            report.warnings.append(
+                f"no training step set the input range of {', '.join(filled)}; it was set from the held batch "
+                f"({len(held[0])} samples) for this export"
+            )
+        infos = quantized_layers(qmodel)
+        validate_layers(infos)
+        report.float_layers = [{"name": n, "reason": r} for n, r in float_layers(qmodel)]
+        report.layers = [
+            LayerReport(i.name, None, None, i.kind, i.weight_bits, float(i.input_scale), int(i.weight_scales.numel()), i.input_owner)
+            for i in infos
+        ]
+        folded = folded_float_model(qmodel).cpu().eval()
+    return _Prepared(qmodel, io, held, infos, folded)
+
+
+def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_onnx: bool, opset: int) -> None:  # noqa: ANN001
+    by_torch = {r.torch_name: r for r in report.layers}
+    x1 = [t[:1] for t in p.held]
+    with _step("onnx", verbose):
+        res = export_onnx(FlatModel(p.folded, p.io), x1, opset, p.io.input_names, p.io.output_names, strip_prefix="model")
+        report.onnx = {"exporter": res.exporter, "opset": res.opset}
+        land({"model.onnx": res.model_bytes})
+    if check_onnx:  # a self-check never throws a correct model.onnx away: warnings only
+        try:
+            got, evaluator = run_onnx(res.model_bytes, {n: t.numpy() for n, t in zip(p.io.input_names, x1)})
+            want = torch_outputs(p.folded, p.io, x1)
+            errs = [float(np.abs(g.reshape(w.shape) - w).max()) for g, w in zip(got, want)]
+            report.onnx.update({"checked_with": evaluator, "max_abs_err_vs_torch_float": max(errs)})
+            scale = max(1.0, max(float(np.abs(w).max()) for w in want))
+            if max(errs) > 1e-3 * scale:
+                report.warnings.append(f"model.onnx ({evaluator}) differs from PyTorch float by {max(errs):.3g}")
+        except Exception as e:  # noqa: BLE001
+            report.warnings.append(f"model.onnx could not be checked ({type(e).__name__}: {str(e)[:300]})")
+    with _step("onnx_table", verbose):
+        names = onnx_names(res.model_bytes, p.infos)
+        for t, n in names.items():
+            by_torch[t].onnx_name = n
+        land({"model.table": format_table(_table_rows(p.infos, names, res.node_names), "ONNX node")})
+
+
+def _ncnn_branch(
+    p: _Prepared, report: ExportReport, land, export_dir: Path, verbose: bool, measure_kw: dict[str, Any] | None  # noqa: ANN001
+) -> None:
+    by_torch = {r.torch_name: r for r in report.layers}
+    x1 = [t[:1] for t in p.held]
+    with _step("pnnx", verbose):
+        pn = convert_with_pnnx(FlatModel(p.folded, p.io), x1)
+        f_param = NcnnParam.parse(pn.param_text)
+        in_blobs, out_blobs = blob_names(f_param, p.io)
+        land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
+    with _step("ncnn_table", verbose):
+        ncnn_names = match_by_weights(p.infos, _ncnn_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
+        for t, n in ncnn_names.items():
+            by_torch[t].ncnn_name = n
+            by_torch[t].kind = f_param.layer(n).type
+        order = [lay.name for lay in f_param.layers]
+        land({"model.ncnn.table": format_table(_table_rows(p.infos, ncnn_names, order), "ncnn layer")})
+    with _step("int8", verbose):
+        specs, refs = {}, []
+        for i in p.infos:
+            wfq = ops.fake_quantize_per_channel(i.weight, i.num_groups, i.weight_bits)[0]
+            n = ncnn_names[i.name]
+            specs[n] = Int8Spec(n, i.name, i.weight_scales.numpy().astype(np.float32), float(i.input_scale), wfq.numpy().ravel())
+            refs.append(QuantizedRef(i.name, n, wfq, i.bias, float(i.input_scale)))
+        res = write_int8(f_param, pn.bin_bytes, specs)
+        for t, n in ncnn_names.items():
+            by_torch[t].int8_scale_term = res.int8_scale_term.get(n)
+            if n in res.requantize:
+                by_torch[t].requantize_to, by_torch[t].output_scale = res.requantize[n]
+        land({"model.int8.param": res.param_text, "model.int8.bin": res.bin_bytes})
+        report.sizes = {
+            "float32_bin": len(pn.bin_bytes),
+            "int8_bin": len(res.bin_bytes),
+            "ratio": len(pn.bin_bytes) / max(1, len(res.bin_bytes)),
+        }
+    if measure_kw is None:
+        return
+    with _step("parity", verbose):
+        files = ModelFiles(export_dir, NcnnParam.parse(res.param_text), in_blobs, out_blobs)
+        out_scales = {prod: s for prod, (_, s) in res.requantize.items()}
+        measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw)
+
+
 def export(
     model: nn.Module,
     export_dir: str | Path,
@@ -264,24 +273,55 @@ def export(
     check_onnx: bool = True,
     opset: int = 17,
 ) -> ExportReport:
-    """Export a QAT-prepared model (nn.Module or LightningModule) for ncnn; see the module doc.
+    """Export a QAT-prepared model (nn.Module, LightningModule, or one wrapped by DataParallel,
+    DDP, torch.compile or Fabric) for ncnn; see the module doc for the steps and files.
 
     Args:
-        model: the QAT model (prepared by ``prepare_qat`` / ``QATCallback``, ranges initialised).
+        model: the QAT model (prepared by ``prepare_qat`` / ``QATCallback``). Input ranges that
+            no training step set (layers that run only in eval mode) are set from the held batch
+            on a copy, with a warning in the report.
         export_dir: directory to write into (created; earlier outputs of an export are replaced).
-        example_input: one input batch for tracing (the first sample is used); defaults to
-            ``model.example_input_array``.
-        held_batch: real inputs ``[N, ...]`` (or an ``(inputs, targets)`` batch) for the parity
-            checks; defaults to the example input, which the report then says.
+        example_input: one input for tracing, in Lightning's ``example_input_array`` form (Tensor,
+            tuple of positional inputs, dict of keyword inputs); the first sample of each tensor
+            is used. Defaults to ``model.example_input_array``.
+        held_batch: real inputs for the parity checks, structured like the example (``[N, ...]``
+            tensors) or as a dataloader batch holding them (``(inputs, targets)``, dict); defaults
+            to the example input, which the report then says.
         held_batch_source: where the held batch came from, for the report.
         verbose: print a line per step and the summary at the end.
         layer_check_samples: samples of the held batch used for the per-layer check.
-        timing_runs: timed inferences per model (median reported).
-        timing_threads: ncnn threads for the timing (None: ncnn's default, all big cores). One
-            thread by default: stable numbers on a shared or busy machine.
-        check_onnx: also run model.onnx with onnx's reference evaluator on one sample.
+        timing_runs: timed inferences per model (median reported); 0 skips timing.
+        timing_threads: ncnn threads for the timing (None: ncnn's default). One thread by default:
+            stable numbers on a shared or busy machine.
+        check_onnx: also run model.onnx with onnxruntime and compare with PyTorch (warning only).
         opset: ONNX opset.
+
+    Returns:
+        The :class:`ExportReport` (also written to ``report.json``).
+
+    Raises:
+        ExportError: a step failed (``step``/``layer`` name it; every failed step is listed and
+            ``report.json`` records them). The files of the steps that succeeded stay.
+        ValueError: no example input.
     """
+    return _export(model, export_dir, example_input, held_batch, held_batch_source, verbose=verbose, check_onnx=check_onnx, opset=opset,
+                   measure_kw={"layer_check_samples": layer_check_samples, "timing_runs": timing_runs, "timing_threads": timing_threads})
+
+
+def _export(
+    model: nn.Module,
+    export_dir: str | Path,
+    example_input: Any,
+    held_batch: Any,
+    held_batch_source: str,
+    *,
+    verbose: bool,
+    check_onnx: bool,
+    opset: int,
+    measure_kw: dict[str, Any] | None,
+) -> ExportReport:
+    """The export; ``measure_kw=None`` stops after the int8 model (no runtime, no report file)."""
+    model = unwrap(model)
     export_dir = Path(export_dir)
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
@@ -290,110 +330,51 @@ def export(
             "export needs an input to trace: pass `example_input` or set `model.example_input_array` "
             f"(both are missing on {type(model).__name__})"
         )
-    example = _first_tensor(example_input, "example_input").detach().cpu().float()
-    if example.dim() == 0:
-        raise ValueError("`example_input` must have a batch dimension")
-    if held_batch is None:
-        held, held_source = example, "example input (no held batch was given: parity on it is weak evidence)"
-    else:
-        held, held_source = _first_tensor(held_batch, "held_batch").detach().cpu().float(), held_batch_source
-    if tuple(held.shape[1:]) != tuple(example.shape[1:]):
-        raise ValueError(f"held batch shape {tuple(held.shape)} does not match the example input {tuple(example.shape)}")
-    x1 = example[:1].contiguous()
-
-    # -- validate: before anything is written
-    with _step("validate", verbose):
-        infos = quantized_layers(model)
-        validate_layers(infos)
-        floats = float_layers(model)
-    with _step("validate", verbose):
-        folded = folded_float_model(model).cpu().eval()
     report = ExportReport(str(export_dir))
-    report.float_layers = [{"name": n, "reason": r} for n, r in floats]
-    report.held_batch = {"source": held_source, "n": int(len(held))}
-    report.layers = [
-        LayerReport(
-            i.name, None, None, i.kind, i.weight_bits, float(i.input_scale), int(i.weight_scales.numel()), i.input_owner
-        )
-        for i in infos
-    ]
-    by_torch = {r.torch_name: r for r in report.layers}
-
-    export_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_outputs(export_dir)
+    try:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_outputs(export_dir)
+    except OSError as e:
+        raise ExportError("files", None, f"cannot write the export directory {str(export_dir)!r}: {e}") from e
     written: list[str] = []
     failures: list[ExportError] = []
 
     def land(contents: dict[str, Any]) -> None:
-        for p in write_files_atomically(export_dir, contents):
-            written.append(p.name)
-            report.files[p.name] = p.stat().st_size
+        for path in write_files_atomically(export_dir, contents):
+            written.append(path.name)
 
-    # -- ONNX branch
+    was_training = model.training
+    model.eval()
     try:
-        with _step("onnx", verbose):
-            onnx_res = export_onnx(folded, x1, opset)
-            report.onnx = {"exporter": onnx_res.exporter, "opset": onnx_res.opset}
-            if check_onnx:
-                ref = onnx_reference_output(onnx_res.model_bytes, x1.numpy())
-                with torch.no_grad():
-                    want = folded(x1).float().numpy()
-                err = float(np.abs(ref.reshape(want.shape) - want).max())
-                report.onnx["reference_max_abs_err_vs_torch_float"] = err
-                if err > 1e-3 * max(1.0, float(np.abs(want).max())):
-                    report.warnings.append(f"model.onnx (onnx reference evaluator) differs from PyTorch float by {err:.3g}")
-            land({"model.onnx": onnx_res.model_bytes})
-        with _step("onnx_table", verbose):
-            names = onnx_names(onnx_res.model_bytes, infos)
-            for t, n in names.items():
-                by_torch[t].onnx_name = n
-            land({"model.table": format_table(_table_rows(infos, names, onnx_res.node_names), "ONNX node")})
-    except ExportError as e:
-        failures.append(e)
-
-    # -- ncnn branch
-    try:
-        with _step("pnnx", verbose):
-            pn = convert_with_pnnx(folded, x1)
-            f_param = NcnnParam.parse(pn.param_text)
-            land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
-        with _step("ncnn_table", verbose):
-            ncnn_names = match_by_weights(infos, _ncnn_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
-            for t, n in ncnn_names.items():
-                by_torch[t].ncnn_name = n
-            order = [lay.name for lay in f_param.layers]
-            land({"model.ncnn.table": format_table(_table_rows(infos, ncnn_names, order), "ncnn layer")})
-        with _step("int8", verbose):
-            specs = {}
-            for i in infos:
-                wfq = ops.fake_quantize_per_channel(i.weight, i.num_groups, i.weight_bits)[0]
-                specs[ncnn_names[i.name]] = Int8Spec(
-                    ncnn_names[i.name], i.name, i.weight_scales.numpy().astype(np.float32), float(i.input_scale),
-                    wfq.numpy().ravel(),
-                )
-            res = write_int8(f_param, pn.bin_bytes, specs)
-            for t, n in ncnn_names.items():
-                by_torch[t].int8_scale_term = res.int8_scale_term.get(n)
-                if n in res.requantize:
-                    by_torch[t].requantize_to, by_torch[t].output_scale = res.requantize[n]
-            land({"model.int8.param": res.param_text, "model.int8.bin": res.bin_bytes})
-            report.sizes = {
-                "float32_bin": len(pn.bin_bytes),
-                "int8_bin": len(res.bin_bytes),
-                "ratio": len(pn.bin_bytes) / max(1, len(res.bin_bytes)),
-            }
-        with _step("parity", verbose):
-            _parity(
-                model, folded, export_dir, report, ncnn_names, res.requantize, held,
-                layer_check_samples, timing_runs, timing_threads,
-            )
-    except ExportError as e:
-        failures.append(e)
+        prepared = None
+        try:
+            prepared = _prepare(model, example_input, held_batch, report, verbose)
+            src = held_batch_source if held_batch is not None else "example input (no held batch was given: parity on it is weak evidence)"
+            report.held_batch = {"source": src, "n": int(len(prepared.held[0]))}
+        except ExportError as e:
+            failures.append(e)
+        if prepared is not None:
+            for branch in (
+                lambda: _onnx_branch(prepared, report, land, verbose, check_onnx, opset),
+                lambda: _ncnn_branch(prepared, report, land, export_dir, verbose, measure_kw),
+            ):
+                try:
+                    branch()
+                except ExportError as e:
+                    failures.append(e)
+    finally:
+        model.train(was_training)
 
     report.failures = [{"step": e.step, "layer": e.layer, "message": e.message} for e in failures]
-    if report.int8_vs_qat is not None:
-        with _step("report", verbose):
-            land({"report.json": json.dumps(report.to_dict(), indent=2) + "\n"})
+    if measure_kw is not None:
+        report.files = {n: (export_dir / n).stat().st_size for n in OUTPUT_NAMES if (export_dir / n).is_file()}
+        try:
+            with _step("report", verbose):
+                text = json.dumps(report.to_dict(), indent=2) + "\n"
+                land({"report.json": text})
+                report.files["report.json"] = (export_dir / "report.json").stat().st_size
+        except ExportError as e:
+            failures.append(e)
     if verbose:
         print(report.summary())
     if failures:
@@ -405,84 +386,8 @@ def export(
     return report
 
 
-def _parity(
-    model: nn.Module,
-    folded: nn.Module,
-    export_dir: Path,
-    report: ExportReport,
-    ncnn_names: dict[str, str],
-    requantize: dict[str, tuple[str, float]],
-    held: torch.Tensor,
-    layer_check_samples: int,
-    timing_runs: int,
-    timing_threads: int | None,
-) -> None:
-    """Fill the parity, per-layer, size and timing parts of ``report``."""
-    was_training = model.training
-    model.eval()
-    try:
-        q_ref = torch_outputs(model, held)
-        f_ref = torch_outputs(folded, held)
-        xs = held.numpy()
-        # parity runs single-threaded: same numbers, and no OpenMP oversubscription with torch
-        int8_net = NcnnNet(export_dir / "model.int8.param", export_dir / "model.int8.bin", num_threads=1)
-        fp32_net = NcnnNet(export_dir / "model.ncnn.param", export_dir / "model.ncnn.bin", num_threads=1)
-        report.int8_vs_qat = agreement(q_ref, int8_net.run_batch(xs))
-        report.float_vs_torch = agreement(f_ref, fp32_net.run_batch(xs))
-        # ncnn's default use_fp16_storage keeps some float weights in fp16 on x86 (F16C): say how
-        # much of the float difference that is
-        fp32_strict = NcnnNet(
-            export_dir / "model.ncnn.param", export_dir / "model.ncnn.bin", num_threads=1, use_fp16_storage=False
-        )
-        report.float_vs_torch_fp32_storage = agreement(f_ref, fp32_strict.run_batch(xs))
-        out_scales = {p: s for p, (_, s) in requantize.items()}
-        samples = held[: max(1, layer_check_samples)]
-        in_scales = {r.torch_name: r.input_scale for r in report.layers}
-        report.layer_checks = check_layers(model, int8_net, ncnn_names, out_scales, samples, in_scales)
-        flagged = [c for c in report.layer_checks if c.ok is False]
-        if flagged:
-            unpacked = NcnnNet(
-                export_dir / "model.int8.param", export_dir / "model.int8.bin", use_packing_layout=False, num_threads=1
-            )
-            again = {c.torch_name: c for c in check_layers(model, unpacked, ncnn_names, out_scales, samples, in_scales)}
-            for c in flagged:
-                c.ok_without_packing = again[c.torch_name].ok
-                fix = (
-                    "it is right with net.opt.use_packing_layout = False"
-                    if c.ok_without_packing
-                    else "it is wrong with use_packing_layout = False too"
-                )
-                report.warnings.append(
-                    f"layer '{c.torch_name}' (ncnn '{c.ncnn_name}') is computed wrongly by the ncnn int8 runtime "
-                    f"under default options (cosine {c.isolated_cosine:.4f}); {fix}. Keep it in float "
-                    "(QATConfig.skip) or configure the runtime"
-                )
-        for c in report.layer_checks:
-            if c.ok is None:
-                report.warnings.append(
-                    f"layer '{c.torch_name}' could not be checked: its input in the ncnn int8 runtime is non-finite or "
-                    "beyond int32 range after scaling (an upstream layer is wrong)"
-                )
-        a = report.int8_vs_qat
-        if a.top1_agreement is not None and a.top1_agreement < 0.995:
-            report.warnings.append(f"int8 top-1 agreement with the QAT model is only {100 * a.top1_agreement:.2f}%")
-        if a.cosine < 0.9999:
-            report.warnings.append(f"int8 output cosine with the QAT model is only {a.cosine:.6f}")
-        x0 = xs[0]
-        opts = {} if timing_threads is None else {"num_threads": int(timing_threads)}
-        t_fp32 = NcnnNet(export_dir / "model.ncnn.param", export_dir / "model.ncnn.bin", **opts)
-        t_int8 = NcnnNet(export_dir / "model.int8.param", export_dir / "model.int8.bin", **opts)
-        t_f = t_fp32.time_per_image(x0, runs=timing_runs)
-        t_q = t_int8.time_per_image(x0, runs=timing_runs)
-        report.timing = {
-            "float32_ms": t_f,
-            "int8_ms": t_q,
-            "speedup": t_f / t_q if t_q > 0 else float("nan"),
-            "threads": int(t_int8.net.opt.num_threads),
-            "runs": timing_runs,
-            "input_shape": list(x0.shape),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "cpu_count": os.cpu_count(),
-        }
-    finally:
-        model.train(was_training)
+def preflight_export(model: nn.Module, example_input: Any = None) -> ExportReport:
+    """Run the export chain up to the int8 model (no runtime, no timing) into a temporary
+    directory; raise :class:`ExportError` naming the step and layer where it fails."""
+    with tempfile.TemporaryDirectory(prefix="ncnnqat_preflight_") as tmp:
+        return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17, measure_kw=None)

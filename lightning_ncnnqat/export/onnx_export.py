@@ -40,7 +40,14 @@ def onnx2ncnn_name(node: onnx.NodeProto) -> str:
     return node.name if node.name else (node.output[0] if node.output else "")
 
 
-def _export_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> tuple[bytes, str]:
+def _export_bytes(
+    model: nn.Module, example: Sequence[torch.Tensor], input_names: list[str], output_names: list[str], opset: int
+) -> tuple[bytes, str]:
+    dynamic = {n: {0: "N"} for n, t in zip(input_names, example) if t.dim() and t.shape[0] == 1}
+    with torch.no_grad():
+        outs = model(*example)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    dynamic.update({n: {0: "N"} for n, o in zip(output_names, outs) if o.dim() and o.shape[0] == 1})
     errors = []
     for dynamo in (False, True):
         buf = io.BytesIO()
@@ -48,27 +55,50 @@ def _export_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> tuple[
             with traceable(model), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 kwargs = dict(
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    dynamic_axes=dynamic,
                     opset_version=opset if not dynamo else max(opset, 18),
                     dynamo=dynamo,
                 )
                 if dynamo:
                     kwargs["verbose"] = False
-                torch.onnx.export(model, (example,), buf, **kwargs)
+                torch.onnx.export(model, tuple(example), buf, **kwargs)
             return buf.getvalue(), ("dynamo" if dynamo else "torchscript")
         except Exception as e:  # noqa: BLE001  (try the other exporter, report both)
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {e}")
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {str(e)[:500]}")
     raise LayerError(None, "torch.onnx.export failed: " + " | ".join(errors))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = 17) -> OnnxResult:
-    """Export and simplify; raise naming the cause if either fails."""
+def export_onnx(
+    model: nn.Module,
+    example: Sequence[torch.Tensor],
+    opset: int = 17,
+    input_names: Sequence[str] = (INPUT_NAME,),
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+    strip_prefix: str | None = None,
+) -> OnnxResult:
+    """Export ``model(*example)`` and simplify; raise naming the cause if either fails.
+
+    The graph's inputs are exactly ``input_names`` (one per example tensor) and its outputs
+    ``output_names``; an exporter that adds an input (a non-tensor argument it did not freeze)
+    is an error naming it. ``strip_prefix`` (the attribute under which a wrapper holds the
+    user's model, e.g. ``"model"``) is removed from node and value names, so nodes keep the
+    user's module paths (``/layer1/conv1/Conv``).
+    """
     import onnxsim
 
-    data, exporter = _export_bytes(model.eval(), example, opset)
+    if isinstance(example, torch.Tensor):
+        example = [example]
+    data, exporter = _export_bytes(model.eval(), list(example), list(input_names), list(output_names), opset)
     proto = onnx.load_from_string(data)
+    if strip_prefix:
+        _strip_prefix(proto, strip_prefix)
+    extra = [i.name for i in proto.graph.input if i.name not in input_names]
+    inits = {t.name for t in proto.graph.initializer}
+    extra = [n for n in extra if n not in inits]
+    if extra:
+        raise LayerError(None, f"the ONNX graph has inputs {extra} besides {list(input_names)}: a forward argument was not frozen")
     try:
         simplified, ok = onnxsim.simplify(proto)
     except Exception as e:  # noqa: BLE001
@@ -116,8 +146,39 @@ def onnx_names(model_bytes: bytes, infos: Sequence) -> dict[str, str]:
     return match_by_weights(infos, onnx_weight_owners(model_bytes), "ONNX graph")
 
 
-def onnx_reference_output(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    """Run the ONNX model with onnx's reference evaluator (no onnxruntime needed)."""
-    from onnx.reference import ReferenceEvaluator
+def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
+    """Rename ``/prefix/...`` and ``prefix....`` node and value names to the wrapped model's."""
+    slash, dot = f"/{prefix}/", f"{prefix}."
 
-    return np.asarray(ReferenceEvaluator(onnx.load_from_string(model_bytes)).run(None, {INPUT_NAME: x})[0])
+    def fix(name: str) -> str:
+        if name.startswith(slash):
+            return "/" + name[len(slash) :]
+        if name.startswith(dot):
+            return name[len(dot) :]
+        return name
+
+    g = proto.graph
+    for n in g.node:
+        n.name = fix(n.name)
+        n.input[:] = [fix(v) for v in n.input]
+        n.output[:] = [fix(v) for v in n.output]
+    for coll in (g.initializer, g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = fix(v.name)
+
+
+def run_onnx(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
+    """Run the ONNX model on ``feeds``: with onnxruntime (the usual judge), else onnx's reference
+    evaluator (which, for one, mis-sizes ceil-mode MaxPool). Returns (outputs, evaluator name)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        outs = ReferenceEvaluator(onnx.load_from_string(model_bytes)).run(None, feeds)
+        return [np.asarray(o) for o in outs], "onnx.reference"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in sess.run(None, feeds)], f"onnxruntime {ort.__version__}"

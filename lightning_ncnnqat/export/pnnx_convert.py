@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +45,26 @@ def unknown_layer_types(param: NcnnParam) -> list[tuple[str, str]]:
     return [(lay.name, lay.type) for lay in param.layers if ncnn.layer_to_index(lay.type) < 0]
 
 
-def convert_with_pnnx(model: nn.Module, example: torch.Tensor, timeout_s: float = 600.0) -> PnnxResult:
-    """Trace ``model`` on ``example`` (batch 1) and convert it to a float32 ncnn model."""
+def convert_with_pnnx(
+    model: nn.Module, example: torch.Tensor | Sequence[torch.Tensor], timeout_s: float = 600.0
+) -> PnnxResult:
+    """Trace ``model(*example)`` (batch 1) and convert it to a float32 ncnn model.
+
+    pnnx names the input blobs ``in0..inK`` in argument order and the output blobs
+    ``out0..outM`` in the order of the returned tuple.
+    """
     import pnnx
 
+    example = [example] if isinstance(example, torch.Tensor) else list(example)
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="ncnnqat_pnnx_") as tmp:
         tmpdir = Path(tmp)
         pt = tmpdir / "model.pt"
         with traceable(model), torch.no_grad():
-            traced = torch.jit.trace(model, (example,), check_trace=False)
+            traced = torch.jit.trace(model, tuple(example), check_trace=False)
         traced.save(str(pt))
-        cmd = [pnnx.EXEC_PATH, str(pt), f"inputshape={_inputshape(example)}", "device=cpu", "fp16=0"]
+        shapes = ",".join(_inputshape(x) for x in example)
+        cmd = [pnnx.EXEC_PATH, str(pt), f"inputshape={shapes}", "device=cpu", "fp16=0"]
         proc = subprocess.run(cmd, cwd=tmpdir, capture_output=True, text=True, timeout=timeout_s)
         log = proc.stdout + proc.stderr
         param_path, bin_path = tmpdir / "model.ncnn.param", tmpdir / "model.ncnn.bin"

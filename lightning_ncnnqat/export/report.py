@@ -1,0 +1,154 @@
+"""What an export wrote and measured: :class:`ExportReport` (``report.json``) and its summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .layer_checks import LayerCheck
+from .parity import Agreement
+
+
+@dataclass
+class LayerReport:
+    """One quantized layer, under each of its names."""
+
+    torch_name: str
+    onnx_name: str | None
+    ncnn_name: str | None
+    kind: str  # the ncnn layer type it runs as (the converter's, e.g. InnerProduct for a 1x1 conv on a 1x1 map)
+    weight_bits: int
+    input_scale: float
+    num_weight_scales: int
+    input_owner: str
+    int8_scale_term: int | None = None  # param 8 in model.int8.param
+    requantize_to: str | None = None  # first consumer whose input scale the output is requantized with
+    output_scale: float | None = None
+
+
+@dataclass
+class OutputParity:
+    """Parity of one output blob."""
+
+    blob: str
+    torch: str  # pytree path of the output in the PyTorch model's return value
+    int8_vs_qat: Agreement | None = None
+    float_vs_torch: Agreement | None = None
+    float_vs_torch_fp32_storage: Agreement | None = None
+
+
+@dataclass
+class ExportReport:
+    """What was written and how closely it matches the PyTorch models (also ``report.json``).
+
+    ``int8_vs_qat`` / ``float_vs_torch`` are those of the output blob with the lowest int8
+    cosine (the only one for single-output models); ``outputs`` has every output blob.
+    """
+
+    export_dir: str
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes, as on disk
+    io: dict[str, Any] = field(default_factory=dict)  # input/output blobs and their PyTorch places
+    layers: list[LayerReport] = field(default_factory=list)
+    float_layers: list[dict[str, str]] = field(default_factory=list)
+    held_batch: dict[str, Any] = field(default_factory=dict)
+    onnx: dict[str, Any] = field(default_factory=dict)
+    outputs: list[OutputParity] = field(default_factory=list)
+    int8_vs_qat: Agreement | None = None  # ncnn int8 vs PyTorch QAT model (eval)
+    float_vs_torch: Agreement | None = None  # ncnn float32 vs folded float model (default options)
+    float_vs_torch_fp32_storage: Agreement | None = None  # same with use_fp16_storage=False
+    layer_checks: list[LayerCheck] = field(default_factory=list)
+    runtime: dict[str, Any] = field(default_factory=dict)  # ncnn version, CPU features, options used
+    timing: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    failures: list[dict[str, str | None]] = field(default_factory=list)
+
+    @property
+    def flagged_layers(self) -> list[str]:
+        """Torch names of quantized layers the int8 runtime computes wrongly (default options)."""
+        return [c.torch_name for c in self.layer_checks if c.ok is False]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.flagged_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["flagged_layers"] = self.flagged_layers
+        return jsonable(d)
+
+    def summary(self) -> str:
+        """A short human-readable summary."""
+        out = [f"ncnn export -> {self.export_dir}"]
+        if self.layers:
+            w = max(len(r.torch_name) for r in self.layers)
+            wn = max(len(r.ncnn_name or "-") for r in self.layers)
+            out.append(f"  {'layer':<{w}}  {'ncnn':<{wn}}  {'type':<20} bits  input scale   scales  int8 check")
+            checks = {c.torch_name: c for c in self.layer_checks}
+            for r in self.layers:
+                c = checks.get(r.torch_name)
+                if c is None:
+                    verdict = "-"
+                elif c.ok is None:
+                    verdict = "not judged (its ncnn input is garbage from upstream)"
+                else:
+                    verdict = f"ok (cos {c.isolated_cosine:.5f})" if c.ok else f"WRONG (cos {c.isolated_cosine:.3f})"
+                out.append(
+                    f"  {r.torch_name:<{w}}  {r.ncnn_name or '-':<{wn}}  {r.kind:<20} {r.weight_bits:>4}  "
+                    f"{r.input_scale:<12.6g} {r.num_weight_scales:>6}  {verdict}"
+                )
+        for f in self.float_layers:
+            out.append(f"  float: {f['name']}: {f['reason']}")
+        hb = self.held_batch
+        if hb:
+            out.append(f"  held batch: {hb.get('n')} samples ({hb.get('source')})")
+        for o in self.outputs:
+            name = f" {o.blob} ({o.torch})" if len(self.outputs) > 1 else ""
+            if o.int8_vs_qat:
+                a = o.int8_vs_qat
+                top1 = "n/a" if a.top1_agreement is None else f"{100 * a.top1_agreement:.2f}%"
+                out.append(
+                    f"  ncnn int8 vs PyTorch QAT{name}: top-1 {top1}, cosine {a.cosine:.6f}, "
+                    f"max abs err {a.max_abs_err:.3g}, max rel err {a.max_rel_err:.3g}"
+                )
+            if o.float_vs_torch:
+                a = o.float_vs_torch
+                line = f"  ncnn fp32 vs PyTorch float{name}: cosine {a.cosine:.6f}, max abs err {a.max_abs_err:.3g}"
+                if o.float_vs_torch_fp32_storage:
+                    line += f" ({o.float_vs_torch_fp32_storage.max_abs_err:.3g} with use_fp16_storage=False)"
+                out.append(line)
+        if self.sizes.get("ratio"):
+            out.append(
+                f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
+                f"({self.sizes['ratio']:.2f}x smaller)"
+            )
+        if self.timing:
+            t = self.timing
+            out.append(
+                f"  ncnn time/image ({t['threads']} threads): fp32 {t['float32_ms']:.3f} ms, "
+                f"int8 {t['int8_ms']:.3f} ms (speed-up {t['speedup']:.2f}x)"
+            )
+        for msg in self.warnings:
+            out.append(f"  WARNING: {msg}")
+        for f in self.failures:
+            where = f" layer '{f['layer']}'" if f.get("layer") else ""
+            out.append(f"  FAILED step '{f['step']}'{where}: {f['message']}")
+        return "\n".join(out)
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with numpy scalars as Python numbers and non-finite floats as strings."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v

@@ -1,0 +1,186 @@
+"""The export's measurements in the real ncnn runtime: parity per output, per-layer checks, timing.
+
+Every inference runs in a child process (:mod:`.isolated_runtime`): a crash inside ncnn fails
+the ``parity`` step with the signal named and leaves the caller (``Trainer.fit``) alive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .isolated_runtime import HOST, RunResult, run_ncnn
+from .layer_checks import QuantizedRef, blobs_to_extract, capture_outputs, check_layers
+from .model_io import ModelIO, torch_outputs
+from .ncnn_param import NcnnParam
+from .parity import agreement
+from .report import ExportReport, OutputParity
+
+#: One thread for parity: the same numbers on every machine, and no OpenMP oversubscription.
+PARITY_OPTIONS = {"num_threads": 1}
+
+
+@dataclass
+class ModelFiles:
+    """The converted models on disk and their blob names."""
+
+    export_dir: Path
+    int8_param: NcnnParam
+    input_blobs: list[str]
+    output_blobs: list[str]
+
+    def path(self, stem: str, ext: str) -> Path:
+        return self.export_dir / f"model.{stem}.{ext}"
+
+    def run(self, stem: str, feeds: dict[str, np.ndarray], extract: Sequence[str], target: str = HOST, **kw) -> RunResult:
+        return run_ncnn(self.path(stem, "param"), self.path(stem, "bin"), feeds, extract, target=target, **kw)
+
+
+def blob_names(param: NcnnParam, io: ModelIO) -> tuple[list[str], list[str]]:
+    """Input and output blob names of a pnnx model for ``io``: ``in0..`` / ``out0..`` when pnnx
+    wrote them so, else the Input layers' blobs and the unconsumed tops, in file order."""
+    tops = {t for lay in param.layers for t in lay.tops}
+    if all(n in tops for n in io.input_names + io.output_names):
+        return io.input_names, io.output_names
+    inputs = [lay.tops[0] for lay in param.layers if lay.type == "Input"]
+    consumed = {b for lay in param.layers for b in lay.bottoms}
+    outputs = [t for lay in param.layers for t in lay.tops if t not in consumed]
+    if len(inputs) != len(io.input_names) or len(outputs) != len(io.output_names):
+        raise ValueError(
+            f"the ncnn model has input blobs {inputs} and output blobs {outputs}; the PyTorch model has "
+            f"{len(io.input_names)} input(s) and {len(io.output_names)} output(s)"
+        )
+    return inputs, outputs
+
+
+def measure(
+    report: ExportReport,
+    files: ModelFiles,
+    qmodel: nn.Module,
+    folded: nn.Module,
+    io: ModelIO,
+    held: list[torch.Tensor],
+    refs: list[QuantizedRef],
+    out_scales: dict[str, float],
+    layer_check_samples: int,
+    timing_runs: int,
+    timing_threads: int | None,
+) -> None:
+    """Fill the parity, per-layer and timing parts of ``report``."""
+    feeds = {b: t.numpy() for b, t in zip(files.input_blobs, held)}
+    q_ref = torch_outputs(qmodel, io, held)
+    f_ref = torch_outputs(folded, io, held)
+    outs = files.output_blobs
+    r8 = files.run("int8", feeds, outs, options=PARITY_OPTIONS)
+    rf = files.run("ncnn", feeds, outs, options=PARITY_OPTIONS)
+    rf32 = files.run("ncnn", feeds, outs, options={**PARITY_OPTIONS, "use_fp16_storage": False})
+    report.runtime = {"x86": r8.info}
+    report.outputs = []
+    for i, (blob, path) in enumerate(zip(outs, io.output_paths)):
+        o = OutputParity(blob, path)
+        o.int8_vs_qat = agreement(q_ref[i], r8.outputs[blob])
+        o.float_vs_torch = agreement(f_ref[i], rf.outputs[blob])
+        o.float_vs_torch_fp32_storage = agreement(f_ref[i], rf32.outputs[blob])
+        report.outputs.append(o)
+    worst = min(report.outputs, key=lambda o: o.int8_vs_qat.cosine)
+    report.int8_vs_qat = worst.int8_vs_qat
+    report.float_vs_torch = worst.float_vs_torch
+    report.float_vs_torch_fp32_storage = worst.float_vs_torch_fp32_storage
+
+    if refs:
+        report.layer_checks = _layer_checks(files, qmodel, io, held, refs, out_scales, layer_check_samples)
+    _judge(report)
+    _timing(report, files, feeds, timing_runs, timing_threads)
+
+
+def _layer_checks(
+    files: ModelFiles,
+    qmodel: nn.Module,
+    io: ModelIO,
+    held: list[torch.Tensor],
+    refs: list[QuantizedRef],
+    out_scales: dict[str, float],
+    samples: int,
+) -> list:
+    k = max(1, min(samples, len(held[0])))
+    sub = [t[:k] for t in held]
+    feeds = {b: t.numpy() for b, t in zip(files.input_blobs, sub)}
+    param = files.int8_param
+    extract = blobs_to_extract(param, [r.ncnn_name for r in refs])
+    blobs = files.run("int8", feeds, extract, options=PARITY_OPTIONS, light_mode=False).outputs
+    device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+    names = [r.torch_name for r in refs]
+    chain: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        for s in range(k):
+            a, kw = io.call([t[s : s + 1].to(device) for t in sub])
+            got = capture_outputs(qmodel, names, lambda: qmodel(*a, **kw))
+            for n in names:
+                chain[n].append(got[n])
+    finally:
+        qmodel.train(was_training)
+    checks = check_layers(param, refs, blobs, chain, out_scales)
+    flagged = [c for c in checks if c.ok is False]
+    if flagged:
+        unpacked = files.run("int8", feeds, extract, options={**PARITY_OPTIONS, "use_packing_layout": False}, light_mode=False)
+        again = {c.torch_name: c for c in check_layers(param, refs, unpacked.outputs, chain, out_scales)}
+        for c in flagged:
+            c.ok_without_packing = again[c.torch_name].ok
+    return checks
+
+
+def _judge(report: ExportReport) -> None:
+    for c in report.layer_checks:
+        if c.ok is False:
+            fix = (
+                "it is right with net.opt.use_packing_layout = False"
+                if c.ok_without_packing
+                else "it is wrong with use_packing_layout = False too"
+            )
+            report.warnings.append(
+                f"layer '{c.torch_name}' (ncnn '{c.ncnn_name}') is computed wrongly by the ncnn int8 runtime "
+                f"under default options (cosine {c.isolated_cosine:.4f}); {fix}. Keep it in float "
+                "(QATConfig.skip) or configure the runtime"
+            )
+        elif c.ok is None:
+            report.warnings.append(
+                f"layer '{c.torch_name}' could not be checked: its input in the ncnn int8 runtime is non-finite or "
+                "beyond int32 range after scaling (an upstream layer is wrong)"
+            )
+    for o in report.outputs:
+        a = o.int8_vs_qat
+        where = f" (output {o.blob}, {o.torch})" if len(report.outputs) > 1 else ""
+        if a.top1_agreement is not None and a.top1_agreement < 0.995:
+            report.warnings.append(f"int8 top-1 agreement with the QAT model is only {100 * a.top1_agreement:.2f}%{where}")
+        if a.cosine < 0.9999:
+            report.warnings.append(f"int8 output cosine with the QAT model is only {a.cosine:.6f}{where}")
+
+
+def _timing(
+    report: ExportReport, files: ModelFiles, feeds: dict[str, np.ndarray], runs: int, threads: int | None
+) -> None:
+    if runs <= 0:
+        return
+    first = {b: v[:1] for b, v in feeds.items()}
+    opts = {} if threads is None else {"num_threads": int(threads)}
+    t_f = files.run("ncnn", first, files.output_blobs, options=opts, time_runs=runs)
+    t_q = files.run("int8", first, files.output_blobs, options=opts, time_runs=runs)
+    f_ms, q_ms = t_f.info["time_ms"], t_q.info["time_ms"]
+    report.timing = {
+        "float32_ms": f_ms,
+        "int8_ms": q_ms,
+        "speedup": f_ms / q_ms if q_ms else float("nan"),
+        "threads": int(t_q.info["options"].get("num_threads", 0)),
+        "runs": runs,
+        "input_shapes": [list(v.shape[1:]) for v in feeds.values()],
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+    }
