@@ -47,7 +47,9 @@ def _ranges(module) -> dict[str, float]:  # noqa: ANN001
         ({"skip": [""]}, r"`skip` must be a list of non-empty"),
         ({"held_batch_size": 0}, r"`held_batch_size` must be an int >= 1, got 0"),
         ({"export_dir": 3}, r"`export_dir` must be a path or None, got 3"),
-        ({"example_input": [1, 2]}, r"`example_input` must be a Tensor"),
+        ({"example_input": [1, 2]}, r"`example_input` holds no Tensor"),
+        ({"example_input": 3}, r"`example_input`: an example input must be a Tensor, a tuple/list .* got int"),
+        ({"preflight": 1}, r"`preflight` must be a bool, got 1"),
     ],
 )
 def test_constructor_validation(kwargs, match) -> None:  # noqa: ANN001

@@ -6,16 +6,32 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..batches import model_input
+from ..batches import as_call, example_from_batch, from_call, inputs_like, map_tensors, positional_names
 from ..config import QATConfig
-from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat
+from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
+
+_PREFLIGHT_MODULE = "lightning_ncnnqat.export.preflight"
+
+
+def _preflight_function(name: str) -> Callable[..., Any] | None:
+    """``export.preflight.<name>``, or None (with a warning) while that module does not exist."""
+    try:
+        module = importlib.import_module(_PREFLIGHT_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != _PREFLIGHT_MODULE:
+            raise ImportError(f"QATCallback: the export preflight cannot be imported ({exc})") from exc
+        rank_zero_warn(f"QATCallback: {_PREFLIGHT_MODULE} is not installed; the export preflight is skipped.")
+        return None
+    return getattr(module, name)
 
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -44,6 +60,19 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         held_batch_size: number of validation inputs the parity report compares on.
         log_every_n_steps: how often input ranges and clipped fractions are logged (0 = never).
         verbose: print the QAT summary and the export summary.
+        preflight: when ``export_dir`` is set, check when fit starts that it can be written,
+            and right after QAT starts run the export chain (ONNX, pnnx, layer matching, int8
+            writer) on the just-prepared model, so a model that cannot export fails within
+            seconds of QAT start, naming the step and layer, not after the last epoch.
+
+    ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
+    input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
+    ``model(**x)``). A required ``forward`` parameter it does not supply raises when QAT starts.
+
+    Checkpoints cross the QAT boundary both ways (``fit``/``validate``/``test``/``predict`` with
+    ``ckpt_path``): a checkpoint saved during QAT re-applies its plan to a float model before
+    the weights load, and a float checkpoint loaded into a QAT-prepared model first returns the
+    model to float (same Parameters; QAT starts again at ``start_epoch``).
     """
 
     def __init__(
@@ -59,6 +88,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         held_batch_size: int = 64,
         log_every_n_steps: int = 50,
         verbose: bool = True,
+        preflight: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -70,12 +100,16 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
             raise TypeError(f"`export_dir` must be a path or None, got {export_dir!r}")
-        if example_input is not None and not isinstance(example_input, (Tensor, tuple)):
-            raise TypeError(
-                f"`example_input` must be a Tensor, a tuple of Tensors or None, got {type(example_input).__name__}"
-            )
-        if not isinstance(verbose, bool):
-            raise TypeError(f"`verbose` must be a bool, got {verbose!r}")
+        if example_input is not None:
+            try:
+                args, kwargs = as_call(example_input)
+            except TypeError as exc:
+                raise TypeError(f"`example_input`: {exc}") from None
+            if not any(isinstance(v, Tensor) for v in (*args, *kwargs.values())):
+                raise TypeError(f"`example_input` holds no Tensor: {example_input!r}")
+        for name, flag in (("verbose", verbose), ("preflight", preflight)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         self.config = QATConfig(
             momentum=momentum,
             six_bit_3x3=six_bit_3x3,
@@ -89,6 +123,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.held_batch_size = held_batch_size
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
+        self.preflight = preflight
         self.plan: QATPlan | None = None
         self.export_report: Any = None
         self._traced_example: Any = None
@@ -122,6 +157,32 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
+        if stage == "fit" and self.preflight and self.export_dir is not None:
+            path = self._export_path(trainer)
+
+            def check() -> None:
+                check_export_dir = _preflight_function("check_export_dir")
+                if check_export_dir is not None:
+                    check_export_dir(path)
+
+            self._on_rank_zero(trainer, "export_dir check", check)
+
+    @staticmethod
+    def _on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on global rank 0; if it raises, every rank raises (none waits in a collective)."""
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001
+                error = exc
+        if trainer.world_size > 1:
+            msg = None if error is None else f"{type(error).__name__}: {error}"
+            msg = trainer.strategy.broadcast(msg, src=0)
+            if error is None and msg is not None:
+                raise RuntimeError(f"QATCallback: the {what} failed on global rank 0: {msg}")
+        if error is not None:
+            raise error
 
     def _install_restore_hook(self, pl_module: Any) -> None:
         """Re-apply the checkpoint's QAT plan before Lightning loads the state dict into the model.
@@ -135,9 +196,19 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            if "ncnnqat" in checkpoint and get_plan(pl_module) is None:
-                apply_plan(pl_module, QATPlan.from_dict(checkpoint["ncnnqat"]))
-                self.plan = get_plan(pl_module)
+            current = get_plan(pl_module)
+            stored = checkpoint.get("ncnnqat")
+            if current is not None and (stored is None or stored != current.to_dict()):
+                unprepare(pl_module)
+                rank_zero_info(
+                    "QATCallback: the checkpoint was saved "
+                    + ("before QAT started" if stored is None else "with another QAT plan")
+                    + "; the model is returned to float to load it"
+                    + (" (QAT starts again at `start_epoch`)" if stored is None else "")
+                )
+            if stored is not None and get_plan(pl_module) is None:
+                apply_plan(pl_module, QATPlan.from_dict(stored))
+            self.plan = get_plan(pl_module)
             return original(checkpoint)
 
         pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
@@ -167,14 +238,14 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.plan is None and trainer.current_epoch >= self.start_epoch:
-            example = model_input(batch)
-            if example is None:
+            call = example_from_batch(batch, pl_module)
+            if call is None:
                 raise ValueError(
                     "QATCallback needs an example input to trace the model: set `example_input_array` on "
-                    "the LightningModule or pass `example_input=` (the batch is neither a Tensor, nor a list/tuple whose "
-                    "first element is one, nor a dict holding one)"
+                    "the LightningModule or pass `example_input=` (the training batch does not hold the inputs "
+                    "forward() takes: a Tensor, a list/tuple starting with them, or a dict holding them)"
                 )
-            self._activate(trainer, pl_module, example[:1])
+            self._activate(trainer, pl_module, from_call(*map_tensors(lambda t: t[:1], call)))
         if (
             self.plan is not None
             and self.log_every_n_steps
@@ -185,14 +256,19 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 q.record_stats = True
 
     def _activate(self, trainer: Any, pl_module: Any, example: Any) -> None:
-        def to_device(t: Any) -> Any:
-            return t.to(pl_module.device) if isinstance(t, Tensor) else t
-
-        example = tuple(map(to_device, example)) if isinstance(example, tuple) else to_device(example)
+        example = from_call(*map_tensors(lambda t: t.to(pl_module.device), as_call(example)))
         self.plan = prepare_qat(pl_module, example, self.config)
         self._traced_example = example
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
+        if self.preflight and self.export_dir is not None:
+
+            def run() -> None:
+                preflight = _preflight_function("preflight")
+                if preflight is not None:
+                    preflight(pl_module, example)
+
+            self._on_rank_zero(trainer, "export preflight", run)
 
     # ---- monitoring -------------------------------------------------------------------
 
@@ -234,16 +310,22 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if error is not None:
             raise error
 
+    def _export_path(self, trainer: Any) -> str:
+        assert self.export_dir is not None
+        if os.path.isabs(self.export_dir):
+            return self.export_dir
+        return os.path.join(trainer.default_root_dir, self.export_dir)
+
+    def _example(self, pl_module: Any) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        return self._traced_example if example is None else example  # else: traced on the first batch
+
     def _export(self, trainer: Any, pl_module: Any) -> Any:
         from ..export import export
 
-        export_dir = self.export_dir
-        if not os.path.isabs(export_dir):
-            export_dir = os.path.join(trainer.default_root_dir, export_dir)
-        example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if example is None:  # QAT was traced on the first training batch
-            example = self._traced_example
-        held, source = self._held_batch(trainer)
+        export_dir = self._export_path(trainer)
+        example = self._example(pl_module)
+        held, source = self._held_batch(trainer, pl_module, example)
         return export(
             pl_module,
             export_dir,
@@ -253,28 +335,40 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             verbose=self.verbose,
         )
 
-    def _held_batch(self, trainer: Any) -> tuple[Tensor | None, str]:
-        """Real inputs for the parity report: from the validation loader, else the training loader."""
+    def _held_batch(self, trainer: Any, pl_module: Any, example: Any) -> tuple[Any, str]:
+        """Real inputs for the parity report, structured like ``example`` (Tensor, tuple or dict):
+        from the validation loader, else the training loader; ``(None, "none")`` if neither holds them."""
+        args, kwargs = as_call(example)
+        names = positional_names(pl_module)
         for source, loaders in (("validation", trainer.val_dataloaders), ("training", trainer.train_dataloader)):
             if loaders is None:
                 continue
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             if isinstance(loader, dict):
                 loader = next(iter(loader.values()))
-            chunks: list[Tensor] = []
+            chunks: list[tuple[tuple, dict]] = []
             n = 0
             try:
                 for batch in loader:
-                    x = model_input(batch)
-                    if x is None:
+                    call = inputs_like(batch, args, kwargs, names)
+                    if call is None:
                         break
-                    chunks.append(x.detach().cpu())
-                    n += x.shape[0]
+                    call = map_tensors(lambda t: t.detach().cpu(), call)
+                    first = next((t for t in (*call[0], *call[1].values()) if isinstance(t, Tensor)), None)
+                    if first is None:
+                        break
+                    chunks.append(call)
+                    n += first.shape[0]
                     if n >= self.held_batch_size:
                         break
             except TypeError:
                 continue
             if chunks:
-                held = torch.cat(chunks)[: self.held_batch_size]
-                return held, f"first {len(held)} inputs of the {source} dataloader"
+                k = self.held_batch_size
+                cat = lambda vals: torch.cat(vals)[:k] if isinstance(vals[0], Tensor) else vals[0]  # noqa: E731
+                held_args = tuple(cat([c[0][i] for c in chunks]) for i in range(len(args)))
+                held_kwargs = {key: cat([c[1][key] for c in chunks]) for key in kwargs}
+                held = from_call(held_args, held_kwargs)
+                count = next(len(t) for t in (*held_args, *held_kwargs.values()) if isinstance(t, Tensor))
+                return held, f"first {count} inputs of the {source} dataloader"
         return None, "none"
