@@ -1,8 +1,22 @@
-"""Command line: ``python -m lightning_ncnnqat export CHECKPOINT --model pkg.module:ClassName --export-dir DIR``.
+"""Command line: export a QAT checkpoint to ncnn int8 with a parity report and a deployment kit.
+
+    python -m lightning_ncnnqat export CHECKPOINT --model pkg.module:ClassName --export-dir DIR
+        [--datamodule pkg.module:ClassName | --held-batch FILE] [--held-batch-size N]
+        [--input-shape 1,3,32,32] [--preprocessing JSON_OR_FILE] [--quiet]
 
 Rebuilds the model from a Lightning checkpoint (its ``hyper_parameters`` are passed to the
-class), re-applies the QAT plan the checkpoint carries (``restore_from_checkpoint``: keys with
-``module.`` / ``_forward_module.`` prefixes from DataParallel/DDP are accepted) and exports it.
+class), re-applies the QAT plan the checkpoint carries (keys with ``module.`` /
+``_forward_module.`` prefixes from DataParallel/DDP are accepted) and exports it.
+
+The held batch (real inputs the int8 model is compared on, in ncnn, against the PyTorch QAT
+model) comes from ``--held-batch FILE`` (``.npy``, ``.npz`` or ``torch.save``'d ``.pt``: model
+inputs after normalisation, ``[N, ...]``, or an ``(inputs, targets)`` batch), or from the
+validation loader of ``--datamodule`` (built from the checkpoint's datamodule hyper-parameters),
+``--held-batch-size`` samples (default 64). Without either, parity is measured on the one example
+input, which the report calls weak evidence.
+
+Mistakes in the arguments end in one line ``error: ...`` and exit code 2; an export whose
+report flags a layer exits with 1.
 """
 
 from __future__ import annotations
@@ -10,28 +24,42 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .batches import INPUT_KEYS, model_input
+from .preprocessing import Preprocessing, find_preprocessing
 
-def _load_class(spec: str) -> type:
+DEFAULT_HELD_BATCH_SIZE = 64
+
+
+class UsageError(ValueError):
+    """A mistake in the command's arguments or files: printed as one line, exit code 2."""
+
+
+def _load_class(spec: str, flag: str = "--model") -> type:
     mod_name, sep, cls_name = spec.partition(":")
     if not sep or not mod_name or not cls_name:
-        raise SystemExit(f"--model must be 'package.module:ClassName', got {spec!r}")
+        raise UsageError(f"{flag} must be 'package.module:ClassName', got {spec!r}")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise SystemExit(f"--model: cannot import module '{mod_name}': {e}") from e
-    obj = mod
+        raise UsageError(f"{flag}: cannot import module '{mod_name}': {e}") from e
+    obj: Any = mod
     for part in cls_name.split("."):
         if not hasattr(obj, part):
-            raise SystemExit(f"--model: module '{mod_name}' has no attribute '{cls_name}'")
+            raise UsageError(f"{flag}: module '{mod_name}' has no attribute '{cls_name}'")
         obj = getattr(obj, part)
-    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
-        raise SystemExit(f"--model: '{spec}' is not an nn.Module / LightningModule class")
+    if not isinstance(obj, type):
+        raise UsageError(f"{flag}: '{spec}' is not a class")
+    if flag == "--model" and not issubclass(obj, torch.nn.Module):
+        raise UsageError(f"--model: '{spec}' is not an nn.Module / LightningModule class")
     return obj
 
 
@@ -54,6 +82,203 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--held-batch-size must be an int >= 1, got {text!r}")
+    return n
+
+
+# ---- checkpoint and model
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint saved after QAT started; UsageError naming what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"checkpoint '{p}' does not exist")
+    if p.is_dir():
+        raise UsageError(f"checkpoint '{p}' is a directory, not a checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types for a foreign file)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"'{p}' is not a PyTorch checkpoint (torch.load failed: {type(e).__name__}: {first})") from e
+    if not isinstance(ckpt, dict) or not ({"state_dict", "ncnnqat"} & set(ckpt)):
+        what = f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"'{p}' is not a Lightning checkpoint: it holds {what}, no 'state_dict'")
+    if "ncnnqat" not in ckpt:
+        start = next(
+            (v.get("start_epoch") for k, v in (ckpt.get("callbacks") or {}).items()
+             if "QATCallback" in str(k) and isinstance(v, dict)),
+            None,
+        )
+        when = f"at epoch {ckpt['epoch']}" if "epoch" in ckpt else ""
+        if start is not None:
+            when += f" (QATCallback start_epoch={start})"
+        raise UsageError(
+            f"'{p}' is a float checkpoint: it was saved {when + ' ' if when else ''}before QAT started, so it "
+            "holds no QAT state. Export a checkpoint saved after QAT started (e.g. the last one of the run), "
+            "or train on past start_epoch with trainer.fit(model, ckpt_path=...)"
+        )
+    return ckpt
+
+
+def _key_diff(model_keys: set[str], ckpt_keys: set[str]) -> str:
+    missing = sorted(model_keys - ckpt_keys)
+    unexpected = sorted(ckpt_keys - model_keys)
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:3]}" + (f" ({len(missing)} in all)" if len(missing) > 3 else ""))
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:3]}" + (f" ({len(unexpected)} in all)" if len(unexpected) > 3 else ""))
+    return ", ".join(parts)
+
+
+def build_model(ckpt: dict[str, Any], model_spec: str) -> torch.nn.Module:
+    """``model_spec`` built from the checkpoint's hyper-parameters, QAT plan applied, weights loaded."""
+    from .prepare import restore_from_checkpoint, strip_wrapper_prefixes
+
+    cls = _load_class(model_spec)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    try:
+        model = cls(**_init_kwargs(cls, hparams))
+    except Exception as e:  # noqa: BLE001 (a user class may raise anything)
+        raise UsageError(
+            f"--model {model_spec}: cannot build it from the checkpoint's hyper-parameters {sorted(hparams)}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    state = strip_wrapper_prefixes(ckpt.get("state_dict") or {})
+    plain_keys = set(model.state_dict())
+    try:
+        restore_from_checkpoint(model, ckpt)
+    except (ValueError, TypeError, KeyError) as e:  # the QAT plan names modules this class lacks
+        diff = _key_diff(plain_keys, {k for k in state if ".input_quantizer." not in k})
+        raise UsageError(
+            f"--model {model_spec} does not fit the checkpoint: {diff or e} (is it the class the checkpoint was trained with?)"
+        ) from e
+    except RuntimeError as e:  # load_state_dict: keys or shapes
+        diff = _key_diff(set(model.state_dict()), set(state))
+        if not diff:
+            diff = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise UsageError(f"--model {model_spec} does not fit the checkpoint: {diff}") from e
+    return model.eval()
+
+
+# ---- held batch
+
+
+def load_held_batch(path: str | Path) -> torch.Tensor:
+    """Model inputs ``[N, ...]`` from ``.npy``, ``.npz`` (one array, or one named x/input/inputs/
+    image/images) or a ``torch.save``'d tensor / batch / dict (``.pt``, ``.pth``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--held-batch '{p}' does not exist")
+    try:
+        if p.suffix == ".npy":
+            x: Any = torch.from_numpy(np.load(p, allow_pickle=False))
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                names = list(z.files)
+                name = names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None)
+                if name is None:
+                    raise UsageError(
+                        f"--held-batch '{p}' holds arrays {names}: keep one, or name the inputs one of {list(INPUT_KEYS)}"
+                    )
+                x = torch.from_numpy(z[name])
+        else:
+            x = model_input(torch.load(p, map_location="cpu", weights_only=True))
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--held-batch '{p}' cannot be read as .npy/.npz/.pt: {type(e).__name__}: {e}") from e
+    if x is None:
+        raise UsageError(f"--held-batch '{p}' holds no tensor (a tensor, an (inputs, targets) batch or a dict of them)")
+    if not x.is_floating_point():
+        raise UsageError(f"--held-batch '{p}' holds {x.dtype} values: give the float model inputs (after normalisation)")
+    if x.dim() < 2 or len(x) == 0:
+        raise UsageError(f"--held-batch '{p}' must be a batch [N, ...] of inputs, got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def build_datamodule(spec: str, ckpt: dict[str, Any]) -> Any:
+    """``spec`` built from the checkpoint's datamodule hyper-parameters and state, set up."""
+    cls = _load_class(spec, "--datamodule")
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    try:
+        dm = cls(**_init_kwargs(cls, hparams))
+        state = ckpt.get(cls.__qualname__)
+        if isinstance(state, dict) and hasattr(dm, "load_state_dict"):
+            dm.load_state_dict(state)
+        if hasattr(dm, "prepare_data"):
+            dm.prepare_data()
+        if hasattr(dm, "setup"):
+            dm.setup("validate")
+    except Exception as e:  # noqa: BLE001 (a user class may raise anything)
+        raise UsageError(f"--datamodule {spec}: {type(e).__name__}: {e}") from e
+    return dm
+
+
+def held_from_datamodule(dm: Any, spec: str, n: int) -> torch.Tensor:
+    """The first ``n`` inputs of ``dm.val_dataloader()``."""
+    try:
+        loader = dm.val_dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        chunks, got = [], 0
+        for batch in loader:
+            x = model_input(batch)
+            if x is None:
+                raise UsageError(f"--datamodule {spec}: a validation batch holds no input tensor")
+            chunks.append(x.detach().cpu().float())
+            got += len(x)
+            if got >= n:
+                break
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--datamodule {spec}: val_dataloader() failed: {type(e).__name__}: {e}") from e
+    if not chunks:
+        raise UsageError(f"--datamodule {spec}: the validation loader is empty")
+    return torch.cat(chunks)[:n]
+
+
+def _preprocessing_arg(text: str) -> Preprocessing:
+    p = Path(text)
+    try:
+        d = json.loads(p.read_text() if p.suffix == ".json" and p.is_file() else text)
+        return Preprocessing.from_dict(d)
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise UsageError(f"--preprocessing: {e} (give JSON like '{{\"mean\": [0.5], \"std\": [0.25], \"channel_order\": \"GRAY\"}}' or a .json file)") from e
+
+
+def _checkpoint_preprocessing(ckpt: dict[str, Any]) -> Preprocessing | None:
+    """A datamodule's ``state_dict()`` saved in the checkpoint with a ``preprocessing`` entry."""
+    for v in ckpt.values():
+        if isinstance(v, dict) and isinstance(v.get("preprocessing"), dict):
+            return Preprocessing.from_dict(v["preprocessing"])
+    return None
+
+
+def _check_export_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--export-dir '{p}' exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise UsageError(f"--export-dir '{p}' cannot be created or written: {e.strerror or e}") from e
+    return p
+
+
+# ---- the command
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     model_spec: str,
@@ -61,45 +286,125 @@ def export_checkpoint(
     input_shape: tuple[int, ...] | None = None,
     held_batch: str | Path | None = None,
     verbose: bool = True,
+    *,
+    datamodule: str | None = None,
+    held_batch_size: int | None = None,
+    preprocessing: Preprocessing | dict[str, Any] | None = None,
 ) -> Any:
-    """Rebuild ``model_spec`` from ``checkpoint`` and export it (what the CLI runs)."""
-    from .export import export
-    from .prepare import restore_from_checkpoint
+    """Rebuild ``model_spec`` from ``checkpoint`` and export it (what the CLI runs).
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"{checkpoint}: not a checkpoint dict (got {type(ckpt).__name__})")
-    cls = _load_class(model_spec)
-    model = cls(**_init_kwargs(cls, dict(ckpt.get("hyper_parameters") or {})))
-    restore_from_checkpoint(model, ckpt)
-    model.eval()
-    example = None
-    if input_shape is not None:
-        example = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    held = None
+    Raises:
+        UsageError: a missing/foreign/float checkpoint, a class that does not fit it, an
+            unreadable held batch or datamodule, an unwritable export dir, no input shape.
+        ExportError: an export step failed.
+    """
+    from .export import export
+
+    if held_batch is not None and datamodule is not None:
+        raise UsageError("give --held-batch or --datamodule, not both")
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt, model_spec)
+    dm = None
+    held, source = None, "held batch"
     if held_batch is not None:
-        held = torch.load(held_batch, map_location="cpu", weights_only=False)
-    return export(model, export_dir, example_input=example, held_batch=held, verbose=verbose)
+        held = load_held_batch(held_batch)
+        if held_batch_size is not None:
+            held = held[:held_batch_size]
+        source = f"{len(held)} inputs from {held_batch}"
+    elif datamodule is not None:
+        dm = build_datamodule(datamodule, ckpt)
+        held = held_from_datamodule(dm, datamodule, held_batch_size or DEFAULT_HELD_BATCH_SIZE)
+        source = f"first {len(held)} inputs of {datamodule}.val_dataloader()"
+    if input_shape is not None:
+        example: Any = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    elif getattr(model, "example_input_array", None) is not None:
+        example = model.example_input_array
+    elif held is not None:
+        example = held[:1]
+    else:
+        raise UsageError(
+            f"{type(model).__name__} has no example_input_array: pass --input-shape (e.g. --input-shape 1,3,32,32), "
+            "or a held batch (--held-batch / --datamodule) whose first sample is used"
+        )
+    pre = find_preprocessing(preprocessing, dm, model) or _checkpoint_preprocessing(ckpt)
+    out = _check_export_dir(export_dir)
+    if held is None and verbose:
+        print(
+            "note: no held batch: parity is measured on the example input only; pass --datamodule "
+            "pkg.module:DataModule or --held-batch FILE for real samples",
+            file=sys.stderr,
+        )
+    kwargs: dict[str, Any] = {"held_batch": held, "held_batch_source": source, "verbose": verbose}
+    takes_pre = "preprocessing" in inspect.signature(export).parameters
+    if takes_pre:
+        kwargs["preprocessing"] = pre
+    try:
+        report = export(model, out, example_input=example, **kwargs)
+    except (TypeError, ValueError) as e:  # argument checks of export() (held batch shape, ...)
+        raise UsageError(str(e)) from e
+    if not takes_pre:  # until export() writes the kit itself
+        from .export.deploy_kit import write_deploy_kit
+
+        write_deploy_kit(out, report.to_dict(), pre)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_ncnnqat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_ncnnqat",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="export a QAT checkpoint to ONNX + ncnn int8 with a parity report")
-    ex.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) saved during/after QAT")
+    ex = sub.add_parser(
+        "export",
+        help="export a QAT checkpoint to ONNX + ncnn int8 with a parity report and a deployment kit",
+        description="Export a QAT checkpoint: ONNX, ncnn float32 and int8 models, tables, report.json "
+        "(parity of ncnn int8 vs the PyTorch QAT model) and a deployment kit (DEPLOY.md, run_int8.py, main.cpp).",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) saved after QAT started")
     ex.add_argument("--model", required=True, help="the LightningModule class, 'package.module:ClassName'")
-    ex.add_argument("--export-dir", required=True, help="directory to write the export into")
-    ex.add_argument("--input-shape", type=_shape, default=None, help="e.g. 1,3,32,32 (default: example_input_array)")
-    ex.add_argument("--held-batch", default=None, help="torch.save'd tensor (or (inputs, targets)) for parity")
-    ex.add_argument("--quiet", action="store_true", help="do not print the summary")
+    ex.add_argument("--export-dir", required=True, help="directory to write the export into (created)")
+    ex.add_argument(
+        "--input-shape", type=_shape, default=None,
+        help="trace input shape with batch, e.g. 1,3,32,32 (default: the model's example_input_array, "
+        "else the held batch's first sample)",
+    )
+    held = ex.add_mutually_exclusive_group()
+    held.add_argument(
+        "--held-batch", default=None,
+        help="real model inputs for the parity report: .npy / .npz / torch.save'd .pt, shape [N, ...] "
+        "(after normalisation), or an (inputs, targets) batch",
+    )
+    held.add_argument(
+        "--datamodule", default=None,
+        help="'package.module:ClassName' of the LightningDataModule: built from the checkpoint's datamodule "
+        "hyper-parameters; its validation loader gives the held batch (and its `preprocessing` the deploy note's)",
+    )
+    ex.add_argument(
+        "--held-batch-size", type=_positive, default=None,
+        help=f"samples of the held batch to compare on (default {DEFAULT_HELD_BATCH_SIZE} from --datamodule; "
+        "all of --held-batch)",
+    )
+    ex.add_argument(
+        "--preprocessing", default=None,
+        help='input normalisation for DEPLOY.md, JSON or a .json file: {"mean": [...], "std": [...], '
+        '"input_range": 1.0, "channel_order": "RGB"} (default: the datamodule\'s `preprocessing`)',
+    )
+    ex.add_argument("--quiet", action="store_true", help="do not print progress and the summary")
     args = parser.parse_args(argv)
     from .export import ExportError
 
     try:
+        pre = None if args.preprocessing is None else _preprocessing_arg(args.preprocessing)
         report = export_checkpoint(
-            args.checkpoint, args.model, args.export_dir, args.input_shape, args.held_batch, not args.quiet
+            args.checkpoint, args.model, args.export_dir, args.input_shape, args.held_batch, not args.quiet,
+            datamodule=args.datamodule, held_batch_size=args.held_batch_size, preprocessing=pre,
         )
-    except ExportError as e:
+    except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
