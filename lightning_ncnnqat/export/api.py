@@ -26,7 +26,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,9 @@ from torch import nn
 from .. import ops
 from ..batches import positional_names
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
+from ..preprocessing import Preprocessing, find_preprocessing
 from ..wrappers import unwrap
+from .deploy_kit import write_deploy_kit
 from .errors import ExportError, LayerError
 from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from .int8_writer import Int8Spec, write_int8
@@ -49,6 +51,7 @@ from .ncnn_param import INT8_TYPES, NcnnParam, bin_layout
 from .onnx_export import export_onnx, onnx_names, run_onnx
 from .pnnx_convert import convert_with_pnnx
 from .report import ExportReport, LayerReport
+from .isolated_runtime import HOST
 from .runtime_checks import ModelFiles, blob_names, measure
 from .tables import TableRow, check_scales, format_table
 
@@ -63,6 +66,7 @@ _STEP_TITLES = {
     "ncnn_table": "table keyed by ncnn layer names -> model.ncnn.table",
     "int8": "int8 model -> model.int8.param/.bin",
     "parity": "parity and timing in the ncnn runtime (child process)",
+    "deploy_kit": "deployment kit -> DEPLOY.md, run_int8.py, main.cpp",
     "report": "report -> report.json",
 }
 
@@ -272,6 +276,8 @@ def export(
     timing_threads: int | None = 1,
     check_onnx: bool = True,
     opset: int = 17,
+    targets: str | Sequence[str] = "auto",
+    preprocessing: Preprocessing | dict | None = None,
 ) -> ExportReport:
     """Export a QAT-prepared model (nn.Module, LightningModule, or one wrapped by DataParallel,
     DDP, torch.compile or Fabric) for ncnn; see the module doc for the steps and files.
@@ -295,6 +301,14 @@ def export(
             stable numbers on a shared or busy machine.
         check_onnx: also run model.onnx with onnxruntime and compare with PyTorch (warning only).
         opset: ONNX opset.
+        targets: where parity and the per-layer checks run: ``"x86"`` (this machine's ncnn) and
+            the emulated ARM profiles ``"arm64-a53"`` / ``"arm64-a76"`` (the real aarch64 ncnn
+            under qemu with its default options; set up once with ``python -m lightning_ncnnqat
+            setup-arm``). ``"auto"``: this machine plus every ARM profile that is set up; an
+            absent one is named in the report's notes with the set-up command, never a failure.
+        preprocessing: the input normalisation (:class:`~lightning_ncnnqat.Preprocessing` or its
+            dict form), written into ``DEPLOY.md`` and ``run_int8.py`` in ncnn's terms
+            (``mean_vals``/``norm_vals``); defaults to ``model.preprocessing`` if the model has one.
 
     Returns:
         The :class:`ExportReport` (also written to ``report.json``).
@@ -304,8 +318,38 @@ def export(
             ``report.json`` records them). The files of the steps that succeeded stay.
         ValueError: no example input.
     """
-    return _export(model, export_dir, example_input, held_batch, held_batch_source, verbose=verbose, check_onnx=check_onnx, opset=opset,
-                   measure_kw={"layer_check_samples": layer_check_samples, "timing_runs": timing_runs, "timing_threads": timing_threads})
+    measure_kw = {
+        "layer_check_samples": layer_check_samples,
+        "timing_runs": timing_runs,
+        "timing_threads": timing_threads,
+        "targets": resolve_targets(targets),
+    }
+    return _export(
+        model, export_dir, example_input, held_batch, held_batch_source,
+        verbose=verbose, check_onnx=check_onnx, opset=opset, measure_kw=measure_kw,
+        preprocessing=find_preprocessing(preprocessing, unwrap(model)),
+    )
+
+
+def resolve_targets(targets: str | Sequence[str]) -> list[str]:
+    """The targets ``export(targets=...)`` means; raises ValueError naming an unknown one."""
+    from ..targets import PROFILES, available_targets
+
+    if targets == "auto":
+        wanted = [HOST, *PROFILES]
+    elif isinstance(targets, str):
+        wanted = [targets]
+    else:
+        wanted = list(targets)
+    known = [HOST, *PROFILES]
+    bad = [t for t in wanted if t not in known]
+    if bad:
+        raise ValueError(f"`targets` has unknown target(s) {bad}; known: {known} or 'auto'")
+    if targets == "auto":
+        ready = set(available_targets())
+        # absent profiles are still listed: the report names them with the set-up command
+        return [HOST] + [t for t in PROFILES if t in ready] + [t for t in PROFILES if t not in ready]
+    return wanted if HOST in wanted else [HOST, *wanted]
 
 
 def _export(
@@ -319,6 +363,7 @@ def _export(
     check_onnx: bool,
     opset: int,
     measure_kw: dict[str, Any] | None,
+    preprocessing: Any = None,
 ) -> ExportReport:
     """The export; ``measure_kw=None`` stops after the int8 model (no runtime, no report file)."""
     model = unwrap(model)
@@ -365,6 +410,12 @@ def _export(
     finally:
         model.train(was_training)
 
+    if measure_kw is not None and (export_dir / "model.int8.param").is_file():
+        try:
+            with _step("deploy_kit", verbose):
+                write_deploy_kit(export_dir, report.to_dict(), preprocessing)
+        except ExportError as e:
+            failures.append(e)
     report.failures = [{"step": e.step, "layer": e.layer, "message": e.message} for e in failures]
     if measure_kw is not None:
         report.files = {n: (export_dir / n).stat().st_size for n in OUTPUT_NAMES if (export_dir / n).is_file()}

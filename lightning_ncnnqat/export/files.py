@@ -22,6 +22,9 @@ OUTPUT_NAMES = (
     "model.ncnn.table",
     "model.int8.param",
     "model.int8.bin",
+    "run_int8.py",
+    "main.cpp",
+    "DEPLOY.md",
     "report.json",
 )
 

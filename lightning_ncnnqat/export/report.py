@@ -60,16 +60,24 @@ class ExportReport:
     float_vs_torch: Agreement | None = None  # ncnn float32 vs folded float model (default options)
     float_vs_torch_fp32_storage: Agreement | None = None  # same with use_fp16_storage=False
     layer_checks: list[LayerCheck] = field(default_factory=list)
-    runtime: dict[str, Any] = field(default_factory=dict)  # ncnn version, CPU features, options used
+    # per target ("x86" = this machine, "arm64-a53"/"arm64-a76" emulated): ncnn version, CPU
+    # features, the options it ran with, int8_vs_qat (worst output), and on ARM per-output
+    # agreements, layer_checks and flagged_layers (or "error")
+    runtime: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts that explain a figure, not problems
     failures: list[dict[str, str | None]] = field(default_factory=list)
 
     @property
     def flagged_layers(self) -> list[str]:
-        """Torch names of quantized layers the int8 runtime computes wrongly (default options)."""
-        return [c.torch_name for c in self.layer_checks if c.ok is False]
+        """Torch names of quantized layers the int8 runtime computes wrongly (default options), on
+        this machine or on any emulated target."""
+        out = [c.torch_name for c in self.layer_checks if c.ok is False]
+        for entry in self.runtime.values():
+            out += [n for n in entry.get("flagged_layers", []) if n not in out]
+        return out
 
     @property
     def ok(self) -> bool:
@@ -111,6 +119,8 @@ class ExportReport:
             if o.int8_vs_qat:
                 a = o.int8_vs_qat
                 top1 = "n/a" if a.top1_agreement is None else f"{100 * a.top1_agreement:.2f}%"
+                if a.near_tie_flips:
+                    top1 += f" ({a.near_tie_flips} near-tie flip(s) within the int8 noise)"
                 out.append(
                     f"  ncnn int8 vs PyTorch QAT{name}: top-1 {top1}, cosine {a.cosine:.6f}, "
                     f"max abs err {a.max_abs_err:.3g}, max rel err {a.max_rel_err:.3g}"
@@ -121,6 +131,19 @@ class ExportReport:
                 if o.float_vs_torch_fp32_storage:
                     line += f" ({o.float_vs_torch_fp32_storage.max_abs_err:.3g} with use_fp16_storage=False)"
                 out.append(line)
+        for target, e in self.runtime.items():
+            a = e.get("int8_vs_qat")
+            if target == "x86" or not e.get("emulated"):
+                continue
+            if a is None:
+                out.append(f"  {target} ({e.get('profile')}): not checked ({e.get('error', 'no result')})")
+                continue
+            top1 = "n/a" if a.get("top1_agreement") is None else f"{100 * a['top1_agreement']:.2f}%"
+            bad = e.get("flagged_layers") or []
+            out.append(
+                f"  ncnn int8 vs PyTorch QAT on {target} ({e.get('profile')}, emulated): top-1 {top1}, cosine "
+                f"{a['cosine']:.6f}; layers flagged: {', '.join(bad) if bad else 'none'}"
+            )
         if self.sizes.get("ratio"):
             out.append(
                 f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
@@ -132,6 +155,8 @@ class ExportReport:
                 f"  ncnn time/image ({t['threads']} threads): fp32 {t['float32_ms']:.3f} ms, "
                 f"int8 {t['int8_ms']:.3f} ms (speed-up {t['speedup']:.2f}x)"
             )
+        for msg in self.notes:
+            out.append(f"  note: {msg}")
         for msg in self.warnings:
             out.append(f"  WARNING: {msg}")
         for f in self.failures:
