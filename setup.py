@@ -92,29 +92,60 @@ def extensions() -> list:
     return exts
 
 
+def _strict() -> bool:
+    return os.environ.get("LIGHTNING_NCNNQAT_STRICT_BUILD", "") == "1"
+
+
 class OptionalBuildExt(cpp_extension.BuildExtension):
     """Builds each kernel library if it can. A failed build (no C++ compiler, an nvcc that does
     not match torch's CUDA) leaves the package installed on the pure-PyTorch reference, which the
-    import then says in one warning. ``LIGHTNING_NCNNQAT_STRICT_BUILD=1`` makes failures fatal."""
+    import then says in one warning. ``LIGHTNING_NCNNQAT_STRICT_BUILD=1`` makes failures fatal.
+
+    A library that failed is dropped from ``self.extensions`` once the build loop is over, so
+    nothing after it (the in-place copy of an editable install, the outputs a wheel or ``install
+    --record`` lists) looks for it; a copy left in the source tree by an earlier build is removed,
+    since it was built from other sources or for another torch.
+    """
 
     def build_extensions(self) -> None:
+        self._failed: dict[str, str] = {}
         try:  # torch checks the compiler (and its ABI) here, before any extension is built
             super().build_extensions()
         except Exception as exc:  # noqa: BLE001
-            if os.environ.get("LIGHTNING_NCNNQAT_STRICT_BUILD", "") == "1":
+            if _strict():
                 raise
             _log(f"could not build the kernels ({type(exc).__name__}: {exc}); "
                  "installing without them: the pure-PyTorch reference computes the same numbers, slower")
-            self.extensions = []
+            self._failed.update({ext.name: str(exc) for ext in self.extensions})
+        self._dropped = [ext for ext in self.extensions if ext.name in self._failed]
+        self.extensions = [ext for ext in self.extensions if ext.name not in self._failed]
+
+    def run(self) -> None:
+        self._dropped: list = []
+        super().run()  # builds, then (editable / --inplace) copies what was built into the source tree
+        if self.inplace:
+            for ext in self._dropped:
+                self._remove_stale_inplace_copy(ext)
 
     def build_extension(self, ext) -> None:  # noqa: ANN001
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001 - compilers fail in many ways
-            if os.environ.get("LIGHTNING_NCNNQAT_STRICT_BUILD", "") == "1":
+            if _strict():
                 raise
             _log(f"could not build {ext.name} ({type(exc).__name__}: {exc}); "
                  "installing without it: the pure-PyTorch reference computes the same numbers, slower")
+            self._failed[ext.name] = str(exc)
+
+    def _remove_stale_inplace_copy(self, ext) -> None:  # noqa: ANN001
+        """An editable install loads the library from the source tree: drop an older build of it."""
+        build_py = self.get_finalized_command("build_py")
+        fullname = self.get_ext_fullname(ext.name)
+        package_dir = build_py.get_package_dir(".".join(fullname.split(".")[:-1]))
+        stale = os.path.join(package_dir, os.path.basename(self.get_ext_filename(fullname)))
+        if os.path.exists(stale):
+            _log(f"removing {stale}, an earlier build of {ext.name} that would not match these sources")
+            os.remove(stale)
 
 
 setup(
