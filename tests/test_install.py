@@ -67,7 +67,9 @@ def _env(cxx: Path, **extra: str) -> dict[str, str]:
 
 
 def _pip_install(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", *args]
+    # --ignore-installed: never uninstall the package from the environment running the tests
+    # (pip would, for an editable install into another --prefix)
+    cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--ignore-installed", *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
