@@ -171,7 +171,7 @@ def test_byte_identical_to_ncnn2int8(converted, tmp_path: Path) -> None:
     (tmp_path / "t.table").write_text(format_table(rows, "ncnn layer"))
     subprocess.run([str(_tool()), "f.param", "f.bin", "r.param", "r.bin", "t.table"], cwd=tmp_path, check=True,
                    capture_output=True)
-    assert (tmp_path / "r.param").read_text() == res.param_text, name
+    assert (tmp_path / "r.param").read_text() == res.param_text_ncnn2int8, name
     assert (tmp_path / "r.bin").read_bytes() == res.bin_bytes, name
 
 
@@ -232,7 +232,7 @@ def test_gemm_is_quantized_as_ncnn2int8_does(trans_a: int, trans_b: int, tmp_pat
         (tmp_path / "t.table").write_text("")
         subprocess.run([str(_tool()), "f.param", "f.bin", "r.param", "r.bin", "t.table"], cwd=tmp_path, check=True,
                        capture_output=True)
-        assert (tmp_path / "r.param").read_text() == res.param_text
+        assert (tmp_path / "r.param").read_text() == res.param_text_ncnn2int8
         assert (tmp_path / "r.bin").read_bytes() == res.bin_bytes
     # quantize_gemm=False keeps it float (exact, not what ncnn2int8 writes)
     res2 = write_int8(param, data, {}, quantize_gemm=False)
@@ -269,5 +269,5 @@ def test_embed_stays_float_without_rows(tmp_path: Path) -> None:
         (tmp_path / "t.table").write_text("")
         subprocess.run([str(_tool()), "f.param", "f.bin", "r.param", "r.bin", "t.table"], cwd=tmp_path, check=True,
                        capture_output=True)
-        assert (tmp_path / "r.param").read_text() == res.param_text
+        assert (tmp_path / "r.param").read_text() == res.param_text_ncnn2int8
         assert (tmp_path / "r.bin").read_bytes() == res.bin_bytes

@@ -24,7 +24,10 @@ what this module does, without the C++ tool:
 * every other tagged array (float layers' weights) is written as float16 (``storage_type =
   1``), int8 arrays as they are; untagged float32 arrays stay float32 with denormals flushed to
   zero, as ModelWriter does; MemoryData is written untagged whatever it was read as;
-* the ``.param`` is written the way ModelWriter writes it (:mod:`.ncnn_modelwriter`).
+* the ``.param`` is written the way ModelWriter writes it (:mod:`.ncnn_modelwriter`), except
+  that params ncnn reads and ModelWriter drops are kept (``Reshape`` 12/13: without them
+  ncnn2int8's own output segfaults in the runtime); ``Int8Result.param_text_ncnn2int8`` is
+  the tool's exact text.
 
 Layers are addressed by index (layer names may repeat); the table addresses them by name, so a
 quantized layer must carry a unique name.
@@ -80,6 +83,9 @@ class Int8Result:
     requantize: dict[str, tuple[str, float]]  # producer -> (first consumer, output scale)
     gemm_int8: dict[str, dict[str, object]] = field(default_factory=dict)  # Gemm -> its dynamic scales
     float_types: dict[str, str] = field(default_factory=dict)  # data layers left in float -> their type
+    # the .param exactly as ncnn2int8 writes it (param_text keeps what ncnn reads and
+    # ncnn2int8 drops, e.g. Reshape 12/13: see ncnn_modelwriter)
+    param_text_ncnn2int8: str = ""
 
 
 def quantize_weights(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -371,5 +377,6 @@ def write_int8(
                 result.float_types[lay.name] = lay.type
             chunks += _float_chunks(lay, entries, bin_bytes)
     result.param_text = modelwriter_param_text(out_param)
+    result.param_text_ncnn2int8 = modelwriter_param_text(out_param, keep_read_params=False)
     result.bin_bytes = b"".join(chunks)
     return result

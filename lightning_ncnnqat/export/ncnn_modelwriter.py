@@ -13,10 +13,15 @@ ncnn2int8 does not copy the ``.param`` it reads: it loads every layer (``ParamDi
 * layer types the writer has no entry for lose all their params.
 
 :func:`modelwriter_param_text` reproduces that, so a model this package writes is byte-identical
-to ncnn2int8's. One deliberate difference: a layer type the writer does not know (``Cast``,
-``Flip``, ``Shrink``, ...) keeps its params verbatim, since ncnn2int8 would silently turn it into
-a different layer (ncnn reads those params). Same for the ids ncnn reads but the writer drops:
-``Slice`` 2 (indices) and ``Input`` 11 (depth), kept verbatim after the others.
+to ncnn2int8's, with two deliberate differences (``keep_read_params=False`` drops them too):
+
+* a layer type the writer does not know (``Cast``, ``Flip``, ``Shrink``, ...) keeps its params
+  verbatim, since ncnn2int8 would silently turn it into a different layer;
+* ids ncnn reads but the writer drops are kept verbatim after the others: ``Reshape`` 12/13
+  (batch axes: pnnx writes ``12=0 13=0`` next to shape expressions such as
+  ``6="1,1,//(8,0n),0n"``, and without them the ncnn runtime segfaults on that Reshape; seen on
+  a squeeze-excitation block converted by pnnx 20261020, with ncnn2int8's own output), ``Slice``
+  2 (indices), ``Input`` 11 (depth), ``PriorBox`` 14/15.
 """
 
 from __future__ import annotations
@@ -140,7 +145,7 @@ _SPEC_TEXT = {
 }
 
 #: ids ncnn reads that ModelWriter drops; kept verbatim (see the module docstring).
-_KEPT_EXTRA = {"Slice": ("2",), "Input": ("11",)}
+_KEPT_EXTRA = {"Reshape": ("12", "13"), "Slice": ("2",), "Input": ("11",), "PriorBox": ("14", "15")}
 
 _TOKEN = re.compile(r"(\d+):(d|e|ia|fa|s)(?:([=@^])(\S+))?$")
 
@@ -345,29 +350,33 @@ def _shape_hint(params: list[tuple[str, str]], top_count: int) -> str:
     return f" -23330={len(out)}" + "".join(f",{v}" for v in out)
 
 
-def modelwriter_params(typ: str, params: list[tuple[str, str]], top_count: int = 1) -> str:
-    """The params part of a layer line as ModelWriter writes it (leading space per token).
+def modelwriter_params(
+    typ: str, params: list[tuple[str, str]], top_count: int = 1, keep_read_params: bool = True
+) -> str:
+    """The params part of a layer line as ModelWriter writes it (leading space per token); with
+    ``keep_read_params`` plus what ncnn reads and ModelWriter drops (module docstring).
 
     Raises NcnnFormatError when a value cannot be read the way ncnn reads it.
     """
     hint = _shape_hint(params, top_count)
     rest = [(k, v) for k, v in params if k not in ("-23330", "30")]
     if typ not in KNOWN_TYPES:
-        return hint + "".join(f" {k}={v}" for k, v in rest)
+        return hint + ("".join(f" {k}={v}" for k, v in rest) if keep_read_params else "")
     text = hint + _Layer(typ, rest).text()
-    for extra in _KEPT_EXTRA.get(typ, ()):
+    for extra in _KEPT_EXTRA.get(typ, ()) if keep_read_params else ():
         text += "".join(f" {k}={v}" for k, v in rest if k == extra or k == str(-23300 - int(extra)))
     return text
 
 
-def modelwriter_param_text(param) -> str:
-    """The whole ``.param`` (an ``NcnnParam``) as ncnn's ModelWriter writes it."""
+def modelwriter_param_text(param, keep_read_params: bool = True) -> str:
+    """The whole ``.param`` (an ``NcnnParam``) as ncnn's ModelWriter writes it; with
+    ``keep_read_params=False`` exactly, else keeping what ncnn reads (module docstring)."""
     out = [str(7767517), f"{len(param.layers)} {param.blob_count()}"]
     for lay in param.layers:
         head = "%-24s %-24s %d %d" % (lay.type, lay.name, len(lay.bottoms), len(lay.tops))
         blobs = "".join(" " + b for b in lay.bottoms + lay.tops)
         try:
-            params = modelwriter_params(lay.type, lay.params, len(lay.tops))
+            params = modelwriter_params(lay.type, lay.params, len(lay.tops), keep_read_params)
         except (NcnnFormatError, ValueError, KeyError) as e:
             raise NcnnFormatError(f"layer '{lay.name}' ({lay.type}): {e}") from e
         out.append(head + blobs + params)
