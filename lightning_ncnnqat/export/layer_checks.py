@@ -49,6 +49,10 @@ class LayerCheck:
     ok: bool | None  # None: not judged, ncnn's input to this layer was out of int8 conversion range
     ok_without_packing: bool | None = None  # set when flagged: rerun with use_packing_layout=False
     samples_checked: int = 0  # samples whose ncnn input blob could be judged (finite, |x * scale| < 2**30)
+    # int8 (requantized) outputs only: fraction of values one or more int8 steps away from the
+    # QAT reference on ncnn's own input; and the same with use_packing_layout=False
+    int8_step_mismatch: float | None = None
+    int8_step_mismatch_without_packing: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,7 +195,7 @@ def check_layers(
         lay = param.layer(ref.ncnn_name)
         x_all, y_all = blobs[lay.bottoms[0]], blobs[lay.tops[0]]
         s_in = blob_int8_scale(param, lay.bottoms[0], out_scales)
-        iso_ref, chain_ref, got, keep = [], [], [], []
+        iso_ref, chain_ref, got, keep, steps = [], [], [], [], []
         for s in range(len(x_all)):
             x_in = x_all[s] / np.float32(s_in) if s_in is not None else x_all[s]
             iso = isolated_reference(lay, x_in, ref)
@@ -201,6 +205,7 @@ def check_layers(
                 so = out_scales[lay.name]
                 y = y / np.float32(so)
                 iso, ch = fake_quantize(iso, so), fake_quantize(ch, so)
+                steps.append(np.rint(y.ravel() * np.float32(so)) != np.rint(iso.numpy().ravel() * np.float32(so)))
             iso_ref.append(iso.numpy().ravel())
             chain_ref.append(ch.numpy().ravel())
             got.append(y.ravel())
@@ -218,5 +223,10 @@ def check_layers(
             iso_cos, iso_rel = iso_a.cosine, iso_a.max_rel_err
         else:
             ok, iso_cos, iso_rel = None, float("nan"), float("nan")
-        checks.append(LayerCheck(ref.torch_name, ref.ncnn_name, iso_cos, iso_rel, chain_cos, chain_rel, ok, None, int(k.sum())))
+        mismatch = None
+        if steps and k.any():
+            mismatch = float(np.concatenate([st for st, kk in zip(steps, keep) if kk]).mean())
+        checks.append(
+            LayerCheck(ref.torch_name, ref.ncnn_name, iso_cos, iso_rel, chain_cos, chain_rel, ok, None, int(k.sum()), mismatch)
+        )
     return checks
