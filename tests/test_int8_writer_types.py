@@ -88,7 +88,33 @@ class Constants(nn.Module):
         return self.c3(y[:, :1].unsqueeze(1)).flatten(1, 2) + y[:, 1:3]
 
 
-MODELS = {"norms": (Norms, (1, 3, 16, 16)), "sequence": (Sequence, (1, 3, 16, 12)), "constants": (Constants, (1, 3, 8, 8))}
+class OtherDims(nn.Module):
+    """ConvolutionDepthWise1D, Deconvolution(DepthWise)1D, LSTM with projection, RMSNorm,
+    Normalize, ConvolutionDepthWise3D, Deconvolution3D; two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, (8, 3), padding=(0, 1))
+        self.dw1 = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.dc1 = nn.ConvTranspose1d(8, 6, 2, stride=2)
+        self.ddw1 = nn.ConvTranspose1d(6, 6, 3, padding=1, groups=6)
+        self.lstm = nn.LSTM(6, 5, batch_first=True, proj_size=3)
+        self.rms = nn.RMSNorm(3)
+        self.dw3 = nn.Conv3d(2, 2, 3, padding=1, groups=2)
+        self.dc3 = nn.ConvTranspose3d(2, 2, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.ddw1(self.dc1(self.dw1(F.relu(self.c(x)).squeeze(2)))).transpose(1, 2)
+        f = F.normalize(self.rms(self.lstm(f)[0]), dim=-1)
+        return f, self.dc3(self.dw3(x[:, :2].unsqueeze(2))).flatten(1, 2)
+
+
+MODELS = {
+    "norms": (Norms, (1, 3, 16, 16)),
+    "sequence": (Sequence, (1, 3, 16, 12)),
+    "constants": (Constants, (1, 3, 8, 8)),
+    "other_dims": (OtherDims, (1, 3, 8, 6)),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
