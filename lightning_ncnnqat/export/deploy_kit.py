@@ -144,6 +144,10 @@ def _self_test(export_dir: Path, script: str) -> tuple[dict[str, np.ndarray], st
         return run_script(d)
 
 
+def _floats(vals: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in vals) + "]"
+
+
 def _fmt_shape(shape: Shape | None) -> str:
     return "unknown" if shape is None else str(tuple(shape))
 
@@ -172,6 +176,8 @@ def _verified_rows(report: Mapping[str, Any], version: str | None, defaults: dic
     top-level ``int8_vs_qat`` belongs to the first target when a target has none of its own)."""
     rows = _targets(report) or [("this machine", {})]
     hb = report.get("held_batch") or {}
+    opts = [dict(r.get("options") or {}) for _, r in rows]
+    shared = len(rows) > 1 and opts[0] and all(o == opts[0] for o in opts)
     out = []
     for i, (name, r) in enumerate(rows):
         line = f"- **{name}**"
@@ -179,9 +185,10 @@ def _verified_rows(report: Mapping[str, Any], version: str | None, defaults: dic
         feats = [k for k, v in (r.get("cpu_features") or {}).items() if v]
         if cpu or feats:
             line += f" ({', '.join([str(cpu)] * bool(cpu) + feats)})"
-        opts = r.get("options")
-        opt_txt = ", ".join(f"{k}={v}" for k, v in dict(opts).items()) if opts else "ncnn's defaults (below)"
-        line += f": ncnn {r.get('ncnn_version') or version or 'unknown'}, options {opt_txt}"
+        line += f": ncnn {r.get('ncnn_version') or version or 'unknown'}"
+        if not shared:
+            o = opts[i]
+            line += ", options " + (", ".join(f"{k}={v}" for k, v in o.items()) if o else "ncnn's defaults (below)")
         a = r.get("int8_vs_qat") or (report.get("int8_vs_qat") if i == 0 else None)
         if isinstance(a, Mapping) and a.get("cosine") is not None:
             top1 = a.get("top1_agreement")
@@ -189,8 +196,12 @@ def _verified_rows(report: Mapping[str, Any], version: str | None, defaults: dic
             n = a.get("n") or hb.get("n")
             line += f". int8 vs the PyTorch QAT model: cosine {float(a['cosine']):.6f}{top1_txt}"
             if n:
-                line += f" on {n} held samples" + (f" ({hb['source']})" if hb.get("source") else "")
+                line += f" on {n} held samples"
         out.append(line)
+    if hb.get("source"):
+        out.append(f"- held samples: {hb['source']}")
+    if shared:
+        out.append("- options on every target: " + ", ".join(f"{k}={v}" for k, v in opts[0].items()))
     if defaults and not any(r.get("options") for _, r in rows):
         out.append(
             f"- ncnn's default options (ncnn {version}): "
@@ -238,7 +249,7 @@ def deploy_note(
         mv = ", ".join(f"{v:.6g}f" for v in p.mean_vals)
         nv = ", ".join(f"{v:.6g}f" for v in p.norm_vals)
         out += [
-            f"Training fed `Normalize(mean={list(p.mean)}, std={list(p.std)})` on pixels scaled to",
+            f"Training fed `Normalize(mean={_floats(p.mean)}, std={_floats(p.std)})` on pixels scaled to",
             f"[0, {p.input_range:g}], channels in {p.channel_order} order. In ncnn, from 8-bit pixels (0..255):",
             "",
             "```cpp",
