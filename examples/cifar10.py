@@ -42,6 +42,8 @@ from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
+from lightning_ncnnqat.preprocessing import Preprocessing  # noqa: E402
+
 __all__ = [
     "BasicBlock",
     "ResNetCifar",
@@ -408,6 +410,13 @@ class CIFAR10DataModule(LightningDataModule):
         augment: random crop with padding (4 px CIFAR-10, 2 px digits) and, for CIFAR-10 only,
             horizontal flips (flipping digits would change their meaning).
         download: download CIFAR-10 when the files are missing.
+
+    Attributes:
+        preprocessing: the input normalisation (:class:`~lightning_ncnnqat.preprocessing.Preprocessing`:
+            ``Normalize(mean, std)`` on pixels / 255, RGB), known for CIFAR-10 from the start and for
+            digits after ``setup()`` (the training split's statistics). It is saved in checkpoints
+            (``state_dict``) and read by the export, which writes it in ncnn's terms
+            (``mean_vals``/``norm_vals``) into DEPLOY.md.
     """
 
     def __init__(
@@ -445,6 +454,9 @@ class CIFAR10DataModule(LightningDataModule):
         # Indices (into the full digits set / the 50k CIFAR-10 training images) of the split.
         self.train_indices: Tensor | None = None
         self.val_indices: Tensor | None = None
+        self.preprocessing: Preprocessing | None = (
+            Preprocessing(CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else None
+        )
 
     @property
     def cifar_folder(self) -> Path:
@@ -492,6 +504,8 @@ class CIFAR10DataModule(LightningDataModule):
             tr, va = self.train_indices, self.val_indices = _stratified_split(y, self.val_fraction, self.seed)
             mean, std = x[tr].mean().item(), x[tr].std().item()
             stats = ((mean,) * 3, (std,) * 3)
+            # gray digits replicated to RGB: deploy with PIXEL_GRAY2RGB, or PIXEL_RGB on RGB pixels
+            self.preprocessing = Preprocessing(*stats)
             self.train_set = _ImageDataset(x[tr], y[tr], *stats, pad=2 if self.augment else 0)
             self.val_set = _ImageDataset(x[va], y[va], *stats)
             self.test_set = self.val_set
@@ -505,6 +519,14 @@ class CIFAR10DataModule(LightningDataModule):
             self.train_set = _ImageDataset(x[tr], y[tr], *stats, pad=4 if self.augment else 0, flip=self.augment)
             self.val_set = _ImageDataset(x[va], y[va], *stats)
             self.test_set = _ImageDataset(xt, yt, *stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints by Lightning: the normalisation, so an export from the checkpoint has it."""
+        return {} if self.preprocessing is None else {"preprocessing": self.preprocessing.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("preprocessing") is not None:
+            self.preprocessing = Preprocessing.from_dict(state_dict["preprocessing"])
 
     def _loader(self, ds: Dataset | None, shuffle: bool) -> DataLoader:
         if ds is None:

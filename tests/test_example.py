@@ -7,6 +7,7 @@ with QAT and export (marked ``slow``; ~30 s on 2 cores).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -164,6 +165,23 @@ def test_digits_images(digits: ex.CIFAR10DataModule) -> None:
     assert y[0].item() == int(load_digits().target[i])
 
 
+def test_digits_preprocessing_is_the_normalisation_applied(digits: ex.CIFAR10DataModule) -> None:
+    p = digits.preprocessing
+    assert p is not None and p.channel_order == "RGB" and p.input_range == 1.0
+    assert p.mean == (digits.val_set.mean[0].item(),) * 3 and p.std == (digits.val_set.std[0].item(),) * 3
+    # 8-bit gray pixels replicated to RGB, normalised by the ncnn formula == the dataset's tensor
+    img = (digits.val_set.images[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    x = digits.val_set[0][0].numpy()
+    ncnn_like = (img.astype(np.float32).transpose(2, 0, 1) - np.float32(p.mean_vals[0])) * np.float32(p.norm_vals[0])
+    assert np.abs(ncnn_like - x).max() < 0.5 / 255 / p.std[0] + 1e-4  # within half a pixel level
+    # saved in checkpoints (Lightning stores the datamodule's state_dict) and restored from them
+    state = digits.state_dict()
+    fresh = ex.CIFAR10DataModule()
+    assert fresh.preprocessing is None
+    fresh.load_state_dict(state)
+    assert fresh.preprocessing == p
+
+
 def test_digits_train_loader_shuffles_and_augments(digits: ex.CIFAR10DataModule) -> None:
     torch.manual_seed(0)
     a = digits.train_set[0][0]
@@ -224,6 +242,10 @@ def test_cifar10_reads_pickle_batches(tmp_path: Path) -> None:
     std = torch.tensor(ex.CIFAR10_STD).view(3, 1, 1)
     expected = (torch.as_tensor(data[3], dtype=torch.float32).view(3, 32, 32) / 255 - mean) / std
     assert torch.allclose(x, expected, atol=1e-6) and y.item() == labels[3]
+    # the recorded preprocessing reproduces it from the 8-bit HxWx3 pixels
+    assert dm.preprocessing is not None and dm.preprocessing.mean == ex.CIFAR10_MEAN
+    pixels = data[3].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.abs(dm.preprocessing.normalize(pixels) - x.numpy()).max() < 1e-5
     # Validation index i of the 50k training images -> batch i // 20, row i % 20.
     i = int(dm.val_indices[0])
     data_b, labels_b = written[ex.CIFAR10_TRAIN_FILES[i // 20]]
@@ -328,6 +350,7 @@ def test_cli_tiny_fit_with_qat_exports(tmp_path: Path) -> None:
         "--trainer.callbacks.start_epoch=1",
         f"--trainer.callbacks.export_dir={export_dir}",
         cwd=tmp_path,  # nothing may be written to the repository or need it as cwd
+        timeout=600,  # the export runs the ARM targets under emulation where they are set up
     )
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
@@ -336,3 +359,18 @@ def test_cli_tiny_fit_with_qat_exports(tmp_path: Path) -> None:
     assert "report.json" in files, files
     param = (export_dir / "model.int8.param").read_text()
     assert param.startswith("7767517") and "Convolution" in param
+    # re-export from the run's checkpoint with the example's datamodule: real validation samples
+    # for the parity report, and the normalisation in ncnn's terms in DEPLOY.md
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    re_dir = tmp_path / "re"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "-m", "lightning_ncnnqat", "export", str(ckpt), "--model", "examples.cifar10:CIFARClassifier",
+         "--datamodule", "examples.cifar10:CIFAR10DataModule", "--export-dir", str(re_dir), "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a layer flagged (a 2-epoch model); not an error
+    report = json.loads((re_dir / "report.json").read_text())
+    assert report["held_batch"]["n"] == 64 and "CIFAR10DataModule.val_dataloader()" in report["held_batch"]["source"]
+    note = (re_dir / "DEPLOY.md").read_text()
+    assert "substract_mean_normalize" in note and "PIXEL_RGB" in note
