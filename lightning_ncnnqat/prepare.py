@@ -105,7 +105,7 @@ def _find_bn(name: str, m: nn.Module, flow: DataFlow) -> tuple[str | None, BNMat
     if len(call.outputs) != 1:
         return None, None, None
     readers = flow.consumers.get(call.outputs[0], [])
-    if len(readers) != 1:
+    if len(readers) != 1:  # neither QAT nor the converters fold a BN whose input has other readers
         return None, None, None
     reader = flow.nodes[readers[0]]
     bn = reader.module
@@ -124,6 +124,23 @@ def _find_bn(name: str, m: nn.Module, flow: DataFlow) -> tuple[str | None, BNMat
     if bn.running_mean.numel() != out:
         return None, None, f"{what}: {bn.running_mean.numel()} channels, the layer has {out}"
     return reader.target, match, None
+
+
+def _unfolded_bn_notes(layers: dict[str, LayerPlan], flow: DataFlow) -> dict[str, str]:
+    """A line for every BN-like module reading a quantized layer's output that is not folded (the
+    output has other readers): it runs in float after the int8 layer, in ncnn as in PyTorch."""
+    folded = {p.bn for p in layers.values() if p.bn}
+    notes: dict[str, str] = {}
+    for name in layers:
+        for out in flow.module_calls(name)[0].outputs:
+            for i in flow.consumers.get(out, []):
+                node = flow.nodes[i]
+                if node.module is not None and is_bn_like(node.module) and node.target not in folded:
+                    notes[node.target] = (
+                        f"{type(node.module).__name__} not folded into '{name}' (its output has other readers): "
+                        "runs in float after it, as the converters leave it"
+                    )
+    return notes
 
 
 def _traced(model: nn.Module, args: tuple, kwargs: dict) -> tuple[DataFlow, DataFlow | None, str | None]:
@@ -170,6 +187,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
             floats[name] = reason
         elif bn is not None and match is not None:
             layers[name].bn, layers[name].bn_eps, layers[name].bn_tail = bn, match.eps, list(match.tail)
+    notes.update(_unfolded_bn_notes(layers, flow))
     # Readers of one tensor share one range, owned by the first reader in call order.
     owner_of_value: dict[int, str] = {}
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):

@@ -58,6 +58,7 @@ def test_bn_not_folded_when_conv_output_has_another_reader() -> None:
     plan = prepare_qat(m, torch.randn(1, 3, 8, 8))
     assert plan.layers["conv"].bn is None
     assert type(m.bn) is nn.BatchNorm2d
+    assert "not folded into 'conv'" in plan.notes["bn"] and "not folded" in plan.summary()
 
 
 def test_grouped_convs_quantized_when_asked() -> None:

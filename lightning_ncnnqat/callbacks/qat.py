@@ -6,9 +6,10 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -20,6 +21,24 @@ from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantiz
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 
 _PREFLIGHT_MODULE = "lightning_ncnnqat.export.preflight"
+
+
+@contextlib.contextmanager
+def _ranges_unsynced(pl_module: Any) -> Iterator[None]:
+    """Turn off the ranges' DDP all-reduce while rank 0 alone runs the export (or its preflight).
+
+    The export fills ranges no training step set with one forward on a copy of the model; a
+    collective there would wait forever for the other ranks. The flag is copied with the model.
+    """
+    qs = list(input_quantizers(pl_module).values()) if get_plan(pl_module) is not None else []
+    flags = [q.sync for q in qs]
+    for q in qs:
+        q.sync = False
+    try:
+        yield
+    finally:
+        for q, flag in zip(qs, flags):
+            q.sync = flag
 
 
 def _preflight_function(name: str) -> Callable[..., Any] | None:
@@ -266,7 +285,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             def run() -> None:
                 preflight = _preflight_function("preflight")
                 if preflight is not None:
-                    preflight(pl_module, example)
+                    with _ranges_unsynced(pl_module):
+                        preflight(pl_module, example)
 
             self._on_rank_zero(trainer, "export preflight", run)
 
@@ -326,14 +346,15 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_dir = self._export_path(trainer)
         example = self._example(pl_module)
         held, source = self._held_batch(trainer, pl_module, example)
-        return export(
-            pl_module,
-            export_dir,
-            example_input=example,
-            held_batch=held,
-            held_batch_source=source,
-            verbose=self.verbose,
-        )
+        with _ranges_unsynced(pl_module):
+            return export(
+                pl_module,
+                export_dir,
+                example_input=example,
+                held_batch=held,
+                held_batch_source=source,
+                verbose=self.verbose,
+            )
 
     def _held_batch(self, trainer: Any, pl_module: Any, example: Any) -> tuple[Any, str]:
         """Real inputs for the parity report, structured like ``example`` (Tensor, tuple or dict):
