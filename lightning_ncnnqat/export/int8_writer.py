@@ -219,7 +219,9 @@ def _check_specs(param: NcnnParam, specs: dict[str, Int8Spec]) -> dict[int, Int8
             raise LayerError(spec.torch_name, f"layer '{spec.torch_name}': ncnn layer '{name}' {what}")
         lay = param.layers[hits[0]]
         if lay.type not in INT8_TYPES:
-            raise LayerError(spec.torch_name, f"layer '{spec.torch_name}': ncnn layer '{name}' is {lay.type}, not int8-capable")
+            raise LayerError(
+                spec.torch_name, f"layer '{spec.torch_name}': ncnn layer '{name}' is {lay.type}, not int8-capable"
+            )
         if lay.get_int(8, 0):
             raise LayerError(spec.torch_name, f"layer '{spec.torch_name}': ncnn layer '{name}' is already int8")
         n = lay.get_int(7, 1) if lay.type == "ConvolutionDepthWise" else lay.get_int(0, 0)

@@ -202,7 +202,9 @@ _RULES: dict[str, Callable] = {
     + ([_r("weight_scale", 1)] if g(18, 0) else []),
     "BatchNorm": lambda lay, g: [_r(r, g(0, 0)) for r in ("slope", "mean", "var", "bias")],
     "Bias": lambda lay, g: [_r("bias", g(0, 0))],
-    "Scale": lambda lay, g: [] if g(0, 0) == -233 else [_r("scale", g(0, 0))] + ([_r("bias", g(0, 0))] if g(1, 0) else []),
+    "Scale": lambda lay, g: []
+    if g(0, 0) == -233
+    else [_r("scale", g(0, 0))] + ([_r("bias", g(0, 0))] if g(1, 0) else []),
     "PReLU": lambda lay, g: [_r("slope", g(0, 0))],
     "Normalize": lambda lay, g: [_r("scale", g(3, 0))],
     "Padding": lambda lay, g: [_r("per_channel_pad", g(6, 0))] if g(6, 0) > 0 else [],
@@ -259,7 +261,8 @@ def locate(layers, data: bytes) -> list[list[BinEntry]]:
                     e.nbytes = 4 + _align4(e.count)
                 else:
                     raise NcnnFormatError(
-                        f"layer '{lay.name}': {e.role} has tag 0x{e.tag:08X} (only float32, float16 and int8 are handled)"
+                        f"layer '{lay.name}': {e.role} has tag 0x{e.tag:08X} "
+                        "(only float32, float16 and int8 are handled)"
                     )
             else:
                 e.nbytes = 4 * e.count
