@@ -1,0 +1,277 @@
+"""``calibrate()``: ncnn's post-training calibration (ncnn2table) in PyTorch.
+
+Same layers as QAT (``prepare.plan_qat``), same BN-folded float weights as the export, and per
+layer exactly the numbers ``tools/quantize/ncnn2table.cpp`` computes from the same inputs:
+input threshold and scale (KL / ACIQ / EQ), per-channel weight scales. The result writes the
+calibration table for a converted model, keyed by its ncnn layer names, so ncnn2int8 (or the
+package's own int8 writer) gives ncnn's PTQ model without building ncnn's C++ tools.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..batches import INPUT_KEYS, model_input
+from ..config import QATConfig
+from ..export.tables import TableRow, format_table
+from ..prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
+from . import eq as eq_search
+from .aciq import aciq_threshold
+from .histogram import InputStats, collect_input_stats, tap_inputs
+from .kl import kl_threshold, scale_from_threshold
+from .table import layer_order, ncnn2table_text, ncnn_names_by_weights, ncnn_names_from_report, rows_for
+from .weights import METHODS, weight_scales
+
+
+@dataclass
+class LayerCalibration:
+    """One quantized layer's calibration (the ``name`` row and the ``name_param_0`` row).
+
+    ``input_scale = 127 / input_threshold`` (float32 multiplier, ``q = round(x * scale)``);
+    ``input_absmax`` and ``input_threshold`` are in the unit of the layer's input. ``weight``
+    and ``bias`` are the BN-folded float32 tensors the scales were computed from (CPU).
+    """
+
+    name: str
+    kind: str
+    weight_bits: int
+    input_owner: str
+    input_absmax: float
+    input_threshold: float
+    input_scale: float
+    weight_scales: Tensor  # float32 [num_groups]
+    elements_per_sample: int
+    threshold_bin: int | None = None  # KL's chosen bin count T (128..2047)
+    histogram: np.ndarray | None = field(default=None, repr=False)  # int64 [2048]
+    weight: Tensor | None = field(default=None, repr=False)
+    bias: Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` computed, by torch layer name, in the model's module order."""
+
+    method: str
+    layers: dict[str, LayerCalibration]
+    float_layers: dict[str, str]
+    num_samples: int
+    warnings: list[str] = field(default_factory=list)
+
+    def input_scales(self) -> dict[str, float]:
+        return {n: c.input_scale for n, c in self.layers.items()}
+
+    def table_rows(self, names: Mapping[str, str], order: Sequence[str] | None = None) -> list[TableRow]:
+        """Rows keyed by ``names[torch_name]`` (ncnn or ONNX layer names), in ``order`` if given."""
+        return rows_for(self.layers, names, order)
+
+    def table_text(self, names: Mapping[str, str], order: Sequence[str] | None = None, style: str = "package") -> str:
+        """The table text; ``style="ncnn2table"`` prints it as the tool does (``%f``).
+
+        Raises:
+            ValueError: unknown style; LayerError: a name ncnn2int8 cannot read, a bad scale.
+        """
+        rows = self.table_rows(names, order)
+        if style == "package":
+            return format_table(rows, "ncnn layer")
+        if style == "ncnn2table":
+            return ncnn2table_text(rows)
+        raise ValueError(f"`style` must be 'package' or 'ncnn2table', got {style!r}")
+
+    def ncnn_names(self, param_path: str | Path, bin_path: str | Path | None = None) -> dict[str, str]:
+        """torch -> ncnn layer names for a converted float model, by weights (``bin_path``), or
+        from an export's ``report.json`` when ``param_path`` is that file."""
+        if bin_path is None:
+            return ncnn_names_from_report(param_path)
+        return ncnn_names_by_weights(list(self.layers.values()), param_path, bin_path)
+
+    def write_ncnn_table(
+        self, path: str | Path, param_path: str | Path, bin_path: str | Path, style: str = "package"
+    ) -> dict[str, str]:
+        """Write the table for the float ncnn model ``param_path``/``bin_path`` (e.g. an export's
+        ``model.ncnn.param/.bin``, or pnnx output with ``fp16=0``); returns the name map used.
+
+        Feed it to ``ncnn2int8 model.param model.bin int8.param int8.bin TABLE``.
+        """
+        names = self.ncnn_names(param_path, bin_path)
+        text = self.table_text(names, layer_order(param_path), style)
+        Path(path).write_text(text)
+        return names
+
+
+def _batches_from(data: Any, num_batches: int | None) -> Iterator[Tensor]:
+    if isinstance(data, Tensor):
+        data = [data]
+    it = iter(data)
+    for i, batch in enumerate(it):
+        if num_batches is not None and i >= num_batches:
+            break
+        x = model_input(batch)
+        if x is None:
+            raise TypeError(
+                f"calibration batch {i} is a {type(batch).__name__}: expected a tensor, or a batch holding the "
+                f"input tensor first (or under one of the keys {', '.join(INPUT_KEYS)})"
+            )
+        yield x.detach()
+
+
+def _copy_without_trainer(model: nn.Module) -> nn.Module:
+    """A deep copy that does not copy a LightningModule's Trainer / Fabric references."""
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        obj = model.__dict__.get(attr)
+        if obj is not None:
+            memo[id(obj)] = None
+    return copy.deepcopy(model, memo)
+
+
+def _folded_copy(model: nn.Module, example: Any, config: QATConfig | None) -> tuple[nn.Module, QATPlan]:
+    """The BN-folded float copy of ``model`` and its plan; ``model`` is left untouched."""
+    plan = get_plan(model)
+    if plan is not None:
+        return folded_float_model(model), plan
+    plan = plan_qat(model, example, config)
+    if not plan.layers:
+        raise ValueError(f"{type(model).__name__} has no layer ncnn can run in int8; nothing to calibrate")
+    work = _copy_without_trainer(model)
+    apply_plan(work, plan)
+    return folded_float_model(work), plan
+
+
+def _input_threshold(method: str, stats: InputStats, name: str) -> tuple[float, int | None]:
+    if method == "aciq":
+        return aciq_threshold(stats.absmax, stats.elements_per_sample), None
+    t, thr = kl_threshold(stats.histogram, stats.absmax)
+    return thr, t
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any] | Tensor,
+    example_input: Any = None,
+    method: str = "kl",
+    num_batches: int | None = None,
+    *,
+    config: QATConfig | None = None,
+    device: str | torch.device | None = None,
+    cache_batches: bool = True,
+    eq_samples: int = eq_search.MAX_SAMPLES,
+) -> CalibrationResult:
+    """ncnn2table's calibration of ``model`` on ``data``, per layer QAT would quantize.
+
+    Args:
+        model: a float ``nn.Module`` / LightningModule (or one already prepared for QAT: its
+            folded float weights are used). Never modified.
+        data: a DataLoader, any iterable of batches (a tensor ``[N, C, H, W]`` float32, an
+            ``(inputs, targets)`` tuple, a dict with an input key), or one tensor. Inputs are
+            exactly what the model takes (what ncnn2table reads from ``.npy`` with ``type=1``).
+        example_input: input for planning (tracing); defaults to the first batch's input.
+        method: "kl" (2048-bin histogram, KL search), "aciq" (Gaussian clip), or "eq" (KL, then
+            the cosine search; slow: 100 int8 runs of each layer per scale).
+        num_batches: use only the first ``num_batches`` batches.
+        config: the QAT config deciding which layers are quantized and the 6-bit 3x3 rule
+            (default ``QATConfig()``, which matches ncnn2table's layer choice except grouped convs).
+        device: where the model runs (default: where its parameters are).
+        cache_batches: keep the inputs of the first pass in CPU memory for the second (else
+            ``data`` is iterated again and must give the same batches in the same order).
+        eq_samples: samples EQ evaluates (the tool: the first 50).
+    Returns:
+        A :class:`CalibrationResult` (float32 scales; thresholds in the input's unit).
+    Raises:
+        ValueError: unknown method, empty data, a layer input with NaN/inf, or nothing to quantize.
+        TypeError: a batch with no input tensor.
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"`num_batches` must be a positive int or None, got {num_batches!r}")
+    cached: list[Tensor] | None = None
+    if cache_batches:
+        cached = [x.cpu() for x in _batches_from(data, num_batches)]
+        if not cached:
+            raise ValueError("`data` gave no calibration batch")
+
+    def batches() -> Iterable[Tensor]:
+        return cached if cached is not None else _batches_from(data, num_batches)
+
+    if example_input is None:
+        example_input = next(iter(batches()), None)
+        if example_input is None:
+            raise ValueError("`data` gave no calibration batch")
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    ex = example_input if isinstance(example_input, tuple) else model_input(example_input)
+    if ex is None:
+        raise TypeError(f"`example_input` must be a tensor or a batch holding one, got {type(example_input).__name__}")
+    folded, plan = _folded_copy(model, ex.to(device) if isinstance(ex, Tensor) else ex, config)
+    folded = folded.to(device).eval()
+    names = [n for n, _ in folded.named_modules() if n in plan.layers]
+    stats = collect_input_stats(folded, names, batches, device, histogram=method != "aciq")
+    modules = dict(folded.named_modules())
+    result = CalibrationResult(method, {}, dict(plan.float_layers), num_samples=stats[names[0]].samples)
+    for name in names:
+        p, s, m = plan.layers[name], stats[name], modules[name]
+        thr, t = _input_threshold(method, s, name)
+        scale = scale_from_threshold(thr)
+        if not (np.isfinite(scale) and scale > 0):
+            result.warnings.append(
+                f"layer '{name}': its input is zero on every calibration sample (threshold {thr}); "
+                "ncnn2table writes scale inf there; scale 1 is used"
+            )
+            scale = 1.0
+        w = m.weight.detach().float().cpu()
+        result.layers[name] = LayerCalibration(
+            name=name, kind=p.kind, weight_bits=p.weight_bits, input_owner=p.input_owner,
+            input_absmax=s.absmax, input_threshold=thr, input_scale=scale,
+            weight_scales=weight_scales(w, p.num_groups, p.weight_bits, method),
+            elements_per_sample=s.elements_per_sample, threshold_bin=t, histogram=s.histogram,
+            weight=w, bias=None if m.bias is None else m.bias.detach().float().cpu(),
+        )
+    if method == "eq":
+        _run_eq(folded, result, plan, batches, device, eq_samples)
+    return result
+
+
+def _run_eq(
+    folded: nn.Module, result: CalibrationResult, plan: QATPlan, batches: Any, device: torch.device, n_max: int
+) -> None:
+    """Replace the KL scales of ``result`` with EQ's (inputs of the first ``n_max`` samples)."""
+    names = list(result.layers)
+    inputs: dict[str, list[Tensor]] = {n: [] for n in names}
+    seen = 0
+
+    def grab(name: str, x: Tensor) -> None:
+        inputs[name].append(x.detach().float().cpu())
+
+    with tap_inputs(folded, names, grab), torch.no_grad():
+        for x in batches():
+            if seen >= n_max:
+                break
+            folded(x[: n_max - seen].to(device))
+            seen += min(int(x.shape[0]), n_max - seen)
+    modules = dict(folded.named_modules())
+    for name in names:
+        c = result.layers[name]
+        layer = eq_search.Int8Layer(modules[name].cpu(), plan.layers[name].num_groups)
+        ws, s_in = eq_search.search_layer(layer, torch.cat(inputs[name]), c.weight_scales, c.input_scale)
+        c.weight_scales, c.input_scale = ws, s_in
+        c.input_threshold = float(np.float32(127) / np.float32(s_in))
+    owners: dict[str, list[str]] = {}
+    for name, c in result.layers.items():
+        owners.setdefault(c.input_owner, []).append(name)
+    for owner, readers in owners.items():
+        vals = {result.layers[r].input_scale for r in readers}
+        if len(vals) > 1:
+            result.warnings.append(
+                f"EQ gave the readers {readers} of one tensor different input scales {sorted(vals)}; ncnn2int8's "
+                "requantize fusion assumes one scale per tensor"
+            )

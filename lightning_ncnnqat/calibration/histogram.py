@@ -1,0 +1,139 @@
+"""Statistics of each quantized layer's input over the calibration data: absmax, then histogram.
+
+ncnn2table (``tools/quantize/ncnn2table.cpp``) walks its inputs twice, one sample at a time:
+
+1. ``absmax``: the largest ``fabs(x)`` of the layer's input blob over all samples;
+2. a 2048-bin histogram of ``fabs(x)``: bin ``min((int)(fabs(x) / absmax * 2048), 2047)``
+   computed in float, exact zeros skipped.
+
+ACIQ also needs ``total``: the element count of ONE sample's blob (``c * h * w``; the tool
+keeps the last sample's, all are the same size). A batch gives the same counts as its samples
+one by one, so batches are fed whole. Inputs are read with forward pre-hooks on the folded
+float model; nothing is modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+NUM_BINS = 2048
+
+
+@dataclass
+class InputStats:
+    """One layer's input statistics (float32 ``absmax`` in the input's unit)."""
+
+    absmax: float = 0.0
+    elements_per_sample: int = 0
+    samples: int = 0
+    histogram: np.ndarray | None = field(default=None, repr=False)  # int64 [2048]
+
+
+def finite_absmax_of(name: str, x: Tensor) -> float:
+    """max |x| as a float32 value; raise naming the layer if ``x`` holds NaN or inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"layer '{name}': its input holds NaN or inf on a calibration batch; ncnn2table's "
+            "histogram is undefined there (check the model and the data)"
+        )
+    return float(x.detach().abs().amax().float().item()) if x.numel() else 0.0
+
+
+def histogram_of(x: Tensor, absmax: float) -> Tensor:
+    """ncnn2table's 2048-bin histogram of ``|x|`` (int64 ``[2048]``, zeros skipped).
+
+    ``fabs(x) / absmax`` is one float32 division (computed in float64 and rounded once, which
+    is the same correctly rounded value), times 2048 (exact), truncated, capped at 2047.
+    """
+    v = x.detach().reshape(-1).float().abs()
+    v = v[v != 0]
+    if v.numel() == 0 or absmax <= 0:
+        return torch.zeros(NUM_BINS, dtype=torch.int64)
+    ratio = (v.double() / float(np.float32(absmax))).float()
+    idx = torch.clamp((ratio * NUM_BINS).to(torch.int64), max=NUM_BINS - 1)
+    return torch.bincount(idx.cpu(), minlength=NUM_BINS)
+
+
+@contextmanager
+def tap_inputs(model: nn.Module, names: Iterable[str], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Call ``fn(layer_name, input_tensor)`` for every call of the named modules during the block."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"layer '{name}' is not a module of {type(model).__name__}")
+
+        def hook(module: nn.Module, args: tuple, _name: str = name) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"layer '{_name}' was called without a tensor as its first argument")
+            fn(_name, args[0])
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_batches(model: nn.Module, batches: Iterable[Tensor], device: torch.device) -> int:
+    """Forward every batch (no grad); return the number of samples seen."""
+    n = 0
+    with torch.no_grad():
+        for x in batches:
+            model(x.to(device))
+            n += int(x.shape[0])
+    return n
+
+
+def collect_input_stats(
+    model: nn.Module,
+    names: list[str],
+    batches: Callable[[], Iterable[Tensor]],
+    device: torch.device,
+    histogram: bool,
+) -> dict[str, InputStats]:
+    """Absmax pass, then (if ``histogram``) the histogram pass, over ``batches()`` each time.
+
+    Args:
+        model: the folded float model (eval mode).
+        names: the layers whose inputs are measured.
+        batches: returns a fresh iterable of input tensors ``[N, ...]`` (float32) for each pass.
+        device: where the model runs.
+        histogram: run the second pass (KL, EQ); ACIQ needs only the first.
+    Raises:
+        ValueError: a layer input holds NaN/inf, or a layer was never called.
+    """
+    stats = {n: InputStats() for n in names}
+
+    def absmax_hook(name: str, x: Tensor) -> None:
+        s = stats[name]
+        s.absmax = max(s.absmax, finite_absmax_of(name, x))
+        s.elements_per_sample = int(x[0].numel()) if x.dim() else 1
+        s.samples += int(x.shape[0]) if x.dim() else 1
+
+    with tap_inputs(model, names, absmax_hook):
+        total = run_batches(model, batches(), device)
+    if total == 0:
+        raise ValueError("`data` gave no calibration batch")
+    missing = [n for n, s in stats.items() if s.samples == 0]
+    if missing:
+        raise ValueError(f"layers {missing} were never called on the calibration data")
+    if not histogram:
+        return stats
+    hists = {n: torch.zeros(NUM_BINS, dtype=torch.int64) for n in names}
+
+    def hist_hook(name: str, x: Tensor) -> None:
+        hists[name] += histogram_of(x, stats[name].absmax)
+
+    with tap_inputs(model, names, hist_hook):
+        run_batches(model, batches(), device)
+    for n in names:
+        stats[n].histogram = hists[n].numpy()
+    return stats
