@@ -109,7 +109,23 @@ class OtherDims(nn.Module):
         return f, self.dc3(self.dw3(x[:, :2].unsqueeze(2))).flatten(1, 2)
 
 
+class Attention(nn.Module):
+    """Linear on 3-D (Gemm) feeding scaled_dot_product_attention (SDPA: ncnn2int8 sets 18=2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, (8, 1))
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.c(x).squeeze(2).transpose(1, 2)
+        q = self.q(t).view(1, -1, 2, 4).transpose(1, 2)
+        k = self.k(t).view(1, -1, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, k).transpose(1, 2).flatten(2)
+
+
 MODELS = {
+    "attention": (Attention, (1, 3, 8, 6)),
     "norms": (Norms, (1, 3, 16, 16)),
     "sequence": (Sequence, (1, 3, 16, 12)),
     "constants": (Constants, (1, 3, 8, 8)),
