@@ -290,6 +290,7 @@ def export_checkpoint(
     datamodule: str | None = None,
     held_batch_size: int | None = None,
     preprocessing: Preprocessing | dict[str, Any] | None = None,
+    targets: str | list[str] = "auto",
 ) -> Any:
     """Rebuild ``model_spec`` from ``checkpoint`` and export it (what the CLI runs).
 
@@ -300,8 +301,14 @@ def export_checkpoint(
     """
     from .export import export
 
+    from .export.api import resolve_targets
+
     if held_batch is not None and datamodule is not None:
         raise UsageError("give --held-batch or --datamodule, not both")
+    try:
+        resolve_targets(targets)
+    except ValueError as e:
+        raise UsageError(f"--targets: {e}") from e
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, model_spec)
     dm = None
@@ -334,19 +341,13 @@ def export_checkpoint(
             "pkg.module:DataModule or --held-batch FILE for real samples",
             file=sys.stderr,
         )
-    kwargs: dict[str, Any] = {"held_batch": held, "held_batch_source": source, "verbose": verbose}
-    takes_pre = "preprocessing" in inspect.signature(export).parameters
-    if takes_pre:
-        kwargs["preprocessing"] = pre
     try:
-        report = export(model, out, example_input=example, **kwargs)
-    except (TypeError, ValueError) as e:  # argument checks of export() (held batch shape, ...)
+        return export(
+            model, out, example_input=example, held_batch=held, held_batch_source=source, verbose=verbose,
+            targets=targets, preprocessing=pre,
+        )
+    except (TypeError, ValueError) as e:  # argument checks of export() (held batch shape, targets, ...)
         raise UsageError(str(e)) from e
-    if not takes_pre:  # until export() writes the kit itself
-        from .export.deploy_kit import write_deploy_kit
-
-        write_deploy_kit(out, report.to_dict(), pre)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         help='input normalisation for DEPLOY.md, JSON or a .json file: {"mean": [...], "std": [...], '
         '"input_range": 1.0, "channel_order": "RGB"} (default: the datamodule\'s `preprocessing`)',
     )
+    ex.add_argument(
+        "--targets", default="auto", type=lambda t: t if t == "auto" else [x for x in t.split(",") if x],
+        help="where parity runs: 'auto' (this machine + every emulated ARM profile that is set up) or a "
+        "comma-separated list of x86, arm64-a53, arm64-a76",
+    )
     ex.add_argument("--quiet", action="store_true", help="do not print progress and the summary")
     args = parser.parse_args(argv)
     from .export import ExportError
@@ -403,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         report = export_checkpoint(
             args.checkpoint, args.model, args.export_dir, args.input_shape, args.held_batch, not args.quiet,
             datamodule=args.datamodule, held_batch_size=args.held_batch_size, preprocessing=pre,
+            targets=args.targets,
         )
     except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -94,7 +94,7 @@ def _error(capsys, *argv: str) -> str:  # noqa: ANN001
 
 
 def _args(ckpt: Path, out: Path, model: str = "lit_models:LitMixed") -> list[str]:
-    return [str(ckpt), "--model", model, "--export-dir", str(out), "--quiet"]
+    return [str(ckpt), "--model", model, "--export-dir", str(out), "--quiet", "--targets", "x86"]
 
 
 # ---- errors
@@ -161,6 +161,7 @@ def test_held_batch_mistakes(ckpts, tmp_path: Path, capsys) -> None:  # noqa: AN
     msg = _error(capsys, *base, "--datamodule", "test_cli:Missing")
     assert "--datamodule: module 'test_cli' has no attribute 'Missing'" in msg
     assert "--preprocessing" in _error(capsys, *base, "--preprocessing", '{"mean": [0.5], "std": [0.0]}')
+    assert "unknown target(s) ['riscv']" in _error(capsys, *base, "--targets", "riscv")
 
 
 def test_real_entry_point_prints_no_traceback(ckpts, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def kit(tmp_path_factory):
     model.eval()
     held = make_data(16, 16, seed=1).tensors[0]
     out = tmp_path_factory.mktemp("kit")
-    report = export(model, out, held[:1], held, verbose=False, timing_runs=2)
+    report = export(model, out, held[:1], held, verbose=False, timing_runs=2, targets="x86")
     names = write_deploy_kit(out, report.to_dict(), CIFAR)
     return model, report, out, held, names
 
