@@ -225,3 +225,22 @@ def test_trace_records_functional_ops_and_inplace_versions() -> None:
     (dw_call,) = flow.module_calls("dw")
     assert dw_call.inputs[0] == relu_call.outputs[0]
     assert any(n.target in ("__add__", "add") for n in flow.nodes if n.module is None)
+
+
+def test_subclasses_overriding_forward_are_judged_by_their_math() -> None:
+    from lightning_ncnnqat.prepare import unprepare
+
+    class SameLinear(nn.Linear):  # like timm's Linear: forward overridden, plain F.linear
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight, self.bias)
+
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    m = nn.Sequential(ScaledConv(3, 4, 3), nn.ReLU(), nn.Flatten(), SameLinear(4 * 6 * 6, 5))
+    plan = prepare_qat(m, torch.randn(2, 3, 8, 8))
+    assert set(plan.layers) == {"3"} and isinstance(m[3], QATLinear)
+    assert "other math" in plan.float_layers["0"]
+    unprepare(m)
+    assert type(m[3]) is SameLinear
