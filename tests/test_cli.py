@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from lightning_ncnnqat import QATCallback
-from lightning_ncnnqat.__main__ import UsageError, load_held_batch, main
+from lightning_ncnnqat.__main__ import main
+from lightning_ncnnqat.cli_inputs import UsageError, load_held_batch
 from lightning_ncnnqat.preprocessing import Preprocessing
 from lit_models import LitMixed, loader, make_data
 
