@@ -27,6 +27,7 @@ from lightning_ncnnqat.targets import (
     environment_problem,
     worker_command,
 )
+from lightning_ncnnqat.targets.arm_env import host_ncnn_version
 from lightning_ncnnqat.targets.check import probe_hwcaps, run_check
 
 ARM = sorted(PROFILES)
@@ -148,3 +149,28 @@ def test_exported_model_on_a_profile_agrees_with_x86(small_export, stem: str, ta
     got = res.outputs["out0"]
     assert got.shape == host.shape
     assert cosine(got, host) >= 0.9999, (target, stem, cosine(got, host))
+
+
+@needs_arm
+def test_setup_is_a_no_op_when_current(capsys) -> None:
+    import time
+
+    from lightning_ncnnqat.targets.build import setup
+    from lightning_ncnnqat.targets.cli import main
+
+    t0 = time.monotonic()
+    stamp = setup()
+    assert time.monotonic() - t0 < 5.0  # no apt, no pip: the stamp matches
+    assert stamp["ncnn"] == host_ncnn_version()
+    assert "up to date" in capsys.readouterr().out
+    assert main(["where"]) == 0 and "ready" in capsys.readouterr().out
+
+
+def test_where_fails_on_an_empty_home(tmp_path: Path, monkeypatch, capsys) -> None:
+    from lightning_ncnnqat.targets.cli import main
+
+    monkeypatch.setenv(HOME_ENV, str(tmp_path))
+    assert main(["where"]) == 1
+    assert "not set up" in capsys.readouterr().out
+    assert main(["check"]) == 1
+    assert SETUP_COMMAND in capsys.readouterr().err
