@@ -27,7 +27,15 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .arm_env import GUEST_PYTHON, STAMP_FORMAT, Layout, arm_home, environment_problem, find_qemu, host_ncnn_version
+from .arm_env import (
+    GUEST_PYTHON,
+    STAMP_FORMAT,
+    Layout,
+    arm_home,
+    environment_problem,
+    find_qemu,
+    host_ncnn_version,
+)
 
 #: Debian arm64 packages of the sysroot: glibc, the C++/OpenMP runtimes ncnn links, and
 #: python3.11 with the shared libraries its stdlib extension modules load (about 12 MB).
@@ -54,7 +62,7 @@ def _log(msg: str) -> None:
 
 def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
     """Run ``cmd``; on failure raise SetupError naming ``what`` with the tail of its output."""
-    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-8:])
         raise SetupError(f"{what} failed (exit status {proc.returncode}): {' '.join(cmd)}\n{tail}")
@@ -75,7 +83,7 @@ def _need_root(what: str, commands: Sequence[str]) -> SetupError:
 
 def _arm64_lists_present() -> bool:
     """True when apt knows an arm64 candidate for libc6 (architecture added and lists fetched)."""
-    proc = subprocess.run(["apt-cache", "policy", "libc6:arm64"], capture_output=True, text=True)
+    proc = subprocess.run(["apt-cache", "policy", "libc6:arm64"], capture_output=True, text=True, check=False)
     return proc.returncode == 0 and "Candidate:" in proc.stdout and "Candidate: (none)" not in proc.stdout
 
 

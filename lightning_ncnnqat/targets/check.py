@@ -86,7 +86,7 @@ def run_check(target: str, timeout_s: float = 300.0) -> CheckResult:
         t0 = time.monotonic()
         try:
             proc = subprocess.run([*argv, str(WORKER), str(d / "job.json")], capture_output=True, text=True,
-                                  env=env, cwd=d, timeout=timeout_s)  # fmt: skip
+                                  env=env, cwd=d, timeout=timeout_s, check=False)  # fmt: skip
         except subprocess.TimeoutExpired:
             return CheckResult(target, False, error=f"no answer within {timeout_s:.0f} s")
         wall = time.monotonic() - t0
@@ -121,7 +121,7 @@ def probe_hwcaps(target: str, timeout_s: float = 120.0) -> dict[str, int]:
     """
     argv, env_extra = worker_command(target)
     proc = subprocess.run([*argv, "-c", _HWCAP_SNIPPET], capture_output=True, text=True,
-                          env={**os.environ, **env_extra}, timeout=timeout_s)  # fmt: skip
+                          env={**os.environ, **env_extra}, timeout=timeout_s, check=False)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"hwcap probe on {target} failed: {proc.stderr.strip()[-300:]}")
     hwcap, hwcap2 = (int(v) for v in proc.stdout.split())

@@ -11,7 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .arm_env import HOME_ENV, PROFILES, SETUP_COMMAND, arm_home, environment_problem, read_stamp
+from .arm_env import (
+    HOME_ENV,
+    PROFILES,
+    SETUP_COMMAND,
+    arm_home,
+    environment_problem,
+    read_stamp,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
