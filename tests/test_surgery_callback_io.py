@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ncnnqat import QATCallback
+from lightning_ncnnqat.callbacks._held import held_batch
 from lightning_ncnnqat.prepare import get_plan, input_quantizers
 
 
@@ -74,7 +75,7 @@ def test_two_inputs_from_the_first_batch_and_exported_with_a_two_input_held_batc
     assert all(q.running_absmax.item() > 0 for q in input_quantizers(model).values())
     img, aux = cb._traced_example
     assert img.shape == (1, 3, 16, 16) and aux.shape == (1, 1, 16, 16)
-    held, source = cb._held_batch(model.trainer, model, cb._traced_example)
+    held, source = held_batch(model.trainer, model, cb._traced_example, 20)
     assert isinstance(held, tuple) and held[0].shape == (20, 3, 16, 16) and held[1].shape == (20, 1, 16, 16)
     assert torch.equal(held[1], Pairs().aux[:20]) and "validation" in source
     assert cb.export_report is not None and cb.export_report.ok
@@ -88,5 +89,5 @@ def test_dict_example_and_dict_batches(tmp_path) -> None:  # noqa: ANN001
     data = DataLoader(Pairs(as_dict=True), batch_size=8)
     _trainer(tmp_path, cb).fit(model, data, data)
     assert set(get_plan(model).layers) == {"a", "b", "fc"}
-    held, _ = cb._held_batch(model.trainer, model, example)
+    held, _ = held_batch(model.trainer, model, example, 64)
     assert set(held) == {"img", "aux"} and torch.equal(held["img"], Pairs().img)

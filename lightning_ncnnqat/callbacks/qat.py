@@ -6,52 +6,17 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
-from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
-from ..batches import as_call, example_from_batch, from_call, inputs_like, map_tensors, positional_names
+from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
-
-_PREFLIGHT_MODULE = "lightning_ncnnqat.export.preflight"
-
-
-@contextlib.contextmanager
-def _ranges_unsynced(pl_module: Any) -> Iterator[None]:
-    """Turn off the ranges' DDP all-reduce while rank 0 alone runs the export (or its preflight).
-
-    The export fills ranges no training step set with one forward on a copy of the model; a
-    collective there would wait forever for the other ranks. The flag is copied with the model.
-    """
-    qs = list(input_quantizers(pl_module).values()) if get_plan(pl_module) is not None else []
-    flags = [q.sync for q in qs]
-    for q in qs:
-        q.sync = False
-    try:
-        yield
-    finally:
-        for q, flag in zip(qs, flags):
-            q.sync = flag
-
-
-def _preflight_function(name: str) -> Callable[..., Any] | None:
-    """``export.preflight.<name>``, or None (with a warning) while that module does not exist."""
-    try:
-        module = importlib.import_module(_PREFLIGHT_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _PREFLIGHT_MODULE:
-            raise ImportError(f"QATCallback: the export preflight cannot be imported ({exc})") from exc
-        rank_zero_warn(f"QATCallback: {_PREFLIGHT_MODULE} is not installed; the export preflight is skipped.")
-        return None
-    return getattr(module, name)
-
+from ._held import held_batch
+from ._rank_zero import on_rank_zero, preflight_function, ranges_unsynced
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
@@ -180,28 +145,11 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             path = self._export_path(trainer)
 
             def check() -> None:
-                check_export_dir = _preflight_function("check_export_dir")
+                check_export_dir = preflight_function("check_export_dir")
                 if check_export_dir is not None:
                     check_export_dir(path)
 
-            self._on_rank_zero(trainer, "export_dir check", check)
-
-    @staticmethod
-    def _on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on global rank 0; if it raises, every rank raises (none waits in a collective)."""
-        error: BaseException | None = None
-        if trainer.is_global_zero:
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001
-                error = exc
-        if trainer.world_size > 1:
-            msg = None if error is None else f"{type(error).__name__}: {error}"
-            msg = trainer.strategy.broadcast(msg, src=0)
-            if error is None and msg is not None:
-                raise RuntimeError(f"QATCallback: the {what} failed on global rank 0: {msg}")
-        if error is not None:
-            raise error
+            on_rank_zero(trainer, "export_dir check", check)
 
     def _install_restore_hook(self, pl_module: Any) -> None:
         """Re-apply the checkpoint's QAT plan before Lightning loads the state dict into the model.
@@ -283,12 +231,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.preflight and self.export_dir is not None:
 
             def run() -> None:
-                preflight = _preflight_function("preflight")
+                preflight = preflight_function("preflight")
                 if preflight is not None:
-                    with _ranges_unsynced(pl_module):
+                    with ranges_unsynced(pl_module):
                         preflight(pl_module, example)
 
-            self._on_rank_zero(trainer, "export preflight", run)
+            on_rank_zero(trainer, "export preflight", run)
 
     # ---- monitoring -------------------------------------------------------------------
 
@@ -345,8 +293,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
         export_dir = self._export_path(trainer)
         example = self._example(pl_module)
-        held, source = self._held_batch(trainer, pl_module, example)
-        with _ranges_unsynced(pl_module):
+        held, source = held_batch(trainer, pl_module, example, self.held_batch_size)
+        with ranges_unsynced(pl_module):
             return export(
                 pl_module,
                 export_dir,
@@ -355,41 +303,3 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 held_batch_source=source,
                 verbose=self.verbose,
             )
-
-    def _held_batch(self, trainer: Any, pl_module: Any, example: Any) -> tuple[Any, str]:
-        """Real inputs for the parity report, structured like ``example`` (Tensor, tuple or dict):
-        from the validation loader, else the training loader; ``(None, "none")`` if neither holds them."""
-        args, kwargs = as_call(example)
-        names = positional_names(pl_module)
-        for source, loaders in (("validation", trainer.val_dataloaders), ("training", trainer.train_dataloader)):
-            if loaders is None:
-                continue
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            if isinstance(loader, dict):
-                loader = next(iter(loader.values()))
-            chunks: list[tuple[tuple, dict]] = []
-            n = 0
-            try:
-                for batch in loader:
-                    call = inputs_like(batch, args, kwargs, names)
-                    if call is None:
-                        break
-                    call = map_tensors(lambda t: t.detach().cpu(), call)
-                    first = next((t for t in (*call[0], *call[1].values()) if isinstance(t, Tensor)), None)
-                    if first is None:
-                        break
-                    chunks.append(call)
-                    n += first.shape[0]
-                    if n >= self.held_batch_size:
-                        break
-            except TypeError:
-                continue
-            if chunks:
-                k = self.held_batch_size
-                cat = lambda vals: torch.cat(vals)[:k] if isinstance(vals[0], Tensor) else vals[0]  # noqa: E731
-                held_args = tuple(cat([c[0][i] for c in chunks]) for i in range(len(args)))
-                held_kwargs = {key: cat([c[1][key] for c in chunks]) for key in kwargs}
-                held = from_call(held_args, held_kwargs)
-                count = next(len(t) for t in (*held_args, *held_kwargs.values()) if isinstance(t, Tensor))
-                return held, f"first {count} inputs of the {source} dataloader"
-        return None, "none"

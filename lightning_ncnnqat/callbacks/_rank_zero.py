@@ -1,0 +1,60 @@
+"""Work that global rank 0 does alone (the export preflight), without deadlocking the other ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..prepare import get_plan, input_quantizers
+from ._compat import rank_zero_warn
+
+_PREFLIGHT_MODULE = "lightning_ncnnqat.export.preflight"
+
+
+@contextlib.contextmanager
+def ranges_unsynced(pl_module: Any) -> Iterator[None]:
+    """Turn off the ranges' DDP all-reduce while rank 0 alone runs the export (or its preflight).
+
+    The export fills ranges no training step set with one forward on a copy of the model; a
+    collective there would wait forever for the other ranks. The flag is copied with the model.
+    """
+    qs = list(input_quantizers(pl_module).values()) if get_plan(pl_module) is not None else []
+    flags = [q.sync for q in qs]
+    for q in qs:
+        q.sync = False
+    try:
+        yield
+    finally:
+        for q, flag in zip(qs, flags):
+            q.sync = flag
+
+
+def preflight_function(name: str) -> Callable[..., Any] | None:
+    """``export.preflight.<name>``, or None (with a warning) while that module does not exist."""
+    try:
+        module = importlib.import_module(_PREFLIGHT_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != _PREFLIGHT_MODULE:
+            raise ImportError(f"QATCallback: the export preflight cannot be imported ({exc})") from exc
+        rank_zero_warn(f"QATCallback: {_PREFLIGHT_MODULE} is not installed; the export preflight is skipped.")
+        return None
+    return getattr(module, name)
+
+
+def on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on global rank 0; if it raises, every rank raises (none waits in a collective)."""
+    error: BaseException | None = None
+    if trainer.is_global_zero:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+    if trainer.world_size > 1:
+        msg = None if error is None else f"{type(error).__name__}: {error}"
+        msg = trainer.strategy.broadcast(msg, src=0)
+        if error is None and msg is not None:
+            raise RuntimeError(f"QATCallback: the {what} failed on global rank 0: {msg}")
+    if error is not None:
+        raise error
