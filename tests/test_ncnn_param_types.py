@@ -64,6 +64,18 @@ def test_modelwriter_params(typ: str, params: str, want: str) -> None:
     assert modelwriter_params(typ, toks) == want
 
 
+def test_parse_quoted_values_and_round_trip() -> None:
+    text = (
+        "7767517\n2 2\n"
+        "Input                    in0                      0 1 in0\n"
+        'Reshape                  r0                       1 1 in0 out0 12=0 6="0w, -1"\n'
+    )
+    p = NcnnParam.parse(text)
+    assert p.layers[1].params == [("12", "0"), ("6", '"0w, -1"')]
+    assert p.to_text() == text.replace("Input                    in0", "Input                    in0", 1)
+    assert modelwriter_params("Reshape", p.layers[1].params) == ' 6="0w, -1" 12=0'
+
+
 def test_modelwriter_exact_form_drops_what_ncnn2int8_drops() -> None:
     toks = [("12", "0"), ("13", "0"), ("6", '"0w,-1"')]
     assert modelwriter_params("Reshape", toks, keep_read_params=False) == ' 6="0w,-1"'

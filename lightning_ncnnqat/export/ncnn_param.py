@@ -24,6 +24,7 @@ several layers carry raises instead of picking one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .ncnn_bin_layout import (  # noqa: F401  (re-exported: this module's earlier API)
@@ -112,6 +113,9 @@ class NcnnLayer:
         return " ".join(s for s in (head, blobs, params) if s)
 
 
+_TOKENS = re.compile(r'(?:[^\s"]+|"[^"]*")+')
+
+
 def _is_float_text(v: str) -> bool:
     return "." in v or "e" in v.lower()
 
@@ -133,7 +137,7 @@ class NcnnParam:
             raise NcnnFormatError("ncnn .param: second line must be '<layer_count> <blob_count>'") from e
         layers = []
         for ln in lines[2:]:
-            tok = ln.split()
+            tok = _TOKENS.findall(ln)  # a quoted string value may hold spaces
             if len(tok) < 4:
                 raise NcnnFormatError(f"ncnn .param: malformed layer line {ln!r}")
             typ, name = tok[0], tok[1]
