@@ -8,4 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_arm.sh
 # the compiled CPU kernels must have built: their bit-exactness tests fail instead of skipping
 export LIGHTNING_NCNNQAT_REQUIRE_KERNELS=${LIGHTNING_NCNNQAT_REQUIRE_KERNELS:-1}
+# and the ARM targets must have been set up: their tests fail instead of skipping
+export LIGHTNING_NCNNQAT_REQUIRE_ARM=${LIGHTNING_NCNNQAT_REQUIRE_ARM:-1}
 python -m pytest -q -p no:cacheprovider "$@"

@@ -78,6 +78,23 @@ def _cpu_features() -> dict:
     return out
 
 
+def _arm_hwcaps() -> dict:
+    """Dot product / i8mm / bf16 as the aarch64 kernel reports them (getauxval AT_HWCAP(2)); the
+    ncnn binding exposes only neon, vfpv4 and asimdhp."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("aarch64", "arm64"):
+        return {}
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype = ctypes.c_ulong
+        hw, hw2 = int(getauxval(16)), int(getauxval(26))
+    except (OSError, AttributeError):
+        return {}
+    return {"arm_asimddp": int(bool(hw & (1 << 20))), "arm_i8mm": int(bool(hw2 & (1 << 13))), "arm_bf16": int(bool(hw2 & (1 << 14)))}
+
+
 def _owned_mat(arr: np.ndarray) -> ncnn.Mat:
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     borrowed = ncnn.Mat(arr)
@@ -141,7 +158,7 @@ def run(job: dict) -> dict:
     result = {
         "ncnn_version": getattr(ncnn, "__version__", "unknown"),
         "machine": _machine(),
-        "cpu_features": _cpu_features(),
+        "cpu_features": {**_cpu_features(), **_arm_hwcaps()},
         "options": {k: _opt(net.opt, k) for k in REPORTED_OPTIONS if hasattr(net.opt, k)},
         "samples": n,
         "time_ms": time_ms,
