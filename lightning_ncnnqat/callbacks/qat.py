@@ -21,12 +21,16 @@ from ._rank_zero import on_rank_zero, preflight_function, ranges_unsynced
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
 
-    At the start of epoch ``start_epoch`` it folds every BatchNorm that alone reads a
-    Conv2d/Linear output into that layer (statistics frozen), and fake-quantizes every layer
-    ncnn runs in int8: weights per output channel (per group for depthwise convs), 6-bit for
-    3x3 stride-1 convs, inputs per tensor from a moving-average range shared by all readers of
-    a tensor. Ranges move only in training steps. At the end of fit (global rank 0) it exports
-    the ONNX model, the ncnn tables, a ready-to-run int8 ncnn model and a parity report.
+    At the start of epoch ``start_epoch`` it folds every BatchNorm-like module (any
+    ``_BatchNorm`` subclass, SyncBatchNorm, BN + activation modules such as timm's
+    ``BatchNormAct2d``, frozen BNs) whose eval math is BN and that alone reads a Conv2d/Linear
+    output into that layer (statistics frozen); a layer feeding a BN-like module that cannot be
+    folded stays float. It fake-quantizes every layer ncnn runs in int8: weights per output
+    channel (per group for depthwise convs), 6-bit for 3x3 stride-1 convs, inputs per tensor
+    from a moving-average range shared by all readers of a tensor. Layers that run only in
+    eval mode (no training step gives them a range) stay float. Ranges move only in training
+    steps. At the end of fit (global rank 0) it exports the ONNX model, the ncnn tables, a
+    ready-to-run int8 ncnn model and a parity report.
 
     Args:
         start_epoch: epoch at which QAT starts (0 = from the first epoch). Fine-tuning a
@@ -40,7 +44,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_dir: where ``on_fit_end`` writes the export; relative paths are resolved
             against ``trainer.default_root_dir``. ``None`` turns export off.
         example_input: input used to trace the model and export it; defaults to the
-            LightningModule's ``example_input_array``, then to the first training batch.
+            LightningModule's ``example_input_array``, then to the first training batch (its
+            first k elements, or its values under forward's names for a dict batch, where k is
+            the number of forward's required positional parameters).
         held_batch_size: number of validation inputs the parity report compares on.
         log_every_n_steps: how often input ranges and clipped fractions are logged (0 = never).
         verbose: print the QAT summary and the export summary.
