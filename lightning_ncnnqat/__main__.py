@@ -10,9 +10,10 @@ class), re-applies the QAT plan the checkpoint carries (keys with ``module.`` /
 
 The held batch (real inputs the int8 model is compared on, in ncnn, against the PyTorch QAT
 model) comes from ``--held-batch FILE`` (``.npy``, ``.npz`` or ``torch.save``'d ``.pt``: model
-inputs after normalisation, ``[N, ...]``, or an ``(inputs, targets)`` batch), or from the
-validation loader of ``--datamodule`` (built from the checkpoint's datamodule hyper-parameters),
-``--held-batch-size`` samples (default 64). Without either, parity is measured on the one example
+inputs after normalisation, ``[N, ...]``, or an ``(inputs, targets)`` batch; for a model with
+several inputs, an ``.npz`` with arrays named after forward's parameters or a ``.pt`` tuple/dict
+batch), or from the validation loader of ``--datamodule`` (built from the checkpoint's
+datamodule hyper-parameters), ``--held-batch-size`` samples (default 64). Without either, parity is measured on the one example
 input, which the report calls weak evidence.
 
 Mistakes in the arguments end in one line ``error: ...`` and exit code 2; an export whose
@@ -31,10 +32,12 @@ import torch
 from .cli_inputs import (
     DEFAULT_HELD_BATCH_SIZE,
     UsageError,
+    batch_size_of,
     build_datamodule,
     build_model,
     check_export_dir,
     checkpoint_preprocessing,
+    first_samples,
     held_from_datamodule,
     load_checkpoint,
     load_held_batch,
@@ -98,28 +101,28 @@ def export_checkpoint(
         raise UsageError(f"--targets: {e}") from e
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, model_spec)
+    if input_shape is not None:
+        example: Any = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    else:
+        example = getattr(model, "example_input_array", None)
     dm = None
     held, source = None, "held batch"
     if held_batch is not None:
-        held = load_held_batch(held_batch)
+        held = load_held_batch(held_batch, model, example)
         if held_batch_size is not None:
-            held = held[:held_batch_size]
-        source = f"{len(held)} inputs from {held_batch}"
+            held = first_samples(held, held_batch_size)
+        source = f"{batch_size_of(held)} inputs from {held_batch}"
     elif datamodule is not None:
         dm = build_datamodule(datamodule, ckpt)
-        held = held_from_datamodule(dm, datamodule, held_batch_size or DEFAULT_HELD_BATCH_SIZE)
-        source = f"first {len(held)} inputs of {datamodule}.val_dataloader()"
-    if input_shape is not None:
-        example: Any = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    elif getattr(model, "example_input_array", None) is not None:
-        example = model.example_input_array
-    elif held is not None:
-        example = held[:1]
-    else:
-        raise UsageError(
-            f"{type(model).__name__} has no example_input_array: pass --input-shape (e.g. --input-shape 1,3,32,32), "
-            "or a held batch (--held-batch / --datamodule) whose first sample is used"
-        )
+        held = held_from_datamodule(dm, datamodule, held_batch_size or DEFAULT_HELD_BATCH_SIZE, model, example)
+        source = f"first {batch_size_of(held)} inputs of {datamodule}.val_dataloader()"
+    if example is None:
+        if held is None:
+            raise UsageError(
+                f"{type(model).__name__} has no example_input_array: pass --input-shape (e.g. --input-shape "
+                "1,3,32,32), or a held batch (--held-batch / --datamodule) whose first sample is used"
+            )
+        example = first_samples(held, 1)
     pre = find_preprocessing(preprocessing, dm, model) or checkpoint_preprocessing(ckpt)
     out = check_export_dir(export_dir)
     if held is None and verbose:
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     held.add_argument(
         "--held-batch", default=None,
         help="real model inputs for the parity report: .npy / .npz / torch.save'd .pt, shape [N, ...] "
-        "(after normalisation), or an (inputs, targets) batch",
+        "(after normalisation), or an (inputs, targets) batch; several inputs: .npz arrays named after "
+        "forward's parameters, or a .pt tuple/dict batch",
     )
     held.add_argument(
         "--datamodule", default=None,

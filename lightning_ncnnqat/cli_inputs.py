@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batches import INPUT_KEYS, model_input
+from .batches import (
+    INPUT_KEYS,
+    Call,
+    as_call,
+    example_from_batch,
+    from_call,
+    inputs_like,
+    map_tensors,
+    positional_names,
+)
 from .preprocessing import Preprocessing
 
 DEFAULT_HELD_BATCH_SIZE = 64
@@ -132,37 +141,73 @@ def build_model(ckpt: dict[str, Any], model_spec: str) -> torch.nn.Module:
 # ---- held batch
 
 
-def load_held_batch(path: str | Path) -> torch.Tensor:
-    """Model inputs ``[N, ...]`` from ``.npy``, ``.npz`` (one array, or one named x/input/inputs/
-    image/images) or a ``torch.save``'d tensor / batch / dict (``.pt``, ``.pth``)."""
+def read_held_file(path: str | Path) -> Any:
+    """What a held-batch file holds: a Tensor (``.npy``), ``{name: Tensor}`` (``.npz``), or the
+    ``torch.save``'d tensor / tuple / dict (``.pt``, ``.pth``; loaded with ``weights_only=True``)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--held-batch '{p}' does not exist")
     try:
         if p.suffix == ".npy":
-            x: Any = torch.from_numpy(np.load(p, allow_pickle=False))
-        elif p.suffix == ".npz":
+            return torch.from_numpy(np.load(p, allow_pickle=False))
+        if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                names = list(z.files)
-                name = names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None)
-                if name is None:
-                    raise UsageError(
-                        f"--held-batch '{p}' holds arrays {names}: keep one, or name the inputs one of {list(INPUT_KEYS)}"
-                    )
-                x = torch.from_numpy(z[name])
-        else:
-            x = model_input(torch.load(p, map_location="cpu", weights_only=True))
-    except UsageError:
-        raise
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--held-batch '{p}' cannot be read as .npy/.npz/.pt: {type(e).__name__}: {e}") from e
-    if x is None:
-        raise UsageError(f"--held-batch '{p}' holds no tensor (a tensor, an (inputs, targets) batch or a dict of them)")
-    if not x.is_floating_point():
-        raise UsageError(f"--held-batch '{p}' holds {x.dtype} values: give the float model inputs (after normalisation)")
-    if x.dim() < 2 or len(x) == 0:
-        raise UsageError(f"--held-batch '{p}' must be a batch [N, ...] of inputs, got shape {tuple(x.shape)}")
-    return x.float()
+
+
+def held_call(raw: Any, model: Any, example: Any, what: str) -> Call:
+    """The model inputs in ``raw`` (a file's content or a dataloader batch) as a call
+    ``(args, kwargs)`` structured like ``example`` (or, without one, like forward's required
+    positional inputs). Float tensors with a batch dimension; UsageError naming ``what``."""
+    if example is None:
+        call = example_from_batch(raw, model)
+        if call is None:
+            raise UsageError(f"{what} holds no model input (a tensor, an (inputs, targets) batch or a dict of them)")
+        args, kwargs = call
+    else:
+        args, kwargs = as_call(example)
+    single = not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+    if single and isinstance(raw, dict) and not any(k in raw for k in INPUT_KEYS):
+        tensors = [k for k, v in raw.items() if isinstance(v, torch.Tensor)]
+        if len(tensors) > 1:
+            raise UsageError(f"{what} holds arrays {tensors}: keep one, or name the input one of {list(INPUT_KEYS)}")
+    got = inputs_like(raw, args, kwargs, positional_names(model))
+    if got is None:
+        want = ", ".join(
+            [f"{type(a).__name__}{tuple(a.shape[1:]) if isinstance(a, torch.Tensor) else ''}" for a in args]
+            + [f"{k}=..." for k in kwargs]
+        )
+        raise UsageError(f"{what} does not hold the model's inputs ({want}, per sample) in a matching structure")
+    for t in [*got[0], *got[1].values()]:
+        if isinstance(t, torch.Tensor):
+            if not t.is_floating_point():
+                raise UsageError(f"{what} holds {t.dtype} values: give the float model inputs (after normalisation)")
+            if t.dim() < 2 or len(t) == 0:
+                raise UsageError(f"{what} must hold a batch [N, ...] of inputs, got shape {tuple(t.shape)}")
+    return map_tensors(lambda t: t.detach().cpu().float(), got)
+
+
+def load_held_batch(path: str | Path, model: Any = None, example: Any = None) -> Any:
+    """Held batch from a file, in the example's form (Tensor, tuple or dict): ``.npy`` (one
+    input), ``.npz`` (one array or one named x/input/inputs/image/images; for several inputs,
+    arrays named after forward's parameters), ``.pt`` (a tensor, an ``(inputs, targets)`` batch,
+    a dict). Without ``example`` and ``model``: the first input tensor."""
+    if example is None and model is None:
+        example = torch.zeros(1, 1)  # one tensor input, any shape: model_input's rule
+    return from_call(*held_call(read_held_file(path), model, example, f"--held-batch '{Path(path)}'"))
+
+
+def batch_size_of(held: Any) -> int:
+    """Samples in a held batch (its first tensor's dim 0)."""
+    args, kwargs = as_call(held)
+    return next(len(t) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+
+
+def first_samples(held: Any, n: int) -> Any:
+    return from_call(*map_tensors(lambda t: t[:n], as_call(held)))
 
 
 def build_datamodule(spec: str, ckpt: dict[str, Any]) -> Any:
@@ -183,28 +228,32 @@ def build_datamodule(spec: str, ckpt: dict[str, Any]) -> Any:
     return dm
 
 
-def held_from_datamodule(dm: Any, spec: str, n: int) -> torch.Tensor:
-    """The first ``n`` inputs of ``dm.val_dataloader()``."""
+def held_from_datamodule(dm: Any, spec: str, n: int, model: Any, example: Any) -> Any:
+    """The first ``n`` inputs of ``dm.val_dataloader()``, in the example's form."""
+    what = f"--datamodule {spec}: a validation batch"
+    calls: list[Call] = []
+    got = 0
     try:
         loader = dm.val_dataloader()
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
-        chunks, got = [], 0
         for batch in loader:
-            x = model_input(batch)
-            if x is None:
-                raise UsageError(f"--datamodule {spec}: a validation batch holds no input tensor")
-            chunks.append(x.detach().cpu().float())
-            got += len(x)
+            call = held_call(batch, model, example, what)
+            if example is None:
+                example = from_call(*call)
+            calls.append(call)
+            got += batch_size_of(from_call(*call))
             if got >= n:
                 break
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--datamodule {spec}: val_dataloader() failed: {type(e).__name__}: {e}") from e
-    if not chunks:
+    if not calls:
         raise UsageError(f"--datamodule {spec}: the validation loader is empty")
-    return torch.cat(chunks)[:n]
+    args = [torch.cat([c[0][i] for c in calls]) if isinstance(a, torch.Tensor) else a for i, a in enumerate(calls[0][0])]
+    kwargs = {k: torch.cat([c[1][k] for c in calls]) if isinstance(v, torch.Tensor) else v for k, v in calls[0][1].items()}
+    return first_samples(from_call(tuple(args), kwargs), n)
 
 
 def parse_preprocessing(text: str) -> Preprocessing:

@@ -85,6 +85,57 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return {"float": tmp / "epoch=0.ckpt", "qat": tmp / "epoch=1.ckpt"}
 
 
+class TwoIn(L.LightningModule):
+    """A model with two image inputs, forward(x, y); batches are (x, y, target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+        g = torch.Generator().manual_seed(1)
+        self.example_input_array = (torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x) + self.b(y))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y, t = batch
+        return torch.nn.functional.cross_entropy(self(x, y), t)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def two_in_data(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    x, t = make_data(n, 16, seed=seed).tensors
+    return torch.utils.data.TensorDataset(x, x.flip(-1) * 0.5, t)
+
+
+class TwoInDM(L.LightningDataModule):
+    def __init__(self, n_val: int = 72) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def val_dataloader(self):  # noqa: ANN201
+        return torch.utils.data.DataLoader(two_in_data(self.hparams.n_val, 3), batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def two_in_ckpt(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("two_in")
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+        callbacks=[QATCallback(start_epoch=1, export_dir=None, verbose=False)],
+    )
+    trainer.fit(TwoIn(), torch.utils.data.DataLoader(two_in_data(64, 0), batch_size=16))
+    trainer.save_checkpoint(tmp / "two_in.ckpt")
+    return tmp / "two_in.ckpt"
+
+
 def _error(capsys, *argv: str) -> str:  # noqa: ANN001
     """Run the command; it must fail with exit code 2 and one line 'error: ...'."""
     rc = main(["export", *argv])
@@ -221,6 +272,31 @@ def test_held_batch_from_the_datamodule(ckpts, tmp_path: Path) -> None:
     assert main(["export", *_args(ckpts["qat"], out2), "--datamodule", "test_cli:TinyDM", "--held-batch-size", "500"]) == 0
     # built from the checkpoint's datamodule hyper-parameters: n_val=80, not the default 96
     assert json.loads((out2 / "report.json").read_text())["held_batch"]["n"] == 80
+
+
+def test_two_input_model_held_batch_from_npz_pt_and_datamodule(two_in_ckpt, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    ds = two_in_data(24, 5)
+    x, y, t = ds.tensors
+    np.savez(tmp_path / "held.npz", y=y.numpy(), x=x.numpy())  # named after forward's parameters
+    torch.save((x, y, t), tmp_path / "held.pt")  # a dataloader batch
+    for name in ("held.npz", "held.pt"):
+        out = tmp_path / name.replace(".", "_")
+        rc = main(["export", *_args(two_in_ckpt, out, "test_cli:TwoIn"), "--held-batch", str(tmp_path / name)])
+        assert rc == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())
+        assert report["held_batch"]["n"] == 24
+        assert [i["blob"] for i in report["io"]["inputs"]] == ["in0", "in1"]
+        assert "| input | `in1` | (3, 16, 16) |" in (out / "DEPLOY.md").read_text()
+    # the same numbers from both files: the arrays were matched to x and y by name, not by order
+    a = json.loads((tmp_path / "held_npz" / "report.json").read_text())["int8_vs_qat"]
+    b = json.loads((tmp_path / "held_pt" / "report.json").read_text())["int8_vs_qat"]
+    assert a == b and a["cosine"] >= 0.999
+    out = tmp_path / "dm"
+    assert main(["export", *_args(two_in_ckpt, out, "test_cli:TwoIn"), "--datamodule", "test_cli:TwoInDM"]) == 0
+    assert json.loads((out / "report.json").read_text())["held_batch"]["n"] == 64
+    np.savez(tmp_path / "one.npz", x=x.numpy())
+    msg = _error(capsys, *_args(two_in_ckpt, tmp_path / "o", "test_cli:TwoIn"), "--held-batch", str(tmp_path / "one.npz"))
+    assert "does not hold the model's inputs (Tensor(3, 16, 16), Tensor(3, 16, 16), per sample)" in msg
 
 
 def test_help_documents_the_held_batch(capsys) -> None:  # noqa: ANN001
