@@ -124,8 +124,31 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, k).transpose(1, 2).flatten(2)
 
 
+class DetectHead(nn.Module):
+    """A YOLOv8-like head: chunk (Slice), Concat, nearest Interp, HardSwish, Softmax, a fixed DFL
+    conv, anchors (MemoryData read twice: repeated splitncnn_0 names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
+        self.c2f, self.m = nn.Conv2d(32, 32, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.up_conv, self.box, self.cls = nn.Conv2d(48, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 3, 1)
+        self.dfl = nn.Conv2d(4, 1, 1, bias=False)
+        with torch.no_grad():
+            self.dfl.weight.copy_(torch.arange(4.0).view(1, 4, 1, 1))
+        self.register_buffer("anchors", torch.rand(2, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.c2f(F.silu(self.b2(F.silu(self.b1(x))))).chunk(2, 1)
+        y = F.interpolate(torch.cat([a, b, F.silu(self.m(b))], 1), scale_factor=2.0, mode="nearest")
+        h = F.hardswish(self.up_conv(y))
+        lt, rb = self.dfl(self.box(h).view(1, 4, 4, -1).transpose(2, 1).softmax(1)).view(1, 4, -1).chunk(2, 1)
+        return torch.cat([self.anchors - lt, self.anchors + rb, torch.sigmoid(self.cls(h).view(1, 3, -1))], 1)
+
+
 MODELS = {
     "attention": (Attention, (1, 3, 8, 6)),
+    "detect_head": (DetectHead, (1, 3, 16, 16)),
     "norms": (Norms, (1, 3, 16, 16)),
     "sequence": (Sequence, (1, 3, 16, 12)),
     "constants": (Constants, (1, 3, 8, 8)),
