@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 EVAL_ONLY = "runs only in eval mode: no training step gives it a range"
 TRAIN_ONLY = "not called in the traced forward (eval mode): runs only in training, so it is not exported"
+NOT_CALLED = "not called in the traced forward"
 _QAT_ATTRS = ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS)
 
 
@@ -201,6 +202,8 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
         plan, reason = _classify(name, m, flow, config)
         if plan is not None and train_flow is not None and not train_flow.module_calls(name):
             plan, reason = None, EVAL_ONLY
+        if reason == TRAIN_ONLY and (train_flow is None or not train_flow.module_calls(name)):
+            reason = NOT_CALLED
         if plan is not None:
             layers[name] = plan
         elif reason is not None:

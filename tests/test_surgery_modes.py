@@ -23,6 +23,7 @@ class DetectLike(nn.Module):
         self.decode_fc = nn.Linear(16, 4)
         self.aux = nn.Conv2d(8, 2, 1)
         self.drop = nn.Dropout(0.5)
+        self.unused = nn.Conv2d(8, 8, 1)
 
     def forward(self, x: torch.Tensor):  # noqa: ANN201
         f = self.stem(x)
@@ -39,6 +40,7 @@ def test_eval_only_layers_stay_float_and_training_only_layers_are_not_exported()
     assert set(plan.layers) == {"stem.0", "head"}
     assert plan.float_layers["dfl"] == EVAL_ONLY and plan.float_layers["decode_fc"] == EVAL_ONLY
     assert "runs only in training" in plan.float_layers["aux"]
+    assert plan.float_layers["unused"] == "not called in the traced forward"
     assert "runs only in eval mode" in plan.summary()
     # every quantized layer gets its range from a training step, so the export never meets an
     # uninitialised range
