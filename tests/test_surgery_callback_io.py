@@ -67,7 +67,8 @@ def _trainer(tmp_path, cb: QATCallback) -> L.Trainer:  # noqa: ANN001
 
 
 def test_two_inputs_from_the_first_batch_and_exported_with_a_two_input_held_batch(tmp_path) -> None:  # noqa: ANN001
-    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False, held_batch_size=20, preflight=False)
+    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False, held_batch_size=20,
+                     preflight=False)
     model = TwoInLit()  # no example_input_array: traced on the first batch, two inputs (forward's arity)
     data = DataLoader(Pairs(), batch_size=8)
     _trainer(tmp_path, cb).fit(model, data, DataLoader(Pairs(), batch_size=8))

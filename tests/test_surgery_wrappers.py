@@ -77,7 +77,8 @@ def test_prepare_through_wrappers(kind: str, request) -> None:  # noqa: ANN001
 
 def test_prepare_through_torch_compile_runs_the_qat_modules() -> None:
     def small() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 4))
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(512, 4))
 
     torch.manual_seed(0)
     m = small().eval()
