@@ -52,7 +52,7 @@ from .onnx_export import export_onnx, onnx_names, run_onnx
 from .pnnx_convert import convert_with_pnnx
 from .report import ExportReport, LayerReport
 from .isolated_runtime import HOST
-from .runtime_checks import ModelFiles, blob_names, measure
+from .runtime_checks import ModelFiles, blob_names, measure, measure_layers
 from .tables import TableRow, check_scales, format_table
 
 _LAYER_RE = re.compile(r"layer '([^']+)'")
@@ -260,6 +260,11 @@ def _ncnn_branch(
     with _step("parity", verbose):
         files = ModelFiles(export_dir, NcnnParam.parse(res.param_text), in_blobs, out_blobs)
         out_scales = {prod: s for prod, (_, s) in res.requantize.items()}
+        if "layers_only" in measure_kw:  # the preflight: which layers each target computes wrongly
+            report.runtime = {"wrong_layers": measure_layers(
+                files, p.qmodel, p.io, p.held, refs, out_scales, measure_kw["targets"]
+            )}
+            return
         measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw)
 
 
@@ -410,14 +415,14 @@ def _export(
     finally:
         model.train(was_training)
 
-    if measure_kw is not None and (export_dir / "model.int8.param").is_file():
+    if measure_kw is not None and "layers_only" not in measure_kw and (export_dir / "model.int8.param").is_file():
         try:
             with _step("deploy_kit", verbose):
                 write_deploy_kit(export_dir, report.to_dict(), preprocessing)
         except ExportError as e:
             failures.append(e)
     report.failures = [{"step": e.step, "layer": e.layer, "message": e.message} for e in failures]
-    if measure_kw is not None:
+    if measure_kw is not None and "layers_only" not in measure_kw:
         report.files = {n: (export_dir / n).stat().st_size for n in OUTPUT_NAMES if (export_dir / n).is_file()}
         try:
             with _step("report", verbose):
@@ -437,8 +442,12 @@ def _export(
     return report
 
 
-def preflight_export(model: nn.Module, example_input: Any = None) -> ExportReport:
-    """Run the export chain up to the int8 model (no runtime, no timing) into a temporary
-    directory; raise :class:`ExportError` naming the step and layer where it fails."""
+def preflight_export(
+    model: nn.Module, example_input: Any = None, targets: str | Sequence[str] | None = None
+) -> ExportReport:
+    """Run the export chain up to the int8 model into a temporary directory; with ``targets``,
+    also the per-layer checks there (one sample; ``report.runtime["wrong_layers"]`` says which
+    layers each target computes wrongly). Raises :class:`ExportError` naming the step and layer."""
+    kw = None if targets is None else {"layers_only": True, "targets": resolve_targets(targets)}
     with tempfile.TemporaryDirectory(prefix="ncnnqat_preflight_") as tmp:
-        return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17, measure_kw=None)
+        return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17, measure_kw=kw)

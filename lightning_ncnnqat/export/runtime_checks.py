@@ -132,6 +132,34 @@ def measure(
             _target_parity(report, files, target, feeds, q_ref, held, refs, chain, out_scales)
 
 
+def measure_layers(
+    files: ModelFiles,
+    qmodel: nn.Module,
+    io: ModelIO,
+    held: list[torch.Tensor],
+    refs: list[QuantizedRef],
+    out_scales: dict[str, float],
+    targets: Sequence[str],
+    samples: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Per-layer checks only, on every target that can run: ``{target: {torch name: isolated
+    cosine}}`` of the layers the int8 runtime computes wrongly there (default options). Targets
+    that are not set up are left out."""
+    from ..targets import TargetUnavailable
+
+    if not refs:
+        return {}
+    chain = _chain(qmodel, io, held, refs, samples)
+    wrong: dict[str, dict[str, float]] = {}
+    for target in targets:
+        try:
+            checks = _layer_checks(files, target, held, refs, chain, out_scales)
+        except TargetUnavailable:
+            continue
+        wrong[target] = {c.torch_name: c.isolated_cosine for c in checks if c.ok is False}
+    return wrong
+
+
 def _target_parity(
     report: ExportReport,
     files: ModelFiles,
