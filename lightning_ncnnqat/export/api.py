@@ -45,9 +45,9 @@ from .errors import ExportError, LayerError
 from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from .int8_writer import Int8Spec, write_int8
 from .layer_checks import QuantizedRef
-from .matching import WeightOwner, match_by_weights
+from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
 from .model_io import FlatModel, ModelIO, held_inputs, model_io, torch_outputs
-from .ncnn_param import INT8_TYPES, NcnnParam, bin_layout
+from .ncnn_param import INT8_TYPES, NcnnParam
 from .onnx_export import export_onnx, onnx_names, run_onnx
 from .pnnx_convert import convert_with_pnnx
 from .report import ExportReport, LayerReport
@@ -100,21 +100,6 @@ def validate_layers(infos: list[QuantLayerInfo]) -> None:
             raise LayerError(i.name, f"layer '{i.name}': its folded bias contains NaN or inf")
         if i.kind not in INT8_TYPES:
             raise LayerError(i.name, f"layer '{i.name}': unknown ncnn type {i.kind!r}")
-
-
-def _ncnn_owners(param: NcnnParam, data: bytes) -> list[WeightOwner]:
-    layout = bin_layout(param, data)
-    owners = []
-    for lay in param.layers:
-        if lay.type not in INT8_TYPES:
-            continue
-        es = {e.role: e for e in layout[lay.name]}
-        if "weight" not in es:
-            continue
-        owners.append(
-            WeightOwner(lay.name, lay.type, es["weight"].values(data), es["bias"].values(data) if "bias" in es else None)
-        )
-    return owners
 
 
 def _table_rows(infos: list[QuantLayerInfo], names: dict[str, str], order: list[str]) -> list[TableRow]:
@@ -231,10 +216,17 @@ def _ncnn_branch(
         in_blobs, out_blobs = blob_names(f_param, p.io)
         land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
     with _step("ncnn_table", verbose):
-        ncnn_names = match_by_weights(p.infos, _ncnn_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
-        for t, n in ncnn_names.items():
-            by_torch[t].ncnn_name = n
-            by_torch[t].kind = f_param.layer(n).type
+        owners = match_owners(p.infos, ncnn_weight_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
+        for t, o in owners.items():
+            if converted_int8_kind(o.kind) != "table":
+                raise LayerError(
+                    t,
+                    f"layer '{t}' is converted to an ncnn {o.kind} ('{o.name}'), which takes no table rows; keep it "
+                    f"in float (QATCallback(skip=[{t!r}]) / QATConfig(skip=...))",
+                )
+            by_torch[t].ncnn_name = o.name
+            by_torch[t].kind = o.kind
+        ncnn_names = {t: o.name for t, o in owners.items()}
         order = [lay.name for lay in f_param.layers]
         land({"model.ncnn.table": format_table(_table_rows(p.infos, ncnn_names, order), "ncnn layer")})
     with _step("int8", verbose):
@@ -244,7 +236,15 @@ def _ncnn_branch(
             n = ncnn_names[i.name]
             specs[n] = Int8Spec(n, i.name, i.weight_scales.numpy().astype(np.float32), float(i.input_scale), wfq.numpy().ravel())
             refs.append(QuantizedRef(i.name, n, wfq, i.bias, float(i.input_scale)))
-        res = write_int8(f_param, pn.bin_bytes, specs)
+        # Gemm stays float: ncnn2int8 would quantize it without a row, with one scale from the
+        # first row of a transposed B (clipping the rest), which QAT never simulated
+        res = write_int8(f_param, pn.bin_bytes, specs, quantize_gemm=False)
+        gemms = [lay.name for lay in f_param.layers if lay.type == "Gemm"]
+        if gemms:
+            report.notes.append(
+                f"Gemm layers {gemms} are kept in float (fp16 weights); ncnn2int8 would quantize them without table "
+                "rows, per tensor, from the first row of B only"
+            )
         for t, n in ncnn_names.items():
             by_torch[t].int8_scale_term = res.int8_scale_term.get(n)
             if n in res.requantize:
