@@ -181,7 +181,13 @@ def cpp_source(
     """Text of ``main.cpp``: ncnn's C++ API, default options, the deterministic input, or for a
     single-input model with preprocessing, a raw pixel file (``main DIR image.rgb W H``)."""
     lines = [_CPP_HEAD]
-    if preprocessing is not None:
+    if preprocessing is not None and len(inputs) != 1:
+        lines.append(
+            f"// Images are normalised with ncnn::Mat::from_pixels(..., ncnn::Mat::{preprocessing.pixel_type}, w, h) and\n"
+            f"// substract_mean_normalize(mean_vals = {[round(v, 6) for v in preprocessing.mean_vals]},\n"
+            f"// norm_vals = {[round(v, 9) for v in preprocessing.norm_vals]}) (see DEPLOY.md).\n"
+        )
+    if preprocessing is not None and len(inputs) == 1:
         mv = ", ".join(f"{v:.9g}f" for v in preprocessing.mean_vals)
         nv = ", ".join(f"{v:.9g}f" for v in preprocessing.norm_vals)
         lines.append(
@@ -227,12 +233,13 @@ def cpp_source(
                 "        const int w = atoi(argv[3]), h = atoi(argv[4]);",
                 "        pixels.resize((size_t)w * h * kPixelChannels);",
                 '        FILE* fp = fopen(argv[2], "rb");',
-                "        if (!fp || fread(pixels.data(), 1, pixels.size(), fp) != pixels.size())",
+                "        const size_t got = fp ? fread(pixels.data(), 1, pixels.size(), fp) : 0;",
+                "        if (fp) fclose(fp);",
+                "        if (got != pixels.size())",
                 "        {",
                 '            fprintf(stderr, "cannot read %zu bytes from %s\\n", pixels.size(), argv[2]);',
                 "            return 1;",
                 "        }",
-                "        fclose(fp);",
                 f"        {var} = input_from_pixels(pixels.data(), w, h);",
                 "    }",
             ]
