@@ -15,11 +15,16 @@ from .config import QATConfig
 # The function shadows the subpackage's name on purpose: `lightning_ncnnqat.export(...)`; the
 # subpackage stays importable as `from lightning_ncnnqat.export import ExportReport`.
 from .export import ExportError, ExportReport, export
-from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint
+from .calibration import calibrate
+from .preprocessing import Preprocessing
+from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint, unprepare
+from .wrappers import unwrap
 
 __all__ = [
     "QATCallback",
     "QATConfig",
+    "Preprocessing",
+    "calibrate",
     "ExportError",
     "ExportReport",
     "export",
@@ -27,5 +32,7 @@ __all__ = [
     "prepare_qat",
     "quantized_layers",
     "restore_from_checkpoint",
+    "unprepare",
+    "unwrap",
 ]
 __version__ = "0.1.0"

@@ -22,8 +22,11 @@ class QATConfig:
         six_bit_3x3: quantize the weights of 3x3, stride-1, dilation-1, groups=1 convs to
             6 bits (scale 31/absmax), as ncnn2table does for its Winograd int8 path.
         skip: module names or fnmatch patterns (``"head.*"``) of layers to keep in float.
-        quantize_grouped_convs: run grouped convs (1 < groups < channels) in int8. Off by
-            default: ncnn's packed int8 path computes them wrongly under default options.
+        quantize_grouped_convs: grouped convs (1 < groups < channels) in int8. ``"auto"``
+            (default): int8, and QATCallback's preflight measures them on every target at QAT
+            start and keeps in float, before training, the ones a target computes wrongly
+            (ncnn's packed kernels get some wrong where their output is dequantized); ``True``:
+            int8 without that check (runtimes you know); ``False``: always float.
         sync_ranges: under torch.distributed, all-reduce the input ranges so every rank
             (and the exported table) holds the same values.
     """
@@ -31,7 +34,7 @@ class QATConfig:
     momentum: float = 0.1
     six_bit_3x3: bool = True
     skip: tuple[str, ...] = field(default_factory=tuple)
-    quantize_grouped_convs: bool = False
+    quantize_grouped_convs: bool | str = "auto"
     sync_ranges: bool = True
 
     def __post_init__(self) -> None:
@@ -39,8 +42,10 @@ class QATConfig:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 1.0:
             raise ValueError(f"`momentum` must be a float in (0, 1], got {m!r}")
         object.__setattr__(self, "momentum", float(m))
-        for name in ("six_bit_3x3", "quantize_grouped_convs", "sync_ranges"):
+        for name in ("six_bit_3x3", "sync_ranges"):
             _check_bool(name, getattr(self, name))
+        if self.quantize_grouped_convs != "auto":
+            _check_bool("quantize_grouped_convs", self.quantize_grouped_convs)
         skip = self.skip
         if isinstance(skip, str):
             skip = (skip,)

@@ -114,11 +114,8 @@ def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tup
     if m.groups == 1:
         six = config.six_bit_3x3 and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.dilation == (1, 1)
         return LayerPlan("Convolution", 6 if six else 8, m.out_channels, name), None
-    if m.groups != m.in_channels and not config.quantize_grouped_convs:
-        return None, (
-            f"grouped conv (groups={m.groups}, {m.in_channels} channels): ncnn's default int8 path "
-            "computes it wrongly; set quantize_grouped_convs=True for runtimes where it works"
-        )
+    if m.groups != m.in_channels and config.quantize_grouped_convs is False:
+        return None, f"grouped conv (groups={m.groups}, {m.in_channels} channels): quantize_grouped_convs=False"
     return LayerPlan("ConvolutionDepthWise", 8, m.groups, name), None
 
 

@@ -59,10 +59,10 @@ def train(model: nn.Module, data, epochs_float: int, epochs_qat: int, config: QA
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    model = train(MixedNet(), make_data(256, 16, seed=0), 2, 2)
+    model = train(MixedNet(), make_data(256, 16, seed=0), 2, 2, QATConfig(quantize_grouped_convs=False))
     held = make_data(200, 16, seed=1).tensors[0]
     out = tmp_path_factory.mktemp("export")
-    report = export(model, out, held[:1], held, verbose=False)
+    report = export(model, out, held[:1], held, verbose=False, targets="x86")
     return model, report, out, held
 
 

@@ -28,7 +28,7 @@ def _trained_float(seed: int = 0) -> tuple[MixedNet, torch.Tensor]:
 
 def test_plan_decisions_follow_data_flow() -> None:
     m, x = _trained_float()
-    plan = prepare_qat(m, x[:1])
+    plan = prepare_qat(m, x[:1], QATConfig(quantize_grouped_convs=False))
     layers = plan.layers
     # BN folded into the conv whose output it alone reads, including functional wiring in forward()
     assert layers["stem.0"].bn == "stem.1"
@@ -61,7 +61,9 @@ def test_bn_not_folded_when_conv_output_has_another_reader() -> None:
     assert "not folded into 'conv'" in plan.notes["bn"] and "not folded" in plan.summary()
 
 
-def test_grouped_convs_quantized_when_asked() -> None:
+def test_grouped_convs_quantized_by_default_and_when_asked() -> None:
+    m, x = _trained_float()
+    assert prepare_qat(m, x[:1]).layers["grouped"].kind == "ConvolutionDepthWise"  # "auto": int8, measured at QAT start
     m, x = _trained_float()
     plan = prepare_qat(m, x[:1], QATConfig(quantize_grouped_convs=True, six_bit_3x3=False))
     assert plan.layers["grouped"].kind == "ConvolutionDepthWise" and plan.layers["grouped"].num_groups == 4

@@ -7,12 +7,13 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
+from ..preprocessing import find_preprocessing
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from ._held import held_batch
@@ -38,8 +39,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         momentum: weight of the newest batch in each input range's moving average, in (0, 1].
         six_bit_3x3: 6-bit weights for 3x3 stride-1 dilation-1 convs, as ncnn2table does.
         skip: module names or fnmatch patterns of layers to keep in float.
-        quantize_grouped_convs: also run grouped convs (1 < groups < channels) in int8. Off by
-            default: ncnn's default int8 path computes them wrongly.
+        quantize_grouped_convs: grouped convs (1 < groups < channels) in int8: ``"auto"``
+            (default) runs them in int8 except where the preflight measures that a target
+            computes them wrongly (kept in float before training, named per target); ``True``
+            int8 without that; ``False`` float.
         sync_ranges: all-reduce input ranges across processes under DDP.
         export_dir: where ``on_fit_end`` writes the export; relative paths are resolved
             against ``trainer.default_root_dir``. ``None`` turns export off.
@@ -53,7 +56,15 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         preflight: when ``export_dir`` is set, check when fit starts that it can be written,
             and right after QAT starts run the export chain (ONNX, pnnx, layer matching, int8
             writer) on the just-prepared model, so a model that cannot export fails within
-            seconds of QAT start, naming the step and layer, not after the last epoch.
+            seconds of QAT start, naming the step and layer, not after the last epoch; it also
+            runs every int8 layer once on each target and keeps in float, before training, the
+            layers a target computes wrongly.
+        targets: where the export (and the preflight) checks the int8 model: ``"auto"`` (this
+            machine plus the emulated ARM profiles that are set up: ``python -m
+            lightning_ncnnqat setup-arm``), or a list of ``"x86"``, ``"arm64-a53"``, ``"arm64-a76"``.
+        preprocessing: the input normalisation, for the deployment note (``{"mean": [...],
+            "std": [...]}`` or a :class:`~lightning_ncnnqat.Preprocessing`); default: the
+            datamodule's or the LightningModule's ``preprocessing`` attribute.
 
     ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
     input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
@@ -71,7 +82,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         momentum: float = 0.1,
         six_bit_3x3: bool = True,
         skip: Optional[list[str]] = None,
-        quantize_grouped_convs: bool = False,
+        quantize_grouped_convs: Union[bool, str] = "auto",
         sync_ranges: bool = True,
         export_dir: Optional[str] = "ncnn_export",
         example_input: Any = None,
@@ -79,6 +90,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         log_every_n_steps: int = 50,
         verbose: bool = True,
         preflight: bool = True,
+        targets: Union[str, list[str]] = "auto",
+        preprocessing: Any = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -114,6 +127,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.preflight = preflight
+        from ..export.api import resolve_targets
+        from ..preprocessing import Preprocessing
+
+        resolve_targets(targets)  # raises naming an unknown target
+        self.targets = targets if isinstance(targets, str) else list(targets)
+        self.preprocessing = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
         self.plan: QATPlan | None = None
         self.export_report: Any = None
         self._traced_example: Any = None
@@ -235,14 +254,27 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
         if self.preflight and self.export_dir is not None:
+            wrong: dict[str, dict[str, float]] = {}
 
             def run() -> None:
                 preflight = preflight_function("preflight")
                 if preflight is not None:
                     with ranges_unsynced(pl_module):
-                        preflight(pl_module, example)
+                        wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets))
 
             on_rank_zero(trainer, "export preflight", run)
+            if trainer.world_size > 1:  # every rank re-plans the same way
+                wrong = trainer.strategy.broadcast(wrong, src=0)
+            if any(wrong.values()):
+                from ..export.preflight import replan_as_float
+
+                reasons = replan_as_float(pl_module, example, wrong, self.config)
+                self.plan = get_plan(pl_module)
+                if reasons and self.verbose:
+                    rank_zero_info(
+                        "QATCallback: measured at QAT start, kept in float before training: "
+                        + "; ".join(f"{n}: {r}" for n, r in reasons.items())
+                    )
 
     # ---- monitoring -------------------------------------------------------------------
 
@@ -308,4 +340,6 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 held_batch=held,
                 held_batch_source=source,
                 verbose=self.verbose,
+                targets=self.targets,
+                preprocessing=find_preprocessing(self.preprocessing, getattr(trainer, "datamodule", None), pl_module),
             )

@@ -130,6 +130,8 @@ def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor
     copy_ = _deepcopy(model)
     copy_.eval()
     qs = input_quantizers(copy_)
+    for q in qs.values():
+        q.sync = False  # one process fills them: a DDP all-reduce here would wait for the others forever
     for n in missing:
         qs[n].training = True  # only these move; the forward runs the rest in eval
     device = next((p.device for p in copy_.parameters()), torch.device("cpu"))

@@ -50,58 +50,77 @@ def measure_int8_layers(
 
     Raises :class:`ExportError` naming the step if the model cannot export.
     """
-    rep = preflight_export(model, example_input, targets)
-    return dict(rep.runtime.get("wrong_layers", {}))
+    return preflight(model, example_input, targets=targets)
+
+
+def replan_as_float(
+    model: nn.Module, example_input: Any, wrong: dict[str, dict[str, float]], config: QATConfig | None = None
+) -> dict[str, str]:
+    """Re-plan as float the layers ``wrong`` (``{target: {layer: cosine}}``, from
+    :func:`measure_int8_layers`) names, before any training step: the model is unprepared and
+    prepared again with them skipped (same Parameters; nothing trained is lost). Grouped convs
+    are kept in int8 when ``config.quantize_grouped_convs`` is True (the user knows the runtime).
+    Returns ``{layer: reason}`` of the layers moved to float."""
+    plan = get_plan(unwrap(model))
+    config = config or (plan.config if plan is not None else QATConfig())
+    forced = set()
+    if plan is not None and config.quantize_grouped_convs is True:
+        modules = dict(unwrap(model).named_modules())
+        forced = {n for n, p in plan.layers.items() if p.kind == "ConvolutionDepthWise" and modules[n].groups != modules[n].in_channels}
+    where: dict[str, list[str]] = {}
+    for target, layers in wrong.items():
+        for name, cos in layers.items():
+            if name not in forced:
+                where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
+    if not where:
+        return {}
+    unprepare(model)
+    new_plan = prepare_qat(model, example_input, replace(config, skip=tuple(config.skip) + tuple(where)))
+    reasons = {
+        name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
+        for name, w in where.items()
+    }
+    new_plan.float_layers.update(reasons)
+    return reasons
 
 
 def keep_wrong_layers_in_float(
     model: nn.Module, example_input: Any, config: QATConfig | None = None, targets: str | Sequence[str] = "auto"
 ) -> dict[str, str]:
     """Measure a just-prepared model's int8 layers on every target and re-plan the ones a target
-    computes wrongly as float, before any training step (the model is unprepared and prepared
-    again with them skipped, so nothing trained is lost). Returns ``{layer: reason}`` of the
-    layers moved to float (empty when every target computes every layer right).
+    computes wrongly as float, before any training step (:func:`measure_int8_layers`, then
+    :func:`replan_as_float`). Returns ``{layer: reason}`` of the layers moved to float.
 
     This is how grouped convs (1 < groups < channels) get decided by measurement: ncnn's packed
     int8 kernels compute some of them wrongly where their output is dequantized (8 or 16
     channels per group on x86 and on ARMv8.2 under default options), and right where they are
     requantized into the next int8 conv.
     """
-    wrong = measure_int8_layers(model, example_input, targets)
-    worst: dict[str, list[str]] = {}
-    for target, layers in wrong.items():
-        for name, cos in layers.items():
-            worst.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
-    if not worst:
-        return {}
-    plan = get_plan(unwrap(model))
-    config = config or (plan.config if plan is not None else QATConfig())
-    unprepare(model)
-    new_plan = prepare_qat(model, example_input, replace(config, skip=tuple(config.skip) + tuple(worst)))
-    reasons = {
-        name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(where)}; measured at QAT start"
-        for name, where in worst.items()
-    }
-    new_plan.float_layers.update(reasons)
-    return reasons
+    return replan_as_float(model, example_input, measure_int8_layers(model, example_input, targets), config)
 
 
-def preflight(model: nn.Module, example_input: Any = None, verbose: bool = False) -> float:
+def preflight(
+    model: nn.Module, example_input: Any = None, verbose: bool = False, targets: str | Sequence[str] | None = None
+) -> dict[str, dict[str, float]]:
     """Run ONNX export, pnnx, layer matching and the int8 writer on ``model`` (a copy is used
-    where ranges must be filled; nothing of the user's model changes) in a temporary directory.
+    where ranges must be filled; nothing of the user's model changes) in a temporary directory;
+    with ``targets``, also run every int8 layer there once (see :func:`measure_int8_layers`).
 
-    Returns the seconds it took. Raises :class:`ExportError` naming the step and layer.
+    Returns ``{target: {layer: isolated cosine}}`` of wrongly computed layers (empty without
+    ``targets``). Raises :class:`ExportError` naming the step and layer.
     """
     t0 = time.perf_counter()
     try:
-        preflight_export(model, example_input)
+        rep = preflight_export(model, example_input, targets)
     except ExportError as e:
         raise ExportError(
             e.step, e.layer,
             f"{e.message} [found by the export preflight at QAT start; QATCallback(preflight=False) skips it]",
             failures=e.failures,
         ) from e
-    dt = time.perf_counter() - t0
+    wrong = dict(rep.runtime.get("wrong_layers", {}))
     if verbose:
-        print(f"ncnn export preflight: ONNX, pnnx, matching and the int8 writer passed in {dt:.1f} s", flush=True)
-    return dt
+        checked = f"; int8 layers run on {', '.join(wrong)}" if wrong else ""
+        print(f"ncnn export preflight: ONNX, pnnx, matching and the int8 writer passed{checked} "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    return wrong
