@@ -262,6 +262,8 @@ def deploy_note(
             f"`mean_vals = mean * 255 / {p.input_range:g}`, `norm_vals = {p.input_range:g} / (255 * std)`. Pixels in another",
             "order: use the converting pixel type (e.g. `PIXEL_BGR2RGB` for OpenCV images fed to an RGB",
             "model); another size: `ncnn::Mat::from_pixels_resize(pixels, type, w, h, target_w, target_h)`.",
+            "An ncnn built with selected layers only (`WITH_LAYER_*=OFF`) must keep `Bias` and `Scale`:",
+            "`substract_mean_normalize` runs them (ncnn `src/mat.cpp`), and crashes without them.",
         ]
     out += ["", "## Verified with", ""]
     out += _verified_rows(report, version, defaults)
