@@ -163,10 +163,33 @@ def search_layer(layer: Int8Layer, x: Tensor, weight_scales: Tensor, input_scale
             dot_all[:, oc] = (out[:, k] * ref[:, oc]).sum(dim=2)
             e_all[:, oc] = (out[:, k] * out[:, k]).sum(dim=2)
     vals = candidates(input_scale)
-    sims = torch.zeros(len(vals), dtype=torch.float64)
-    for k, c in enumerate(vals):
-        sc = torch.tensor(c, dtype=torch.float32)
-        out = _flat(layer.forward(quantize(x, sc), sc, scales))
-        s = (out * ref).sum(dim=(1, 2)) / norm_a / (out * out).sum(dim=(1, 2)).sqrt()
-        sims[k] = s.sum()
-    return scales, _pick(sims, vals, input_scale)
+    return scales, _pick(_input_scale_sims(layer, x, ref, norm_a, scales, vals), vals, input_scale)
+
+
+def _input_scale_sims(
+    layer: Int8Layer, x: Tensor, ref: Tensor, norm_a: Tensor, scales: Tensor, vals: np.ndarray, chunk: int = 25
+) -> Tensor:
+    """Summed cosine of each input-scale candidate (candidates batched ``chunk`` at a time)."""
+    n = x.shape[0]
+    s_w = layer.channel_scales(scales)
+    wq = quantize(layer.weight, s_w.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+    groups = layer.m.groups if layer.conv else 1
+    out_sims = []
+    for i in range(0, len(vals), chunk):
+        cand = torch.from_numpy(vals[i : i + chunk])  # [K]
+        k = len(cand)
+        cshape = (k,) + (1,) * x.dim()
+        xq = quantize(x.unsqueeze(0), cand.reshape(cshape)).reshape((k * n,) + tuple(x.shape[1:]))
+        acc = layer.accumulate(xq, wq, groups)  # [K*N, C, ...]
+        s_in = cand.repeat_interleave(n).reshape((k * n, 1) + (1,) * (acc.dim() - 2))
+        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        prod = s_in * s_w.reshape(shape)
+        deq = torch.where(prod > 0, 1.0 / prod, torch.zeros_like(prod))
+        out = acc.float() * deq
+        if layer.bias is not None:
+            out = out + layer.bias.reshape(shape)
+        out = _flat(out).reshape(k, n, ref.shape[1], -1)
+        dot = (out * ref.unsqueeze(0)).sum(dim=(2, 3))
+        sims = dot / norm_a.unsqueeze(0) / (out * out).sum(dim=(2, 3)).sqrt()
+        out_sims.append(sims.sum(dim=1))
+    return torch.cat(out_sims)
