@@ -359,6 +359,11 @@ def test_cli_tiny_fit_with_qat_exports(tmp_path: Path) -> None:
     assert "report.json" in files, files
     param = (export_dir / "model.int8.param").read_text()
     assert param.startswith("7767517") and "Convolution" in param
+    # the callback found the datamodule's normalisation: the note gives it in ncnn's terms
+    dm = ex.CIFAR10DataModule(seed=0)
+    dm.setup("fit")
+    note = (export_dir / "DEPLOY.md").read_text()
+    assert f"{dm.preprocessing.mean_vals[0]:.6g}f" in note and "substract_mean_normalize" in note
     # re-export from the run's checkpoint with the example's datamodule: real validation samples
     # for the parity report, and the normalisation in ncnn's terms in DEPLOY.md
     (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
