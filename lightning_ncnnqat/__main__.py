@@ -141,6 +141,11 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["setup-arm"]:  # the emulated ARM targets' set-up (lightning_ncnnqat.targets)
+        from .targets import main as targets_main
+
+        return targets_main(["setup", *argv[1:]])
     parser = argparse.ArgumentParser(
         prog="python -m lightning_ncnnqat",
         description=__doc__.splitlines()[0],
@@ -192,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         "comma-separated list of x86, arm64-a53, arm64-a76",
     )
     ex.add_argument("--quiet", action="store_true", help="do not print progress and the summary")
+    sub.add_parser(
+        "setup-arm",
+        help="build the emulated ARM64 targets (qemu + the aarch64 ncnn wheel) into a user cache, once; "
+        "same as `python -m lightning_ncnnqat.targets setup`",
+        add_help=False,
+    )
     args = parser.parse_args(argv)
     from .export import ExportError
 
