@@ -36,8 +36,9 @@ def test_wrongly_computed_grouped_conv_is_replanned_float_and_the_right_one_stay
     torch.manual_seed(0)
     model = TwoGrouped()
     ex = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    config = QATConfig(quantize_grouped_convs=True)
-    prepare_qat(model, ex, config)
+    config = QATConfig()  # quantize_grouped_convs="auto": int8, decided by measurement
+    plan = prepare_qat(model, ex, config)
+    assert {"g", "g2"} <= set(plan.layers)
     wrong = measure_int8_layers(model, ex, targets="x86")
     assert set(wrong["x86"]) == {"g"} and wrong["x86"]["g"] < 0.9  # measured, not guessed
     params_before = {n: p for n, p in model.named_parameters()}
@@ -52,6 +53,16 @@ def test_wrongly_computed_grouped_conv_is_replanned_float_and_the_right_one_stay
     assert type(model.g) is nn.Conv2d and type(model.g2) is not nn.Conv2d
     # measured again, every int8 layer is now right
     assert measure_int8_layers(model, ex, targets="x86") == {"x86": {}}
+
+
+def test_forced_grouped_convs_stay_int8_even_where_measured_wrong() -> None:
+    torch.manual_seed(0)
+    model = TwoGrouped()
+    ex = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    config = QATConfig(quantize_grouped_convs=True)  # the user knows the runtime
+    prepare_qat(model, ex, config)
+    assert keep_wrong_layers_in_float(model, ex, config, targets="x86") == {}
+    assert "g" in get_plan(model).layers
 
 
 def test_nothing_changes_when_every_layer_is_right() -> None:
