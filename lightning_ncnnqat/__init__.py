@@ -15,7 +15,7 @@ from .config import QATConfig
 # The function shadows the subpackage's name on purpose: `lightning_ncnnqat.export(...)`; the
 # subpackage stays importable as `from lightning_ncnnqat.export import ExportReport`.
 from .export import ExportError, ExportReport, export
-from .calibration import calibrate
+from .calibration import CalibrationResult, calibrate
 from .preprocessing import Preprocessing
 from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint, unprepare
 from .wrappers import unwrap
@@ -25,6 +25,7 @@ __all__ = [
     "QATConfig",
     "Preprocessing",
     "calibrate",
+    "CalibrationResult",
     "ExportError",
     "ExportReport",
     "export",
