@@ -90,7 +90,8 @@ def float_layers(model: nn.Module) -> list[tuple[str, str]]:
     return list(require_plan(model).float_layers.items())
 
 
-def _deepcopy_without_trainer(model: nn.Module) -> nn.Module:
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that leaves out a LightningModule's Trainer / Fabric references."""
     memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         obj = model.__dict__.get(attr)
@@ -110,7 +111,7 @@ def folded_float_model(model: nn.Module) -> nn.Module:
     """
     model = unwrap(model)
     plan = require_plan(model)
-    out = _deepcopy_without_trainer(model)
+    out = deepcopy_model(model)
     out.__dict__.pop(PLAN_ATTR, None)
     modules = dict(out.named_modules())
     with torch.no_grad():

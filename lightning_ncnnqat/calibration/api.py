@@ -9,7 +9,6 @@ package's own int8 writer) gives ncnn's PTQ model without building ncnn's C++ to
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..batches import INPUT_KEYS, model_input
 from ..config import QATConfig
 from ..export.tables import TableRow, format_table
 from ..prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
+from ..prepared import deepcopy_model
 from . import eq as eq_search
 from .aciq import aciq_threshold
 from .histogram import InputStats, collect_input_stats, tap_inputs
@@ -122,16 +122,6 @@ def _batches_from(data: Any, num_batches: int | None) -> Iterator[Tensor]:
         yield x.detach()
 
 
-def _copy_without_trainer(model: nn.Module) -> nn.Module:
-    """A deep copy that does not copy a LightningModule's Trainer / Fabric references."""
-    memo: dict[int, Any] = {}
-    for attr in ("_trainer", "_fabric"):
-        obj = model.__dict__.get(attr)
-        if obj is not None:
-            memo[id(obj)] = None
-    return copy.deepcopy(model, memo)
-
-
 def _folded_copy(model: nn.Module, example: Any, config: QATConfig | None) -> tuple[nn.Module, QATPlan]:
     """The BN-folded float copy of ``model`` and its plan; ``model`` is left untouched."""
     plan = get_plan(model)
@@ -140,7 +130,7 @@ def _folded_copy(model: nn.Module, example: Any, config: QATConfig | None) -> tu
     plan = plan_qat(model, example, config)
     if not plan.layers:
         raise ValueError(f"{type(model).__name__} has no layer ncnn can run in int8; nothing to calibrate")
-    work = _copy_without_trainer(model)
+    work = deepcopy_model(model)
     apply_plan(work, plan)
     return folded_float_model(work), plan
 

@@ -21,7 +21,6 @@ its files land, and the error raised at the end names every failed step.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
 import tempfile
@@ -38,6 +37,7 @@ from torch import nn
 from .. import ops
 from ..batches import positional_names
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
+from ..prepared import deepcopy_model
 from ..preprocessing import Preprocessing, find_preprocessing
 from ..wrappers import unwrap
 from .deploy_kit import write_deploy_kit
@@ -111,15 +111,6 @@ def _table_rows(infos: list[QuantLayerInfo], names: dict[str, str], order: list[
     return sorted(rows, key=lambda r: pos.get(r.layer, len(pos)))
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
-    memo: dict[int, Any] = {}
-    for attr in ("_trainer", "_fabric"):
-        obj = model.__dict__.get(attr)
-        if obj is not None:
-            memo[id(obj)] = None
-    return copy.deepcopy(model, memo)
-
-
 def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor]) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` whose input ranges that no training step set are set from ``inputs``
     (absmax of one eval forward), and the names of those layers; ``model`` itself when none is
@@ -127,7 +118,7 @@ def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor
     missing = [n for n, q in input_quantizers(model).items() if float(q.running_absmax.reshape(-1)[0]) < 0]
     if not missing:
         return model, []
-    copy_ = _deepcopy(model)
+    copy_ = deepcopy_model(model)
     copy_.eval()
     qs = input_quantizers(copy_)
     for q in qs.values():
