@@ -46,7 +46,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 NEAR_TIE_SIGMAS = 4.0
 
 
-def agreement(ref: np.ndarray, got: np.ndarray) -> Agreement:
+def agreement(ref: np.ndarray, got: np.ndarray, classes: bool = True) -> Agreement:
     """Agreement of ``got`` with ``ref``, both ``[N, ...]`` (flattened per sample).
 
     A top-1 flip (``argmax`` differs) is a *near-tie* when the reference's own margin between
@@ -55,6 +55,9 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> Agreement:
     flip it, so it says nothing about a defect (an undertrained model has many such ties). A
     real defect moves the output far beyond that noise and shows in the cosine and in flips
     that are not near-ties.
+
+    ``classes=False`` (an output that is not one score per class, e.g. a feature map or boxes):
+    no top-1 figures.
 
     Raises ValueError if the per-sample sizes differ.
     """
@@ -65,7 +68,7 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> Agreement:
     err = np.abs(ref - got)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     finite = bool(np.isfinite(got).all())
-    top1 = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.shape[1] > 1 and finite else None
+    top1 = float((ref.argmax(1) == got.argmax(1)).mean()) if classes and ref.shape[1] > 1 and finite else None
     flips = near = 0
     noise = float(np.sqrt(np.mean((ref - got) ** 2))) if finite and ref.size else 0.0
     if top1 is not None:
@@ -76,7 +79,7 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> Agreement:
         near = int((margins <= NEAR_TIE_SIGMAS * np.sqrt(2.0) * noise).sum())
     return Agreement(
         n=len(ref),
-        top1_agreement=top1 if finite or ref.shape[1] <= 1 else 0.0,
+        top1_agreement=top1 if finite or not classes or ref.shape[1] <= 1 else 0.0,
         cosine=cosine(ref, got) if finite else 0.0,
         min_sample_cosine=min(cosine(r, g) for r, g in zip(ref, got)) if finite and len(ref) else 0.0,
         max_abs_err=float(err.max()) if finite and err.size else (0.0 if finite else float("inf")),

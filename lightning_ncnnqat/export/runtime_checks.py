@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ def _strict_parity(
 ) -> None:
     """int8 parity with the runtime's approximations off, to tell them apart from real errors."""
     rs = files.run("int8", feeds, files.output_blobs, target=target, options=STRICT_OPTIONS)
-    strict = min((agreement(q_ref[i], rs.outputs[b]) for i, b in enumerate(files.output_blobs)), key=lambda a: a.cosine)
+    strict = min((agreement(q_ref[i], rs.outputs[b], i in files.class_outputs) for i, b in enumerate(files.output_blobs)), key=lambda a: a.cosine)
     report.runtime[target]["int8_vs_qat_strict"] = asdict(strict)
     report.runtime[target]["strict_options"] = {k: v for k, v in STRICT_OPTIONS.items() if k != "num_threads"}
     if default_cos < 0.9999 <= strict.cosine or (1 - default_cos) > 2 * (1 - strict.cosine) > 0:
@@ -59,6 +59,7 @@ class ModelFiles:
     int8_param: NcnnParam
     input_blobs: list[str]
     output_blobs: list[str]
+    class_outputs: set[int] = field(default_factory=set)  # outputs that are [N, C] class scores
 
     def path(self, stem: str, ext: str) -> Path:
         return self.export_dir / f"model.{stem}.{ext}"
@@ -82,6 +83,11 @@ def blob_names(param: NcnnParam, io: ModelIO) -> tuple[list[str], list[str]]:
             f"{len(io.input_names)} input(s) and {len(io.output_names)} output(s)"
         )
     return inputs, outputs
+
+
+def _is_class_scores(io: ModelIO, i: int) -> bool:
+    """Top-1 figures only for ``[N, C]`` outputs (one score per class), not feature maps or boxes."""
+    return i < len(io.output_shapes) and len(io.output_shapes[i]) == 1
 
 
 def measure(
@@ -109,11 +115,13 @@ def measure(
     rf = files.run("ncnn", feeds, outs, options=PARITY_OPTIONS)
     rf32 = files.run("ncnn", feeds, outs, options={**PARITY_OPTIONS, "use_fp16_storage": False})
     report.outputs = []
+    files.class_outputs = {i for i in range(len(outs)) if _is_class_scores(io, i)}
     for i, (blob, path) in enumerate(zip(outs, io.output_paths)):
         o = OutputParity(blob, path)
-        o.int8_vs_qat = agreement(q_ref[i], r8.outputs[blob])
-        o.float_vs_torch = agreement(f_ref[i], rf.outputs[blob])
-        o.float_vs_torch_fp32_storage = agreement(f_ref[i], rf32.outputs[blob])
+        cls = i in files.class_outputs
+        o.int8_vs_qat = agreement(q_ref[i], r8.outputs[blob], cls)
+        o.float_vs_torch = agreement(f_ref[i], rf.outputs[blob], cls)
+        o.float_vs_torch_fp32_storage = agreement(f_ref[i], rf32.outputs[blob], cls)
         report.outputs.append(o)
     worst = min(report.outputs, key=lambda o: o.int8_vs_qat.cosine)
     report.int8_vs_qat = worst.int8_vs_qat
@@ -181,7 +189,7 @@ def _target_parity(
         r8 = files.run("int8", feeds, files.output_blobs, target=target, options=PARITY_OPTIONS)
         entry.update(r8.info)
         entry.pop("time_ms", None)  # emulated: says nothing about the device's speed
-        per_out = [agreement(q_ref[i], r8.outputs[b]) for i, b in enumerate(files.output_blobs)]
+        per_out = [agreement(q_ref[i], r8.outputs[b], i in files.class_outputs) for i, b in enumerate(files.output_blobs)]
         entry["outputs"] = [{"blob": b, "int8_vs_qat": asdict(a)} for b, a in zip(files.output_blobs, per_out)]
         worst = min(per_out, key=lambda a: a.cosine)
         entry["int8_vs_qat"] = asdict(worst)
