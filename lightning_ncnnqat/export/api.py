@@ -196,6 +196,13 @@ def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_
         for t, n in names.items():
             by_torch[t].onnx_name = n
         land({"model.table": format_table(_table_rows(p.infos, names, res.node_names), "ONNX node")})
+        grouped = [i.name for i in p.infos if i.kind == "ConvolutionDepthWise" and i.weight.dim() == 4 and i.weight.shape[1] > 1]
+        if grouped:
+            report.warnings.append(
+                f"model.table holds int8 rows for grouped convs {grouped}: through onnx2ncnn + ncnn2int8 (which keeps "
+                "activations as separate layers, so no requantize is fused) ncnn's packed int8 kernels can compute them "
+                "wrongly under default options; deploy model.int8.* (measured here), or set use_packing_layout=False"
+            )
 
 
 def _ncnn_branch(
