@@ -80,7 +80,9 @@ def _import_check(site_dir: Path, cwd: Path) -> tuple[str, str]:
     editable install of the repo itself (a meta-path finder) cannot serve the package instead.
     """
     code = (
-        "import sys; sys.path.extend(sys.argv[2:]); import site; site.addsitedir(sys.argv[1]);"
+        # the install's site dir first: its .pth imports an editable finder module whose name is the same
+        # as the one of an editable install in this interpreter's own site-packages
+        "import sys, site; site.addsitedir(sys.argv[1]); sys.path.extend(sys.argv[2:]);"
         "import torch, lightning_ncnnqat, lightning_ncnnqat.ops as o;"
         "x = torch.linspace(-2, 2, 97); r = torch.full((1,), -1.0);"
         "y = o.fake_quantize_per_tensor(x, r, 0.1, True);"
