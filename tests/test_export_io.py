@@ -250,3 +250,31 @@ def test_ceil_mode_pooling_keeps_model_onnx_and_is_judged_by_onnxruntime(tmp_pat
     assert rep.onnx["max_abs_err_vs_torch_float"] < 1e-4
     assert not [w for w in rep.warnings if "model.onnx" in w]
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.table").is_file()
+
+
+class ScaledInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(x * 0.5)))  # onnxsim folds the 0.5 into c1's weights
+
+
+def test_a_constant_input_scale_folded_into_weights_by_onnxsim_gets_rescaled_table_rows(tmp_path: Path) -> None:
+    from lightning_ncnnqat.export.tables import parse_table
+
+    x = rand(8, 3, 12, 12, seed=10)
+    model = qat(ScaledInput(), x[:1], [x])
+    rep = export(model, tmp_path, x[:1], x, **FAST)
+    assert rep.ok, rep.summary()
+    assert any("folded a constant input scale" in n and "'c1'" in n for n in rep.notes)
+    weights, inputs = parse_table((tmp_path / "model.table").read_text())
+    by = {r.torch_name: r for r in rep.layers}
+    c1 = by["c1"]
+    # the ONNX conv reads x and holds 0.5 * w: rows rescaled so the integers are the QAT forward's
+    assert np.isclose(inputs[c1.onnx_name], c1.input_scale * 0.5, rtol=1e-6)
+    w = model.c1.folded_weight_bias()[0].detach().reshape(8, -1).abs().amax(1)
+    assert np.allclose(weights[c1.onnx_name], (31.0 / w * 2.0).numpy(), rtol=1e-5)
+    assert np.isclose(inputs[by["c2"].onnx_name], by["c2"].input_scale, rtol=1e-7)  # untouched

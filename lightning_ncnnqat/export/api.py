@@ -102,10 +102,19 @@ def validate_layers(infos: list[QuantLayerInfo]) -> None:
             raise LayerError(i.name, f"layer '{i.name}': unknown ncnn type {i.kind!r}")
 
 
-def _table_rows(infos: list[QuantLayerInfo], names: dict[str, str], order: list[str]) -> list[TableRow]:
+def _table_rows(
+    infos: list[QuantLayerInfo], names: dict[str, str], order: list[str], factors: dict[str, float] | None = None
+) -> list[TableRow]:
+    """Table rows in graph order; ``factors[name] = c``: the graph's layer holds ``c * w`` (a folded
+    input scale), so its rows are ``weight_scales / c`` and ``input_scale * c``."""
     pos = {n: i for i, n in enumerate(order)}
+    f = factors or {}
     rows = [
-        TableRow(names[i.name], i.name, tuple(float(s) for s in i.weight_scales.reshape(-1)), float(i.input_scale))
+        TableRow(
+            names[i.name], i.name,
+            tuple(float(np.float32(s) / np.float32(f.get(i.name, 1.0))) for s in i.weight_scales.reshape(-1)),
+            float(np.float32(i.input_scale) * np.float32(f.get(i.name, 1.0))),
+        )
         for i in infos
     ]
     return sorted(rows, key=lambda r: pos.get(r.layer, len(pos)))
@@ -192,10 +201,16 @@ def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_
         except Exception as e:  # noqa: BLE001
             report.warnings.append(f"model.onnx could not be checked ({type(e).__name__}: {str(e)[:300]})")
     with _step("onnx_table", verbose):
-        names = onnx_names(res.model_bytes, p.infos)
+        names, factors = onnx_names(res.model_bytes, p.infos)
         for t, n in names.items():
             by_torch[t].onnx_name = n
-        land({"model.table": format_table(_table_rows(p.infos, names, res.node_names), "ONNX node")})
+        if factors:
+            report.notes.append(
+                "onnxsim folded a constant input scale into the weights of "
+                + ", ".join(f"'{t}' (x{c:.6g})" for t, c in factors.items())
+                + "; model.table's rows for them are rescaled to the same integers"
+            )
+        land({"model.table": format_table(_table_rows(p.infos, names, res.node_names, factors), "ONNX node")})
         grouped = [i.name for i in p.infos if i.kind == "ConvolutionDepthWise" and i.weight.dim() == 4 and i.weight.shape[1] > 1]
         if grouped:
             report.warnings.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from .errors import LayerError
-from .matching import WeightOwner, match_by_weights
+from .matching import WeightOwner, _same, match_by_weights
 from .tracing import traceable
 
 INPUT_NAME = "in0"
@@ -141,9 +141,31 @@ def onnx_weight_owners(model_bytes: bytes) -> list[WeightOwner]:
     return owners
 
 
-def onnx_names(model_bytes: bytes, infos: Sequence) -> dict[str, str]:
-    """torch layer name -> ONNX (onnx2ncnn) layer name, by weight content."""
-    return match_by_weights(infos, onnx_weight_owners(model_bytes), "ONNX graph")
+def onnx_names(model_bytes: bytes, infos: Sequence) -> tuple[dict[str, str], dict[str, float]]:
+    """torch layer name -> ONNX (onnx2ncnn) layer name, by weight content; and the factor ``c``
+    of every layer whose ONNX weights are ``c * w`` (``c > 0``): onnxsim folds a constant scale of
+    the layer's input (``conv(x * 0.5)``) into its weights, so that layer reads ``x`` and its table
+    rows become ``input_scale * c`` and ``weight_scales / c`` (the same integers)."""
+    owners = onnx_weight_owners(model_bytes)
+    factors: dict[str, float] = {}
+    probe = []
+    for info in infos:
+        w = info.weight.detach().cpu().float().numpy().ravel()
+        if any(o.weight.shape == w.shape and _same(o.weight, w) for o in owners):
+            probe.append(info)
+            continue
+        k = int(np.argmax(np.abs(w))) if w.size else 0
+        for o in owners:
+            if o.weight.shape != w.shape or not w.size or w[k] == 0:
+                continue
+            c = float(o.weight[k]) / float(w[k])
+            if c > 0 and _same(o.weight, (w * np.float32(c)).astype(np.float32)):
+                factors[info.name] = c
+                probe.append(replace(info, weight=info.weight * c))
+                break
+        else:
+            probe.append(info)
+    return match_by_weights(probe, owners, "ONNX graph"), factors
 
 
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
