@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+RANGE_INITS = ("first_batch", "absmax", "kl", "aciq")
+"""Where input thresholds start (``QATConfig.range_init``)."""
+
+RANGE_MODES = ("moving_average", "fixed", "learned")
+"""How input thresholds move during QAT (``QATConfig.ranges``)."""
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
@@ -29,6 +36,16 @@ class QATConfig:
             int8 without that check (runtimes you know); ``False``: always float.
         sync_ranges: under torch.distributed, all-reduce the input ranges so every rank
             (and the exported table) holds the same values.
+        range_init: where each input range (threshold) starts. ``"first_batch"``: the absmax
+            of the first QAT training batch; ``"absmax"``, ``"kl"``, ``"aciq"``: ncnn2table's
+            calibration of that method (:func:`~lightning_ncnnqat.calibrate`) on the BN-folded
+            float model over ``calibration_batches`` training batches.
+        calibration_batches: training batches the calibrated start reads (>= 1).
+        ranges: how the thresholds move during QAT. ``"moving_average"``: towards each batch's
+            absmax with ``momentum`` (ncnnqat's rule); ``"fixed"``: they stay where
+            ``range_init`` put them; ``"learned"``: trained by gradient descent (TQT-style:
+            the natural log of each threshold is a trained value, Adam with ``range_lr``).
+        range_lr: learning rate of the thresholds' log under ``ranges="learned"`` (> 0).
     """
 
     momentum: float = 0.1
@@ -36,6 +53,10 @@ class QATConfig:
     skip: tuple[str, ...] = field(default_factory=tuple)
     quantize_grouped_convs: bool | str = "auto"
     sync_ranges: bool = True
+    range_init: str = "first_batch"
+    calibration_batches: int = 16
+    ranges: str = "moving_average"
+    range_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         m = self.momentum
@@ -46,12 +67,29 @@ class QATConfig:
             _check_bool(name, getattr(self, name))
         if self.quantize_grouped_convs != "auto":
             _check_bool("quantize_grouped_convs", self.quantize_grouped_convs)
+        for name, allowed in (("range_init", RANGE_INITS), ("ranges", RANGE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        n = self.calibration_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`calibration_batches` must be an int >= 1, got {n!r}")
+        lr = self.range_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < float(lr) < float("inf"):
+            raise ValueError(f"`range_lr` must be a positive float, got {lr!r}")
+        object.__setattr__(self, "range_lr", float(lr))
         skip = self.skip
         if isinstance(skip, str):
             skip = (skip,)
         if not isinstance(skip, Sequence) or not all(isinstance(s, str) and s for s in skip):
             raise TypeError(f"`skip` must be a list of non-empty module names or patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
+
+    @property
+    def calibrated_start(self) -> bool:
+        """Whether QAT start sets the thresholds by a calibration pass (not the first step's
+        moving-average update): any calibrated ``range_init``, and any ``ranges`` that is not
+        the moving average (its first batch is then calibrated as ``"absmax"`` on one batch)."""
+        return self.range_init != "first_batch" or self.ranges != "moving_average"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -237,14 +237,16 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
         if base is None:
             raise TypeError(f"layer '{name}' is {type(m).__name__}; the QAT plan expects Conv2d or Linear")
         if p.input_owner not in quantizers:
-            quantizers[p.input_owner] = InputQuantizer(plan.config.momentum, 8, plan.config.sync_ranges).to(
+            learned = {"learned": True} if plan.config.ranges == "learned" else {}
+            quantizers[p.input_owner] = InputQuantizer(plan.config.momentum, 8, plan.config.sync_ranges, **learned).to(
                 m.weight.device
             )
         m.__dict__[ORIG_CLASS] = type(m)
         m.__class__ = QAT_CLASSES[base]
         m.weight_bits = p.weight_bits
         m.weight_groups = p.num_groups
-        m.updates_range = p.input_owner == name
+        # ranges="fixed": the calibrated start sets them and no training step moves them
+        m.updates_range = p.input_owner == name and plan.config.ranges != "fixed"
         m.input_quantizer = quantizers[p.input_owner]
         if p.bn:
             bn = modules[p.bn]
@@ -253,12 +255,9 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
     model.__dict__[PLAN_ATTR] = plan
 
 
-def prepare_qat(model: nn.Module, example_input: Any, config: QATConfig | None = None) -> QATPlan:
-    """Plan and apply QAT to ``model`` in place; raise if ncnn could run nothing in int8.
-
-    ``model`` may be wrapped (DataParallel, DDP, ``torch.compile``, Fabric): the user's model
-    inside is converted, and a compiled wrapper recompiles on its next call.
-    """
+def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> QATPlan:
+    """:func:`plan_qat` then :func:`apply_plan`; ValueError naming what was found if nothing can
+    run in int8. The thresholds are left unset (the caller starts them)."""
     plan = plan_qat(model, example_input, config)
     if not plan.layers:
         found = "; ".join(f"{n}: {r}" for n, r in plan.float_layers.items()) or "no Conv2d or Linear at all"
@@ -267,6 +266,39 @@ def prepare_qat(model: nn.Module, example_input: Any, config: QATConfig | None =
             f"Linear on 2-D input called once per forward); found: {found}"
         )
     apply_plan(model, plan)
+    return plan
+
+
+def prepare_qat(
+    model: nn.Module, example_input: Any, config: QATConfig | None = None, calibration_data: Any = None
+) -> QATPlan:
+    """Plan and apply QAT to ``model`` in place; raise if ncnn could run nothing in int8.
+
+    ``model`` may be wrapped (DataParallel, DDP, ``torch.compile``, Fabric): the user's model
+    inside is converted, and a compiled wrapper recompiles on its next call.
+    ``calibration_data`` (batches, a DataLoader or a tensor of inputs) sets the input thresholds
+    when ``config`` asks for a calibrated start (``range_init`` other than ``"first_batch"``, or
+    ``ranges`` other than ``"moving_average"``; ``"first_batch"`` then reads one batch); it is
+    required then, and raises ValueError before anything is changed when missing.
+    """
+    config = config or QATConfig()
+    if config.calibrated_start and calibration_data is None:
+        raise ValueError(
+            f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
+            f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
+        )
+    plan = plan_and_apply(model, example_input, config)
+    if config.calibrated_start:
+        from .ranges import calibrated_thresholds, set_thresholds
+
+        method = "absmax" if config.range_init == "first_batch" else config.range_init
+        n = 1 if config.range_init == "first_batch" else config.calibration_batches
+        try:
+            thresholds, _ = calibrated_thresholds(model, calibration_data, method, n)
+        except BaseException:
+            unprepare(model)  # a failed start leaves the float model as it was
+            raise
+        set_thresholds(model, thresholds)
     return plan
 
 

@@ -7,6 +7,7 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional, Union
 
 from torch import Tensor
@@ -14,10 +15,11 @@ from torch import Tensor
 from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
-from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, prepare_qat, unprepare
+from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from ._held import held_batch
 from ._rank_zero import on_rank_zero, preflight_function, ranges_unsynced
+from ._train_batches import train_batches
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
@@ -65,6 +67,16 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         preprocessing: the input normalisation, for the deployment note (``{"mean": [...],
             "std": [...]}`` or a :class:`~lightning_ncnnqat.Preprocessing`); default: the
             datamodule's or the LightningModule's ``preprocessing`` attribute.
+        range_init: where each input threshold starts: ``"first_batch"`` (the first QAT batch's
+            absmax), or ncnn2table's calibration ``"absmax"``, ``"kl"``, ``"aciq"`` on the
+            BN-folded float model over the first ``calibration_batches`` training batches
+            (run at QAT start on global rank 0, broadcast to every rank).
+        calibration_batches: training batches the calibrated start reads.
+        ranges: how thresholds move during QAT: ``"moving_average"`` (with ``momentum``),
+            ``"fixed"`` (where ``range_init`` put them) or ``"learned"`` (trained: Adam on
+            ``log(threshold)`` with ``range_lr``, stepped with the first optimizer, gradients
+            un-scaled under AMP and averaged over DDP ranks; its state is in the checkpoint).
+        range_lr: learning rate of the learned thresholds' log.
 
     ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
     input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
@@ -92,6 +104,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         preflight: bool = True,
         targets: Union[str, list[str]] = "auto",
         preprocessing: Any = None,
+        range_init: str = "first_batch",
+        calibration_batches: int = 16,
+        ranges: str = "moving_average",
+        range_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -119,6 +135,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             skip=tuple(skip or ()),
             quantize_grouped_convs=quantize_grouped_convs,
             sync_ranges=sync_ranges,
+            range_init=range_init,
+            calibration_batches=calibration_batches,
+            ranges=ranges,
+            range_lr=range_lr,
         )
         self.start_epoch = start_epoch
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
@@ -136,6 +156,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.plan: QATPlan | None = None
         self.export_report: Any = None
         self._traced_example: Any = None
+        self._learned: Any = None  # ranges.LearnedRanges while thresholds are learned
+        self._learned_state: Any = None  # its optimizer state, from a checkpoint
 
     @property
     @override
@@ -216,7 +238,17 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"start_epoch": self.start_epoch, "active": self.active}
+        state: dict[str, Any] = {"start_epoch": self.start_epoch, "active": self.active}
+        learned = self._learned.state_dict() if self._learned is not None else self._learned_state
+        if learned is not None:
+            state["learned_ranges"] = learned
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._learned_state = state_dict.get("learned_ranges")
+        if self._learned is not None:
+            self._learned.load_state_dict(self._learned_state)
 
     # ---- switching QAT on -------------------------------------------------------------
 
@@ -249,7 +281,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _activate(self, trainer: Any, pl_module: Any, example: Any) -> None:
         example = from_call(*map_tensors(lambda t: t.to(pl_module.device), as_call(example)))
-        self.plan = prepare_qat(pl_module, example, self.config)
+        self.plan = plan_and_apply(pl_module, example, self.config)
         self._traced_example = example
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
@@ -275,6 +307,55 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                         "QATCallback: measured at QAT start, kept in float before training: "
                         + "; ".join(f"{n}: {r}" for n, r in reasons.items())
                     )
+        if self.config.calibrated_start:
+            self._start_ranges(trainer, pl_module)
+
+    def _start_ranges(self, trainer: Any, pl_module: Any) -> None:
+        """The calibrated start: thresholds from ncnn2table's calibration on rank 0's first
+        training batches, broadcast so every rank starts from the same table."""
+        from ..ranges import calibrated_thresholds, set_thresholds
+
+        cfg = self.config
+        method = "absmax" if cfg.range_init == "first_batch" else cfg.range_init
+        n = 1 if cfg.range_init == "first_batch" else cfg.calibration_batches
+        found: dict[str, Any] = {}
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            thresholds, warnings = calibrated_thresholds(pl_module, train_batches(trainer, pl_module, n), method, n)
+            found.update(thresholds=thresholds, warnings=warnings, seconds=time.perf_counter() - t0)
+
+        on_rank_zero(trainer, f"calibrated start (range_init={cfg.range_init!r})", run)
+        if trainer.world_size > 1:
+            found = trainer.strategy.broadcast(found, src=0)
+        set_thresholds(pl_module, found["thresholds"])
+        for w in found["warnings"]:
+            rank_zero_warn(f"QATCallback: {w}")
+        if self.verbose:
+            rank_zero_info(
+                f"QATCallback: {len(found['thresholds'])} input thresholds set by {method} calibration over {n} "
+                f"training batch(es) in {found['seconds']:.1f} s; ranges {cfg.ranges}"
+            )
+
+    # ---- learned ranges ---------------------------------------------------------------
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.plan is None or self.plan.config.ranges != "learned":
+            return
+        if trainer.optimizers and optimizer is not trainer.optimizers[0]:
+            return  # one threshold step per step of the first optimizer
+        if self._learned is None:
+            from ..ranges import LearnedRanges
+
+            self._learned = LearnedRanges(pl_module, self.plan.config.range_lr)
+            self._learned.load_state_dict(self._learned_state)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        divisor = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        reduce = None
+        if trainer.world_size > 1:
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        self._learned.step(divisor, reduce)
 
     # ---- monitoring -------------------------------------------------------------------
 

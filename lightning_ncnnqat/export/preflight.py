@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import QATConfig
 from ..plan import get_plan
-from ..prepare import prepare_qat, unprepare
+from ..prepare import plan_and_apply, unprepare
 from ..wrappers import unwrap
 from .api import preflight_export
 from .errors import ExportError
@@ -75,7 +75,7 @@ def replan_as_float(
     if not where:
         return {}
     unprepare(model)
-    new_plan = prepare_qat(model, example_input, replace(config, skip=tuple(config.skip) + tuple(where)))
+    new_plan = plan_and_apply(model, example_input, replace(config, skip=tuple(config.skip) + tuple(where)))
     reasons = {
         name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
         for name, w in where.items()

@@ -1,0 +1,152 @@
+"""Where QAT's input thresholds start (a calibrated start) and how learned thresholds train.
+
+The threshold of an input is what ncnn's table carries as ``scale = 127 / threshold``
+(``running_absmax`` of the layer's :class:`~lightning_ncnnqat.modules.InputQuantizer`).
+
+* :func:`calibrated_thresholds` runs ncnn2table's calibration (:func:`~lightning_ncnnqat.calibrate`:
+  ``"kl"``, ``"aciq"``, or the plain ``"absmax"``) on the BN-folded float model and gives one
+  threshold per range-owning layer; :func:`set_thresholds` writes them into the quantizers.
+* :class:`LearnedRanges` trains the thresholds of quantizers in learned mode (TQT-style: Adam on
+  the natural log of each threshold) beside the user's optimizer, so a Lightning run's
+  optimizer, its param groups and its checkpoint state stay the user's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .prepared import input_quantizers
+
+CALIBRATION_METHODS = ("absmax", "kl", "aciq")
+
+
+def calibrated_thresholds(
+    model: nn.Module, data: Iterable[Any] | Tensor, method: str, num_batches: int
+) -> tuple[dict[str, float], list[str]]:
+    """Thresholds of every range-owning layer of the QAT-prepared ``model`` from ``data``.
+
+    ``method``: ``"kl"`` / ``"aciq"`` (ncnn2table's input threshold, computed as
+    ``tools/quantize/ncnn2table.cpp`` does) or ``"absmax"`` (max |x| over the batches, ncnnqat's
+    first-batch rule over more batches). Computed on the BN-folded float copy of ``model`` (the
+    float network QAT starts from), in the unit of each layer's input. ``model`` is not changed.
+
+    Returns ``(thresholds, warnings)``; a layer whose input was zero on every batch gets no
+    threshold (its range is then set by the first training step) and a warning.
+    Raises:
+        ValueError: unknown method, no batch, a NaN/inf input (naming the layer).
+        TypeError: a batch that holds no input tensor.
+    """
+    from .calibration import calibrate
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"`method` must be one of {CALIBRATION_METHODS}, got {method!r}")
+    result = calibrate(model, data, method="aciq" if method == "absmax" else method, num_batches=num_batches)
+    out: dict[str, float] = {}
+    warnings: list[str] = []
+    for name in input_quantizers(model):
+        c = result.layers[name]
+        t = c.input_absmax if method == "absmax" else c.input_threshold
+        if not t > 0:
+            warnings.append(f"layer '{name}': its input was zero on every calibration batch; its range starts at the first step")
+            continue
+        out[name] = float(t)
+    return out, warnings
+
+
+@torch.no_grad()
+def set_thresholds(model: nn.Module, thresholds: dict[str, float]) -> None:
+    """Write ``thresholds`` (layer name -> threshold > 0) into the prepared ``model``'s quantizers.
+
+    A learned quantizer stores ``log(t)`` and carries ``exp(log(t))`` (the value its forward
+    uses); the others carry ``t`` rounded to float32.
+    Raises:
+        KeyError: a name that owns no input range; ValueError: a threshold that is not > 0.
+    """
+    qs = input_quantizers(model)
+    for name, t in thresholds.items():
+        if name not in qs:
+            raise KeyError(f"layer '{name}' owns no input range (owners: {sorted(qs)[:8]}...)")
+        if not float(t) > 0 or float(t) == float("inf"):
+            raise ValueError(f"layer '{name}': threshold must be a finite float > 0, got {t!r}")
+        q = qs[name]
+        if getattr(q, "learned", False):
+            q.set_threshold(float(t))
+        else:
+            q.running_absmax.fill_(float(t))
+
+
+class LearnedRanges:
+    """The optimizer of a prepared model's learned thresholds (Adam on ``log(threshold)``).
+
+    Why its own optimizer: QAT starts mid-fit, after the user's optimizer (and DDP) were built,
+    and a resumed run rebuilds the model before the user's ``configure_optimizers``; the
+    thresholds therefore live outside ``model.parameters()`` and train here, in the log
+    domain so one learning rate fits thresholds of any magnitude (TQT). Call :meth:`step`
+    where the user's optimizer steps (after backward): it takes the accumulated gradients,
+    optionally un-scales and all-reduces them, steps, clears them and writes the new thresholds
+    into the quantizers (``running_absmax``, what the table carries).
+    """
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        self.model = model
+        self.lr = float(lr)
+        self.quantizers = {n: q for n, q in input_quantizers(model).items() if getattr(q, "learned", False)}
+        if not self.quantizers:
+            raise ValueError("the model has no learned input range (prepare it with QATConfig(ranges='learned'))")
+        self._leaves: list[Tensor] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self.skipped_steps = 0
+
+    def _current_leaves(self) -> list[Tensor]:
+        leaves = [q.threshold_leaf() for q in self.quantizers.values()]
+        if self.optimizer is None or any(a is not b for a, b in zip(leaves, self._leaves)):
+            state = self.optimizer.state_dict() if self.optimizer is not None else self._pending_state
+            self.optimizer = torch.optim.Adam(leaves, lr=self.lr)
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            self._pending_state = None
+            self._leaves = leaves
+        return leaves
+
+    def step(self, grad_divisor: float = 1.0, all_reduce: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """One Adam step of every learned threshold; False (and nothing changes) when a gradient
+        is not finite (an AMP overflow step). ``grad_divisor``: the AMP loss scale;
+        ``all_reduce``: a function returning the mean of a tensor over processes (DDP), so every
+        rank takes the same step and the thresholds stay identical."""
+        leaves = self._current_leaves()
+        grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+        flat = torch.cat([g.reshape(-1).float() for g in grads]) / float(grad_divisor)
+        if all_reduce is not None:
+            flat = all_reduce(flat)
+        for t in leaves:
+            t.grad = None
+        if not bool(torch.isfinite(flat).all()):
+            self.skipped_steps += 1
+            return False
+        for t, g in zip(leaves, flat.split(1)):
+            t.grad = g.reshape(t.shape).to(t.dtype)
+        assert self.optimizer is not None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for q in self.quantizers.values():
+            q.commit_threshold()
+        return True
+
+    def zero_grad(self) -> None:
+        for q in self.quantizers.values():
+            q.threshold_leaf().grad = None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The Adam state (moments, step count), for an exact resume; None before the first step."""
+        if self.optimizer is not None:
+            return self.optimizer.state_dict()
+        return self._pending_state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self._pending_state = state
+        self.optimizer = None

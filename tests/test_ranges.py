@@ -1,0 +1,150 @@
+"""The calibrated start (range_init) and fixed ranges: thresholds equal the package's ncnn2table
+calibration on the same batches, in prepare_qat, in the callback and in the exported table."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_ncnnqat import QATCallback, QATConfig, calibrate, prepare_qat
+from lightning_ncnnqat.export.tables import parse_table
+from lightning_ncnnqat.prepare import get_plan, input_quantizers
+
+from lit_models import loader, make_data, make_module
+from models import MixedNet
+
+
+def _batches(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    ds = make_data(16 * n, seed=seed)
+    return [ds.tensors[0][i * 16 : (i + 1) * 16] for i in range(n)]
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:  # noqa: ANN001
+    args = dict(max_epochs=2, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                enable_checkpointing=False, default_root_dir=str(tmp_path), deterministic=True)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"range_init": "minmax"}, r"`range_init` must be one of \('first_batch', 'absmax', 'kl', 'aciq'\), got 'minmax'"),
+        ({"ranges": "ema"}, r"`ranges` must be one of \('moving_average', 'fixed', 'learned'\), got 'ema'"),
+        ({"calibration_batches": 0}, r"`calibration_batches` must be an int >= 1, got 0"),
+        ({"range_lr": -1.0}, r"`range_lr` must be a positive float, got -1.0"),
+    ],
+)
+def test_range_arguments_are_validated_when_made(kwargs, match) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=match):
+        QATConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        QATCallback(**kwargs)
+
+
+def test_prepare_qat_without_calibration_data_raises_before_changing_the_model() -> None:
+    model = MixedNet().eval()
+    with pytest.raises(ValueError, match=r"`calibration_data` is required with range_init='kl'"):
+        prepare_qat(model, torch.randn(1, 3, 16, 16), QATConfig(range_init="kl"))
+    assert get_plan(model) is None
+
+
+@pytest.mark.parametrize("method", ["kl", "aciq"])
+def test_prepare_qat_starts_from_the_calibration_thresholds(method: str) -> None:
+    torch.manual_seed(0)
+    model = MixedNet()
+    model.eval()
+    batches = _batches()
+    expected = calibrate(copy.deepcopy(model), batches, method=method, num_batches=3)
+    prepare_qat(model, batches[0][:1], QATConfig(range_init=method, calibration_batches=3), calibration_data=batches)
+    qs = input_quantizers(model)
+    assert qs
+    for name, q in qs.items():
+        t = expected.layers[name].input_threshold
+        assert q.running_absmax.item() == np.float32(t), name
+        # the table's scale is ncnn2table's: 127 / threshold in float32
+        assert q.scale() == expected.layers[name].input_scale, name
+
+
+def test_absmax_start_is_the_max_over_the_batches_of_each_folded_float_input() -> None:
+    torch.manual_seed(0)
+    model = MixedNet()
+    model.eval()
+    batches = _batches()
+    prepare_qat(model, batches[0][:1], QATConfig(range_init="absmax", calibration_batches=2), calibration_data=batches)
+    from lightning_ncnnqat import folded_float_model
+
+    folded = folded_float_model(model).eval()
+    seen: dict[str, float] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, max(seen.get(n, 0.0), a[0].abs().max().item())))
+        for n, m in folded.named_modules() if n in input_quantizers(model)
+    ]
+    with torch.no_grad():
+        for x in batches[:2]:  # only calibration_batches are read
+            folded(x)
+    for h in hooks:
+        h.remove()
+    for name, q in input_quantizers(model).items():
+        assert q.running_absmax.item() == pytest.approx(seen[name], rel=1e-6), name
+
+
+def test_fixed_ranges_do_not_move_in_training_and_moving_averages_do() -> None:
+    torch.manual_seed(0)
+    batches = _batches()
+    moved = {}
+    for ranges in ("fixed", "moving_average"):
+        model = MixedNet()
+        model.eval()
+        prepare_qat(model, batches[0][:1], QATConfig(range_init="aciq", ranges=ranges), calibration_data=batches)
+        before = {n: q.running_absmax.clone() for n, q in input_quantizers(model).items()}
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for x in batches:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        moved[ranges] = any(not torch.equal(before[n], q.running_absmax) for n, q in input_quantizers(model).items())
+    assert moved == {"fixed": False, "moving_average": True}
+
+
+def test_callback_calibrated_start_is_the_calibration_of_the_first_training_batches(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    ds = make_data(64)
+    model = make_module(L.LightningModule)
+    start: dict[str, float] = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                start.update({n: q.running_absmax.item() for n, q in input_quantizers(pl_module).items()})
+
+    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False, preflight=False,
+                     range_init="aciq", calibration_batches=2, ranges="fixed", targets=["x86"])
+    snapshot: dict[str, nn.Module] = {}
+
+    class Snap(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if trainer.current_epoch == 1:
+                snapshot["net"] = copy.deepcopy(pl_module.net)
+
+    _trainer(tmp_path, callbacks=[Snap(), cb, Grab()]).fit(model, loader(ds))
+    expected = calibrate(snapshot["net"].eval(), [ds.tensors[0][:16], ds.tensors[0][16:32]], method="aciq")
+    assert start and set(start) == set(input_quantizers(model))
+    for name, t in start.items():
+        assert t == np.float32(expected.layers[name.removeprefix("net.")].input_threshold), name
+    # fixed: the last epoch did not move them, and the exported table carries them
+    for name, q in input_quantizers(model).items():
+        assert q.running_absmax.item() == start[name], name
+    _, inputs = parse_table((tmp_path / "export" / "model.ncnn.table").read_text())
+    plan = get_plan(model)
+    rows = [r for r in cb.export_report.layers if r.ncnn_name in inputs]
+    assert len(rows) == len(plan.layers)
+    for r in rows:
+        owner = plan.layers[r.torch_name].input_owner
+        assert np.float32(inputs[r.ncnn_name]) == np.float32(np.float32(127) / np.float32(start[owner])), r.torch_name
