@@ -43,7 +43,7 @@ from ..wrappers import unwrap
 from .deploy_kit import write_deploy_kit
 from .errors import ExportError, LayerError
 from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
-from .int8_writer import Int8Spec, write_int8
+from .int8_writer import Int8Spec, check_float_weights, write_int8
 from .layer_checks import QuantizedRef
 from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
 from .model_io import FlatModel, ModelIO, held_inputs, model_io, torch_outputs
@@ -221,7 +221,8 @@ def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_
 
 
 def _ncnn_branch(
-    p: _Prepared, report: ExportReport, land, export_dir: Path, verbose: bool, measure_kw: dict[str, Any] | None  # noqa: ANN001
+    p: _Prepared, report: ExportReport, land, export_dir: Path, verbose: bool, measure_kw: dict[str, Any] | None,  # noqa: ANN001
+    float_weights: str = "fp32",
 ) -> None:
     by_torch = {r.torch_name: r for r in report.layers}
     x1 = [t[:1] for t in p.held]
@@ -253,11 +254,12 @@ def _ncnn_branch(
             refs.append(QuantizedRef(i.name, n, wfq, i.bias, float(i.input_scale)))
         # Gemm stays float: ncnn2int8 would quantize it without a row, with one scale from the
         # first row of a transposed B (clipping the rest), which QAT never simulated
-        res = write_int8(f_param, pn.bin_bytes, specs, quantize_gemm=False)
+        res = write_int8(f_param, pn.bin_bytes, specs, quantize_gemm=False, float_weights=float_weights)
+        report.float_weights = float_weights
         gemms = [lay.name for lay in f_param.layers if lay.type == "Gemm"]
         if gemms:
             report.notes.append(
-                f"Gemm layers {gemms} are kept in float (fp16 weights); ncnn2int8 would quantize them without table "
+                f"Gemm layers {gemms} are kept in float ({float_weights} weights); ncnn2int8 would quantize them without table "
                 "rows, per tensor, from the first row of B only"
             )
         for t, n in ncnn_names.items():
@@ -298,6 +300,7 @@ def export(
     opset: int = 17,
     targets: str | Sequence[str] = "auto",
     preprocessing: Preprocessing | dict | None = None,
+    float_weights: str = "fp32",
 ) -> ExportReport:
     """Export a QAT-prepared model (nn.Module, LightningModule, or one wrapped by DataParallel,
     DDP, torch.compile or Fabric) for ncnn; see the module doc for the steps and files.
@@ -329,6 +332,11 @@ def export(
         preprocessing: the input normalisation (:class:`~lightning_ncnnqat.Preprocessing` or its
             dict form), written into ``DEPLOY.md`` and ``run_int8.py`` in ncnn's terms
             (``mean_vals``/``norm_vals``); defaults to ``model.preprocessing`` if the model has one.
+        float_weights: how model.int8.bin stores the weights of layers kept in float: ``"fp32"``
+            (default) the float32 weights QAT trained, which ncnn computes exactly so on x86 and
+            ARMv8.0 (ARMv8.2's default fp16 storage converts them at load); ``"fp16"`` what
+            ncnn2int8 writes (byte-identical to the tool, smaller, but rounded weights QAT never
+            saw). ``report.json`` records it (``float_weights``).
 
     Returns:
         The :class:`ExportReport` (also written to ``report.json``).
@@ -347,7 +355,7 @@ def export(
     return _export(
         model, export_dir, example_input, held_batch, held_batch_source,
         verbose=verbose, check_onnx=check_onnx, opset=opset, measure_kw=measure_kw,
-        preprocessing=find_preprocessing(preprocessing, unwrap(model)),
+        preprocessing=find_preprocessing(preprocessing, unwrap(model)), float_weights=check_float_weights(float_weights),
     )
 
 
@@ -384,6 +392,7 @@ def _export(
     opset: int,
     measure_kw: dict[str, Any] | None,
     preprocessing: Any = None,
+    float_weights: str = "fp32",
 ) -> ExportReport:
     """The export; ``measure_kw=None`` stops after the int8 model (no runtime, no report file)."""
     model = unwrap(model)
@@ -421,7 +430,7 @@ def _export(
         if prepared is not None:
             for branch in (
                 lambda: _onnx_branch(prepared, report, land, verbose, check_onnx, opset),
-                lambda: _ncnn_branch(prepared, report, land, export_dir, verbose, measure_kw),
+                lambda: _ncnn_branch(prepared, report, land, export_dir, verbose, measure_kw, float_weights),
             ):
                 try:
                     branch()

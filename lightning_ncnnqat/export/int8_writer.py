@@ -23,7 +23,10 @@ what this module does, without the C++ tool:
   float, as ncnn2int8 leaves them when the table has no row for them;
 * every other tagged array (float layers' weights) is written as float16 (``storage_type =
   1``), int8 arrays as they are; untagged float32 arrays stay float32 with denormals flushed to
-  zero, as ModelWriter does; MemoryData is written untagged whatever it was read as;
+  zero, as ModelWriter does; MemoryData is written untagged whatever it was read as.
+  ``float_weights="fp32"`` (not ncnn2int8) keeps float layers' tagged float32 arrays as they
+  are instead (tag 0): the weights QAT trained, computed exactly so where ncnn runs float
+  layers in float32 (x86, ARMv8.0); ARMv8.2's default fp16 storage converts them at load;
 * the ``.param`` is written the way ModelWriter writes it (:mod:`.ncnn_modelwriter`), except
   that params ncnn reads and ModelWriter drops are kept (``Reshape`` 12/13: without them
   ncnn2int8's own output segfaults in the runtime); ``Int8Result.param_text_ncnn2int8`` is
@@ -235,12 +238,28 @@ def _check_specs(param: NcnnParam, specs: dict[str, Int8Spec]) -> dict[int, Int8
     return by_index
 
 
-def _float_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes) -> list[bytes]:
-    """A layer ncnn2int8 leaves in float: tagged -> float16, int8 kept, raw float32 flushed."""
+#: How float layers' tagged weights are stored in the int8 .bin: ``"fp16"`` as ncnn2int8
+#: writes them (half the bytes, rounded), ``"fp32"`` the float32 values QAT trained (exact).
+FLOAT_WEIGHTS = ("fp32", "fp16")
+
+
+def check_float_weights(float_weights: str) -> str:
+    """``float_weights`` if it is one of :data:`FLOAT_WEIGHTS`; ValueError naming it otherwise."""
+    if float_weights not in FLOAT_WEIGHTS:
+        raise ValueError(f"`float_weights` must be one of {FLOAT_WEIGHTS}, not {float_weights!r}")
+    return float_weights
+
+
+def _float_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes, float_weights: str = "fp16") -> list[bytes]:
+    """A layer left in float: tagged float32 -> float16 (ncnn2int8) or kept float32 verbatim
+    (``float_weights="fp32"``), float16 re-rounded as ncnn2int8 does, int8 kept, raw float32
+    flushed."""
     out = []
     for e in entries:
         if lay.type == "MemoryData" or not e.tagged:
             out.append(raw_f32(_flush_denormals(e.values(data))))
+        elif e.tag == TAG_FP32 and float_weights == "fp32":
+            out.append(data[e.offset : e.offset + e.nbytes])
         elif e.tag in (TAG_FP32, TAG_FP16):
             out.append(tagged(TAG_FP16, _to_fp16(e.values(data))))
         else:
@@ -248,11 +267,13 @@ def _float_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes) -> list[
     return out
 
 
-def _gemm_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes) -> tuple[list[bytes], dict[str, object]]:
+def _gemm_chunks(
+    lay: NcnnLayer, entries: list[BinEntry], data: bytes, float_weights: str = "fp16"
+) -> tuple[list[bytes], dict[str, object]]:
     """ncnn2int8's quantize_gemm on one layer (``lay`` params are updated in place)."""
     g = lay.get_int
     if g(18, 0):
-        return _float_chunks(lay, entries, data), {}
+        return _float_chunks(lay, entries, data, float_weights), {}
     m, n, k = g(7, 0), g(8, 0), g(9, 0)
     es = {e.role: e for e in entries}
     chunks: list[bytes] = []
@@ -281,7 +302,7 @@ def _gemm_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes) -> tuple[
         info["B_scale"] = float(b_scale)
         info["B_clipped"] = int(np.count_nonzero(np.abs(b * b_scale) > 127.5))
     if "C" in es:
-        chunks += _float_chunks(lay, [es["C"]], data)
+        chunks += _float_chunks(lay, [es["C"]], data, float_weights)
     if a_scales is not None:
         chunks.append(raw_f32(a_scales))
     if b_scale is not None:
@@ -324,7 +345,12 @@ ROW_ONLY_INT8_TYPES = ("MultiHeadAttention", "RNN", "LSTM", "GRU", "Embed")
 
 
 def write_int8(
-    param: NcnnParam, bin_bytes: bytes, specs: dict[str, Int8Spec], *, quantize_gemm: bool = True
+    param: NcnnParam,
+    bin_bytes: bytes,
+    specs: dict[str, Int8Spec],
+    *,
+    quantize_gemm: bool = True,
+    float_weights: str = "fp16",
 ) -> Int8Result:
     """The int8 .param text and .bin bytes ncnn2int8 writes from ``param``/``bin_bytes`` and a
     table holding ``specs`` (ncnn layer name -> its scales); see the module docstring.
@@ -333,10 +359,15 @@ def write_int8(
     per-tensor int8 (which clips the rows of a transposed B beyond its first row's range; see
     ``Int8Result.gemm_int8[name]["B_clipped"]``): not what ncnn2int8 writes, but exact.
 
+    ``float_weights="fp32"`` keeps the float32 weights of layers left in float (tag 0, the
+    input's bytes) instead of ncnn2int8's float16 (``"fp16"``, the default here: byte-identical
+    to the tool); a float16 input array stays float16 either way.
+
     Raises LayerError (naming the torch layer) when a spec does not fit its ncnn layer or when
     consumers of one requantized blob have different input scales; NcnnFormatError when the
     .bin does not match the .param.
     """
+    check_float_weights(float_weights)
     layout = locate(param.layers, bin_bytes)
     quant = _check_specs(param, specs)
     fused = fuse_by_index(param.layers, set(quant))
@@ -368,7 +399,7 @@ def write_int8(
                 chunks.append(raw_f32(np.asarray([quant[first].input_scale], dtype=np.float32)))
                 result.requantize[lay.name] = (names[first], quant[first].input_scale)
         elif lay.type == "Gemm" and quantize_gemm:
-            gem, info = _gemm_chunks(out_lay, entries, bin_bytes)
+            gem, info = _gemm_chunks(out_lay, entries, bin_bytes, float_weights)
             chunks += gem
             if info:
                 result.gemm_int8[lay.name] = info
@@ -377,7 +408,7 @@ def write_int8(
                 out_lay.set_int(18, 2)
             if entries and not any(e.tagged and e.tag == TAG_INT8 for e in entries):
                 result.float_types[lay.name] = lay.type
-            chunks += _float_chunks(lay, entries, bin_bytes)
+            chunks += _float_chunks(lay, entries, bin_bytes, float_weights)
     result.param_text = modelwriter_param_text(out_param)
     result.param_text_ncnn2int8 = modelwriter_param_text(out_param, keep_read_params=False)
     result.bin_bytes = b"".join(chunks)

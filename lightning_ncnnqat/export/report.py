@@ -66,6 +66,7 @@ class ExportReport:
     runtime: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, Any] = field(default_factory=dict)
+    float_weights: str | None = None  # float layers' weights in model.int8.bin: "fp32" or "fp16" (ncnn2int8's)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts that explain a figure, not problems
     failures: list[dict[str, str | None]] = field(default_factory=list)
@@ -148,6 +149,7 @@ class ExportReport:
             out.append(
                 f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
                 f"({self.sizes['ratio']:.2f}x smaller)"
+                + (f"; float layers' weights in {self.float_weights}" if self.float_weights else "")
             )
         if self.timing:
             t = self.timing
