@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..prepare import get_plan, input_quantizers
-from ._compat import rank_zero_warn
-
-_PREFLIGHT_MODULE = "lightning_ncnnqat.export.preflight"
 
 
 @contextlib.contextmanager
@@ -29,18 +25,6 @@ def ranges_unsynced(pl_module: Any) -> Iterator[None]:
     finally:
         for q, flag in zip(qs, flags):
             q.sync = flag
-
-
-def preflight_function(name: str) -> Callable[..., Any] | None:
-    """``export.preflight.<name>``, or None (with a warning) while that module does not exist."""
-    try:
-        module = importlib.import_module(_PREFLIGHT_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _PREFLIGHT_MODULE:
-            raise ImportError(f"QATCallback: the export preflight cannot be imported ({exc})") from exc
-        rank_zero_warn(f"QATCallback: {_PREFLIGHT_MODULE} is not installed; the export preflight is skipped.")
-        return None
-    return getattr(module, name)
 
 
 def on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:

@@ -18,7 +18,7 @@ from ..preprocessing import find_preprocessing
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from ._held import held_batch
-from ._rank_zero import on_rank_zero, preflight_function, ranges_unsynced
+from ._rank_zero import on_rank_zero, ranges_unsynced
 from ._train_batches import train_batches
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -192,9 +192,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             path = self._export_path(trainer)
 
             def check() -> None:
-                check_export_dir = preflight_function("check_export_dir")
-                if check_export_dir is not None:
-                    check_export_dir(path)
+                from ..export.preflight import check_export_dir
+
+                check_export_dir(path)
 
             on_rank_zero(trainer, "export_dir check", check)
 
@@ -289,10 +289,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             wrong: dict[str, dict[str, float]] = {}
 
             def run() -> None:
-                preflight = preflight_function("preflight")
-                if preflight is not None:
-                    with ranges_unsynced(pl_module):
-                        wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets))
+                from ..export.preflight import preflight
+
+                with ranges_unsynced(pl_module):
+                    wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets))
 
             on_rank_zero(trainer, "export preflight", run)
             if trainer.world_size > 1:  # every rank re-plans the same way
