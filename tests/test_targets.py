@@ -174,3 +174,25 @@ def test_where_fails_on_an_empty_home(tmp_path: Path, monkeypatch, capsys) -> No
     assert "not set up" in capsys.readouterr().out
     assert main(["check"]) == 1
     assert SETUP_COMMAND in capsys.readouterr().err
+
+
+@needs_arm
+def test_target_time_limit_skips_the_rest_of_that_target_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    x = torch.randn(4, 3, 8, 8)
+    prepare_qat(model, x[:1])
+    model.train()
+    model(x)
+    model.eval()
+    report = export(model, tmp_path / "e", example_input=x[:1], held_batch=x, verbose=False,
+                    targets=["x86", "arm64-a53"], target_time_limit_s=0.001, timing_runs=0)
+    assert report.int8_vs_qat is not None and report.int8_vs_qat.cosine > 0.999  # x86 has no limit
+    assert "time limit of 0 s" in report.runtime["arm64-a53"]["error"]
+    assert any("arm64-a53" in w and "time limit" in w for w in report.warnings)
+    assert (tmp_path / "e" / "report.json").is_file() and (tmp_path / "e" / "model.int8.bin").is_file()
+
+
+def test_target_time_limit_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"`target_time_limit_s` must be a number of seconds > 0 or None, got -5"):
+        export(nn.Linear(2, 2), "unused", example_input=torch.randn(1, 2), target_time_limit_s=-5)

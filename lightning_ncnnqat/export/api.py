@@ -275,7 +275,9 @@ def _ncnn_branch(
     if measure_kw is None:
         return
     with _step("parity", verbose):
-        files = ModelFiles(export_dir, NcnnParam.parse(res.param_text), in_blobs, out_blobs)
+        measure_kw = dict(measure_kw)
+        files = ModelFiles(export_dir, NcnnParam.parse(res.param_text), in_blobs, out_blobs,
+                           target_time_limit_s=measure_kw.pop("target_time_limit_s", None))
         out_scales = {prod: s for prod, (_, s) in res.requantize.items()}
         if "layers_only" in measure_kw:  # the preflight: which layers each target computes wrongly
             report.runtime = {"wrong_layers": measure_layers(
@@ -283,6 +285,12 @@ def _ncnn_branch(
             )}
             return
         measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw)
+
+
+def _check_time_limit(v: float | None) -> float | None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+        raise ValueError(f"`target_time_limit_s` must be a number of seconds > 0 or None, got {v!r}")
+    return None if v is None else float(v)
 
 
 def export(
@@ -301,6 +309,7 @@ def export(
     targets: str | Sequence[str] = "auto",
     preprocessing: Preprocessing | dict | None = None,
     float_weights: str = "fp32",
+    target_time_limit_s: float | None = 1800.0,
 ) -> ExportReport:
     """Export a QAT-prepared model (nn.Module, LightningModule, or one wrapped by DataParallel,
     DDP, torch.compile or Fabric) for ncnn; see the module doc for the steps and files.
@@ -337,6 +346,9 @@ def export(
             ARMv8.0 (ARMv8.2's default fp16 storage converts them at load); ``"fp16"`` what
             ncnn2int8 writes (byte-identical to the tool, smaller, but rounded weights QAT never
             saw). ``report.json`` records it (``float_weights``).
+        target_time_limit_s: wall seconds all ncnn runs on ONE emulated ARM target may take
+            (qemu runs a large model's checks slowly); once spent, that target's remaining
+            checks are skipped with a warning naming it. ``None``: no limit. x86 has none.
 
     Returns:
         The :class:`ExportReport` (also written to ``report.json``).
@@ -351,6 +363,7 @@ def export(
         "timing_runs": timing_runs,
         "timing_threads": timing_threads,
         "targets": resolve_targets(targets),
+        "target_time_limit_s": _check_time_limit(target_time_limit_s),
     }
     return _export(
         model, export_dir, example_input, held_batch, held_batch_source,
@@ -466,12 +479,18 @@ def _export(
     return report
 
 
+PREFLIGHT_TARGET_TIME_LIMIT_S = 600.0
+"""Seconds the preflight's layer runs may take on one emulated target before it skips that target."""
+
+
 def preflight_export(
     model: nn.Module, example_input: Any = None, targets: str | Sequence[str] | None = None
 ) -> ExportReport:
     """Run the export chain up to the int8 model into a temporary directory; with ``targets``,
     also the per-layer checks there (one sample; ``report.runtime["wrong_layers"]`` says which
     layers each target computes wrongly). Raises :class:`ExportError` naming the step and layer."""
-    kw = None if targets is None else {"layers_only": True, "targets": resolve_targets(targets)}
+    kw = None if targets is None else {
+        "layers_only": True, "targets": resolve_targets(targets), "target_time_limit_s": PREFLIGHT_TARGET_TIME_LIMIT_S,
+    }
     with tempfile.TemporaryDirectory(prefix="ncnnqat_preflight_") as tmp:
         return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17, measure_kw=kw)

@@ -7,6 +7,8 @@ the ``parity`` step with the signal named and leaves the caller (``Trainer.fit``
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .isolated_runtime import HOST, RunResult, run_ncnn
+from .isolated_runtime import HOST, NcnnRuntimeError, RunResult, run_ncnn
 from .layer_checks import MIN_LAYER_COSINE, QuantizedRef, blobs_to_extract, capture_outputs, check_layers
 from .model_io import ModelIO, torch_outputs
 from .ncnn_param import NcnnParam
@@ -60,12 +62,43 @@ class ModelFiles:
     input_blobs: list[str]
     output_blobs: list[str]
     class_outputs: set[int] = field(default_factory=set)  # outputs that are [N, C] class scores
+    target_time_limit_s: float | None = None  # wall time all runs on one emulated target may take
+    spent_s: dict[str, float] = field(default_factory=dict)
 
     def path(self, stem: str, ext: str) -> Path:
         return self.export_dir / f"model.{stem}.{ext}"
 
     def run(self, stem: str, feeds: dict[str, np.ndarray], extract: Sequence[str], target: str = HOST, **kw) -> RunResult:
-        return run_ncnn(self.path(stem, "param"), self.path(stem, "bin"), feeds, extract, target=target, **kw)
+        """One ncnn run; on an emulated target within what is left of ``target_time_limit_s``.
+
+        Raises TargetTimeLimit once the target's time is spent (the remaining checks there are skipped).
+        """
+        limit = self.target_time_limit_s if target != HOST else None
+        if limit is None:
+            return run_ncnn(self.path(stem, "param"), self.path(stem, "bin"), feeds, extract, target=target, **kw)
+        left = limit - self.spent_s.get(target, 0.0)
+        if left <= 0:
+            raise TargetTimeLimit(target, limit)
+        t0 = time.perf_counter()
+        try:
+            return run_ncnn(self.path(stem, "param"), self.path(stem, "bin"), feeds, extract, target=target,
+                            timeout_s=min(left, kw.pop("timeout_s", 900.0)), **kw)
+        except NcnnRuntimeError as e:
+            if "did not finish within" in str(e) and time.perf_counter() - t0 >= left - 1:
+                raise TargetTimeLimit(target, limit) from e
+            raise
+        finally:
+            self.spent_s[target] = self.spent_s.get(target, 0.0) + time.perf_counter() - t0
+
+
+class TargetTimeLimit(NcnnRuntimeError):
+    """The runs on one emulated target took ``target_time_limit_s``; its remaining checks are skipped."""
+
+    def __init__(self, target: str, limit_s: float) -> None:
+        super().__init__(
+            f"{target}: the emulated runs reached the target's time limit of {limit_s:.0f} s; its remaining checks "
+            "were skipped (raise export(target_time_limit_s=...) or check fewer targets)"
+        )
 
 
 def blob_names(param: NcnnParam, io: ModelIO) -> tuple[list[str], list[str]]:
@@ -163,6 +196,9 @@ def measure_layers(
         try:
             checks = _layer_checks(files, target, held, refs, chain, out_scales)
         except TargetUnavailable:
+            continue
+        except TargetTimeLimit as e:
+            warnings.warn(f"int8 layers not measured: {e}", stacklevel=2)
             continue
         wrong[target] = {c.torch_name: c.isolated_cosine for c in checks if c.ok is False}
     return wrong
