@@ -1,178 +1,285 @@
-"""The README's results table: float vs QAT vs ncnn int8 vs a post-training baseline, per backbone.
+"""Does QAT beat ncnn's own post-training calibration? Every method on the same trained float model.
 
-    python benchmarks/results.py                          # embedded digits data, CPU, a few minutes
-    python benchmarks/results.py --dataset cifar10 --data-dir data --accelerator gpu \
-        --float-epochs 60 --qat-epochs 10 --resnet-width 64 --mbv2-width-mult 1.0
+    apt-get install dataset-fashion-mnist     # once: Fashion-MNIST inside Debian's package (MIT)
+    python benchmarks/results.py              # Fashion-MNIST, CPU, ~20 min on 2 shared cores
+    python benchmarks/results.py --variants ma:range_init=first_batch kl-fixed:range_init=kl,ranges=fixed
+    python benchmarks/results.py --dataset cifar10 --data-dir data --accelerator gpu --image-size 32 \
+        --float-epochs 50 --ft-epochs 5 --resnet-width 64 --mbv2-width-mult 1.0
 
-Per backbone, one fit: float epochs, then QAT (QATCallback) for the last epochs with its export.
-The float model is snapshotted when QAT starts; the post-training baseline (PTQ) is that
-snapshot with the same ranges calibrated (same moving average) on one pass of the training
-data, without QAT, exported the same way. Accuracy is on the whole validation split, in PyTorch
-and in the ncnn runtime (default options); times are ncnn per image on this machine.
+Per backbone (cached in ``--out``, so re-runs with other variants re-use the float model):
+
+1. the float model, trained ``--float-epochs`` (accuracy in PyTorch and, converted with pnnx, in
+   ncnn float32);
+2. the fine-tuned float baseline: that model trained ``--ft-epochs`` more at ``--ft-lr``
+   without quantization (the same extra training QAT gets, so it is not counted as QAT's gain);
+3. ncnn's real PTQ: ``ncnn2table`` (``--methods``: kl, aciq, eq) on the float ncnn model with
+   ``--calib-samples`` training images (``.npy``, ``type=1``, ``thread=1``), then ``ncnn2int8``;
+   a method that fails inside the tool is reported with its message;
+4. the package's ``calibrate`` with the same method on the same inputs: its table (written as
+   ncnn2table prints it) compared with the tool's, and its int8 model (through ncnn2int8);
+5. QAT: the float model fine-tuned ``--ft-epochs`` at ``--ft-lr`` with
+   ``QATCallback(start_epoch=0, **variant)`` for each ``--variants`` entry, exported; its int8
+   model's accuracy on x86 and, on the first ``--arm-samples`` images, on the emulated
+   Cortex-A53 / A76 (``python -m lightning_ncnnqat setup-arm``); int8 and float32 ms/img on x86.
+
+Accuracy is top-1 on the validation images in the ncnn runtime (default options, 1 thread)
+unless marked PyTorch. The targets (issue 12) are checked and printed under the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import hashlib
+import inspect
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from examples.cifar10 import CIFAR10DataModule, CIFARClassifier  # noqa: E402
-from lightning_ncnnqat import QATCallback, export, prepare_qat  # noqa: E402
-from lightning_ncnnqat.export.ncnn_runtime import NcnnNet  # noqa: E402
-from lightning_ncnnqat.prepare import input_quantizers  # noqa: E402
+from benchmarks.results_data import DATASETS, SplitsDataModule, load_splits  # noqa: E402
+from benchmarks.results_ptq import ModelResult, float_ncnn, ncnn_accuracy, run_ptq, tools_present  # noqa: E402
+from benchmarks.results_table import render  # noqa: E402
+from examples.cifar10 import CIFARClassifier  # noqa: E402
+from lightning_ncnnqat import QATCallback  # noqa: E402
+from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError  # noqa: E402
+
+DEFAULT_VARIANTS = [
+    "ma:range_init=first_batch,ranges=moving_average",
+    "kl-fixed:range_init=kl,ranges=fixed",
+    "aciq-fixed:range_init=aciq,ranges=fixed",
+    "kl-learned:range_init=kl,ranges=learned",
+]
 
 
-class SnapshotFloat(L.Callback):
-    """Keeps a copy of the float network as it is when QAT starts (runs before QATCallback)."""
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:key=value,key=value`` -> (NAME, QATCallback kwargs); values are Python literals
+    or bare strings. Raises ValueError naming the spec."""
+    name, _, rest = spec.partition(":")
+    kw: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"--variants {spec!r}: {item!r} is not key=value")
+        try:
+            kw[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            kw[k.strip()] = v.strip()
+    return name, kw
 
-    def __init__(self, start_epoch: int) -> None:
-        self.start_epoch = start_epoch
-        self.net: torch.nn.Module | None = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CIFARClassifier) -> None:
-        if trainer.current_epoch == self.start_epoch:
-            self.net = copy.deepcopy(pl_module.net).cpu().eval()
+def unsupported(kw: dict[str, Any]) -> list[str]:
+    """QATCallback keywords this checkout does not have (a variant that needs them is skipped)."""
+    params = inspect.signature(QATCallback.__init__).parameters
+    return [k for k in kw if k not in params]
 
 
-def _val_arrays(dm: CIFAR10DataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
-    return torch.cat(xs), torch.cat(ys)
+def _trainer(args: argparse.Namespace, epochs: int, root: Path, callbacks: list) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs, accelerator=args.accelerator, devices=1, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(root),
+    )
+
+
+def _model(args: argparse.Namespace, backbone: str, lr: float, example: torch.Tensor) -> CIFARClassifier:
+    m = CIFARClassifier(backbone=backbone, num_classes=10, width=args.resnet_width, width_mult=args.mbv2_width_mult,
+                        lr=lr)
+    m.example_input_array = example[:1].clone()
+    return m
 
 
 @torch.no_grad()
-def _torch_acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def torch_acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     net = net.cpu().eval()
-    pred = torch.cat([net(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    pred = torch.cat([net(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
     return (pred == y).float().mean().item()
 
 
-def _ncnn_acc(export_dir: str, kind: str, x: torch.Tensor, y: torch.Tensor) -> float:
-    base = os.path.join(export_dir, f"model.{kind}")
-    net = NcnnNet(base + ".param", base + ".bin", int8=kind == "int8")
-    pred = net.run_batch(x.numpy()).argmax(1)
-    return float((pred == y.numpy()).mean())
+def _key(args: argparse.Namespace, backbone: str, *extra: object) -> str:
+    fields = [args.dataset, args.image_size, args.train_samples, backbone, args.resnet_width, args.mbv2_width_mult,
+              args.float_epochs, args.lr, args.batch_size, args.seed, *extra]
+    return hashlib.sha1(repr(fields).encode()).hexdigest()[:10]
 
 
-def run_backbone(args: argparse.Namespace, backbone: str) -> dict[str, object]:
+def trained(args: argparse.Namespace, backbone: str, dm: SplitsDataModule, work: Path, log) -> CIFARClassifier:
+    """The float model after ``--float-epochs`` (state cached in ``work``)."""
+    ex = dm.s.x_val
+    path = work / f"float_{_key(args, backbone)}.pt"
+    model = _model(args, backbone, args.lr, ex)
+    if path.is_file() and not args.no_cache:
+        model.net.load_state_dict(torch.load(path, weights_only=True))
+        log(f"  float model from {path}")
+        return model
     L.seed_everything(args.seed, workers=True)
-    dm = CIFAR10DataModule(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size)
-    model = CIFARClassifier(backbone=backbone, width=args.resnet_width, width_mult=args.mbv2_width_mult, lr=args.lr)
-    out = os.path.join(args.out, f"{args.dataset}_{backbone}")
-    start = args.float_epochs
-    snap = SnapshotFloat(start)
-    qat = QATCallback(start_epoch=start, export_dir=os.path.join(out, "qat"), verbose=False)
-    trainer = L.Trainer(
-        max_epochs=start + args.qat_epochs,
-        accelerator=args.accelerator,
-        devices=1,
-        callbacks=[snap, qat],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
     t0 = time.time()
-    trainer.fit(model, datamodule=dm)
-    train_s = time.time() - t0
-    x, y = _val_arrays(dm)
-
-    # Post-training baseline: the float snapshot, ranges calibrated on the training data.
-    ptq = copy.deepcopy(snap.net)
-    prepare_qat(ptq, x[:1], qat.config)
-    ptq.eval()
-    for q in input_quantizers(ptq).values():
-        q.train()  # only the ranges move; BN and everything else stay in eval mode
-    with torch.no_grad():
-        for xb, _ in dm.train_dataloader():
-            ptq(xb)
-    ptq.eval()
-    export(ptq, os.path.join(out, "ptq"), example_input=x[:1], held_batch=x[: args.held], verbose=False,
-           timing_runs=5)
-
-    report = qat.export_report
-    return {
-        "backbone": backbone,
-        "float_torch": _torch_acc(snap.net, x, y),
-        "qat_torch": _torch_acc(model.net, x, y),
-        "int8_ncnn": _ncnn_acc(os.path.join(out, "qat"), "int8", x, y),
-        # the PTQ export's float32 ncnn model is the float snapshot (BN folded): the float model in ncnn
-        "float_ncnn": _ncnn_acc(os.path.join(out, "ptq"), "ncnn", x, y),
-        "ptq_int8_ncnn": _ncnn_acc(os.path.join(out, "ptq"), "int8", x, y),
-        "fp32_ms": report.timing.get("float32_ms"),
-        "int8_ms": report.timing.get("int8_ms"),
-        "threads": report.timing.get("threads"),
-        "n_val": len(y),
-        "train_s": train_s,
-        "int8_vs_qat_top1": report.int8_vs_qat.top1_agreement if report.int8_vs_qat else None,
-    }
+    _trainer(args, args.float_epochs, work, []).fit(model, datamodule=dm)
+    torch.save(model.net.state_dict(), path)
+    log(f"  float training {time.time() - t0:.0f} s -> {path}")
+    return model
 
 
-def table(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
-    cpu = platform.processor() or platform.machine()
-    lines = [
-        f"{args.dataset}, {rows[0]['n_val']} validation images; float {args.float_epochs} epochs + QAT "
-        f"{args.qat_epochs} epochs; ncnn {_ncnn_version()} on {cpu} ({torch.get_num_threads()} cores), "
-        f"ncnn times at {rows[0]['threads']} thread(s). Command: `python benchmarks/results.py "
-        + " ".join(sys.argv[1:]) + "`",
-        "",
-        "| backbone | float (PyTorch) | QAT (PyTorch, eval) | QAT int8 (ncnn) | float (ncnn) | PTQ int8 (ncnn) "
-        "| ncnn fp32 ms/img | ncnn int8 ms/img |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        f = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-        lines.append(
-            f"| {r['backbone']} | {f(r['float_torch'])} | {f(r['qat_torch'])} | {f(r['int8_ncnn'])} "
-            f"| {f(r['float_ncnn'])} | {f(r['ptq_int8_ncnn'])} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} |"
-        )
-    return "\n".join(lines)
+def finetune(args: argparse.Namespace, backbone: str, float_model: CIFARClassifier, dm: SplitsDataModule, root: Path,
+             callbacks: list) -> tuple[CIFARClassifier, float]:
+    """The float model trained ``--ft-epochs`` more at ``--ft-lr`` (same seed, same batches)."""
+    model = _model(args, backbone, args.ft_lr, dm.s.x_val)
+    model.net.load_state_dict(float_model.net.state_dict())
+    L.seed_everything(args.seed + 1, workers=True)
+    t0 = time.time()
+    _trainer(args, args.ft_epochs, root, callbacks).fit(model, datamodule=dm)
+    return model, time.time() - t0
 
 
-def _ncnn_version() -> str:
-    try:
-        from importlib.metadata import version
+def run_backbone(args: argparse.Namespace, backbone: str, dm: SplitsDataModule, log) -> dict[str, Any]:
+    s = dm.s
+    work = Path(args.out) / f"{args.dataset}_{backbone}"
+    work.mkdir(parents=True, exist_ok=True)
+    xv, yv = s.x_val.numpy(), s.y_val.numpy()
+    xa, ya = xv[: args.arm_samples], yv[: args.arm_samples]
+    rows: dict[str, ModelResult] = {}
+    timing: dict[str, float] = {}
 
-        return version("ncnn")
-    except Exception:  # pragma: no cover
-        return "?"
+    fm = trained(args, backbone, dm, work, log)
+    r = rows["float (PyTorch)"] = ModelResult(acc={"x86": torch_acc(fm.net, s.x_val, s.y_val)})
+    param, bin_ = float_ncnn(fm.net, s.x_val, work / "ptq")
+    r = rows["float (ncnn fp32)"] = ModelResult()
+    r.acc["x86"], r.ms_per_img, _ = ncnn_accuracy(param, bin_, xv, yv, time_runs=args.time_runs)
+    log(f"  float: PyTorch {rows['float (PyTorch)'].acc['x86']:.4f}, ncnn {r.acc['x86']:.4f}")
+
+    ft_path = work / f"ft_{_key(args, backbone, args.ft_epochs, args.ft_lr)}.pt"
+    ftm = _model(args, backbone, args.ft_lr, s.x_val)
+    if ft_path.is_file() and not args.no_cache:
+        ftm.net.load_state_dict(torch.load(ft_path, weights_only=True))
+    else:
+        ftm, timing["fine-tune float s"] = finetune(args, backbone, fm, dm, work / "ft", [])
+        torch.save(ftm.net.state_dict(), ft_path)
+    rows["fine-tuned float (PyTorch)"] = ModelResult(acc={"x86": torch_acc(ftm.net, s.x_val, s.y_val)})
+    log(f"  fine-tuned float: {rows['fine-tuned float (PyTorch)'].acc['x86']:.4f}")
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x_cal = s.x_train[torch.randperm(len(s.x_train), generator=g)[: args.calib_samples]]
+    ptq = run_ptq(fm.net, x_cal, xv, yv, work / "ptq", args.methods, args.eq_samples, args.tool_timeout, log)
+    for k, v in ptq.items():
+        kind, m = k.split("-", 1)
+        rows[f"ncnn2table {m} + ncnn2int8" if kind == "tool" else f"calibrate {m} + ncnn2int8"] = v
+
+    for spec in args.variants:
+        name, kw = parse_variant(spec)
+        label = f"QAT {name}"
+        torch_row, r = ModelResult(), ModelResult()
+        rows[f"{label} (PyTorch)"], rows[f"{label} int8"] = torch_row, r
+        missing = unsupported(kw)
+        if missing:
+            r.error = torch_row.error = f"QATCallback has no {', '.join(missing)} in this checkout"
+            log(f"  {label}: skipped, {r.error}")
+            continue
+        export_dir = work / f"qat_{name}"
+        try:
+            cb = QATCallback(start_epoch=0, export_dir=str(export_dir), targets=["x86"], verbose=False,
+                             held_batch_size=64, **kw)
+            qm, timing[f"{label} s"] = finetune(args, backbone, fm, dm, work / f"qat_{name}_run", [cb])
+        except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
+            r.error = torch_row.error = f"{type(e).__name__}: {str(e)[:200]}"
+            log(f"  {label}: failed, {r.error}")
+            continue
+        torch_row.acc["x86"] = torch_acc(qm.net, s.x_val, s.y_val)
+        p, b = export_dir / "model.int8.param", export_dir / "model.int8.bin"
+        if not b.is_file():
+            r.error = f"no int8 model in {export_dir} (export failed; see report.json)"
+            continue
+        try:
+            r.acc["x86"], r.ms_per_img, pred = ncnn_accuracy(p, b, xv, yv, time_runs=args.time_runs)
+            if args.arm_targets:
+                r.acc["x86-arm-subset"] = float((pred[: len(ya)] == ya).mean())
+            for t in args.arm_targets:
+                r.acc[t], _, _ = ncnn_accuracy(p, b, xa, ya, target=t)
+        except (NcnnRuntimeError, Exception) as e:  # noqa: BLE001 - e.g. ARM environment absent
+            r.error = f"{type(e).__name__}: {str(e)[:200]}"
+        log(f"  {label}: PyTorch {torch_row.acc['x86']:.4f}, int8 {r.acc} {r.error or ''}")
+    return {"backbone": backbone, "rows": rows, "timing": timing}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenetv2"])
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx folder / CIFAR-10's parent folder")
+    p.add_argument("--image-size", type=int, default=16, help="Fashion-MNIST is resized (area) to this")
+    p.add_argument("--train-samples", type=int, default=6000, help="balanced Fashion-MNIST training subset")
+    p.add_argument("--val-samples", type=int, default=None, help="Fashion-MNIST test images (default: all 10000)")
     p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--float-epochs", type=int, default=7)
-    p.add_argument("--qat-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--float-epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--resnet-width", type=int, default=32)
-    p.add_argument("--mbv2-width-mult", type=float, default=0.5)
-    p.add_argument("--held", type=int, default=64)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "results"))
+    p.add_argument("--ft-epochs", type=int, default=2, help="extra epochs of the fine-tuned float and of QAT")
+    p.add_argument("--ft-lr", type=float, default=0.005)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resnet-width", type=int, default=8)
+    p.add_argument("--mbv2-width-mult", type=float, default=0.25)
+    p.add_argument("--calib-samples", type=int, default=200, help="training images ncnn2table and calibrate read")
+    p.add_argument("--methods", nargs="+", default=["kl", "aciq", "eq"])
+    p.add_argument("--eq-samples", type=int, default=8,
+                   help="inputs the tool's and calibrate's EQ read (slow: ~100 int8 runs per layer per sample)")
+    p.add_argument("--tool-timeout", type=float, default=300.0, help="seconds per ncnn2table run")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help="QAT variants, NAME:key=value,... (QATCallback keywords)")
+    p.add_argument("--arm-samples", type=int, default=300, help="validation images run on the emulated ARM CPUs")
+    p.add_argument("--arm-targets", nargs="*", default=["arm64-a53", "arm64-a76"])
+    p.add_argument("--time-runs", type=int, default=50, help="timed ncnn inferences per model (1 thread)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="retrain the float and fine-tuned float models")
+    p.add_argument("--out", default=str(ROOT / "runs" / "results"))
     args = p.parse_args()
-    rows = []
+    torch.set_num_threads(args.threads)
+    for spec in args.variants:
+        parse_variant(spec)  # fail early on a malformed spec
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    t0 = time.time()
+    splits = load_splits(args.dataset, args.data_dir, args.image_size, args.train_samples, args.val_samples, args.seed)
+    dm = SplitsDataModule(splits, args.batch_size)
+    log(splits.note)
+    results = []
     for b in args.backbones:
-        r = run_backbone(args, b)
-        print(f"{b}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-              flush=True)
-        rows.append(r)
+        log(f"{b}:")
+        results.append(run_backbone(args, b, dm, log))
+    wall = time.time() - t0
+    text = render(results, args, splits.note, wall, _machine(), tools_present())
     print()
-    print(table(rows, args))
+    print(text)
+    out = Path(args.out)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(
+        [{"backbone": r["backbone"], "timing": r["timing"],
+          "rows": {k: vars(v) for k, v in r["rows"].items()}} for r in results], indent=1))
+
+
+def _machine() -> str:
+    try:
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        load = "?"
+    try:
+        from importlib.metadata import version
+
+        ncnn_v = version("ncnn")
+    except Exception:  # pragma: no cover
+        ncnn_v = "?"
+    return (f"{platform.machine()} {os.cpu_count()} cores, load average {load} at the end; torch "
+            f"{torch.__version__} ({torch.get_num_threads()} thread(s)); ncnn {ncnn_v}")
 
 
 if __name__ == "__main__":
