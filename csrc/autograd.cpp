@@ -8,7 +8,10 @@
 //
 // Straight-through estimators, as documented in lightning_ncnnqat/ops/__init__.py: a weight's
 // gradient passes unchanged (through the BN fold's scale when folded), an activation's passes
-// where it was not clipped. Scales are statistics and never differentiable.
+// where it was not clipped. Scales are statistics and never differentiable, except a per-tensor
+// threshold passed as a tensor that requires grad (a learned range, TQT/LSQ): then the backward
+// calls fake_quantize_per_tensor_threshold_backward, which also returns d loss / d threshold.
+// A running_absmax buffer (no grad) takes the plain STE backward, at no extra cost.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
@@ -34,6 +37,7 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 using PerChannelSig = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, int64_t);
 using PerTensorSig = Tensor(const Tensor&, const Tensor&, int64_t);
 using PerTensorBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+using PerTensorThresholdBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t);
 using FoldSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
                                                    const Tensor&, const Tensor&, int64_t, int64_t);
@@ -51,6 +55,11 @@ const c10::TypedOperatorHandle<PerTensorSig>& per_tensor_op() {
 }
 const c10::TypedOperatorHandle<PerTensorBwdSig>& per_tensor_bwd_op() {
   static const auto op = find_op<PerTensorBwdSig>("ncnnqat::fake_quantize_per_tensor_backward");
+  return op;
+}
+const c10::TypedOperatorHandle<PerTensorThresholdBwdSig>& per_tensor_threshold_bwd_op() {
+  static const auto op =
+      find_op<PerTensorThresholdBwdSig>("ncnnqat::fake_quantize_per_tensor_threshold_backward");
   return op;
 }
 const c10::TypedOperatorHandle<FoldSig>& fold_op() {
@@ -89,6 +98,10 @@ struct PerTensor : public torch::autograd::Function<PerTensor> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const int64_t bits = ctx->saved_data["bits"].toInt();
+    if (ctx->needs_input_grad(1)) {  // a learned threshold: both gradients in one pass
+      auto [grad_x, grad_t] = per_tensor_threshold_bwd_op().call(grads[0], saved[0], saved[1], bits);
+      return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_t, Tensor()};
+    }
     return {per_tensor_bwd_op().call(grads[0], saved[0], saved[1], bits), Tensor(), Tensor()};
   }
 };

@@ -2,7 +2,10 @@
 //
 // Bit-exact with lightning_ncnnqat/ops/reference.py: the scalar math is fake_quant_math.h and
 // is applied element by element in float32, so neither the split into threads nor vector
-// width can change a result (max is order independent, there is no other reduction).
+// width can change a result (max is order independent). The float32 sums (the fold backward's
+// dot products, the learned threshold's gradient) use explicit lanes added in a fixed tree over
+// fixed-size blocks, so they too are the same for any thread count and instruction set; they
+// differ from the reference's torch.sum only by summation order.
 // The inner loops are written to auto-vectorise; on x86-64 (GCC/Clang) they are compiled for
 // AVX-512F, AVX2 and the baseline, and the loader picks one at run time (target_clones). Built
 // with -ffp-contract=off, so no FMA can change a result on any of them.
@@ -18,6 +21,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "fake_quant_math.h"
 #include "fold_args.h"
@@ -182,6 +186,35 @@ NCNNQAT_ALWAYS_INLINE float fold_backward_loop(const T* __restrict g, const T* _
   return acc[0];
 }
 
+// Learned-threshold backward of one block: out = clipped STE of grad (as ste_loop), and returns
+// sum(grad * threshold_grad_term) over the block, in kLanes interleaved float32 partial sums
+// added in a fixed tree (deterministic; independent of the instruction set).
+template <typename G, typename X>
+NCNNQAT_ALWAYS_INLINE float ste_threshold_loop(const G* __restrict grad, const X* __restrict x, G* __restrict out,
+                                               int64_t n, float scale, float qmax) {
+  const G zero = static_cast<G>(0.0f);
+  float acc[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float xv = load_f(x, i + j);
+      const G gv = grad[i + j];
+      out[i + j] = ste_keep(xv, scale, qmax) ? gv : zero;
+      acc[j] = fadd(acc[j], fmul(static_cast<float>(gv), threshold_grad_term(xv, scale, qmax)));
+    }
+  }
+  for (int64_t i = body; i < n; ++i) {
+    const float xv = load_f(x, i);
+    const G gv = grad[i];
+    out[i] = ste_keep(xv, scale, qmax) ? gv : zero;
+    acc[i - body] = fadd(acc[i - body], fmul(static_cast<float>(gv), threshold_grad_term(xv, scale, qmax)));
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] = fadd(acc[j], acc[j + width]);
+  }
+  return acc[0];
+}
+
 #define NCNNQAT_DEFINE_FOLD_LOOPS(T)                                                                        \
   NCNNQAT_MULTIVERSION float fold_absmax_kernel(const T* x, int64_t n, float s) {                          \
     return fold_absmax_loop(x, n, s);                                                                      \
@@ -194,6 +227,17 @@ NCNNQAT_ALWAYS_INLINE float fold_backward_loop(const T* __restrict g, const T* _
     return fold_backward_loop(g, w, grad_w, n, s);                                                         \
   }
 
+#define NCNNQAT_DEFINE_THRESHOLD_LOOPS(T)                                                                   \
+  NCNNQAT_MULTIVERSION float ste_threshold_kernel(const T* grad, const T* x, T* out, int64_t n, float scale, \
+                                                  float qmax) {                                              \
+    return ste_threshold_loop(grad, x, out, n, scale, qmax);                                                 \
+  }
+
+NCNNQAT_DEFINE_THRESHOLD_LOOPS(float)
+NCNNQAT_DEFINE_THRESHOLD_LOOPS(c10::Half)
+NCNNQAT_DEFINE_THRESHOLD_LOOPS(c10::BFloat16)
+#undef NCNNQAT_DEFINE_THRESHOLD_LOOPS
+
 NCNNQAT_DEFINE_FOLD_LOOPS(float)
 NCNNQAT_DEFINE_FOLD_LOOPS(c10::Half)
 NCNNQAT_DEFINE_FOLD_LOOPS(c10::BFloat16)
@@ -203,6 +247,11 @@ NCNNQAT_DEFINE_FOLD_LOOPS(c10::BFloat16)
 template <typename G, typename X>
 void ste_kernel(const G* grad, const X* x, G* out, int64_t n, float scale, float qmax) {
   ste_loop(grad, x, out, n, scale, qmax);
+}
+
+template <typename G, typename X>
+float ste_threshold_kernel(const G* grad, const X* x, G* out, int64_t n, float scale, float qmax) {
+  return ste_threshold_loop(grad, x, out, n, scale, qmax);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -382,6 +431,57 @@ Tensor fake_quantize_per_tensor_backward_cpu(const Tensor& grad, const Tensor& x
   return out;
 }
 
+// Backward of fake_quantize_per_tensor for a learned threshold t = running_absmax (TQT / LSQ):
+// grad_x is the clipped STE (bit-identical to fake_quantize_per_tensor_backward), and
+// grad_threshold = sum(grad * d out / d t) / qmax (d out / d t * qmax: threshold_grad_term), a
+// float32 tensor of running_absmax's shape; 0 when the range is uninitialised (< 0).
+// The sum is deterministic and independent of the thread count: fixed blocks of kGrain elements
+// are summed in parallel (each in a fixed lane order), then the block sums in block order.
+std::tuple<Tensor, Tensor> fake_quantize_per_tensor_threshold_backward_cpu(const Tensor& grad, const Tensor& x,
+                                                                           const Tensor& running_absmax,
+                                                                           int64_t bits) {
+  constexpr const char* op = "fake_quantize_per_tensor_threshold_backward";
+  check_float_dtype(op, "grad", grad);
+  check_float_dtype(op, "x", x);
+  check_bits(op, bits);
+  check_running(op, running_absmax, x);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "ncnnqat::", op, ": `grad` has shape ", shape_str(grad.sizes()),
+              " but `x` has shape ", shape_str(x.sizes()));
+  Tensor grad_t = at::empty(running_absmax.sizes(), running_absmax.options());
+  float* gt = grad_t.data_ptr<float>();
+  *gt = 0.0f;
+  const float r = read_running(running_absmax);
+  if (r < 0.0f) return {grad.clone(at::MemoryFormat::Contiguous), grad_t};  // uninitialised: all passes
+  const Tensor g = grad.contiguous();
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
+  const float qmax = qmax_of(bits);
+  const float scale = scale_from_absmax(r, qmax);
+  const int64_t n = g.numel();
+  const int64_t blocks = (n + kGrain - 1) / kGrain;
+  std::vector<float> partial(static_cast<size_t>(blocks), 0.0f);
+  dispatch_float_types(g.scalar_type(), [&](auto tag) {
+    using grad_t_ = typename decltype(tag)::type;
+    dispatch_float_types(xc.scalar_type(), [&](auto xtag) {
+      using scalar_t = typename decltype(xtag)::type;
+      const grad_t_* gp = g.data_ptr<grad_t_>();
+      const scalar_t* xp = xc.data_ptr<scalar_t>();
+      grad_t_* op_ = out.data_ptr<grad_t_>();
+      at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
+        for (int64_t blk = bb; blk < be; ++blk) {
+          const int64_t b = blk * kGrain;
+          const int64_t len = std::min(kGrain, n - b);
+          partial[static_cast<size_t>(blk)] = ste_threshold_kernel(gp + b, xp + b, op_ + b, len, scale, qmax);
+        }
+      });
+    });
+  });
+  float sum = 0.0f;
+  for (const float p : partial) sum = fadd(sum, p);
+  *gt = fdiv(sum, qmax);
+  return {out, grad_t};
+}
+
 // ---------------------------------------------------------------------------------------------
 // BN fold + per-group fake quantization of a weight (and its backward). Weights are small, so
 // these are plain loops, parallel over groups / rows.
@@ -488,6 +588,7 @@ TORCH_LIBRARY_IMPL(ncnnqat, CPU, m) {
   m.impl("update_absmax_", &update_absmax_cpu);
   m.impl("fake_quantize_per_tensor", &fake_quantize_per_tensor_cpu);
   m.impl("fake_quantize_per_tensor_backward", &fake_quantize_per_tensor_backward_cpu);
+  m.impl("fake_quantize_per_tensor_threshold_backward", &fake_quantize_per_tensor_threshold_backward_cpu);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cpu);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cpu);
 }

@@ -97,6 +97,18 @@ NCNNQAT_HD bool ste_keep(float x, float scale, float qmax) {
   return fabsf(fmul(x, scale)) < qmax + 0.5f;  // false for NaN
 }
 
+// The threshold gradient of one element, times qmax (the ops divide the sum by qmax once).
+// out = q * t / qmax with s = qmax / t and a straight-through round, so d out / d t =
+// (q - x*s) / qmax where the STE keeps x (ste_keep), and q / qmax (= +-1) where x was clipped.
+// NaN x gives NaN. The reference is fake_quantize_per_tensor_threshold_backward in reference.py.
+NCNNQAT_HD float threshold_grad_term(float x, float scale, float qmax) {
+  const float v = fmul(x, scale);
+  float c = v < -qmax ? -qmax : v;
+  c = c > qmax ? qmax : c;
+  const float q = round_half_away(c);
+  return fabsf(v) < qmax + 0.5f ? fsub(q, v) : q;
+}
+
 // Moving average of the batch absmax b into the running value r (r < 0: uninitialised).
 NCNNQAT_HD float ema_update(float r, float b, float momentum) {
   return r < 0.0f ? b : fadd(r, fmul(momentum, fsub(b, r)));

@@ -168,6 +168,35 @@ Tensor fake_quantize_per_tensor_backward_cuda(const Tensor& grad, const Tensor& 
   return out;
 }
 
+// Learned threshold backward (see ../fake_quant_cpu.cpp and reference.py): (grad_x, grad_threshold).
+std::tuple<Tensor, Tensor> fake_quantize_per_tensor_threshold_backward_cuda(const Tensor& grad, const Tensor& x,
+                                                                            const Tensor& running_absmax,
+                                                                            int64_t bits) {
+  constexpr const char* op = "fake_quantize_per_tensor_threshold_backward";
+  check_cuda(op, "grad", grad);
+  check_cuda(op, "x", x);
+  const cuda::DType grad_dtype = to_dtype(op, "grad", grad);
+  const cuda::DType x_dtype = to_dtype(op, "x", x);
+  check_bits(op, bits);
+  check_running(op, running_absmax, x);
+  TORCH_CHECK(grad.device() == x.device(), "ncnnqat::", op, ": `grad` is on ", grad.device(), " but `x` is on ",
+              x.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "ncnnqat::", op, ": `grad` has shape ", shape_str(grad.sizes()),
+              " but `x` has shape ", shape_str(x.sizes()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor g = grad.contiguous();
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
+  Tensor grad_t = at::empty(running_absmax.sizes(), running_absmax.options());
+  const int sms = sm_count();
+  Tensor scratch =
+      at::empty({cuda::threshold_backward_scratch_size(g.numel(), sms)}, running_absmax.options());
+  C10_CUDA_CHECK(cuda::launch_fake_quantize_per_tensor_threshold_backward(
+      g.data_ptr(), grad_dtype, xc.data_ptr(), x_dtype, out.data_ptr(), grad_t.data_ptr<float>(), g.numel(),
+      running_absmax.data_ptr<float>(), static_cast<int>(bits), scratch.data_ptr<float>(), sms, current_stream()));
+  return {out, grad_t};
+}
+
 cuda::FoldVectors fold_vectors(const FoldArgs& a) {
   return {fold_ptr(a.bias), fold_ptr(a.bn_weight), fold_ptr(a.bn_bias), fold_ptr(a.bn_mean), fold_ptr(a.bn_inv_std)};
 }
@@ -222,6 +251,7 @@ TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
   m.impl("update_absmax_", &update_absmax_cuda);
   m.impl("fake_quantize_per_tensor", &fake_quantize_per_tensor_cuda);
   m.impl("fake_quantize_per_tensor_backward", &fake_quantize_per_tensor_backward_cuda);
+  m.impl("fake_quantize_per_tensor_threshold_backward", &fake_quantize_per_tensor_threshold_backward_cuda);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cuda);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cuda);
 }

@@ -3,7 +3,11 @@
 //
 // Bit-exact with lightning_ncnnqat/ops/reference.py: the per-element math is
 // ../fake_quant_math.h (explicitly rounded intrinsics, so nvcc cannot fuse into FMAs), and the
-// only reduction is a max, which is exact in any order. Never build with --use_fast_math.
+// maxima are exact in any order. The float32 sums (fold backward's dot products, a learned
+// threshold's gradient) are deterministic: fixed per-thread order, fixed-order block_sum, and a
+// one-block finalize over the per-block partials; the grid depends only on n and the SM count,
+// so a given GPU model gives the same bits every run. They differ from the reference's
+// torch.sum only by summation order. Never build with --use_fast_math.
 //
 // Memory traffic (the kernels are bandwidth bound):
 //  * per-tensor, training: a partial-max kernel reads x once (one maximum per block), a
@@ -238,10 +242,14 @@ __global__ void __launch_bounds__(kThreads) quantize_chunks_kernel(const T* __re
 }
 
 // out = keep ? grad : 0 per chunk (one group: the whole tensor). VEC only when G == X.
-template <typename G, typename X, bool VEC>
+// THRESHOLD (a learned threshold's backward): also partials[blockIdx.x] = the chunk's
+// sum(grad * threshold_grad_term) (0 when running[0] < 0), per thread in a fixed order, then
+// block_sum (fixed order): deterministic.
+template <typename G, typename X, bool VEC, bool THRESHOLD>
 __global__ void __launch_bounds__(kThreads) ste_chunks_kernel(const G* __restrict__ grad, const X* __restrict__ x,
                                                               G* __restrict__ out, ChunkGrid grid,
-                                                              const float* __restrict__ running, float qmax) {
+                                                              const float* __restrict__ running, float qmax,
+                                                              float* __restrict__ partials) {
   constexpr int W = pack_width<G, VEC>();
   static_assert(!VEC || std::is_same<G, X>::value, "the vector path needs one dtype");
   using PG = Pack<G, W>;
@@ -256,10 +264,19 @@ __global__ void __launch_bounds__(kThreads) ste_chunks_kernel(const G* __restric
   const PX* xsrc = reinterpret_cast<const PX*>(x + start);
   PG* dst = reinterpret_cast<PG*>(out + start);
   const int64_t npacks = len / W;
+  float acc = 0.0f;  // THRESHOLD only
   auto mask = [&](PG& pg, const PX& px) {
 #pragma unroll
     for (int e = 0; e < W; ++e) {
-      if (!(pass_all || ste_keep(to_f(px.v[e]), scale, qmax))) pg.v[e] = zero;
+      if constexpr (THRESHOLD) {
+        if (!pass_all) {
+          const float xv = to_f(px.v[e]);
+          acc = fadd(acc, fmul(to_f(pg.v[e]), threshold_grad_term(xv, scale, qmax)));
+          if (!ste_keep(xv, scale, qmax)) pg.v[e] = zero;
+        }
+      } else {
+        if (!(pass_all || ste_keep(to_f(px.v[e]), scale, qmax))) pg.v[e] = zero;
+      }
     }
   };
   int64_t i = threadIdx.x;
@@ -283,9 +300,30 @@ __global__ void __launch_bounds__(kThreads) ste_chunks_kernel(const G* __restric
     dst[i] = pg;
   }
   for (int64_t i = npacks * W + threadIdx.x; i < len; i += kThreads) {
-    const bool keep = pass_all || ste_keep(to_f(x[start + i]), scale, qmax);
-    out[start + i] = keep ? grad[start + i] : zero;
+    const float xv = to_f(x[start + i]);
+    const G gv = grad[start + i];
+    const bool keep = pass_all || ste_keep(xv, scale, qmax);
+    out[start + i] = keep ? gv : zero;
+    if constexpr (THRESHOLD) {
+      if (!pass_all) acc = fadd(acc, fmul(to_f(gv), threshold_grad_term(xv, scale, qmax)));
+    }
   }
+  if constexpr (THRESHOLD) {
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  }
+}
+
+// grad_threshold[0] = sum(partials) / qmax (0 when running[0] < 0 or there are no partials),
+// one block, fixed order: deterministic.
+__global__ void __launch_bounds__(1024) threshold_finalize_kernel(const float* __restrict__ partials,
+                                                                  int64_t num_partials,
+                                                                  const float* __restrict__ running,
+                                                                  float* __restrict__ grad_threshold, float qmax) {
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x; i < num_partials; i += blockDim.x) s = fadd(s, partials[i]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) grad_threshold[0] = running[0] < 0.0f ? 0.0f : fdiv(s, qmax);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -523,15 +561,58 @@ cudaError_t launch_fake_quantize_per_tensor_backward(const void* grad, DType gra
       G* op = static_cast<G*>(out);
       if constexpr (std::is_same<G, X>::value) {
         if (aligned16(gp) && aligned16(xp) && aligned16(op)) {
-          ste_chunks_kernel<G, X, true><<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax);
+          ste_chunks_kernel<G, X, true, false>
+              <<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax, nullptr);
           return;
         }
       }
-      ste_chunks_kernel<G, X, false><<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax);
+      ste_chunks_kernel<G, X, false, false>
+          <<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax, nullptr);
     });
   });
   if (err != cudaSuccess) return err;
   if (inner != cudaSuccess) return inner;
+  return cudaGetLastError();
+}
+
+int64_t threshold_backward_scratch_size(int64_t n, int sm_count) {
+  if (n <= 0) return 1;
+  return make_grid(n, sm_count, 1).chunks_per_group;
+}
+
+cudaError_t launch_fake_quantize_per_tensor_threshold_backward(const void* grad, DType grad_dtype, const void* x,
+                                                               DType x_dtype, void* grad_x, float* grad_threshold,
+                                                               int64_t n, const float* running_absmax, int bits,
+                                                               float* scratch, int sm_count, cudaStream_t stream) {
+  const float qmax = qmax_of(bits);
+  int64_t blocks = 0;
+  if (n > 0) {
+    const ChunkGrid grid = make_grid(n, sm_count, 1);
+    blocks = grid.chunks_per_group;
+    if (!grid_ok(blocks)) return cudaErrorInvalidConfiguration;
+    cudaError_t inner = cudaSuccess;
+    const cudaError_t err = dispatch_dtype(grad_dtype, [&](auto gtag) {
+      using G = decltype(gtag);
+      inner = dispatch_dtype(x_dtype, [&](auto xtag) {
+        using X = decltype(xtag);
+        const G* gp = static_cast<const G*>(grad);
+        const X* xp = static_cast<const X*>(x);
+        G* op = static_cast<G*>(grad_x);
+        if constexpr (std::is_same<G, X>::value) {
+          if (aligned16(gp) && aligned16(xp) && aligned16(op)) {
+            ste_chunks_kernel<G, X, true, true>
+                <<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax, scratch);
+            return;
+          }
+        }
+        ste_chunks_kernel<G, X, false, true>
+            <<<blocks, kThreads, 0, stream>>>(gp, xp, op, grid, running_absmax, qmax, scratch);
+      });
+    });
+    if (err != cudaSuccess) return err;
+    if (inner != cudaSuccess) return inner;
+  }
+  threshold_finalize_kernel<<<1, 1024, 0, stream>>>(scratch, blocks, running_absmax, grad_threshold, qmax);
   return cudaGetLastError();
 }
 

@@ -34,6 +34,19 @@ cudaError_t launch_fake_quantize_per_tensor_backward(const void* grad, DType gra
                                                      const float* running_absmax, int bits, int sm_count,
                                                      cudaStream_t stream);
 
+// Number of floats of device scratch that launch_fake_quantize_per_tensor_threshold_backward needs.
+int64_t threshold_backward_scratch_size(int64_t n, int sm_count);
+
+// Backward for a learned threshold t = running_absmax[0]: grad_x as the launcher above, and
+// grad_threshold[0] = sum(grad * d out / d t) (see ../fake_quant_math.h, threshold_grad_term),
+// 0 when running_absmax[0] < 0. Per-block partial sums go to `scratch`, then a one-block kernel
+// adds them; every sum is in a fixed order, so the result is deterministic (for a given GPU's
+// SM count, which sizes the grid), and float32 throughout.
+cudaError_t launch_fake_quantize_per_tensor_threshold_backward(const void* grad, DType grad_dtype, const void* x,
+                                                               DType x_dtype, void* grad_x, float* grad_threshold,
+                                                               int64_t n, const float* running_absmax, int bits,
+                                                               float* scratch, int sm_count, cudaStream_t stream);
+
 // Number of floats of device scratch that launch_fake_quantize_per_channel needs (0 when every
 // group fits in one block's registers, the single-pass path).
 int64_t per_channel_scratch_size(int64_t num_groups, int64_t group_size, DType dtype, int sm_count);

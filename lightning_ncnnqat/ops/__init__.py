@@ -18,6 +18,14 @@ Gradients (straight-through estimator): weights pass their gradient unchanged (a
 scale never clips a weight). Activations pass it only where the value was not clipped at
 +-qmax: there the forward is constant, so the true derivative is 0, and passing it (as
 ncnnqat does) pushes outliers further out without any effect on the loss.
+
+Learned ranges (TQT / LSQ): when the threshold tensor passed to
+``torch.ops.ncnnqat.fake_quantize_per_tensor`` requires grad (e.g. ``log_t.exp()``), its
+backward runs ``torch.ops.ncnnqat.fake_quantize_per_tensor_threshold_backward``, which returns
+the clipped STE for ``x`` and ``d loss / d threshold = sum(grad * d out / d t)`` with
+``d out / d t = (q - x*s) / qmax`` where kept and ``q / qmax = +-1`` where clipped (one pass, a
+float32 sum). A threshold that does not require grad (the moving-average buffer) costs nothing
+extra. :class:`lightning_ncnnqat.modules.InputQuantizer` ``(learned=True)`` uses this.
 """
 
 from __future__ import annotations

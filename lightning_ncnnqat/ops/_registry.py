@@ -22,6 +22,10 @@ SCHEMAS = {
     "fake_quantize_per_tensor_backward": (
         "fake_quantize_per_tensor_backward(Tensor grad, Tensor x, Tensor running_absmax, int bits) -> Tensor"
     ),
+    "fake_quantize_per_tensor_threshold_backward": (
+        "fake_quantize_per_tensor_threshold_backward(Tensor grad, Tensor x, Tensor running_absmax, int bits) "
+        "-> (Tensor, Tensor)"
+    ),
     "fold_fake_quantize_weight": (
         "fold_fake_quantize_weight(Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
         "Tensor bn_mean, Tensor bn_inv_std, int num_groups, int bits) -> (Tensor, Tensor, Tensor)"
@@ -44,6 +48,11 @@ _lib.impl("update_absmax_", reference.update_absmax_, "CompositeExplicitAutograd
 _lib.impl("fake_quantize_per_tensor", reference.fake_quantize_per_tensor, "CompositeExplicitAutograd")
 _lib.impl(
     "fake_quantize_per_tensor_backward", reference.fake_quantize_per_tensor_backward, "CompositeExplicitAutograd"
+)
+_lib.impl(
+    "fake_quantize_per_tensor_threshold_backward",
+    reference.fake_quantize_per_tensor_threshold_backward,
+    "CompositeExplicitAutograd",
 )
 _lib.impl("fold_fake_quantize_weight", reference.fold_fake_quantize_weight, "CompositeExplicitAutograd")
 _lib.impl(
@@ -73,6 +82,11 @@ def _fake_per_tensor_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: 
     return grad.new_empty(grad.shape)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::fake_quantize_per_tensor_threshold_backward")
+def _fake_per_tensor_threshold_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    return grad.new_empty(grad.shape), running_absmax.new_empty(running_absmax.shape, dtype=torch.float32)
+
+
 @torch.library.register_fake(f"{NAMESPACE}::fold_fake_quantize_weight")
 def _fake_fold(weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std, num_groups, bits):  # noqa: ANN001, ANN202
     return (
@@ -87,7 +101,9 @@ def _fake_fold_bwd(grad_weight_fq, grad_bias, weight, bias, bn_weight, bn_mean, 
     return weight.new_empty(weight.shape), weight.new_empty((3, weight.shape[0]), dtype=torch.float32)
 
 
-# Autograd: straight-through estimators. The compiled CPU library registers them in C++
+# Autograd: straight-through estimators; a per-tensor threshold that requires grad (a learned
+# range) gets d out / d t (fake_quantize_per_tensor_threshold_backward), a buffer costs nothing
+# extra. The compiled CPU library registers them in C++
 # (csrc/autograd.cpp: no Python on the training step's hot path); these Python versions are
 # registered only where it did not load (the pure-PyTorch fallback).
 def _per_channel_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -108,6 +124,11 @@ def _per_tensor_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _per_tensor_backward(ctx, grad: Tensor):  # noqa: ANN001
     x, running_absmax = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:  # a learned threshold (TQT/LSQ): both gradients in one pass
+        grad_x, grad_t = torch.ops.ncnnqat.fake_quantize_per_tensor_threshold_backward(
+            grad, x, running_absmax, ctx.bits
+        )
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_t, None
     grad_x = torch.ops.ncnnqat.fake_quantize_per_tensor_backward(grad, x, running_absmax, ctx.bits)
     return grad_x, None, None
 

@@ -95,6 +95,40 @@ def fake_quantize_per_tensor_backward(grad: Tensor, x: Tensor, running_absmax: T
     return torch.where(keep, g, torch.zeros_like(g)).contiguous()
 
 
+def threshold_grad_terms(x: Tensor, running_absmax: Tensor, bits: int) -> Tensor:
+    """Per element ``qmax * d out / d threshold`` of the per-tensor fake quantizer (float32).
+
+    ``out = q * t / qmax`` with ``s = qmax / t`` and a straight-through round, so
+    ``d out / d t = (q - x*s) / qmax`` where the STE keeps ``x`` and ``q / qmax`` (``+-1``) where
+    ``x`` was clipped (TQT / LSQ). Multiplied by ``qmax`` here: the sum is divided once.
+    """
+    r = running_absmax.float().reshape(())
+    qmax = qmax_of(bits)
+    v = x.contiguous().float() * scale_from_absmax(r, bits)
+    q = round_half_away(torch.clamp(v, -qmax, qmax))
+    return torch.where(v.abs() < qmax + 0.5, q - v, q)
+
+
+def fake_quantize_per_tensor_threshold_backward(
+    grad: Tensor, x: Tensor, running_absmax: Tensor, bits: int
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`fake_quantize_per_tensor` for ``x`` and for the threshold.
+
+    Returns ``(grad_x, grad_threshold)``: ``grad_x`` is the clipped straight-through estimator
+    (:func:`fake_quantize_per_tensor_backward`, ``grad``'s dtype); ``grad_threshold`` (float32,
+    ``running_absmax``'s shape) is ``sum(grad * d out / d t)`` accumulated in float32 and divided
+    by ``qmax`` once (see :func:`threshold_grad_terms`); 0 when the range is uninitialised (< 0)
+    or ``x`` is empty. NaN in ``x`` or non-finite ``grad`` make it NaN/inf (never silently lost).
+    """
+    grad_x = fake_quantize_per_tensor_backward(grad, x, running_absmax, bits)
+    r = running_absmax.float().reshape(())
+    terms = grad.contiguous().float() * threshold_grad_terms(x, running_absmax, bits)
+    total = terms.sum() / torch.full_like(r, qmax_of(bits))  # one IEEE division (tensor / tensor)
+    total = torch.where(r < 0, torch.zeros_like(total), total)
+    grad_t = total.reshape(running_absmax.shape).to(device=running_absmax.device).contiguous()
+    return grad_x, grad_t
+
+
 def fold_factors(
     bn_weight: Tensor | None, bn_bias: Tensor | None, bn_mean: Tensor, bn_inv_std: Tensor
 ) -> tuple[Tensor, Tensor]:
