@@ -10,7 +10,10 @@ For each size N (float32 elements), side by side in one run:
 * per-channel: ``ncnnqat.fake_quantize_per_channel`` on a weight-shaped [N/576, 64, 3, 3]
   tensor vs torch's path: ``torch.amax(|w|)`` per channel + ``torch.fake_quantize_per_channel_affine``;
 * per-tensor (training: range update + quantize): ``ncnnqat.update_absmax_`` +
-  ``ncnnqat.fake_quantize_per_tensor`` vs ``torch.fused_moving_avg_obs_fake_quant``.
+  ``ncnnqat.fake_quantize_per_tensor`` vs ``torch.fused_moving_avg_obs_fake_quant``;
+* per-tensor backward: the clipped STE (``fake_quantize_per_tensor_backward``, a buffer range)
+  vs a learned threshold's (``fake_quantize_per_tensor_threshold_backward``: the same STE plus
+  the threshold's gradient, a float32 sum, in the same pass); "x ste" is their time ratio.
 
 "% clone" is our op's bytes/s counting 12 bytes per element (read for the range, read + write
 for the quantize) over clone's bytes/s counting 8: 100% means running at clone's bandwidth.
@@ -121,6 +124,17 @@ def bench_size(n: int, device: str, warmup: int, repeat: int) -> dict[str, float
                                                      False, True)
 
     res["pt_torch"] = time_it(torch_per_tensor, device, warmup, repeat)
+
+    gys = [torch.randn(n, generator=gen).to(device) for _ in range(copies)]
+    thr = torch.tensor([6.0], device=device)
+    res["bwd_ste"] = time_it(
+        lambda i: torch.ops.ncnnqat.fake_quantize_per_tensor_backward(pick(gys, i), pick(xs, i), thr, 8),
+        device, warmup, repeat,
+    )
+    res["bwd_thr"] = time_it(
+        lambda i: torch.ops.ncnnqat.fake_quantize_per_tensor_threshold_backward(pick(gys, i), pick(xs, i), thr, 8),
+        device, warmup, repeat,
+    )
     return res
 
 
@@ -147,7 +161,8 @@ def main() -> None:
           f"{'compiled' if compiled else 'REFERENCE (' + status.reasons.get(args.device, '?') + ')'}")
     print(f"# median times in ms; '% clone' = our bytes/s ({OUR_BYTES} B/elem) over clone's ({CLONE_BYTES} B/elem)")
     header = (f"{'N':>6} {'clone':>8} {'GB/s':>7} | {'per-ch':>8} {'torch':>8} {'x torch':>7} {'% clone':>7} | "
-              f"{'per-t':>8} {'torch':>8} {'x torch':>7} {'% clone':>7}")
+              f"{'per-t':>8} {'torch':>8} {'x torch':>7} {'% clone':>7} | "
+              f"{'ste-bwd':>8} {'thr-bwd':>8} {'x ste':>6}")
     print(header)
     print("-" * len(header))
     for text in args.sizes.split(","):
@@ -161,7 +176,8 @@ def main() -> None:
             f"{r['pc_ours'] * 1e3:8.3f} {r['pc_torch'] * 1e3:8.3f} {r['pc_torch'] / r['pc_ours']:7.2f} "
             f"{100 * ours_bw(r['pc_ours']) / clone_bw:6.0f}% | "
             f"{r['pt_ours'] * 1e3:8.3f} {r['pt_torch'] * 1e3:8.3f} {r['pt_torch'] / r['pt_ours']:7.2f} "
-            f"{100 * ours_bw(r['pt_ours']) / clone_bw:6.0f}%",
+            f"{100 * ours_bw(r['pt_ours']) / clone_bw:6.0f}% | "
+            f"{r['bwd_ste'] * 1e3:8.3f} {r['bwd_thr'] * 1e3:8.3f} {r['bwd_thr'] / r['bwd_ste']:6.2f}",
             flush=True,
         )
 
