@@ -49,6 +49,10 @@ class Dump(L.Callback):
             "ranges": {n: q.running_absmax.detach().cpu().clone() for n, q in input_quantizers(pl_module).items()},
             "params": {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()},
             "world_size": trainer.world_size,
+            "log_thresholds": {
+                n: q.log_threshold.detach().cpu().clone()
+                for n, q in input_quantizers(pl_module).items() if getattr(q, "learned", False)
+            },
         }
         torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
@@ -63,11 +67,17 @@ def main() -> None:
     ckpt = L.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_epochs=1)
     # QAT from epoch 0 with every BN folded (frozen statistics): per-rank batch statistics would
     # otherwise differ from one process's (SyncBatchNorm needs GPUs), and so would the weights.
+    # NCNNQAT_TEST_RANGES="learned": thresholds from an ACIQ start, then trained
+    ranges = os.environ.get("NCNNQAT_TEST_RANGES") or "moving_average"
     cb = QATCallback(
         start_epoch=0,
         quantize_grouped_convs=True,
         export_dir=os.environ.get("NCNNQAT_TEST_EXPORT") or None,
         log_every_n_steps=0,
+        ranges=ranges,
+        range_init="first_batch" if ranges == "moving_average" else "aciq",
+        calibration_batches=2,
+        range_lr=0.05,
     )
     trainer = L.Trainer(
         accelerator="cpu",

@@ -18,9 +18,11 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-def _run(out, strategy: str, devices: int, batch: int, resume: str | None = None, export=None) -> list[dict]:  # noqa: ANN001
+def _run(out, strategy: str, devices: int, batch: int, resume: str | None = None, export=None,  # noqa: ANN001
+         ranges: str = "moving_average") -> list[dict]:
     cmd = [sys.executable, SCRIPT, str(out), strategy, str(devices), str(batch)] + ([resume] if resume else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", NCNNQAT_TEST_EXPORT=str(export or ""))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", NCNNQAT_TEST_EXPORT=str(export or ""),
+               NCNNQAT_TEST_RANGES=ranges)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(devices)]
@@ -58,6 +60,26 @@ def test_resume_from_ddp_checkpoint(tmp_path) -> None:  # noqa: ANN001
     _assert_same(first[0], resumed[0], rtol=1e-6, atol=1e-7)
     for k in resumed[0]["ranges"]:
         assert torch.equal(resumed[0]["ranges"][k], resumed[1]["ranges"][k])
+
+
+def test_learned_ranges_identical_across_ranks_trained_and_resumed_exactly(tmp_path) -> None:  # noqa: ANN001
+    first = _run(tmp_path / "a", "ddp", 2, 8, ranges="learned")
+    logs = first[0]["log_thresholds"]
+    assert logs and logs.keys() == first[0]["ranges"].keys()
+    for k in logs:
+        assert torch.equal(logs[k], first[1]["log_thresholds"][k]), k  # the same Adam step on every rank
+        assert torch.equal(first[0]["ranges"][k], logs[k].exp()), k  # the table carries exp(log t) exactly
+    # trained: they moved away from the ACIQ start (rank 0's first batches), which "fixed" keeps
+    fixed = _run(tmp_path / "fixed", "ddp", 2, 8, ranges="fixed")
+    assert all(torch.equal(fixed[0]["ranges"][k], fixed[1]["ranges"][k]) for k in logs)
+    assert any(not torch.allclose(fixed[0]["ranges"][k], first[0]["ranges"][k], rtol=1e-3) for k in logs)
+    ckpt = sorted(glob.glob(str(tmp_path / "a" / "ckpt" / "epoch=1*.ckpt")))[0]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert any("learned_ranges" in v for v in state["callbacks"].values())
+    resumed = _run(tmp_path / "b", "ddp", 2, 8, resume=ckpt, ranges="learned")
+    for k in logs:
+        assert torch.equal(resumed[0]["log_thresholds"][k], logs[k]), k  # Adam moments restored too
+    _assert_same(first[0], resumed[0], rtol=1e-6, atol=1e-7)
 
 
 def _table(path) -> dict[str, list[float]]:  # noqa: ANN001

@@ -148,3 +148,74 @@ def test_callback_calibrated_start_is_the_calibration_of_the_first_training_batc
     for r in rows:
         owner = plan.layers[r.torch_name].input_owner
         assert np.float32(inputs[r.ncnn_name]) == np.float32(np.float32(127) / np.float32(start[owner])), r.torch_name
+
+
+# ---- learned ranges ------------------------------------------------------------------------
+
+
+def _learned_model(seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = MixedNet()
+    model.eval()
+    batches = _batches()
+    prepare_qat(model, batches[0][:1], QATConfig(range_init="aciq", ranges="learned"), calibration_data=batches)
+    model.train()
+    return model, batches
+
+
+def test_learned_ranges_train_and_the_table_carries_exp_log_threshold() -> None:
+    from lightning_ncnnqat.ranges import LearnedRanges
+
+    model, batches = _learned_model()
+    start = {n: q.running_absmax.clone() for n, q in input_quantizers(model).items()}
+    ranges = LearnedRanges(model, lr=0.05)
+    for x in batches * 2:
+        model(x).square().mean().backward()
+        assert ranges.step()
+    for name, q in input_quantizers(model).items():
+        assert q.learned and torch.equal(q.running_absmax, q.log_threshold.exp()), name
+        assert q.scale() == float(torch.tensor([127.0]) / q.log_threshold.exp()), name  # the table's row
+    assert any(not torch.equal(start[n], q.running_absmax) for n, q in input_quantizers(model).items())
+
+
+def test_learned_step_unscales_amp_gradients_and_skips_overflow() -> None:
+    from lightning_ncnnqat.ranges import LearnedRanges
+
+    (a, batches), (b, _) = _learned_model(), _learned_model()
+    ra, rb = LearnedRanges(a, lr=0.05), LearnedRanges(b, lr=0.05)
+    for x in batches:
+        a(x).square().mean().backward()
+        (b(x).square().mean() * 1024.0).backward()  # a GradScaler's scaled loss
+        assert ra.step() and rb.step(grad_divisor=1024.0)
+    for (n, qa), qb in zip(input_quantizers(a).items(), input_quantizers(b).values()):
+        assert torch.allclose(qa.log_threshold, qb.log_threshold, rtol=1e-6, atol=1e-7), n
+    before = {n: q.log_threshold.clone() for n, q in input_quantizers(b).items()}
+    (b(batches[0]).square().mean() * float("inf")).backward()
+    assert not rb.step(grad_divisor=1.0) and rb.skipped_steps == 1
+    assert all(torch.equal(before[n], q.log_threshold) for n, q in input_quantizers(b).items())
+
+
+def _fit_learned(tmp_path, max_epochs: int, ckpt_path=None):  # noqa: ANN001, ANN202
+    ds = make_data()
+    model = make_module(L.LightningModule)
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
+    cb = QATCallback(start_epoch=1, export_dir=None, log_every_n_steps=0, verbose=False, range_init="aciq",
+                     calibration_batches=2, ranges="learned", range_lr=0.05)
+    _trainer(tmp_path, max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True).fit(
+        model, loader(ds), ckpt_path=ckpt_path
+    )
+    return model, cb
+
+
+def test_learned_ranges_resume_equals_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    full, cb_full = _fit_learned(tmp_path / "a", 4)
+    torch.manual_seed(0)
+    _fit_learned(tmp_path / "b", 3)
+    ckpt = sorted((tmp_path / "b" / "ckpt").glob("epoch=2*.ckpt"))[0]
+    torch.manual_seed(0)
+    resumed, cb = _fit_learned(tmp_path / "c", 4, ckpt_path=str(ckpt))
+    assert cb_full.state_dict()["learned_ranges"]["state"]  # Adam moments are saved and restored
+    for (n, p), (_, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert any(k.endswith("log_threshold") for k in full.state_dict())
