@@ -278,3 +278,22 @@ def test_leaf_recreated_when_buffer_replaced_and_deepcopy() -> None:
     y = q(x)
     y.sum().backward()
     assert new.grad is not None and leaf.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_and_autocast(dtype: torch.dtype) -> None:
+    """float16/bfloat16 activations: the output keeps their dtype, the leaf's gradient is float32."""
+    conv = TinyNet().train().conv
+    x = (torch.randn(2, 3, 16, 16, generator=gen(13)) * 2).to(dtype).requires_grad_()
+    q = conv.input_quantizer
+    y = q(x)
+    assert y.dtype == dtype and torch.equal(y.detach(), R.fake_quantize_per_tensor(x.detach(), q.running_absmax, 4))
+    (y.float() * torch.randn(y.shape, generator=gen(14))).sum().backward()
+    leaf = q.threshold_leaf()
+    assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all() and leaf.grad.abs().item() > 0
+    assert x.grad.dtype == dtype
+    leaf.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x.detach().float())
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and leaf.grad.dtype == torch.float32 and leaf.grad.abs().item() > 0
