@@ -199,7 +199,8 @@ def _first_line(s: str, n: int = 200) -> str:
 
 def run_one(
     name: str, size: int, workdir: Path, row_file: Path, held_n: int, range_steps: int, layer_samples: int,
-    targets: str | None, bn_warmup: int,
+    targets: str | None, bn_warmup: int, preflight: bool = True, float_weights: str | None = None,
+    timing_runs: int = 3,
 ) -> None:
     """Run one model and keep ``row_file`` up to date (the parent reads it even after a crash)."""
     import torch
@@ -234,9 +235,28 @@ def run_one(
         row["bn_warmed"] = warm_batchnorm(model, size, bn_warmup, g)
         stage("prepare_qat")
         plan = lq.prepare_qat(model, example)
+        if preflight:
+            # what QATCallback does at QAT start: every int8 layer run once on each target, the
+            # ones a target computes wrongly re-planned as float (grouped convs under "auto")
+            stage("preflight")
+            from lightning_ncnnqat.export.preflight import keep_wrong_layers_in_float
+
+            tp = time.perf_counter()
+            row["preflight_float"] = keep_wrong_layers_in_float(
+                model, example, targets=targets.split(",") if targets else "auto"
+            )
+            row["preflight_s"] = round(time.perf_counter() - tp, 1)
+            from lightning_ncnnqat.plan import get_plan
+
+            plan = get_plan(model)
         row["int8_layers"] = len(plan.layers)
         row["float_layers"] = len(plan.float_layers)
         row["float_reasons"] = {k: _first_line(v, 160) for k, v in plan.float_layers.items()}
+        grouped = [n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels]
+        row["grouped_convs"] = {"int8": [n for n in grouped if n in plan.layers],
+                                "float": {n: _first_line(plan.float_layers.get(n, "?"), 160)
+                                          for n in grouped if n not in plan.layers}}
         stage("ranges")
         model.train()
         with torch.no_grad():
@@ -247,8 +267,9 @@ def run_one(
         export_dir = workdir / "export"
         try:
             lq.export(model, export_dir, example_input=example, held_batch=held, held_batch_source="random images",
-                      verbose=True, timing_runs=3, layer_check_samples=layer_samples,
-                      **({"targets": targets.split(",")} if targets else {}))
+                      verbose=True, timing_runs=timing_runs, layer_check_samples=layer_samples,
+                      **({"targets": targets.split(",")} if targets else {}),
+                      **({"float_weights": float_weights} if float_weights else {}))
             row["export_ok"] = True
             row["failures"] = []
         except ExportError as e:
@@ -263,6 +284,16 @@ def run_one(
             iq = rep.get("int8_vs_qat") or {}
             row["int8_cos"] = iq.get("cosine")
             row["top1"] = iq.get("top1_agreement")
+            row["float_weights"] = rep.get("float_weights")
+            row["int8_bin"] = (rep.get("sizes") or {}).get("int8_bin")
+            row["timing"] = rep.get("timing") or {}
+            row["targets"] = {
+                t: {"profile": e.get("profile"), "cos": (e.get("int8_vs_qat") or {}).get("cosine"),
+                    "top1": (e.get("int8_vs_qat") or {}).get("top1_agreement"),
+                    "strict_cos": (e.get("int8_vs_qat_strict") or {}).get("cosine"),
+                    "flagged": e.get("flagged_layers", []), "error": e.get("error")}
+                for t, e in (rep.get("runtime") or {}).items()
+            }
             checks = [c for c in rep.get("layer_checks", []) if isinstance(c.get("isolated_cosine"), (int, float))]
             if checks:
                 w = min(checks, key=lambda c: c["isolated_cosine"])
@@ -299,7 +330,9 @@ def run_child(name: str, size: int, args: argparse.Namespace, workroot: Path) ->
     log = workdir / "log.txt"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--size", str(size),
            "--workdir", str(workdir), "--held", str(args.held), "--range-steps", str(args.range_steps),
-           "--layer-samples", str(args.layer_samples), "--bn-warmup", str(args.bn_warmup)] + (["--targets", args.targets] if args.targets else [])
+           "--layer-samples", str(args.layer_samples), "--bn-warmup", str(args.bn_warmup),
+           "--timing-runs", str(args.timing_runs)] + (["--targets", args.targets] if args.targets else []) \
+        + (["--float-weights", args.float_weights] if args.float_weights else []) + ([] if args.preflight else ["--no-preflight"])
     env = {**os.environ, **OFFLINE_ENV}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -367,16 +400,21 @@ def fault_kinds(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "size", "int8", "float", "export", "report", "int8 cos", "fp32 floor", "worst layer (iso cos)",
-            "flagged", "s"]
+    head = ["model", "size", "int8", "float", "grouped i8/fl", "export", "report", "int8 cos", "ARM cos (A53/A76)",
+            "fp32 floor", "x86 speed-up", "worst layer (iso cos)", "flagged", "s"]
     lines = []
     for r in rows:
         worst = r.get("worst_layer")
+        gc = r.get("grouped_convs")
+        arm = [_fmt_cos(e.get("cos")) for t, e in (r.get("targets") or {}).items() if t != "x86"]
+        sp = (r.get("timing") or {}).get("speedup")
         lines.append([
             r["model"], str(r.get("size", "")), str(r.get("int8_layers", "-")), str(r.get("float_layers", "-")),
+            f"{len(gc['int8'])}/{len(gc['float'])}" if gc else "-",
             "ok" if r.get("export_ok") else ("FAIL" if "export_ok" in r else "-"),
             "yes" if r.get("report_json") else "no",
-            _fmt_cos(r.get("int8_cos")), _fmt_cos(r.get("floor_cos")),
+            _fmt_cos(r.get("int8_cos")), "/".join(arm) or "-", _fmt_cos(r.get("floor_cos")),
+            f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-",
             f"{worst[0]} ({worst[1]:.4f})" if worst else "-",
             str(len(r.get("flagged") or [])) if "flagged" in r else "-",
             f"{r.get('seconds', 0):.0f}",
@@ -410,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 4; 0: keep the init statistics, mean 0 / var 1)")
     ap.add_argument("--targets", default=None,
                     help="export's runtime targets, comma-separated (default: export's own default, 'auto')")
+    ap.add_argument("--float-weights", default=None, choices=["fp32", "fp16"],
+                    help="export's storage of float layers' weights (default: export's own default)")
+    ap.add_argument("--no-preflight", dest="preflight", action="store_false",
+                    help="skip the QAT-start preflight (by default the layers a target computes wrongly go float, "
+                         "as QATCallback does)")
+    ap.add_argument("--timing-runs", type=int, default=3, help="timed inferences per model in the export (default 3)")
     ap.add_argument("--workdir", default=None, help="where each model's export and log go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write all rows to this json file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -417,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         wd = Path(args.workdir)
-        run_one(args.child, args.size, wd, wd / "row.json", args.held, args.range_steps, args.layer_samples, args.targets, args.bn_warmup)
+        run_one(args.child, args.size, wd, wd / "row.json", args.held, args.range_steps, args.layer_samples, args.targets,
+                args.bn_warmup, args.preflight, args.float_weights, args.timing_runs)
         return 0
 
     workroot = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ncnnqat_zoo_"))
