@@ -50,6 +50,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, data_note: s
         f"training images (EQ: {args.eq_samples}). {machine}. ncnn ms/img: 1 thread, median of {args.time_runs}. "
         f"Wall time {wall_s / 60:.1f} min. Command: `python benchmarks/results.py {' '.join(sys.argv[1:])}`",
         "",
+        "QAT variants: QATCallback(start_epoch=0, targets=['x86'], preflight="
+        f"{getattr(args, 'preflight', False)}, **kw) on the float model: "
+        + "; ".join(f"`{v}`" for v in args.variants)
+        + ". ARM columns: that int8 model in the emulated aarch64 ncnn (default options of the CPU profile).",
+        "",
         "| " + " | ".join(head) + " |",
         "| " + " | ".join("---" for _ in head) + " |",
     ]
