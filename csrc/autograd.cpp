@@ -14,6 +14,8 @@
 // A running_absmax buffer (no grad) takes the plain STE backward, at no extra cost.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -38,6 +40,7 @@ using PerChannelSig = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, int64_t
 using PerTensorSig = Tensor(const Tensor&, const Tensor&, int64_t);
 using PerTensorBwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
 using PerTensorThresholdBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t);
+using ThresholdFromLogSig = Tensor(const Tensor&);
 using FoldSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
                                                    const Tensor&, const Tensor&, int64_t, int64_t);
@@ -60,6 +63,10 @@ const c10::TypedOperatorHandle<PerTensorBwdSig>& per_tensor_bwd_op() {
 const c10::TypedOperatorHandle<PerTensorThresholdBwdSig>& per_tensor_threshold_bwd_op() {
   static const auto op =
       find_op<PerTensorThresholdBwdSig>("ncnnqat::fake_quantize_per_tensor_threshold_backward");
+  return op;
+}
+const c10::TypedOperatorHandle<ThresholdFromLogSig>& threshold_from_log_op() {
+  static const auto op = find_op<ThresholdFromLogSig>("ncnnqat::threshold_from_log");
   return op;
 }
 const c10::TypedOperatorHandle<FoldSig>& fold_op() {
@@ -103,6 +110,22 @@ struct PerTensor : public torch::autograd::Function<PerTensor> {
       return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_t, Tensor()};
     }
     return {per_tensor_bwd_op().call(grads[0], saved[0], saved[1], bits), Tensor(), Tensor()};
+  }
+};
+
+// threshold = exp(log_threshold), an opaque op so that torch.compile cannot lower the exp to its
+// own code (inductor's exp differs from ATen's in the last bit for about 1% of inputs): the
+// learned threshold the forward uses is then always bit-identical to the eager
+// running_absmax = exp(log_threshold) that the table carries. d/dx exp(x) = exp(x).
+struct ThresholdFromLog : public torch::autograd::Function<ThresholdFromLog> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& log_threshold) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = threshold_from_log_op().call(log_threshold);
+    ctx->save_for_backward({out});
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {at::mul(grads[0], ctx->get_saved_variables()[0])};
   }
 };
 
@@ -154,6 +177,11 @@ Tensor per_tensor_autograd(const Tensor& x, const Tensor& running_absmax, int64_
   return PerTensor::apply(x, running_absmax, bits);
 }
 
+Tensor threshold_from_log_autograd(const Tensor& log_threshold) { return ThresholdFromLog::apply(log_threshold); }
+
+// The kernel below autograd, for every device: ATen's exp, as on the buffer in eager mode.
+Tensor threshold_from_log_kernel(const Tensor& log_threshold) { return at::exp(log_threshold); }
+
 std::tuple<Tensor, Tensor, Tensor> fold_autograd(const Tensor& weight, const std::optional<Tensor>& bias,
                                                  const std::optional<Tensor>& bn_weight,
                                                  const std::optional<Tensor>& bn_bias, const Tensor& bn_mean,
@@ -168,6 +196,11 @@ TORCH_LIBRARY_IMPL(ncnnqat, Autograd, m) {
   m.impl("fake_quantize_per_channel", &per_channel_autograd);
   m.impl("fake_quantize_per_tensor", &per_tensor_autograd);
   m.impl("fold_fake_quantize_weight", &fold_autograd);
+  m.impl("threshold_from_log", &threshold_from_log_autograd);
+}
+
+TORCH_LIBRARY_IMPL(ncnnqat, CompositeExplicitAutograd, m) {
+  m.impl("threshold_from_log", &threshold_from_log_kernel);
 }
 
 }  // namespace ncnnqat

@@ -27,6 +27,7 @@ _UPDATE_ABSMAX = torch.ops.ncnnqat.update_absmax_.default
 _PER_TENSOR = torch.ops.ncnnqat.fake_quantize_per_tensor.default
 _PER_CHANNEL = torch.ops.ncnnqat.fake_quantize_per_channel.default
 _FOLD = torch.ops.ncnnqat.fold_fake_quantize_weight.default
+_EXP = torch.ops.ncnnqat.threshold_from_log.default
 
 
 class _LearnedState:
@@ -63,7 +64,8 @@ class InputQuantizer(nn.Module):
     table carries exactly the value the forward uses. The first training batch of the first
     reader initialises it from the batch absmax (all-reduced with MAX when ``sync``), as the
     moving average does; afterwards every reader's training forward uses
-    ``threshold_leaf().exp()`` so the threshold gets gradients from all of them. The optimizer
+    ``exp(threshold_leaf())`` so the threshold gets gradients from all of them (the exp is the
+    opaque op ``ncnnqat::threshold_from_log``, ATen's exp even under torch.compile). The optimizer
     of the leaves is the caller's: after each of its steps call :meth:`commit_threshold`.
     Evaluation uses ``running_absmax``.
     """
@@ -110,7 +112,7 @@ class InputQuantizer(nn.Module):
             self._initialise(x)
         if not state.ready:  # uninitialised (a reader before the first, or an all-zero batch): identity
             return _PER_TENSOR(x, self.running_absmax, self.bits)
-        t = state.leaf.exp()  # the same float32 exp as running_absmax = exp(log_threshold)
+        t = _EXP(state.leaf)  # the same float32 exp as running_absmax = exp(log_threshold), also compiled
         if self.record_stats and update:
             self._record_clip_fraction(x, t)
         return _PER_TENSOR(x, t, self.bits)
@@ -157,7 +159,7 @@ class InputQuantizer(nn.Module):
     def _sync_running(self) -> None:
         """running_absmax = exp(log_threshold) (float32, this device); -1 where it is NaN."""
         lt = self.log_threshold
-        self.running_absmax.copy_(torch.where(torch.isnan(lt), torch.full_like(lt, -1.0), torch.exp(lt)))
+        self.running_absmax.copy_(torch.where(torch.isnan(lt), torch.full_like(lt, -1.0), _EXP(lt)))
 
     @torch.no_grad()
     def set_threshold(self, t: float | Tensor) -> None:
@@ -172,7 +174,7 @@ class InputQuantizer(nn.Module):
         if v.numel() != 1 or not (0.0 < value < math.inf):
             raise ValueError(f"InputQuantizer.set_threshold: `t` must be one finite float > 0, got {t!r}")
         self.log_threshold.copy_(torch.log(v))
-        self.running_absmax.copy_(torch.exp(self.log_threshold))
+        self.running_absmax.copy_(_EXP(self.log_threshold))
         state = self._state()
         state.leaf.copy_(self.log_threshold)
         state.ready = True

@@ -297,3 +297,43 @@ def test_half_inputs_and_autocast(dtype: torch.dtype) -> None:
         out = conv(x.detach().float())
     out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16 and leaf.grad.dtype == torch.float32 and leaf.grad.abs().item() > 0
+
+
+def _boundary_inputs(scale: Tensor, qmax: float) -> Tensor:
+    """Values x with float32(x * scale) exactly k + 0.5 or the float just below/above it (both signs):
+    one ulp more or less in the scale rounds some of them the other way."""
+    k = torch.arange(0, int(qmax), dtype=torch.float32) + 0.5
+    targets = torch.cat([k, torch.nextafter(k, torch.zeros_like(k)), torch.nextafter(k, torch.full_like(k, 1e9))])
+    targets = torch.cat([targets, -targets])
+    x = (targets.double() / scale.double()).float()
+    return x[(x * scale) == targets]
+
+
+def test_torch_compile_uses_the_table_threshold_bit_for_bit() -> None:
+    """Inductor's own exp differs from ATen's in the last bit for some inputs; the learned forward's
+    exp is the opaque ncnnqat::threshold_from_log, so compiled it still quantizes with exactly the
+    running_absmax the table carries."""
+    plain = torch.compile(lambda t: t.exp())
+    logs = torch.log(torch.rand(3000, generator=gen(20), dtype=torch.float64) * 20 + 0.05).float()
+    differ = [
+        v.reshape(1) for v in logs
+        if not torch.equal(R.scale_from_absmax(plain(v.reshape(1)), 8), R.scale_from_absmax(v.reshape(1).exp(), 8))
+    ][:6]
+    if not differ:
+        pytest.skip("inductor's exp gives ATen's scales on all 3000 inputs (nothing to tell apart)")
+    q = InputQuantizer(learned=True).train()
+    q(torch.randn(64, generator=gen(21)))
+    compiled = torch.compile(q)
+    told_apart = 0
+    for v in differ:
+        with torch.no_grad():
+            q.threshold_leaf().copy_(v)
+        q.commit_threshold()
+        assert torch.equal(q.log_threshold, v)
+        x = _boundary_inputs(R.scale_from_absmax(q.running_absmax, 8), 127.0)
+        assert x.numel() > 200
+        want = R.fake_quantize_per_tensor(x, q.running_absmax, 8)
+        # Would the plain exp's threshold quantize some of these differently? (the test's power)
+        told_apart += not torch.equal(R.fake_quantize_per_tensor(x, plain(v), 8), want)
+        assert torch.equal(compiled(x).detach(), want), float(v)
+    assert told_apart > 0

@@ -335,6 +335,9 @@ def test_python_fallback_autograd_gives_threshold_gradient() -> None:
         "x1 = x0.clone(); t1 = torch.tensor([2.5], requires_grad=True)\n"
         "torch.ops.ncnnqat.fake_quantize_per_tensor(x1, t1, 8).backward(gy)\n"
         "assert torch.equal(t1.grad, wt)\n"
+        "lt = torch.tensor([0.9162], requires_grad=True); e = torch.ops.ncnnqat.threshold_from_log(lt)\n"
+        "e.backward(torch.tensor([2.0])); assert torch.equal(e.detach(), lt.detach().exp())\n"
+        "assert torch.equal(lt.grad, 2.0 * e.detach())\n"
         "print('ok')\n"
     )
     env = dict(os.environ, LIGHTNING_NCNNQAT_FORCE_REFERENCE="1", OMP_NUM_THREADS="1")
@@ -365,6 +368,19 @@ def opcheck_learned(device: str) -> None:
 
 def test_opcheck_cpu() -> None:
     opcheck_learned("cpu")
+
+
+def test_threshold_from_log_is_atens_exp() -> None:
+    """ncnnqat::threshold_from_log: exactly torch.exp (forward), grad * exp (backward); in C++ when built."""
+    lt = torch.log(torch.rand(1000, generator=make_gen("exp")) * 100 + 1e-3).requires_grad_()
+    out = torch.ops.ncnnqat.threshold_from_log(lt)
+    assert torch.equal(out.detach(), lt.detach().exp())
+    g = torch.randn(1000, generator=make_gen("exp-g"))
+    out.backward(g)
+    assert torch.equal(lt.grad, g * out.detach())
+    if HAS_CPU:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("ncnnqat::threshold_from_log", "Autograd")
+    torch.library.opcheck(torch.ops.ncnnqat.threshold_from_log.default, (lt.detach()[:1].clone().requires_grad_(),))
 
 
 def test_fake_kernel_shapes() -> None:

@@ -26,6 +26,7 @@ SCHEMAS = {
         "fake_quantize_per_tensor_threshold_backward(Tensor grad, Tensor x, Tensor running_absmax, int bits) "
         "-> (Tensor, Tensor)"
     ),
+    "threshold_from_log": "threshold_from_log(Tensor log_threshold) -> Tensor",
     "fold_fake_quantize_weight": (
         "fold_fake_quantize_weight(Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
         "Tensor bn_mean, Tensor bn_inv_std, int num_groups, int bits) -> (Tensor, Tensor, Tensor)"
@@ -54,6 +55,9 @@ _lib.impl(
     reference.fake_quantize_per_tensor_threshold_backward,
     "CompositeExplicitAutograd",
 )
+if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::threshold_from_log", "CompositeExplicitAutograd"):
+    # The compiled library registers ATen's exp in C++ (csrc/autograd.cpp): no Python per call.
+    _lib.impl("threshold_from_log", reference.threshold_from_log, "CompositeExplicitAutograd")
 _lib.impl("fold_fake_quantize_weight", reference.fold_fake_quantize_weight, "CompositeExplicitAutograd")
 _lib.impl(
     "fold_fake_quantize_weight_backward", reference.fold_fake_quantize_weight_backward, "CompositeExplicitAutograd"
@@ -85,6 +89,11 @@ def _fake_per_tensor_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: 
 @torch.library.register_fake(f"{NAMESPACE}::fake_quantize_per_tensor_threshold_backward")
 def _fake_per_tensor_threshold_bwd(grad: Tensor, x: Tensor, running_absmax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return grad.new_empty(grad.shape), running_absmax.new_empty(running_absmax.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::threshold_from_log")
+def _fake_threshold_from_log(log_threshold: Tensor) -> Tensor:
+    return log_threshold.new_empty(log_threshold.shape)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fold_fake_quantize_weight")
@@ -133,6 +142,15 @@ def _per_tensor_backward(ctx, grad: Tensor):  # noqa: ANN001
     return grad_x, None, None
 
 
+def _threshold_from_log_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(output)
+
+
+def _threshold_from_log_backward(ctx, grad: Tensor):  # noqa: ANN001
+    (out,) = ctx.saved_tensors
+    return grad * out  # d/dx exp(x) = exp(x)
+
+
 def _fold_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     weight, bias, bn_weight, bn_bias, bn_mean, bn_inv_std, _, _ = inputs
     ctx.mark_non_differentiable(output[2])
@@ -166,4 +184,8 @@ if not AUTOGRAD_IN_CPP:
     )
     torch.library.register_autograd(
         f"{NAMESPACE}::fold_fake_quantize_weight", _fold_backward, setup_context=_fold_setup
+    )
+if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::threshold_from_log", "Autograd"):
+    torch.library.register_autograd(
+        f"{NAMESPACE}::threshold_from_log", _threshold_from_log_backward, setup_context=_threshold_from_log_setup
     )

@@ -129,6 +129,11 @@ def fake_quantize_per_tensor_threshold_backward(
     return grad_x, grad_t
 
 
+def threshold_from_log(log_threshold: Tensor) -> Tensor:
+    """A learned threshold from its natural log: ``exp`` in float32 (ATen's, as eager mode computes it)."""
+    return torch.exp(log_threshold.float()).contiguous()
+
+
 def fold_factors(
     bn_weight: Tensor | None, bn_bias: Tensor | None, bn_mean: Tensor, bn_inv_std: Tensor
 ) -> tuple[Tensor, Tensor]:
