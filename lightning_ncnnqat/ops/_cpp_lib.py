@@ -27,6 +27,7 @@ OPS = (
     "update_absmax_",
     "fake_quantize_per_tensor",
     "fake_quantize_per_tensor_backward",
+    "fake_quantize_per_tensor_threshold_backward",
     "fold_fake_quantize_weight",
     "fold_fake_quantize_weight_backward",
 )
