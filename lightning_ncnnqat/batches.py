@@ -182,11 +182,14 @@ def check_call(model: Any, args: Sequence[Any], kwargs: dict[str, Any], argument
 def example_from_batch(batch: Any, model: Any) -> Call | None:
     """The call a training batch stands for when no example input was given, or None.
 
-    ``forward`` with one required positional parameter: :func:`model_input`'s rule. With k > 1:
+    ``forward`` with one required positional parameter: a dict batch's value under that
+    parameter's name if it has one, else :func:`model_input`'s rule. With k > 1:
     the first k elements of a tuple/list batch, or the dict batch's values under those names.
     """
     required = required_positional(model)
     if len(required) <= 1:
+        if isinstance(batch, dict) and required and isinstance(batch.get(required[0]), Tensor):
+            return ((batch[required[0]],), {})  # the value under forward's own parameter name
         x = model_input(batch)
         return None if x is None else ((x,), {})
     if isinstance(batch, (list, tuple)) and len(batch) >= len(required):

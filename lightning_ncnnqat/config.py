@@ -86,10 +86,10 @@ class QATConfig:
 
     @property
     def calibrated_start(self) -> bool:
-        """Whether QAT start sets the thresholds by a calibration pass (not the first step's
-        moving-average update): any calibrated ``range_init``, and any ``ranges`` that is not
-        the moving average (its first batch is then calibrated as ``"absmax"`` on one batch)."""
-        return self.range_init != "first_batch" or self.ranges != "moving_average"
+        """Whether QAT start sets the thresholds by a calibration pass (not the first training
+        step): any calibrated ``range_init``, and ``ranges="fixed"`` (its ``"first_batch"``
+        start is then the ``"absmax"`` calibration of one batch, since no step moves it)."""
+        return self.range_init != "first_batch" or self.ranges == "fixed"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batches import as_call, check_call
+from .batches import as_call, check_call, required_positional
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .config import QATConfig
 from .graph import DataFlow, trace_call
@@ -282,11 +283,19 @@ def prepare_qat(
     required then, and raises ValueError before anything is changed when missing.
     """
     config = config or QATConfig()
-    if config.calibrated_start and calibration_data is None:
-        raise ValueError(
-            f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
-            f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
-        )
+    if config.calibrated_start:
+        if calibration_data is None:
+            raise ValueError(
+                f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
+                f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
+            )
+        required = required_positional(unwrap(model))
+        if len(required) > 1:
+            raise ValueError(
+                f"prepare_qat: range_init={config.range_init!r}, ranges={config.ranges!r} calibrates from one input "
+                f"tensor per batch, and forward takes {len(required)} ({', '.join(required)}); use "
+                "range_init='first_batch' with ranges='moving_average' or 'learned'"
+            )
     plan = plan_and_apply(model, example_input, config)
     if config.calibrated_start:
         from .ranges import calibrated_thresholds, set_thresholds
@@ -294,11 +303,13 @@ def prepare_qat(
         method = "absmax" if config.range_init == "first_batch" else config.range_init
         n = 1 if config.range_init == "first_batch" else config.calibration_batches
         try:
-            thresholds, _ = calibrated_thresholds(model, calibration_data, method, n)
+            thresholds, notes = calibrated_thresholds(model, calibration_data, method, n)
         except BaseException:
             unprepare(model)  # a failed start leaves the float model as it was
             raise
         set_thresholds(model, thresholds)
+        for note in notes:
+            warnings.warn(f"prepare_qat: {note}", stacklevel=2)
     return plan
 
 

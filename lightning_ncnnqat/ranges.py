@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .plan import get_plan
 from .prepared import input_quantizers
 
 CALIBRATION_METHODS = ("absmax", "kl", "aciq")
@@ -51,7 +52,13 @@ def calibrated_thresholds(
         c = result.layers[name]
         t = c.input_absmax if method == "absmax" else c.input_threshold
         if not t > 0:
-            warnings.append(f"layer '{name}': its input was zero on every calibration batch; its range starts at the first step")
+            plan = get_plan(model)
+            later = (
+                "the export sets its range from the held batch (ranges='fixed')"
+                if plan is not None and plan.config.ranges == "fixed"
+                else "its range starts at the first training step"
+            )
+            warnings.append(f"layer '{name}': its input was zero on every calibration batch; {later}")
             continue
         out[name] = float(t)
     return out, warnings

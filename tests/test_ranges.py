@@ -124,7 +124,7 @@ def test_callback_calibrated_start_is_the_calibration_of_the_first_training_batc
             if trainer.current_epoch == 1 and batch_idx == 0:
                 start.update({n: q.running_absmax.item() for n, q in input_quantizers(pl_module).items()})
 
-    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False, preflight=False,
+    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), verbose=False,  # preflight on
                      range_init="aciq", calibration_batches=2, ranges="fixed", targets=["x86"])
     snapshot: dict[str, nn.Module] = {}
 
@@ -219,3 +219,71 @@ def test_learned_ranges_resume_equals_uninterrupted_run(tmp_path) -> None:  # no
     for (n, p), (_, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), n
     assert any(k.endswith("log_threshold") for k in full.state_dict())
+
+
+# ---- what users feed the calibrated start ------------------------------------------------------
+
+
+def test_replanning_wrong_layers_keeps_the_calibrated_thresholds() -> None:
+    from lightning_ncnnqat.export.preflight import keep_wrong_layers_in_float
+    from test_measured_decisions import TwoGrouped
+
+    torch.manual_seed(0)
+    model = TwoGrouped()
+    ex = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    prepare_qat(model, ex[:1], QATConfig(range_init="kl", ranges="fixed"), calibration_data=[ex])
+    before = {n: q.running_absmax.item() for n, q in input_quantizers(model).items()}
+    reasons = keep_wrong_layers_in_float(model, ex[:1], targets="x86")
+    assert list(reasons) == ["g"]  # g moved to float; the other owners keep their KL thresholds
+    after = {n: q.running_absmax.item() for n, q in input_quantizers(model).items()}
+    assert after and all(after[n] == before[n] for n in after if n in before)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):  # noqa: ANN204
+        ds = make_data(64)
+        return iter(zip(ds.tensors[0], ds.tensors[1]))
+
+
+def test_calibrated_start_reads_an_iterable_dataset_loader(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = make_module(L.LightningModule)
+    cb = QATCallback(start_epoch=0, export_dir=None, verbose=False, range_init="kl", calibration_batches=2)
+    _trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, torch.utils.data.DataLoader(_Stream(), batch_size=16))
+    assert all(q.running_absmax.item() > 0 for q in input_quantizers(model).values())
+
+
+class _TwoInputs(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(aux)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self(batch[0], batch[0]).mean()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_calibrated_start_on_a_two_input_model_fails_at_fit_start_naming_the_argument(tmp_path) -> None:  # noqa: ANN001
+    cb = QATCallback(start_epoch=1, export_dir=None, range_init="kl")
+    with pytest.raises(ValueError, match=r"range_init='kl'.*forward takes 2 \(x, aux\).*range_init='first_batch'"):
+        _trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(_TwoInputs(), loader(make_data(16)))
+    with pytest.raises(ValueError, match=r"prepare_qat: range_init='aciq'.*forward takes 2"):
+        x = torch.randn(1, 3, 8, 8)
+        prepare_qat(_TwoInputs(), (x, x), QATConfig(range_init="aciq"), calibration_data=[x])
+
+
+def test_dict_batch_gives_the_value_under_forwards_parameter_name() -> None:
+    from lightning_ncnnqat.batches import example_from_batch
+
+    class Pixels(nn.Module):
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return pixels
+
+    x, y = torch.randn(2, 3), torch.tensor([1, 2])
+    (args, kwargs) = example_from_batch({"label": y, "pixels": x}, Pixels())
+    assert args[0] is x and not kwargs

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from torch import Tensor
 
-from ..batches import as_call, example_from_batch, from_call, map_tensors
+from ..batches import as_call, example_from_batch, from_call, map_tensors, required_positional
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from ._held import held_batch
 from ._rank_zero import on_rank_zero, ranges_unsynced
-from ._train_batches import train_batches
+from ._train_batches import train_inputs
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
@@ -104,9 +104,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         preflight: bool = True,
         targets: Union[str, list[str]] = "auto",
         preprocessing: Any = None,
-        range_init: str = "first_batch",
+        range_init: Literal["first_batch", "absmax", "kl", "aciq"] = "first_batch",
         calibration_batches: int = 16,
-        ranges: str = "moving_average",
+        ranges: Literal["moving_average", "fixed", "learned"] = "moving_average",
         range_lr: float = 1e-3,
     ) -> None:
         super().__init__()
@@ -186,6 +186,15 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"QATCallback does not support the {strategy} strategy: it shards parameters, so layers cannot "
                 "be fake-quantized per output channel or exported from one rank. Use strategy='ddp' or 'ddp_spawn'."
             )
+        if stage == "fit" and self.config.calibrated_start and self.plan is None:
+            required = required_positional(pl_module)
+            if len(required) > 1:
+                raise ValueError(
+                    f"QATCallback(range_init={self.config.range_init!r}, ranges={self.config.ranges!r}): the calibrated "
+                    f"start reads one input tensor per batch, and {type(pl_module).__name__}.forward takes "
+                    f"{len(required)} ({', '.join(required)}); use range_init='first_batch' with ranges="
+                    "'moving_average' or 'learned' (they start from the first training step)"
+                )
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
         if stage == "fit" and self.preflight and self.export_dir is not None:
@@ -322,8 +331,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
         def run() -> None:
             t0 = time.perf_counter()
-            thresholds, warnings = calibrated_thresholds(pl_module, train_batches(trainer, pl_module, n), method, n)
-            found.update(thresholds=thresholds, warnings=warnings, seconds=time.perf_counter() - t0)
+            inputs = train_inputs(trainer, pl_module, n)
+            thresholds, warnings = calibrated_thresholds(pl_module, inputs, method, n)
+            found.update(thresholds=thresholds, warnings=warnings, seconds=time.perf_counter() - t0, batches=len(inputs))
 
         on_rank_zero(trainer, f"calibrated start (range_init={cfg.range_init!r})", run)
         if trainer.world_size > 1:
@@ -333,8 +343,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             rank_zero_warn(f"QATCallback: {w}")
         if self.verbose:
             rank_zero_info(
-                f"QATCallback: {len(found['thresholds'])} input thresholds set by {method} calibration over {n} "
-                f"training batch(es) in {found['seconds']:.1f} s; ranges {cfg.ranges}"
+                f"QATCallback: {len(found['thresholds'])} input thresholds set by {method} calibration over "
+                f"{found['batches']} training batch(es) in {found['seconds']:.1f} s; ranges {cfg.ranges}"
             )
 
     # ---- learned ranges ---------------------------------------------------------------

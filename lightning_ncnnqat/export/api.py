@@ -132,8 +132,10 @@ def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor
     qs = input_quantizers(copy_)
     for q in qs.values():
         q.sync = False  # one process fills them: a DDP all-reduce here would wait for the others forever
+    modules = dict(unwrap(copy_).named_modules())
     for n in missing:
         qs[n].training = True  # only these move; the forward runs the rest in eval
+        modules[n].updates_range = True  # also under ranges="fixed", where no training step moves them
     device = next((p.device for p in copy_.parameters()), torch.device("cpu"))
     with torch.no_grad():
         a, k = io.call([t.to(device) for t in inputs])

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import QATConfig
 from ..plan import get_plan
-from ..prepare import plan_and_apply, unprepare
+from ..prepare import input_quantizers, plan_and_apply, unprepare
 from ..wrappers import unwrap
 from .api import preflight_export
 from .errors import ExportError
@@ -58,7 +58,8 @@ def replan_as_float(
 ) -> dict[str, str]:
     """Re-plan as float the layers ``wrong`` (``{target: {layer: cosine}}``, from
     :func:`measure_int8_layers`) names, before any training step: the model is unprepared and
-    prepared again with them skipped (same Parameters; nothing trained is lost). Grouped convs
+    prepared again with them skipped (same Parameters; nothing trained is lost; the input
+    thresholds of range owners that stay int8 are kept, e.g. a calibrated start). Grouped convs
     are kept in int8 when ``config.quantize_grouped_convs`` is True (the user knows the runtime).
     Returns ``{layer: reason}`` of the layers moved to float."""
     plan = get_plan(unwrap(model))
@@ -74,8 +75,12 @@ def replan_as_float(
                 where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
     if not where:
         return {}
+    kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(model).items()}
     unprepare(model)
     new_plan = plan_and_apply(model, example_input, replace(config, skip=tuple(config.skip) + tuple(where)))
+    for name, q in input_quantizers(model).items():  # a calibrated start survives the re-plan
+        if name in kept:
+            q.load_state_dict(kept[name], strict=False)
     reasons = {
         name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
         for name, w in where.items()
