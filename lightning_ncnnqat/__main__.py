@@ -81,6 +81,7 @@ def export_checkpoint(
     held_batch_size: int | None = None,
     preprocessing: Preprocessing | dict[str, Any] | None = None,
     targets: str | list[str] = "auto",
+    float_weights: str = "fp32",
 ) -> Any:
     """Rebuild ``model_spec`` from ``checkpoint`` and export it (what the CLI runs).
 
@@ -134,7 +135,7 @@ def export_checkpoint(
     try:
         return export(
             model, out, example_input=example, held_batch=held, held_batch_source=source, verbose=verbose,
-            targets=targets, preprocessing=pre,
+            targets=targets, preprocessing=pre, float_weights=float_weights,
         )
     except (TypeError, ValueError) as e:  # argument checks of export() (held batch shape, targets, ...)
         raise UsageError(str(e)) from e
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where parity runs: 'auto' (this machine + every emulated ARM profile that is set up) or a "
         "comma-separated list of x86, arm64-a53, arm64-a76",
     )
+    ex.add_argument(
+        "--float-weights", default="fp32", choices=["fp32", "fp16"],
+        help="how model.int8.bin stores the weights of layers kept in float: fp32 (as trained) or fp16 "
+        "(byte-identical to ncnn2int8)",
+    )
     ex.add_argument("--quiet", action="store_true", help="do not print progress and the summary")
     sub.add_parser(
         "setup-arm",
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         report = export_checkpoint(
             args.checkpoint, args.model, args.export_dir, args.input_shape, args.held_batch, not args.quiet,
             datamodule=args.datamodule, held_batch_size=args.held_batch_size, preprocessing=pre,
-            targets=args.targets,
+            targets=args.targets, float_weights=args.float_weights,
         )
     except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

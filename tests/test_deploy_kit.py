@@ -155,6 +155,7 @@ def test_note_has_blobs_preprocessing_and_runtime(kit) -> None:
     assert f"{CIFAR.norm_vals[0]:.6g}f" in note
     assert f"ncnn {ncnn.__version__}" in note
     assert f"cosine {report.int8_vs_qat.cosine:.6f}" in note
+    assert report.float_weights == "fp32" and "kept in float are stored in fp32" in note
     assert "g++" in note and "main.cpp" in note and "does not" in note  # says it is not compiled here
     cpp = (out / "main.cpp").read_text()
     assert 'ex.input("in0", in0_mat);' in cpp and 'ex.extract("out0", out0)' in cpp

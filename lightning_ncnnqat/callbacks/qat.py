@@ -77,6 +77,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             ``log(threshold)`` with ``range_lr``, stepped with the first optimizer, gradients
             un-scaled under AMP and averaged over DDP ranks; its state is in the checkpoint).
         range_lr: learning rate of the learned thresholds' log.
+        float_weights: how model.int8.bin stores the weights of layers kept in float:
+            ``"fp32"`` (the float32 weights QAT trained; parity at the float32 floor) or
+            ``"fp16"`` (what ncnn2int8 writes, byte-identical to the tool; smaller).
 
     ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
     input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
@@ -108,6 +111,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         calibration_batches: int = 16,
         ranges: Literal["moving_average", "fixed", "learned"] = "moving_average",
         range_lr: float = 1e-3,
+        float_weights: Literal["fp32", "fp16"] = "fp32",
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -153,6 +157,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         resolve_targets(targets)  # raises naming an unknown target
         self.targets = targets if isinstance(targets, str) else list(targets)
         self.preprocessing = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
+        from ..export.int8_writer import check_float_weights
+
+        self.float_weights = check_float_weights(float_weights)
         self.plan: QATPlan | None = None
         self.export_report: Any = None
         self._traced_example: Any = None
@@ -433,4 +440,5 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 verbose=self.verbose,
                 targets=self.targets,
                 preprocessing=find_preprocessing(self.preprocessing, getattr(trainer, "datamodule", None), pl_module),
+                float_weights=self.float_weights,
             )

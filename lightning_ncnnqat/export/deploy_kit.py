@@ -200,6 +200,12 @@ def _verified_rows(report: Mapping[str, Any], version: str | None, defaults: dic
         out.append(line)
     if hb.get("source"):
         out.append(f"- held samples: {hb['source']}")
+    fw = report.get("float_weights")
+    if fw:
+        out.append(
+            f"- weights of the layers kept in float are stored in {fw} in model.int8.bin"
+            + (" (as QAT trained them)" if fw == "fp32" else " (as ncnn2int8 writes them)")
+        )
     if shared:
         out.append("- options on every target: " + ", ".join(f"{k}={v}" for k, v in opts[0].items()))
     if defaults and not any(r.get("options") for _, r in rows):

@@ -26,9 +26,11 @@ from .report import ExportReport, OutputParity
 
 #: One thread for parity: the same numbers on every machine, and no OpenMP oversubscription.
 PARITY_OPTIONS = {"num_threads": 1}
-#: The runtime's own approximations switched off: float layers in fp32, unpacked int8 kernels.
+#: The runtime's own approximations switched off: float layers in fp32 without Winograd (its
+#: transforms round differently from a direct conv), unpacked int8 kernels.
 STRICT_OPTIONS = {
     **PARITY_OPTIONS,
+    "use_winograd_convolution": False,
     "use_packing_layout": False,
     "use_fp16_storage": False,
     "use_fp16_packed": False,
