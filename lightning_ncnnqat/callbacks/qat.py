@@ -301,6 +301,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._traced_example = example
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
+        if self.config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
+            self._start_ranges(trainer, pl_module)
         if self.preflight and self.export_dir is not None:
             wrong: dict[str, dict[str, float]] = {}
 
@@ -323,8 +325,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                         "QATCallback: measured at QAT start, kept in float before training: "
                         + "; ".join(f"{n}: {r}" for n, r in reasons.items())
                     )
-        if self.config.calibrated_start:
-            self._start_ranges(trainer, pl_module)
+                if reasons and self.config.calibrated_start:  # a new plan may have new range owners
+                    self._start_ranges(trainer, pl_module)
 
     def _start_ranges(self, trainer: Any, pl_module: Any) -> None:
         """The calibrated start: thresholds from ncnn2table's calibration on rank 0's first
