@@ -236,7 +236,7 @@ def main() -> None:
                    help="QAT variants, NAME:key=value,... (QATCallback keywords)")
     p.add_argument("--preflight", action="store_true",
                    help="QATCallback(preflight=True) for every variant (default off: these backbones have no grouped "
-                   "convs for it to re-plan, and today it refuses ranges='fixed', see the report)")
+                   "convs for it to re-plan, so it would only add time)")
     p.add_argument("--arm-samples", type=int, default=300, help="validation images run on the emulated ARM CPUs")
     p.add_argument("--arm-targets", nargs="*", default=["arm64-a53", "arm64-a76"])
     p.add_argument("--time-runs", type=int, default=50, help="timed ncnn inferences per model (1 thread)")
