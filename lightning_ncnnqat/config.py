@@ -91,6 +91,13 @@ class QATConfig:
         start is then the ``"absmax"`` calibration of one batch, since no step moves it)."""
         return self.range_init != "first_batch" or self.ranges == "fixed"
 
+    @property
+    def start_calibration(self) -> tuple[str, int]:
+        """``(method, batches)`` of the calibrated start: ``"first_batch"`` is ``"absmax"`` of one batch."""
+        if self.range_init == "first_batch":
+            return "absmax", 1
+        return self.range_init, self.calibration_batches
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["skip"] = list(self.skip)

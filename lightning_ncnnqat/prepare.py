@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import as_call, check_call, required_positional
+from .batches import as_call, check_call
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .config import QATConfig
 from .graph import DataFlow, trace_call
@@ -282,26 +282,18 @@ def prepare_qat(
     ``ranges`` other than ``"moving_average"``; ``"first_batch"`` then reads one batch); it is
     required then, and raises ValueError before anything is changed when missing.
     """
+    from .ranges import calibrated_thresholds, check_one_input, set_thresholds
+
     config = config or QATConfig()
-    if config.calibrated_start:
-        if calibration_data is None:
-            raise ValueError(
-                f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
-                f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
-            )
-        required = required_positional(unwrap(model))
-        if len(required) > 1:
-            raise ValueError(
-                f"prepare_qat: range_init={config.range_init!r}, ranges={config.ranges!r} calibrates from one input "
-                f"tensor per batch, and forward takes {len(required)} ({', '.join(required)}); use "
-                "range_init='first_batch' with ranges='moving_average' or 'learned'"
-            )
+    if config.calibrated_start and calibration_data is None:
+        raise ValueError(
+            f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
+            f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
+        )
+    check_one_input(model, config, "prepare_qat")
     plan = plan_and_apply(model, example_input, config)
     if config.calibrated_start:
-        from .ranges import calibrated_thresholds, set_thresholds
-
-        method = "absmax" if config.range_init == "first_batch" else config.range_init
-        n = 1 if config.range_init == "first_batch" else config.calibration_batches
+        method, n = config.start_calibration
         try:
             thresholds, notes = calibrated_thresholds(model, calibration_data, method, n)
         except BaseException:

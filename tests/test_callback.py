@@ -129,11 +129,11 @@ def test_optimizer_trains_float_weights_and_grad_accumulation_matches_manual_loo
     assert not torch.equal(w.detach(), wq)
 
 
-def _fit_with_checkpoints(tmp_path, max_epochs: int, ckpt_path=None, model=None):  # noqa: ANN001, ANN202
+def _fit_with_checkpoints(tmp_path, max_epochs: int, ckpt_path=None, model=None, **callback_kwargs):  # noqa: ANN001, ANN202
     ds = make_data()
     model = model or make_module(L.LightningModule)
     ckpt = L.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
-    cb = QATCallback(start_epoch=1, export_dir=None, log_every_n_steps=0)
+    cb = QATCallback(start_epoch=1, export_dir=None, log_every_n_steps=0, **callback_kwargs)
     t = _trainer(tmp_path, max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
     t.fit(model, loader(ds), loader(ds), ckpt_path=ckpt_path)
     return model, cb

@@ -196,15 +196,10 @@ def test_learned_step_unscales_amp_gradients_and_skips_overflow() -> None:
 
 
 def _fit_learned(tmp_path, max_epochs: int, ckpt_path=None):  # noqa: ANN001, ANN202
-    ds = make_data()
-    model = make_module(L.LightningModule)
-    ckpt = L.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
-    cb = QATCallback(start_epoch=1, export_dir=None, log_every_n_steps=0, verbose=False, range_init="aciq",
-                     calibration_batches=2, ranges="learned", range_lr=0.05)
-    _trainer(tmp_path, max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True).fit(
-        model, loader(ds), ckpt_path=ckpt_path
-    )
-    return model, cb
+    from test_callback import _fit_with_checkpoints
+
+    return _fit_with_checkpoints(tmp_path, max_epochs, ckpt_path=ckpt_path, verbose=False, range_init="aciq",
+                                 calibration_batches=2, ranges="learned", range_lr=0.05)
 
 
 def test_learned_ranges_resume_equals_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
@@ -272,7 +267,7 @@ def test_calibrated_start_on_a_two_input_model_fails_at_fit_start_naming_the_arg
     cb = QATCallback(start_epoch=1, export_dir=None, range_init="kl")
     with pytest.raises(ValueError, match=r"range_init='kl'.*forward takes 2 \(x, aux\).*range_init='first_batch'"):
         _trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(_TwoInputs(), loader(make_data(16)))
-    with pytest.raises(ValueError, match=r"prepare_qat: range_init='aciq'.*forward takes 2"):
+    with pytest.raises(ValueError, match=r"prepare_qat\(range_init='aciq'.*forward takes 2"):
         x = torch.randn(1, 3, 8, 8)
         prepare_qat(_TwoInputs(), (x, x), QATConfig(range_init="aciq"), calibration_data=[x])
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from torch import Tensor
 
-from ..batches import as_call, example_from_batch, from_call, map_tensors, required_positional
+from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
@@ -193,15 +193,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"QATCallback does not support the {strategy} strategy: it shards parameters, so layers cannot "
                 "be fake-quantized per output channel or exported from one rank. Use strategy='ddp' or 'ddp_spawn'."
             )
-        if stage == "fit" and self.config.calibrated_start and self.plan is None:
-            required = required_positional(pl_module)
-            if len(required) > 1:
-                raise ValueError(
-                    f"QATCallback(range_init={self.config.range_init!r}, ranges={self.config.ranges!r}): the calibrated "
-                    f"start reads one input tensor per batch, and {type(pl_module).__name__}.forward takes "
-                    f"{len(required)} ({', '.join(required)}); use range_init='first_batch' with ranges="
-                    "'moving_average' or 'learned' (they start from the first training step)"
-                )
+        if stage == "fit" and get_plan(pl_module) is None:
+            from ..ranges import check_one_input
+
+            check_one_input(pl_module, self.config, "QATCallback")
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
         if stage == "fit" and self.preflight and self.export_dir is not None:
@@ -334,8 +329,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         from ..ranges import calibrated_thresholds, set_thresholds
 
         cfg = self.config
-        method = "absmax" if cfg.range_init == "first_batch" else cfg.range_init
-        n = 1 if cfg.range_init == "first_batch" else cfg.calibration_batches
+        method, n = cfg.start_calibration
         found: dict[str, Any] = {}
 
         def run() -> None:
