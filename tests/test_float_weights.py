@@ -129,3 +129,16 @@ def test_unknown_float_weights_is_refused(exports, tmp_path: Path) -> None:
         write_int8(param, data, {}, float_weights="bf16")
     with pytest.raises(ValueError, match="float_weights.*'fp64'"):
         export(model, tmp_path, held[:1], held, verbose=False, float_weights="fp64")
+
+
+def test_preflight_writes_the_int8_model_with_the_chosen_float_weights() -> None:
+    from lightning_ncnnqat.export.api import preflight_export
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, groups=2))
+    x = torch.randn(2, 3, 10, 10)
+    prepare_qat(model, x[:1], QATConfig(quantize_grouped_convs=False))  # the grouped conv stays float
+    for fw in ("fp16", "fp32"):
+        assert preflight_export(model, x[:1], float_weights=fw).float_weights == fw
+    with pytest.raises(ValueError, match=r"`float_weights` must be one of \('fp32', 'fp16'\), not 'bf16'"):
+        preflight_export(model, x[:1], float_weights="bf16")

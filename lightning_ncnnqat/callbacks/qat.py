@@ -305,7 +305,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 from ..export.preflight import preflight
 
                 with ranges_unsynced(pl_module):
-                    wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets))
+                    wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets,
+                                           float_weights=self.float_weights))
 
             on_rank_zero(trainer, "export preflight", run)
             if trainer.world_size > 1:  # every rank re-plans the same way

@@ -486,7 +486,7 @@ PREFLIGHT_TARGET_TIME_LIMIT_S = 600.0
 
 
 def preflight_export(
-    model: nn.Module, example_input: Any = None, targets: str | Sequence[str] | None = None
+    model: nn.Module, example_input: Any = None, targets: str | Sequence[str] | None = None, float_weights: str = "fp32"
 ) -> ExportReport:
     """Run the export chain up to the int8 model into a temporary directory; with ``targets``,
     also the per-layer checks there (one sample; ``report.runtime["wrong_layers"]`` says which
@@ -495,4 +495,5 @@ def preflight_export(
         "layers_only": True, "targets": resolve_targets(targets), "target_time_limit_s": PREFLIGHT_TARGET_TIME_LIMIT_S,
     }
     with tempfile.TemporaryDirectory(prefix="ncnnqat_preflight_") as tmp:
-        return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17, measure_kw=kw)
+        return _export(model, tmp, example_input, None, "preflight", verbose=False, check_onnx=False, opset=17,
+                       measure_kw=kw, float_weights=check_float_weights(float_weights))

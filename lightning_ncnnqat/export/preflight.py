@@ -105,7 +105,11 @@ def keep_wrong_layers_in_float(
 
 
 def preflight(
-    model: nn.Module, example_input: Any = None, verbose: bool = False, targets: str | Sequence[str] | None = None
+    model: nn.Module,
+    example_input: Any = None,
+    verbose: bool = False,
+    targets: str | Sequence[str] | None = None,
+    float_weights: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Run ONNX export, pnnx, layer matching and the int8 writer on ``model`` (a copy is used
     where ranges must be filled; nothing of the user's model changes) in a temporary directory;
@@ -116,7 +120,7 @@ def preflight(
     """
     t0 = time.perf_counter()
     try:
-        rep = preflight_export(model, example_input, targets)
+        rep = preflight_export(model, example_input, targets, float_weights)
     except ExportError as e:
         raise ExportError(
             e.step, e.layer,
