@@ -3,6 +3,8 @@
     apt-get install dataset-fashion-mnist     # once: Fashion-MNIST inside Debian's package (MIT)
     python benchmarks/results.py              # Fashion-MNIST, CPU, ~20 min on 2 shared cores
     python benchmarks/results.py --variants ma:range_init=first_batch kl-fixed:range_init=kl,ranges=fixed
+    python benchmarks/results.py --qat-seeds 0 1 2 --variants ma:range_init=first_batch,ranges=moving_average \
+        --out runs/results_seeds --float-from runs/results   # seeds on the cached float model
     python benchmarks/results.py --dataset cifar10 --data-dir data --accelerator gpu --image-size 32 \
         --float-epochs 50 --ft-epochs 5 --resnet-width 64 --mbv2-width-mult 1.0
 
@@ -22,6 +24,13 @@ Per backbone (cached in ``--out``, so re-runs with other variants re-use the flo
    model's accuracy on x86 and, on the first ``--arm-samples`` images, on the emulated
    Cortex-A53 / A76 (``python -m lightning_ncnnqat setup-arm``); int8 and float32 ms/img on x86.
 
+With ``--qat-seeds S1 S2 ...`` steps 2 and 5 run once per seed on the same float model
+(``seed_everything(S + 1)`` before each fit: batch order and augmentation); the table then gives
+per-seed rows and mean / std / min per model, and the targets are checked on the mean and on the
+worst seed. Every QAT variant is also compared image by image with the best ncnn2table model
+and with the fine-tuned float (discordant counts, exact McNemar p, paired bootstrap 95% CI;
+``benchmarks/results_stats.py``). Per-image predictions go to ``--out/preds_<backbone>.npz``.
+
 Accuracy is top-1 on the validation images in the ncnn runtime (default options, 1 thread)
 unless marked PyTorch. The targets (issue 12) are checked and printed under the table.
 """
@@ -36,6 +45,7 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +60,7 @@ import torch  # noqa: E402
 
 from benchmarks.results_data import DATASETS, SplitsDataModule, load_splits  # noqa: E402
 from benchmarks.results_ptq import ModelResult, float_ncnn, ncnn_accuracy, run_ptq, tools_present  # noqa: E402
-from benchmarks.results_table import render  # noqa: E402
+from benchmarks.results_table import FT, paired_stats, render, seed_label, targets  # noqa: E402
 from examples.cifar10 import CIFARClassifier  # noqa: E402
 from lightning_ncnnqat import QATCallback  # noqa: E402
 from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError  # noqa: E402
@@ -101,10 +111,16 @@ def _model(args: argparse.Namespace, backbone: str, lr: float, example: torch.Te
 
 
 @torch.no_grad()
-def torch_acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def torch_acc(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
+    """PyTorch top-1 on ``x`` and the predicted class per image ``[N]`` (int64)."""
     net = net.cpu().eval()
     pred = torch.cat([net(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    return (pred == y).float().mean().item()
+    return (pred == y).float().mean().item(), pred.numpy()
+
+
+def _torch_row(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelResult:
+    acc, pred = torch_acc(net, x, y)
+    return ModelResult(acc={"x86": acc}, pred=pred)
 
 
 def _key(args: argparse.Namespace, backbone: str, *extra: object) -> str:
@@ -131,11 +147,15 @@ def trained(args: argparse.Namespace, backbone: str, dm: SplitsDataModule, work:
 
 
 def finetune(args: argparse.Namespace, backbone: str, float_model: CIFARClassifier, dm: SplitsDataModule, root: Path,
-             callbacks: list) -> tuple[CIFARClassifier, float]:
-    """The float model trained ``--ft-epochs`` more at ``--ft-lr`` (same seed, same batches)."""
+             callbacks: list, seed: int) -> tuple[CIFARClassifier, float]:
+    """The float model trained ``--ft-epochs`` more at ``--ft-lr``.
+
+    ``seed_everything(seed + 1)`` seeds the global RNGs the loader's shuffle and the
+    augmentation draw from (``num_workers=0``), so one ``seed`` gives the fine-tuned float and
+    every QAT variant the same batches, and another seed other batches."""
     model = _model(args, backbone, args.ft_lr, dm.s.x_val)
     model.net.load_state_dict(float_model.net.state_dict())
-    L.seed_everything(args.seed + 1, workers=True)
+    L.seed_everything(seed + 1, workers=True)
     t0 = time.time()
     _trainer(args, args.ft_epochs, root, callbacks).fit(model, datamodule=dm)
     return model, time.time() - t0
@@ -149,23 +169,14 @@ def run_backbone(args: argparse.Namespace, backbone: str, dm: SplitsDataModule, 
     xa, ya = xv[: args.arm_samples], yv[: args.arm_samples]
     rows: dict[str, ModelResult] = {}
     timing: dict[str, float] = {}
+    seeds = list(args.qat_seeds or [args.seed])
 
     fm = trained(args, backbone, dm, work, log)
-    r = rows["float (PyTorch)"] = ModelResult(acc={"x86": torch_acc(fm.net, s.x_val, s.y_val)})
+    rows["float (PyTorch)"] = _torch_row(fm.net, s.x_val, s.y_val)
     param, bin_ = float_ncnn(fm.net, s.x_val, work / "ptq")
     r = rows["float (ncnn fp32)"] = ModelResult()
-    r.acc["x86"], r.ms_per_img, _ = ncnn_accuracy(param, bin_, xv, yv, time_runs=args.time_runs)
+    r.acc["x86"], r.ms_per_img, r.pred = ncnn_accuracy(param, bin_, xv, yv, time_runs=args.time_runs)
     log(f"  float: PyTorch {rows['float (PyTorch)'].acc['x86']:.4f}, ncnn {r.acc['x86']:.4f}")
-
-    ft_path = work / f"ft_{_key(args, backbone, args.ft_epochs, args.ft_lr)}.pt"
-    ftm = _model(args, backbone, args.ft_lr, s.x_val)
-    if ft_path.is_file() and not args.no_cache:
-        ftm.net.load_state_dict(torch.load(ft_path, weights_only=True))
-    else:
-        ftm, timing["fine-tune float s"] = finetune(args, backbone, fm, dm, work / "ft", [])
-        torch.save(ftm.net.state_dict(), ft_path)
-    rows["fine-tuned float (PyTorch)"] = ModelResult(acc={"x86": torch_acc(ftm.net, s.x_val, s.y_val)})
-    log(f"  fine-tuned float: {rows['fine-tuned float (PyTorch)'].acc['x86']:.4f}")
 
     g = torch.Generator().manual_seed(args.seed + 2)
     x_cal = s.x_train[torch.randperm(len(s.x_train), generator=g)[: args.calib_samples]]
@@ -174,41 +185,67 @@ def run_backbone(args: argparse.Namespace, backbone: str, dm: SplitsDataModule, 
         kind, m = k.split("-", 1)
         rows[f"ncnn2table {m} + ncnn2int8" if kind == "tool" else f"calibrate {m} + ncnn2int8"] = v
 
-    for spec in args.variants:
-        name, kw = parse_variant(spec)
-        label = f"QAT {name}"
-        torch_row, r = ModelResult(), ModelResult()
-        rows[f"{label} (PyTorch)"], rows[f"{label} int8"] = torch_row, r
-        missing = unsupported(kw)
-        if missing:
-            r.error = f"QATCallback has no {', '.join(missing)} in this checkout"
-            log(f"  {label}: skipped, {r.error}")
-            continue
-        export_dir = work / f"qat_{name}"
-        try:
-            opts = {"preflight": args.preflight, **kw}
-            cb = QATCallback(start_epoch=0, export_dir=str(export_dir), targets=["x86"], verbose=False,
-                             held_batch_size=64, **opts)
-            qm, timing[f"{label} s"] = finetune(args, backbone, fm, dm, work / f"qat_{name}_run", [cb])
-        except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
-            r.error = f"{type(e).__name__}: {str(e)[:200]}"
-            log(f"  {label}: failed, {r.error}")
-            continue
-        torch_row.acc["x86"] = torch_acc(qm.net, s.x_val, s.y_val)
-        p, b = export_dir / "model.int8.param", export_dir / "model.int8.bin"
-        if not b.is_file():
-            r.error = f"no int8 model in {export_dir} (export failed; see report.json)"
-            continue
-        try:
-            r.acc["x86"], r.ms_per_img, pred = ncnn_accuracy(p, b, xv, yv, time_runs=args.time_runs)
-            if args.arm_targets:
-                r.acc["x86-arm-subset"] = float((pred[: len(ya)] == ya).mean())
-            for t in args.arm_targets:
-                r.acc[t], _, _ = ncnn_accuracy(p, b, xa, ya, target=t)
-        except (NcnnRuntimeError, Exception) as e:  # noqa: BLE001 - e.g. ARM environment absent
-            r.error = f"{type(e).__name__}: {str(e)[:200]}"
-        log(f"  {label}: PyTorch {torch_row.acc['x86']:.4f}, int8 {r.acc} {r.error or ''}")
-    return {"backbone": backbone, "rows": rows, "timing": timing}
+    for seed in seeds:
+        tag = "" if seed == args.seed else f"_s{seed}"  # the default seed keeps the earlier names and cache
+        if len(seeds) > 1:
+            log(f"  seed {seed}:")
+        ft_path = work / f"ft_{_key(args, backbone, args.ft_epochs, args.ft_lr, *([seed] if tag else []))}.pt"
+        ftm = _model(args, backbone, args.ft_lr, s.x_val)
+        if ft_path.is_file() and not args.no_cache:
+            ftm.net.load_state_dict(torch.load(ft_path, weights_only=True))
+            log(f"  fine-tuned float from {ft_path}")
+        else:
+            ftm, timing[seed_label("fine-tune float s", seed, seeds)] = finetune(
+                args, backbone, fm, dm, work / f"ft{tag}", [], seed)
+            torch.save(ftm.net.state_dict(), ft_path)
+        ft_row = rows[seed_label(FT, seed, seeds)] = _torch_row(ftm.net, s.x_val, s.y_val)
+        log(f"  fine-tuned float: {ft_row.acc['x86']:.4f}")
+        for spec in args.variants:
+            name, kw = parse_variant(spec)
+            _run_variant(args, backbone, name, kw, seed, seeds, tag, fm, dm, work, rows, timing, (xv, yv, xa, ya),
+                         log)
+    return {"backbone": backbone, "rows": rows, "timing": timing, "seeds": seeds, "y": yv}
+
+
+def _run_variant(args: argparse.Namespace, backbone: str, name: str, kw: dict[str, Any], seed: int, seeds: list[int],
+                 tag: str, fm: CIFARClassifier, dm: SplitsDataModule, work: Path, rows: dict[str, ModelResult],
+                 timing: dict[str, float], data: tuple[np.ndarray, ...], log) -> None:
+    """One QAT variant fine-tuned with ``seed``: its PyTorch and int8 rows (a failure is the row's error)."""
+    xv, yv, xa, ya = data
+    label = f"QAT {name}"
+    torch_row, r = ModelResult(), ModelResult()
+    rows[seed_label(f"{label} (PyTorch)", seed, seeds)] = torch_row
+    rows[seed_label(f"{label} int8", seed, seeds)] = r
+    missing = unsupported(kw)
+    if missing:
+        r.error = f"QATCallback has no {', '.join(missing)} in this checkout"
+        log(f"  {label}: skipped, {r.error}")
+        return
+    export_dir = work / f"qat_{name}{tag}"
+    try:
+        opts = {"preflight": args.preflight, **kw}
+        cb = QATCallback(start_epoch=0, export_dir=str(export_dir), targets=["x86"], verbose=False,
+                         held_batch_size=64, **opts)
+        qm, timing[seed_label(f"{label} s", seed, seeds)] = finetune(
+            args, backbone, fm, dm, work / f"qat_{name}{tag}_run", [cb], seed)
+    except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
+        r.error = f"{type(e).__name__}: {str(e)[:200]}"
+        log(f"  {label}: failed, {r.error}")
+        return
+    torch_row.acc["x86"], torch_row.pred = torch_acc(qm.net, dm.s.x_val, dm.s.y_val)
+    p, b = export_dir / "model.int8.param", export_dir / "model.int8.bin"
+    if not b.is_file():
+        r.error = f"no int8 model in {export_dir} (export failed; see report.json)"
+        return
+    try:
+        r.acc["x86"], r.ms_per_img, r.pred = ncnn_accuracy(p, b, xv, yv, time_runs=args.time_runs)
+        if args.arm_targets:
+            r.acc["x86-arm-subset"] = float((r.pred[: len(ya)] == ya).mean())
+        for t in args.arm_targets:
+            r.acc[t], _, _ = ncnn_accuracy(p, b, xa, ya, target=t)
+    except (NcnnRuntimeError, Exception) as e:  # noqa: BLE001 - e.g. ARM environment absent
+        r.error = f"{type(e).__name__}: {str(e)[:200]}"
+    log(f"  {label}: PyTorch {torch_row.acc['x86']:.4f}, int8 {r.acc} {r.error or ''}")
 
 
 def main() -> None:
@@ -241,13 +278,24 @@ def main() -> None:
     p.add_argument("--arm-targets", nargs="*", default=["arm64-a53", "arm64-a76"])
     p.add_argument("--time-runs", type=int, default=50, help="timed ncnn inferences per model (1 thread)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data subsets, float training, calibration images")
+    p.add_argument("--qat-seeds", type=int, nargs="+", default=None,
+                   help="fine-tune the fine-tuned float and every QAT variant once per seed (seed_everything(S + 1): "
+                   "batch order and augmentation) on the same float model; prints mean/std/min and checks the "
+                   "targets on the mean and the worst seed (default: --seed only)")
     p.add_argument("--no-cache", action="store_true", help="retrain the float and fine-tuned float models")
     p.add_argument("--out", default=str(ROOT / "runs" / "results"))
+    p.add_argument("--float-from", default=None,
+                   help="another --out whose cached float / fine-tuned float models (float_*.pt, ft_*.pt, same "
+                   "settings) are copied into --out first, so a new --out re-uses them")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for spec in args.variants:
         parse_variant(spec)  # fail early on a malformed spec
+    if args.qat_seeds is not None and len(set(args.qat_seeds)) != len(args.qat_seeds):
+        p.error(f"--qat-seeds must not repeat a seed, got {args.qat_seeds}")
+    if args.float_from:
+        _copy_cache(Path(args.float_from), Path(args.out), args)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -257,18 +305,43 @@ def main() -> None:
     dm = SplitsDataModule(splits, args.batch_size)
     log(splits.note)
     results = []
+    out = Path(args.out)
     for b in args.backbones:
         log(f"{b}:")
-        results.append(run_backbone(args, b, dm, log))
+        res = run_backbone(args, b, dm, log)
+        res["paired"] = paired_stats(res["rows"], res["y"], res["seeds"])
+        res["targets"] = targets(res["rows"], res["seeds"])
+        results.append(res)
+        np.savez_compressed(out / f"preds_{b}.npz", y=res["y"],
+                            **{k: r.pred for k, r in res["rows"].items() if r.pred is not None})
     wall = time.time() - t0
     text = render(results, args, splits.note, wall, _machine(), tools_present())
     print()
     print(text)
-    out = Path(args.out)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
-        [{"backbone": r["backbone"], "timing": r["timing"],
-          "rows": {k: vars(v) for k, v in r["rows"].items()}} for r in results], indent=1))
+        [{"backbone": r["backbone"], "timing": r["timing"], "seeds": r["seeds"],
+          "rows": {k: v.as_json() for k, v in r["rows"].items()},
+          "paired": [p.as_dict() for p in r["paired"]],
+          "targets": [{"target": n, "passed": ok, "figures": f} for n, ok, f in r["targets"]]} for r in results],
+        indent=1))
+
+
+def _copy_cache(src: Path, dst: Path, args: argparse.Namespace) -> None:
+    """Copy ``src/<dataset>_<backbone>/{float,ft}_*.pt`` into ``dst`` (the keys name the settings,
+    so a model trained with other settings is never picked up). Raises FileNotFoundError when
+    ``src`` has none of them."""
+    n = 0
+    for b in args.backbones:
+        d = dst / f"{args.dataset}_{b}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in [*sorted((src / f"{args.dataset}_{b}").glob("float_*.pt")),
+                  *sorted((src / f"{args.dataset}_{b}").glob("ft_*.pt"))]:
+            if not (d / f.name).is_file():
+                shutil.copy2(f, d / f.name)
+            n += 1
+    if n == 0:
+        raise FileNotFoundError(f"--float-from {src}: no float_*.pt / ft_*.pt under {src}/{args.dataset}_<backbone>")
 
 
 def _machine() -> str:

@@ -2,15 +2,16 @@
 
 For ``benchmarks/results.py``: the trained float model's float ncnn model (pnnx, BN folded), the
 real ``ncnn2table`` (KL / ACIQ / EQ) and ``ncnn2int8`` from ``../shared/ncnn-tools`` (or
-``$NCNN_TOOLS``), the package's ``calibrate`` on the same inputs with its table compared with
-the tool's, and accuracy of every model in the ncnn runtime (a child process per run, ncnn's
-default options for the target).
+``$NCNN_TOOLS``) run by the package's one driver (``lightning_ncnnqat.calibration.ncnn_tools``),
+the package's ``calibrate`` on the same inputs with its table compared with the tool's, and
+accuracy (and per-image predictions) of every model in the ncnn runtime (a child process per
+run, ncnn's default options for the target).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from lightning_ncnnqat import calibrate
 from lightning_ncnnqat.calibration.api import _folded_copy
+from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8, run_ncnn2table
 from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError, run_ncnn
 from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
 from lightning_ncnnqat.export.tables import parse_table
@@ -31,7 +33,13 @@ TOOLS = Path(os.environ.get("NCNN_TOOLS") or ROOT.parent / "shared" / "ncnn-tool
 
 
 def tools_present() -> bool:
-    return (TOOLS / "ncnn2table").is_file() and (TOOLS / "ncnn2int8").is_file()
+    return find_tools(TOOLS) is not None
+
+
+def calibrate_kwargs() -> dict[str, Any]:
+    """``activations="ncnn"`` where this checkout's ``calibrate`` has it (activations from the
+    float ncnn model, so tables can equal ncnn2table's byte for byte), else nothing."""
+    return {"activations": "ncnn"} if "activations" in inspect.signature(calibrate).parameters else {}
 
 
 @dataclass
@@ -43,6 +51,11 @@ class ModelResult:
     table_check: str | None = None  # calibrate vs ncnn2table
     seconds: float | None = None  # calibration time
     ms_per_img: float | None = None
+    pred: np.ndarray | None = field(default=None, repr=False)  # x86 predicted class per validation image
+
+    def as_json(self) -> dict[str, Any]:
+        """The fields without the predictions (those go to ``preds_<backbone>.npz``)."""
+        return {k: v for k, v in vars(self).items() if k != "pred"}
 
 
 def float_ncnn(net: nn.Module, example: torch.Tensor, work: Path) -> tuple[Path, Path]:
@@ -67,49 +80,6 @@ def ncnn_accuracy(param: Path, bin_: Path, x: np.ndarray, y: np.ndarray, target:
     return float((pred == y).mean()), res.info.get("time_ms"), pred
 
 
-def write_samples(x: torch.Tensor, work: Path) -> Path:
-    """One ``.npy`` per sample (CHW float32) and ``list.txt`` naming them, for ``type=1``."""
-    work.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, xi in enumerate(x):
-        p = work / f"s{i:05d}.npy"
-        np.save(p, xi.numpy().astype(np.float32))
-        lines.append(str(p))
-    (work / "list.txt").write_text("\n".join(lines) + "\n")
-    return work / "list.txt"
-
-
-def ncnn2table(param: Path, bin_: Path, listfile: Path, shape: tuple[int, int, int], method: str, out: Path,
-               timeout_s: float) -> tuple[bool, str]:
-    """Run the real tool; (ok, message). A crash or timeout is reported, never raised."""
-    c, h, w = shape
-    cmd = [str(TOOLS / "ncnn2table"), str(param), str(bin_), str(listfile), str(out), f"shape=[{w},{h},{c}]",
-           f"method={method}", "type=1", "thread=1"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return False, f"ncnn2table method={method} did not finish within {timeout_s:.0f} s"
-    if proc.returncode != 0 or not out.is_file() or not out.read_text().strip():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        if proc.returncode < 0:
-            import signal
-
-            how = signal.Signals(-proc.returncode).name
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        return False, f"ncnn2table method={method} failed ({how}); last line: {last[0][:120]!r}"
-    return True, "ok"
-
-
-def ncnn2int8(param: Path, bin_: Path, table: Path, out_base: Path) -> tuple[Path, Path]:
-    """The real ncnn2int8; raises RuntimeError with its output on failure."""
-    p, b = out_base.with_suffix(".param"), out_base.with_suffix(".bin")
-    proc = subprocess.run([str(TOOLS / "ncnn2int8"), str(param), str(bin_), str(p), str(b), str(table)],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not b.is_file():
-        raise RuntimeError(f"ncnn2int8 failed on {table.name} (exit {proc.returncode}): {proc.stderr[-300:]}")
-    return p, b
-
-
 def compare_tables(ours: Path, tool: Path) -> str:
     """``equal`` when byte-identical; else whether the weight rows are identical, how many
     input rows differ as printed and their max relative difference."""
@@ -128,54 +98,62 @@ def compare_tables(ours: Path, tool: Path) -> str:
 
 def run_ptq(net: nn.Module, x_cal: torch.Tensor, x_val: np.ndarray, y_val: np.ndarray, work: Path,
             methods: list[str], eq_samples: int, tool_timeout_s: float, log: Any = print) -> dict[str, ModelResult]:
-    """Per method: ``tool-<m>`` (ncnn2table + ncnn2int8) and ``calibrate-<m>`` (the package's
-    table, written as ncnn2table prints it, + ncnn2int8), each with its x86 int8 accuracy."""
+    """Per method: ``tool-<m>`` (ncnn2table + ncnn2int8, through ``calibration.ncnn_tools``) and
+    ``calibrate-<m>`` (the package's table, written as ncnn2table prints it, + ncnn2int8), each
+    with its x86 int8 accuracy and predictions."""
     out: dict[str, ModelResult] = {}
     param, bin_ = work / "float.param", work / "float.bin"
-    listfile = write_samples(x_cal, work / "cal")
-    have_tools = tools_present()
-    eq_list = write_samples(x_cal[:eq_samples], work / "cal_eq") if "eq" in methods else None
+    tools = find_tools(TOOLS)
+    cal_kw = calibrate_kwargs()
     for m in methods:
         # EQ rebuilds every int8 layer ~100 times per sample: the tool and calibrate both get
         # only the first `eq_samples` inputs (the tool's EQ would read its first 50)
-        xs, lst = (x_cal[:eq_samples], eq_list) if m == "eq" else (x_cal, listfile)
+        xs = x_cal[:eq_samples] if m == "eq" else x_cal
         tool_table = work / f"tool_{m}.table"
         r = out[f"tool-{m}"] = ModelResult()
-        if not have_tools:
+        if tools is None:
+            tool_table.unlink(missing_ok=True)
             r.error = f"ncnn's tools are not at {TOOLS} (set NCNN_TOOLS)"
         else:
             t0 = time.time()
-            ok, msg = ncnn2table(param, bin_, lst, tuple(x_cal.shape[1:]), m, tool_table, tool_timeout_s)
+            run = run_ncnn2table(tools, param, bin_, xs, m, tool_table, threads=1, timeout_s=tool_timeout_s)
             r.seconds = time.time() - t0
-            if not ok:
-                r.error = msg
+            if not run.ok:
+                r.error = run.message
                 tool_table.unlink(missing_ok=True)
             else:
-                _int8_acc(r, param, bin_, tool_table, work / f"tool_{m}_int8", x_val, y_val)
+                _int8_acc(r, tools, param, bin_, tool_table, work / f"tool_{m}_int8", x_val, y_val)
         log(f"  tool {m}: {r.error or r.acc} ({r.seconds or 0:.0f} s)")
 
         ours = work / f"calibrate_{m}.table"
         c = out[f"calibrate-{m}"] = ModelResult()
         t0 = time.time()
         try:
-            res = calibrate(net, [xs[i : i + 64] for i in range(0, len(xs), 64)], method=m, eq_samples=eq_samples)
+            res = calibrate(net, [xs[i : i + 64] for i in range(0, len(xs), 64)], method=m, eq_samples=eq_samples,
+                            **cal_kw)
             res.write_ncnn_table(ours, param, bin_, style="ncnn2table")
         except Exception as e:  # noqa: BLE001 - reported in the table
-            c.error = f"calibrate(method={m!r}) raised {type(e).__name__}: {e}"
+            c.error = f"calibrate(method={m!r}, {cal_kw}) raised {type(e).__name__}: {e}"
         c.seconds = time.time() - t0
         if c.error is None:
             c.table_check = compare_tables(ours, tool_table) if tool_table.is_file() else "no tool table"
-            if have_tools:
-                _int8_acc(c, param, bin_, ours, work / f"calibrate_{m}_int8", x_val, y_val)
+            if tools is not None:
+                _int8_acc(c, tools, param, bin_, ours, work / f"calibrate_{m}_int8", x_val, y_val)
             else:
                 c.error = "no ncnn2int8 to build the int8 model"
-        log(f"  calibrate {m}: {c.error or c.acc}, table {c.table_check} ({c.seconds:.0f} s)")
+        log(f"  calibrate {m}{' ' + str(cal_kw) if cal_kw else ''}: {c.error or c.acc}, table {c.table_check} "
+            f"({c.seconds:.0f} s)")
     return out
 
 
-def _int8_acc(r: ModelResult, param: Path, bin_: Path, table: Path, base: Path, x: np.ndarray, y: np.ndarray) -> None:
+def _int8_acc(r: ModelResult, tools: Path, param: Path, bin_: Path, table: Path, base: Path, x: np.ndarray,
+              y: np.ndarray) -> None:
+    p, b = base.with_suffix(".param"), base.with_suffix(".bin")
+    run = run_ncnn2int8(tools, param, bin_, table, p, b)
+    if not run.ok:
+        r.error = f"{run.message}: {run.stderr[-200:]}"
+        return
     try:
-        p, b = ncnn2int8(param, bin_, table, base)
-        r.acc["x86"], _, _ = ncnn_accuracy(p, b, x, y)
-    except (RuntimeError, NcnnRuntimeError) as e:
+        r.acc["x86"], _, r.pred = ncnn_accuracy(p, b, x, y)
+    except NcnnRuntimeError as e:
         r.error = str(e)[:200]
