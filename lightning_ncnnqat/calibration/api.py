@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from ..prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qa
 from ..prepared import deepcopy_model
 from . import eq as eq_search
 from .aciq import aciq_threshold
-from .histogram import InputStats, collect_input_stats, tap_inputs
+from .ncnn_activations import convert_float, ncnn_feed, workdir
+from .histogram import Feed, InputStats, collect_input_stats, torch_feed
 from .kl import kl_threshold, scale_from_threshold
 from .table import layer_order, ncnn2table_text, ncnn_names_by_weights, ncnn_names_from_report, rows_for
 from .weights import METHODS, weight_scales
@@ -64,6 +65,7 @@ class CalibrationResult:
     float_layers: dict[str, str]
     num_samples: int
     warnings: list[str] = field(default_factory=list)
+    activations: str = "torch"  # where the layer inputs were computed: "torch" or "ncnn"
 
     def input_scales(self) -> dict[str, float]:
         return {n: c.input_scale for n, c in self.layers.items()}
@@ -153,6 +155,7 @@ def calibrate(
     device: str | torch.device | None = None,
     cache_batches: bool = True,
     eq_samples: int = eq_search.MAX_SAMPLES,
+    activations: Literal["torch", "ncnn"] = "torch",
 ) -> CalibrationResult:
     """ncnn2table's calibration of ``model`` on ``data``, per layer QAT would quantize.
 
@@ -172,14 +175,25 @@ def calibrate(
         cache_batches: keep the inputs of the first pass in CPU memory for the second (else
             ``data`` is iterated again and must give the same batches in the same order).
         eq_samples: samples EQ evaluates (the tool: the first 50).
+        activations: where the layers' inputs are computed. "torch": the folded model in
+            PyTorch (fast, on ``device``). "ncnn": the folded model converted with pnnx and run
+            in ncnn's float runtime with ncnn2table's options, on CPU in a child process, so
+            the table equals ncnn2table's on the same inputs to the printed digit (PyTorch's
+            and ncnn's float kernels differ by a few ulp, which can move a KL bin). Needs a
+            model pnnx converts, with one input.
     Returns:
         A :class:`CalibrationResult` (float32 scales; thresholds in the input's unit).
     Raises:
-        ValueError: unknown method, empty data, a layer input with NaN/inf, or nothing to quantize.
+        ValueError: unknown method or activations, empty data, a layer input with NaN/inf,
+            nothing to quantize, or (``"ncnn"``) a model with several inputs.
         TypeError: a batch with no input tensor.
+        LayerError: (``"ncnn"``) pnnx failed, or a layer is not found in the ncnn model.
+        NcnnRuntimeError: (``"ncnn"``) the ncnn runtime crashed or failed on a batch.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if activations not in ("torch", "ncnn"):
+        raise ValueError(f"`activations` must be 'torch' or 'ncnn', got {activations!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"`num_batches` must be a positive int or None, got {num_batches!r}")
     cached: list[Tensor] | None = None
@@ -203,11 +217,42 @@ def calibrate(
     if ex is None:
         raise TypeError(f"`example_input` must be a tensor or a batch holding one, got {type(example_input).__name__}")
     folded, plan = _folded_copy(model, ex.to(device) if isinstance(ex, Tensor) else ex, config)
-    folded = folded.to(device).eval()
     names = [n for n, _ in folded.named_modules() if n in plan.layers]
-    stats = collect_input_stats(folded, names, batches, device, histogram=method != "aciq")
     modules = dict(folded.named_modules())
-    result = CalibrationResult(method, {}, dict(plan.float_layers), num_samples=stats[names[0]].samples)
+    if activations == "ncnn":
+        if not isinstance(ex, Tensor):
+            raise ValueError("activations='ncnn' needs a model with one input tensor; `example_input` is a tuple")
+        with workdir() as tmp:
+            folded = folded.cpu().eval()
+            infos = [_LayerWeights(n, plan.layers[n].kind, modules[n].weight, modules[n].bias) for n in names]
+            ncnn_model = convert_float(folded, ex.cpu().float(), infos, Path(tmp))
+            return _calibrate_layers(
+                ncnn_feed(ncnn_model, batches), folded, plan, names, method, eq_samples, activations
+            )
+    folded = folded.to(device).eval()
+    feed = torch_feed(folded, names, batches, device)
+    return _calibrate_layers(feed, folded, plan, names, method, eq_samples, activations)
+
+
+@dataclass
+class _LayerWeights:
+    """What weight matching reads of a layer (name, kind, weight, bias)."""
+
+    name: str
+    kind: str
+    weight: Tensor
+    bias: Tensor | None
+
+
+def _calibrate_layers(
+    feed: Feed, folded: nn.Module, plan: QATPlan, names: list[str], method: str, eq_samples: int, activations: str
+) -> CalibrationResult:
+    """Thresholds and scales of every layer in ``names`` from its inputs as ``feed`` gives them."""
+    stats = collect_input_stats(feed, names, histogram=method != "aciq")
+    modules = dict(folded.named_modules())
+    result = CalibrationResult(
+        method, {}, dict(plan.float_layers), num_samples=stats[names[0]].samples, activations=activations
+    )
     for name in names:
         p, s, m = plan.layers[name], stats[name], modules[name]
         thr, t = _input_threshold(method, s, name)
@@ -227,32 +272,27 @@ def calibrate(
             weight=w, bias=None if m.bias is None else m.bias.detach().float().cpu(),
         )
     if method == "eq":
-        _run_eq(folded, result, plan, batches, device, eq_samples)
+        _run_eq(feed, folded, result, plan, eq_samples)
     return result
 
 
-def _run_eq(
-    folded: nn.Module, result: CalibrationResult, plan: QATPlan, batches: Any, device: torch.device, n_max: int
-) -> None:
+def _run_eq(feed: Feed, folded: nn.Module, result: CalibrationResult, plan: QATPlan, n_max: int) -> None:
     """Replace the KL scales of ``result`` with EQ's (inputs of the first ``n_max`` samples)."""
     names = list(result.layers)
     inputs: dict[str, list[Tensor]] = {n: [] for n in names}
-    seen = 0
 
     def grab(name: str, x: Tensor) -> None:
         inputs[name].append(x.detach().float().cpu())
 
-    with tap_inputs(folded, names, grab), torch.no_grad():
-        for x in batches():
-            if seen >= n_max:
-                break
-            folded(x[: n_max - seen].to(device))
-            seen += min(int(x.shape[0]), n_max - seen)
+    feed(grab, max_samples=n_max)
     modules = dict(folded.named_modules())
     for name in names:
         c = result.layers[name]
         layer = eq_search.Int8Layer(modules[name].cpu(), plan.layers[name].num_groups)
-        ws, s_in = eq_search.search_layer(layer, torch.cat(inputs[name]), c.weight_scales, c.input_scale)
+        x = torch.cat(inputs[name])
+        if not layer.conv and x.dim() != 2:  # an ncnn InnerProduct's bottom blob may be [C, 1, 1]
+            x = x.reshape(x.shape[0], -1)
+        ws, s_in = eq_search.search_layer(layer, x, c.weight_scales, c.input_scale)
         c.weight_scales, c.input_scale = ws, s_in
         c.input_threshold = float(np.float32(127) / np.float32(s_in))
     owners: dict[str, list[str]] = {}

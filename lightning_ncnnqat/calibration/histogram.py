@@ -8,8 +8,8 @@ ncnn2table (``tools/quantize/ncnn2table.cpp``) walks its inputs twice, one sampl
 
 ACIQ also needs ``total``: the element count of ONE sample's blob (``c * h * w``; the tool
 keeps the last sample's, all are the same size). A batch gives the same counts as its samples
-one by one, so batches are fed whole. Inputs are read with forward pre-hooks on the folded
-float model; nothing is modified.
+one by one, so batches are fed whole. Inputs come from a feed: forward pre-hooks on the folded
+float model (nothing is modified), or ncnn's own float runtime (``ncnn_activations``).
 """
 
 from __future__ import annotations
@@ -82,30 +82,38 @@ def tap_inputs(model: nn.Module, names: Iterable[str], fn: Callable[[str, Tensor
             h.remove()
 
 
-def run_batches(model: nn.Module, batches: Iterable[Tensor], device: torch.device) -> int:
-    """Forward every batch (no grad); return the number of samples seen."""
-    n = 0
-    with torch.no_grad():
-        for x in batches:
-            model(x.to(device))
-            n += int(x.shape[0])
-    return n
+#: A layer-input feed: ``feed(fn, max_samples=None)`` runs the calibration batches (the first
+#: ``max_samples`` samples if given), calls ``fn(layer_name, input [N, ...])`` for every quantized
+#: layer's input of every batch, and returns the number of samples seen. :func:`torch_feed` reads
+#: them from the PyTorch model; ``ncnn_activations.ncnn_feed`` from ncnn's float runtime.
+Feed = Callable[..., int]
 
 
-def collect_input_stats(
-    model: nn.Module,
-    names: list[str],
-    batches: Callable[[], Iterable[Tensor]],
-    device: torch.device,
-    histogram: bool,
-) -> dict[str, InputStats]:
-    """Absmax pass, then (if ``histogram``) the histogram pass, over ``batches()`` each time.
+def torch_feed(model: nn.Module, names: Iterable[str], batches: Callable[[], Iterable[Tensor]], device: torch.device) -> Feed:
+    """The inputs of the modules ``names`` of ``model`` (eval, no grad), read with pre-hooks."""
+    names = list(names)
+
+    def feed(fn: Callable[[str, Tensor], None], max_samples: int | None = None) -> int:
+        n = 0
+        with tap_inputs(model, names, fn), torch.no_grad():
+            for x in batches():
+                if max_samples is not None and n >= max_samples:
+                    break
+                if max_samples is not None:
+                    x = x[: max_samples - n]
+                model(x.to(device))
+                n += int(x.shape[0])
+        return n
+
+    return feed
+
+
+def collect_input_stats(feed: Feed, names: list[str], histogram: bool) -> dict[str, InputStats]:
+    """Absmax pass, then (if ``histogram``) the histogram pass, each a full run of ``feed``.
 
     Args:
-        model: the folded float model (eval mode).
+        feed: the layers' inputs over the calibration data (:data:`Feed`), run once per pass.
         names: the layers whose inputs are measured.
-        batches: returns a fresh iterable of input tensors ``[N, ...]`` (float32) for each pass.
-        device: where the model runs.
         histogram: run the second pass (KL, EQ); ACIQ needs only the first.
     Raises:
         ValueError: a layer input holds NaN/inf, or a layer was never called.
@@ -118,8 +126,7 @@ def collect_input_stats(
         s.elements_per_sample = int(x[0].numel()) if x.dim() else 1
         s.samples += int(x.shape[0]) if x.dim() else 1
 
-    with tap_inputs(model, names, absmax_hook):
-        total = run_batches(model, batches(), device)
+    total = feed(absmax_hook)
     if total == 0:
         raise ValueError("`data` gave no calibration batch")
     missing = [n for n, s in stats.items() if s.samples == 0]
@@ -132,8 +139,7 @@ def collect_input_stats(
     def hist_hook(name: str, x: Tensor) -> None:
         hists[name] += histogram_of(x, stats[name].absmax)
 
-    with tap_inputs(model, names, hist_hook):
-        run_batches(model, batches(), device)
+    feed(hist_hook)
     for n in names:
         stats[n].histogram = hists[n].numpy()
     return stats
