@@ -12,11 +12,8 @@ Skipped where ``../shared/ncnn-tools`` (or ``$NCNN_TOOLS``) is absent.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +21,7 @@ from torch import nn
 
 from lightning_ncnnqat.calibration import calibrate
 from lightning_ncnnqat.calibration.api import _folded_copy
+from lightning_ncnnqat.calibration.ncnn_tools import ToolRun, run_ncnn2table, tool_thresholds
 from lightning_ncnnqat.calibration.table import layer_order
 from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
 from lightning_ncnnqat.export.tables import parse_table
@@ -151,21 +149,10 @@ CASES = {
 # --------------------------------------------------------------------------------- the tool
 
 
-def run_ncnn2table(param: Path, bin_: Path, xs: torch.Tensor, method: str, work: Path) -> subprocess.CompletedProcess:
-    """ncnn2table on ``xs`` ``[N, C, H, W]`` (one .npy per sample, type=1, thread=1)."""
+def tool_run(param: Path, bin_: Path, xs: torch.Tensor, method: str, work: Path) -> ToolRun:
+    """The real ncnn2table on ``xs`` ``[N, C, H, W]`` (type=1, thread=1) into ``work/<method>.table``."""
     work.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, x in enumerate(xs):
-        p = work / f"s{i}.npy"
-        np.save(p, x.numpy().astype(np.float32))
-        lines.append(str(p))
-    (work / "list.txt").write_text("\n".join(lines) + "\n")
-    c, h, w = xs.shape[1:]
-    cmd = [
-        str(TOOLS / "ncnn2table"), str(param), str(bin_), str(work / "list.txt"), str(work / f"{method}.table"),
-        f"shape=[{w},{h},{c}]", f"method={method}", "type=1", "thread=1",
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return run_ncnn2table(TOOLS, param, bin_, xs, method, work / f"{method}.table")
 
 
 def converted(model: nn.Module, xs: torch.Tensor, work: Path) -> None:
@@ -189,16 +176,6 @@ def case(request, tmp_path_factory):
     return request.param, model, xs, work
 
 
-def tool_thresholds(stderr: str) -> dict[str, tuple[float, float]]:
-    """``layer -> (max, threshold)`` from the tool's ``print_quant_info`` lines (``%f``)."""
-    out = {}
-    for line in stderr.splitlines():
-        m = re.match(r"^(\S+)\s+: max = (\S+)\s+threshold = (\S+)", line)
-        if m:
-            out[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-    return out
-
-
 @pytest.mark.parametrize("method", ["kl", "aciq"])
 def test_tables_equal_the_real_ncnn2table(case, method: str) -> None:
     """Weight rows: byte-identical on every model. Input rows: byte-identical where the float
@@ -208,8 +185,8 @@ def test_tables_equal_the_real_ncnn2table(case, method: str) -> None:
     ulp of absmax (< 1e-6 relative); KL's chosen bin can move by a few bins, because a handful of
     values cross a bin edge and the KL curve is flat near its minimum (measured: <= 4 bins, 0.25%)."""
     name, model, xs, work = case
-    proc = run_ncnn2table(work / "m.param", work / "m.bin", xs, method, work / method)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = tool_run(work / "m.param", work / "m.bin", xs, method, work / method)
+    assert proc.ok, proc.message
     tool_text = (work / method / f"{method}.table").read_text()
     # batches of 5: how the batch is cut must not matter (the tool runs one sample at a time)
     res = calibrate(model, [xs[i : i + 5] for i in range(0, len(xs), 5)], method=method)
@@ -250,7 +227,7 @@ def test_eq_crashes_inside_the_real_tool(tmp_path: Path) -> None:
     model = randomized(PlainNet(), seed=5)
     xs = samples(2, 16, seed=7)  # the tool rebuilds an int8 layer 100 times per sample: keep it short
     converted(model, xs, tmp_path)
-    proc = run_ncnn2table(tmp_path / "m.param", tmp_path / "m.bin", xs, "eq", tmp_path / "eq")
+    proc = tool_run(tmp_path / "m.param", tmp_path / "m.bin", xs, "eq", tmp_path / "eq")
     assert proc.returncode != 0
     assert " w 0  = " in proc.stderr and " w 1  = " not in proc.stderr
     table = tmp_path / "eq" / "eq.table"
