@@ -236,6 +236,7 @@ def _run_variant(args: argparse.Namespace, backbone: str, name: str, kw: dict[st
     p, b = export_dir / "model.int8.param", export_dir / "model.int8.bin"
     if not b.is_file():
         r.error = f"no int8 model in {export_dir} (export failed; see report.json)"
+        log(f"  {label}: PyTorch {torch_row.acc['x86']:.4f}, {r.error}")
         return
     try:
         r.acc["x86"], r.ms_per_img, r.pred = ncnn_accuracy(p, b, xv, yv, time_runs=args.time_runs)
@@ -289,6 +290,8 @@ def main() -> None:
                    help="another --out whose cached float / fine-tuned float models (float_*.pt, ft_*.pt, same "
                    "settings) are copied into --out first, so a new --out re-uses them")
     args = p.parse_args()
+    # absolute: QATCallback resolves a relative export_dir under the Trainer's default_root_dir
+    args.out = str(Path(args.out).resolve())
     torch.set_num_threads(args.threads)
     for spec in args.variants:
         parse_variant(spec)  # fail early on a malformed spec
@@ -314,10 +317,14 @@ def main() -> None:
         results.append(res)
         np.savez_compressed(out / f"preds_{b}.npz", y=res["y"],
                             **{k: r.pred for k, r in res["rows"].items() if r.pred is not None})
-    wall = time.time() - t0
-    text = render(results, args, splits.note, wall, _machine(), tools_present())
+        text = _write(results, args, splits.note, time.time() - t0, out)  # each backbone's results as they come
     print()
     print(text)
+
+
+def _write(results: list[dict[str, Any]], args: argparse.Namespace, note: str, wall_s: float, out: Path) -> str:
+    """``out/results.md`` (the printed table) and ``out/results.json``; returns the table."""
+    text = render(results, args, note, wall_s, _machine(), tools_present())
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
         [{"backbone": r["backbone"], "timing": r["timing"], "seeds": r["seeds"],
@@ -325,6 +332,7 @@ def main() -> None:
           "paired": [p.as_dict() for p in r["paired"]],
           "targets": [{"target": n, "passed": ok, "figures": f} for n, ok, f in r["targets"]]} for r in results],
         indent=1))
+    return text
 
 
 def _copy_cache(src: Path, dst: Path, args: argparse.Namespace) -> None:

@@ -163,8 +163,9 @@ def _paired_lines(results: list[dict[str, Any]]) -> list[str]:
             "c (A wrong, B right)", "McNemar p (exact)", "95% CI (points)", "CI low vs margin"]
     lines = [f"Paired per-image comparisons on the same test images. b, c: discordant images; p: exact two-sided "
              f"McNemar (binomial on b + c, p = 1/2); CI: {CI_METHOD}. seed `mean`: per-image correctness "
-             "averaged over the seeds (no McNemar test). Margin: 0 against PTQ, -0.30 points against the "
-             "fine-tuned float (the CI's lower bound above it: the target holds at 95%).",
+             "averaged over the seeds (no McNemar test; its CI covers the images' variation, not the seeds'). "
+             "Margin: 0 against PTQ, -0.30 points against the fine-tuned float (the CI's lower bound above it: "
+             "the target holds at 95%).",
              "", "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for res in results:
         for p in res["paired"]:
