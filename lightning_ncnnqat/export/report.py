@@ -38,6 +38,9 @@ class OutputParity:
     int8_vs_qat: Agreement | None = None
     float_vs_torch: Agreement | None = None
     float_vs_torch_fp32_storage: Agreement | None = None
+    # cosine of the QAT model in float32 vs float64 (quantization unchanged): what int8 can reach at
+    # best; measured only when the int8 cosine misses the absolute bar (see export.output_floor)
+    float32_floor: float | None = None
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ExportReport:
     int8_vs_qat: Agreement | None = None  # ncnn int8 vs PyTorch QAT model (eval)
     float_vs_torch: Agreement | None = None  # ncnn float32 vs folded float model (default options)
     float_vs_torch_fp32_storage: Agreement | None = None  # same with use_fp16_storage=False
+    float32_floor: float | None = None  # worst output's QAT float32-vs-float64 cosine, where measured
     layer_checks: list[LayerCheck] = field(default_factory=list)
     # per target ("x86" = this machine, "arm64-a53"/"arm64-a76" emulated): ncnn version, CPU
     # features, the options it ran with, int8_vs_qat (worst output), and on ARM per-output
