@@ -69,7 +69,15 @@ def extensions() -> list:
     exts = [
         cpp_extension.CppExtension(
             "lightning_ncnnqat._C",
-            sources=[os.path.join(CSRC, "fake_quant_cpu.cpp"), os.path.join(CSRC, "autograd.cpp")],
+            sources=[
+                os.path.join(CSRC, name)
+                for name in (
+                    "fake_quant_cpu_forward.cpp",
+                    "fake_quant_cpu_backward.cpp",
+                    "fake_quant_cpu_register.cpp",
+                    "autograd.cpp",
+                )
+            ],
             include_dirs=[os.path.join(ROOT, CSRC)],
             extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=LINK_FLAGS,

@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include "op_args.h"
+
 namespace ncnnqat {
 
 // Per-output-channel vectors of the fold, as contiguous float32 (undefined when absent), and the
@@ -20,14 +22,8 @@ struct FoldArgs {
   int64_t row_len = 0;
 };
 
-inline void check_fold_float(const char* op, const char* arg, const at::Tensor& t) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "ncnnqat::", op, ": `", arg,
-              "` must be float32, float16 or bfloat16, got ", dt);
-}
-
 inline at::Tensor fold_vector(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& weight) {
-  check_fold_float(op, arg, t);
+  check_float_dtype(op, arg, t);
   TORCH_CHECK(t.device() == weight.device(), "ncnnqat::", op, ": `", arg, "` is on ", t.device(),
               " but `weight` is on ", weight.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == weight.size(0), "ncnnqat::", op, ": `", arg,
@@ -46,7 +42,7 @@ inline FoldArgs prepare_fold_args(const char* op, const at::Tensor& weight, cons
                                   const std::optional<at::Tensor>& bn_weight,
                                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean,
                                   const at::Tensor& bn_inv_std) {
-  check_fold_float(op, "weight", weight);
+  check_float_dtype(op, "weight", weight);
   TORCH_CHECK(weight.dim() >= 1, "ncnnqat::", op, ": `weight` must have at least 1 dimension, got a scalar");
   FoldArgs a;
   a.weight = weight.contiguous();
@@ -66,12 +62,6 @@ inline void check_fold_groups(const char* op, int64_t num_groups, int64_t rows) 
               " must divide weight.shape[0]=", std::to_string(rows));
 }
 
-inline std::string fold_shape_str(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
-
 // The incoming gradients of the backward: grad_weight_fq (weight's dtype, shape and device),
 // returned contiguous, and grad_bias as a contiguous float32 vector.
 inline std::pair<at::Tensor, at::Tensor> prepare_fold_grads(const char* op, const at::Tensor& grad_weight_fq,
@@ -80,7 +70,7 @@ inline std::pair<at::Tensor, at::Tensor> prepare_fold_grads(const char* op, cons
               ": `grad_weight_fq` must have weight's dtype ", weight.scalar_type(), ", got ",
               grad_weight_fq.scalar_type());
   TORCH_CHECK(grad_weight_fq.sizes() == weight.sizes(), "ncnnqat::", op, ": `grad_weight_fq` has shape ",
-              fold_shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", fold_shape_str(weight.sizes()));
+              shape_str(grad_weight_fq.sizes()), " but `weight` has shape ", shape_str(weight.sizes()));
   TORCH_CHECK(grad_weight_fq.device() == weight.device(), "ncnnqat::", op, ": `grad_weight_fq` is on ",
               grad_weight_fq.device(), " but `weight` is on ", weight.device());
   return {grad_weight_fq.contiguous(), fold_vector(op, "grad_bias", grad_bias, weight)};
