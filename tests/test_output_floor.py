@@ -166,3 +166,25 @@ def test_float64_copy_quantizes_as_the_model_and_leaves_it_unchanged() -> None:
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert np.array_equal(torch_outputs(model, io, [x])[0], f32[0])
+
+
+def _arm64_a53() -> bool:
+    from lightning_ncnnqat.targets import available_targets
+
+    return "arm64-a53" in available_targets()
+
+
+@pytest.mark.skipif(not _arm64_a53(), reason="arm64-a53 emulation not set up (python -m lightning_ncnnqat.targets setup-arm)")
+def test_emulated_target_is_judged_against_the_same_floor(cancelling) -> None:
+    model, x, out, _ = cancelling
+    io = model_io(model, x[:1])
+    param = NcnnParam.parse((out / "model.int8.param").read_text())
+    report = ExportReport(str(out))
+    measure(report, ModelFiles(out, param, *blob_names(param, io)), model, folded_float_model(model), io, [x], [], {},
+            1, 0, None, targets=("x86", "arm64-a53"))
+    entry = report.runtime["arm64-a53"]
+    assert "error" not in entry, entry.get("error")
+    cos, floor = entry["int8_vs_qat"]["cosine"], report.float32_floor
+    assert cos < MIN_OUTPUT_COSINE and entry["float32_floor"] == floor and entry["outputs"][0]["at_float32_floor"]
+    assert not [w for w in report.warnings if "output cosine" in w], report.warnings
+    assert [n for n in report.notes if n.startswith("on arm64-a53, int8 output cosine") and f"{floor:.6f}" in n]
