@@ -188,3 +188,8 @@ def test_emulated_target_is_judged_against_the_same_floor(cancelling) -> None:
     assert cos < MIN_OUTPUT_COSINE and entry["float32_floor"] == floor and entry["outputs"][0]["at_float32_floor"]
     assert not [w for w in report.warnings if "output cosine" in w], report.warnings
     assert [n for n in report.notes if n.startswith("on arm64-a53, int8 output cosine") and f"{floor:.6f}" in n]
+
+
+def test_summary_names_the_floor(cancelling) -> None:
+    report = cancelling[3]
+    assert f"cosine {report.int8_vs_qat.cosine:.6f} (float32 floor {report.float32_floor:.6f})" in report.summary()

@@ -126,8 +126,9 @@ class ExportReport:
                 top1 = "n/a" if a.top1_agreement is None else f"{100 * a.top1_agreement:.2f}%"
                 if a.near_tie_flips:
                     top1 += f" ({a.near_tie_flips} near-tie flip(s) within the int8 noise)"
+                floor = "" if o.float32_floor is None else f" (float32 floor {o.float32_floor:.6f})"
                 out.append(
-                    f"  ncnn int8 vs PyTorch QAT{name}: top-1 {top1}, cosine {a.cosine:.6f}, "
+                    f"  ncnn int8 vs PyTorch QAT{name}: top-1 {top1}, cosine {a.cosine:.6f}{floor}, "
                     f"max abs err {a.max_abs_err:.3g}, max rel err {a.max_rel_err:.3g}"
                 )
             if o.float_vs_torch:
@@ -145,9 +146,10 @@ class ExportReport:
                 continue
             top1 = "n/a" if a.get("top1_agreement") is None else f"{100 * a['top1_agreement']:.2f}%"
             bad = e.get("flagged_layers") or []
+            floor = "" if e.get("float32_floor") is None else f" (float32 floor {e['float32_floor']:.6f})"
             out.append(
                 f"  ncnn int8 vs PyTorch QAT on {target} ({e.get('profile')}, emulated): top-1 {top1}, cosine "
-                f"{a['cosine']:.6f}; layers flagged: {', '.join(bad) if bad else 'none'}"
+                f"{a['cosine']:.6f}{floor}; layers flagged: {', '.join(bad) if bad else 'none'}"
             )
         if self.sizes.get("ratio"):
             out.append(
