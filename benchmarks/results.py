@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.results_data import DATASETS, SplitsDataModule, load_splits  # noqa: E402
+from benchmarks.results_merge import load_runs  # noqa: E402
 from benchmarks.results_ptq import ModelResult, float_ncnn, ncnn_accuracy, run_ptq, tools_present  # noqa: E402
 from benchmarks.results_table import FT, paired_stats, render, seed_label, targets  # noqa: E402
 from examples.cifar10 import CIFARClassifier  # noqa: E402
@@ -286,6 +287,9 @@ def main() -> None:
                    "targets on the mean and the worst seed (default: --seed only)")
     p.add_argument("--no-cache", action="store_true", help="retrain the float and fine-tuned float models")
     p.add_argument("--out", default=str(ROOT / "runs" / "results"))
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="run nothing: pool the seed rows of earlier runs' --out folders (same float model, different "
+                   "--qat-seeds) into one table in --out; pass the runs' other options for the header")
     p.add_argument("--float-from", default=None,
                    help="another --out whose cached float / fine-tuned float models (float_*.pt, ft_*.pt, same "
                    "settings) are copied into --out first, so a new --out re-uses them")
@@ -303,6 +307,19 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    if args.merge:
+        results = load_runs(args.merge)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for res in results:
+            res["paired"] = paired_stats(res["rows"], res["y"], res["seeds"])
+            res["targets"] = targets(res["rows"], res["seeds"])
+        note = load_splits(args.dataset, args.data_dir, args.image_size, args.train_samples, args.val_samples,
+                           args.seed).note
+        wall = sum(v for r in results for v in r["timing"].values())
+        print(_write(results, args, f"{note}; merged from {', '.join(args.merge)} (wall time: the training only)",
+                     wall, out))
+        return
     t0 = time.time()
     splits = load_splits(args.dataset, args.data_dir, args.image_size, args.train_samples, args.val_samples, args.seed)
     dm = SplitsDataModule(splits, args.batch_size)

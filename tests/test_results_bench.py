@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import math
 import struct
 import sys
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import parse_variant, unsupported  # noqa: E402
 from benchmarks.results_data import _read_idx, _subset, load_fashion_mnist  # noqa: E402
+from benchmarks.results_merge import load_runs  # noqa: E402
 from benchmarks.results_ptq import ModelResult, compare_tables  # noqa: E402
 from benchmarks.results_stats import bootstrap_ci, mcnemar_exact, paired, seed_summary  # noqa: E402
 from benchmarks.results_table import paired_stats, render, seed_label, targets  # noqa: E402
@@ -201,3 +203,31 @@ def test_paired_stats_and_render() -> None:
     assert "| r | QAT a int8 | 2 | 88.75% | 1.77 | 87.50% | 90.00% | 0: 90.00%, 1: 87.50% |" in text
     assert "| r | QAT a int8 | ncnn2table kl | 0 | 90.00% | 88.00% | +2.00 | 20 | 0 |" in text
     assert "FAIL r: QAT a int8 >= best real PTQ, worst seed: seed 1: 87.50% vs 88.00%" in text
+
+
+def _write_run(d: Path, rows: dict[str, ModelResult], seeds: list[int], y: np.ndarray) -> None:
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(
+        [{"backbone": "r", "timing": {}, "seeds": seeds, "rows": {k: r.as_json() for k, r in rows.items()}}]))
+    np.savez(d / "preds_r.npz", y=y, **{k: r.pred for k, r in rows.items() if r.pred is not None})
+
+
+def test_merge_pools_seed_rows_of_two_runs(tmp_path: Path) -> None:
+    y = np.arange(1000) % 10
+    rows = _seed_rows(y)  # seeds 0 and 1
+    later = {k.replace("[seed 0]", "[seed 2]").replace("[seed 1]", "[seed 3]"): r for k, r in rows.items()}
+    _write_run(tmp_path / "a", rows, [0, 1], y)
+    _write_run(tmp_path / "b", later, [2, 3], y)
+    (m,) = load_runs([tmp_path / "a", tmp_path / "b"])
+    assert m["seeds"] == [0, 1, 2, 3]
+    assert list(m["rows"])[:2] == ["ncnn2table kl + ncnn2int8", "ncnn2table aciq + ncnn2int8"]
+    assert list(m["rows"])[-1] == "QAT a int8 [seed 3]"
+    assert np.array_equal(m["rows"]["QAT a int8 [seed 3]"].pred, rows["QAT a int8 [seed 1]"].pred)
+    got = {name: fig for name, _, fig in targets(m["rows"], m["seeds"])}
+    assert got["QAT a int8 >= best real PTQ, mean of 4 seeds"] == "88.75% vs 88.00% (ncnn2table kl)"
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0, 1\] already"):
+        load_runs([tmp_path / "a", tmp_path / "a"])
+    later["ncnn2table kl + ncnn2int8"] = ModelResult(acc={"x86": 0.5}, pred=y)
+    _write_run(tmp_path / "c", later, [2, 3], y)
+    with pytest.raises(ValueError, match="not the same float model"):
+        load_runs([tmp_path / "a", tmp_path / "c"])
