@@ -186,9 +186,7 @@ std::tuple<Tensor, Tensor> fake_quantize_per_channel_cpu(const Tensor& weight, i
   constexpr const char* op = "fake_quantize_per_channel";
   check_float_dtype(op, "weight", weight);
   check_bits(op, bits);
-  TORCH_CHECK(num_groups >= 1, "ncnnqat::", op, ": `num_groups` must be >= 1, got ", num_str(num_groups));
-  TORCH_CHECK(weight.numel() % num_groups == 0, "ncnnqat::", op, ": `num_groups`=", num_str(num_groups),
-              " must divide weight.numel()=", num_str(weight.numel()));
+  check_per_channel_groups(op, num_groups, weight.numel());
   const Tensor w = weight.contiguous();
   Tensor out = at::empty(w.sizes(), w.options());
   Tensor scales = at::empty({num_groups}, w.options().dtype(at::kFloat));

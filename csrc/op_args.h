@@ -34,6 +34,13 @@ inline void check_bits(const char* op, int64_t bits) {
   TORCH_CHECK(bits >= 2 && bits <= 8, "ncnnqat::", op, ": `bits` must be in [2, 8], got ", num_str(bits));
 }
 
+// fake_quantize_per_channel's `num_groups`: >= 1 and a divisor of the weight's element count.
+inline void check_per_channel_groups(const char* op, int64_t num_groups, int64_t numel) {
+  TORCH_CHECK(num_groups >= 1, "ncnnqat::", op, ": `num_groups` must be >= 1, got ", num_str(num_groups));
+  TORCH_CHECK(numel % num_groups == 0, "ncnnqat::", op, ": `num_groups`=", num_str(num_groups),
+              " must divide weight.numel()=", num_str(numel));
+}
+
 // `running_absmax`: one float32 element (the range, < 0 while uninitialised), on x's device.
 inline void check_running(const char* op, const at::Tensor& running, const at::Tensor& x) {
   TORCH_CHECK(running.scalar_type() == at::kFloat && running.numel() == 1, "ncnnqat::", op,

@@ -14,10 +14,10 @@
 
 #include <atomic>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "../fold_args.h"
+#include "../op_args.h"
 #include "fake_quant_kernels.h"
 
 // Python module stub: `import lightning_ncnnqat._C_cuda` loads this library, whose static
@@ -44,32 +44,8 @@ cuda::DType to_dtype(const char* op, const char* arg, const Tensor& t) {
   return cuda::DType::kFloat32;  // unreachable
 }
 
-// Integers and shapes go into error messages as std::to_string strings, never streamed: built
-// against torch 2.11+cu130 with GCC 13.3 (an extension whose ldd listed no libstdc++.so, so
-// probably a static copy), streaming an int64 into a TORCH_CHECK message segfaulted instead of
-// raising, while strings, dtypes and devices were fine.
-std::string num_str(int64_t v) { return std::to_string(v); }
-
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
-
-void check_bits(const char* op, int64_t bits) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "ncnnqat::", op, ": `bits` must be in [2, 8], got ", num_str(bits));
-}
-
 void check_cuda(const char* op, const char* arg, const Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "ncnnqat::", op, ": `", arg, "` must be a CUDA tensor, got one on ", t.device());
-}
-
-void check_running(const char* op, const Tensor& running, const Tensor& x) {
-  TORCH_CHECK(running.scalar_type() == at::kFloat && running.numel() == 1, "ncnnqat::", op,
-              ": `running_absmax` must be a 1-element float32 tensor, got ", running.scalar_type(),
-              " of shape ", shape_str(running.sizes()));
-  TORCH_CHECK(running.device() == x.device(), "ncnnqat::", op, ": `running_absmax` is on ", running.device(),
-              " but `x` is on ", x.device());
 }
 
 // Multiprocessor count of the current device (sizes the grids), cached per device.
@@ -94,9 +70,7 @@ std::tuple<Tensor, Tensor> fake_quantize_per_channel_cuda(const Tensor& weight, 
   check_cuda(op, "weight", weight);
   const cuda::DType dtype = to_dtype(op, "weight", weight);
   check_bits(op, bits);
-  TORCH_CHECK(num_groups >= 1, "ncnnqat::", op, ": `num_groups` must be >= 1, got ", num_str(num_groups));
-  TORCH_CHECK(weight.numel() % num_groups == 0, "ncnnqat::", op, ": `num_groups`=", num_str(num_groups),
-              " must divide weight.numel()=", num_str(weight.numel()));
+  check_per_channel_groups(op, num_groups, weight.numel());
   const c10::cuda::CUDAGuard guard(weight.device());
   const Tensor w = weight.contiguous();
   Tensor out = at::empty(w.sizes(), w.options());
@@ -150,14 +124,9 @@ Tensor fake_quantize_per_tensor_backward_cuda(const Tensor& grad, const Tensor& 
   constexpr const char* op = "fake_quantize_per_tensor_backward";
   check_cuda(op, "grad", grad);
   check_cuda(op, "x", x);
+  check_backward_args(op, grad, x, running_absmax, bits);
   const cuda::DType grad_dtype = to_dtype(op, "grad", grad);
   const cuda::DType x_dtype = to_dtype(op, "x", x);
-  check_bits(op, bits);
-  check_running(op, running_absmax, x);
-  TORCH_CHECK(grad.device() == x.device(), "ncnnqat::", op, ": `grad` is on ", grad.device(), " but `x` is on ",
-              x.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "ncnnqat::", op, ": `grad` has shape ", shape_str(grad.sizes()),
-              " but `x` has shape ", shape_str(x.sizes()));
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor g = grad.contiguous();
   const Tensor xc = x.contiguous();
@@ -168,21 +137,16 @@ Tensor fake_quantize_per_tensor_backward_cuda(const Tensor& grad, const Tensor& 
   return out;
 }
 
-// Learned threshold backward (see ../fake_quant_cpu.cpp and reference.py): (grad_x, grad_threshold).
+// Learned threshold backward (see ../fake_quant_cpu_backward.cpp and reference.py): (grad_x, grad_threshold).
 std::tuple<Tensor, Tensor> fake_quantize_per_tensor_threshold_backward_cuda(const Tensor& grad, const Tensor& x,
                                                                             const Tensor& running_absmax,
                                                                             int64_t bits) {
   constexpr const char* op = "fake_quantize_per_tensor_threshold_backward";
   check_cuda(op, "grad", grad);
   check_cuda(op, "x", x);
+  check_backward_args(op, grad, x, running_absmax, bits);
   const cuda::DType grad_dtype = to_dtype(op, "grad", grad);
   const cuda::DType x_dtype = to_dtype(op, "x", x);
-  check_bits(op, bits);
-  check_running(op, running_absmax, x);
-  TORCH_CHECK(grad.device() == x.device(), "ncnnqat::", op, ": `grad` is on ", grad.device(), " but `x` is on ",
-              x.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "ncnnqat::", op, ": `grad` has shape ", shape_str(grad.sizes()),
-              " but `x` has shape ", shape_str(x.sizes()));
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor g = grad.contiguous();
   const Tensor xc = x.contiguous();
