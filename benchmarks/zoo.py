@@ -127,42 +127,19 @@ def _cosine(a: list, b: list) -> float:
 def float32_floor(model: Any, held: Any) -> float:
     """Cosine of the QAT model in float64 vs float32 on ``held`` (eval mode); the worst output's.
 
-    Each output tensor is compared on its own (the report's int8-vs-QAT figure is its worst
-    output's too).
-
-    The fake-quant ops take float32 only, so the float64 copy quantizes exactly as the float32
-    model does (its input quantizers run in float32 on the rounded activation; its layers use the
-    float32 fake-quantized weights, widened) while every convolution, matmul and unquantized op
-    runs in float64: the difference is the float32 arithmetic of the QAT model itself.
+    The same floor the export measures (``export.output_floor.float64_outputs``: quantization
+    unchanged, every convolution, matmul and float op in float64), so the figures agree.
     """
-    import copy
-
     import torch
 
+    from lightning_ncnnqat.export.model_io import model_io, torch_outputs
+    from lightning_ncnnqat.export.output_floor import float64_outputs
+
     m32 = model.eval()
-    with torch.no_grad():
-        ref = _tensors(m32(held))
-        m64 = copy.deepcopy(m32)
-        frozen = {}
-        for n, mod in m64.named_modules():
-            if hasattr(mod, "quantized_weight_bias") and hasattr(mod, "input_quantizer"):
-                frozen[n] = mod.quantized_weight_bias()
-        m64.double()
-        for n, mod in m64.named_modules():
-            if isinstance(getattr(mod, "running_absmax", None), torch.Tensor):
-                mod.running_absmax.data = mod.running_absmax.data.float()
-                fwd = type(mod).forward
-
-                def quant(x: torch.Tensor, *a: Any, _m: Any = mod, _f: Any = fwd, **k: Any) -> torch.Tensor:
-                    return _f(_m, x.float(), *a, **k).to(x.dtype)
-
-                mod.forward = quant
-            if n in frozen:
-                w, b = frozen[n]
-                wb = (w.double(), None if b is None else b.double())
-                mod.quantized_weight_bias = lambda _wb=wb: _wb
-        got = _tensors(m64(held.double()))
-    return min(_cosine([a], [b]) for a, b in zip(got, ref))
+    io = model_io(m32, held[:1])
+    ref = torch_outputs(m32, io, [held])
+    got = float64_outputs(m32, io, [held])
+    return min(_cosine([torch.from_numpy(a)], [torch.from_numpy(b)]) for a, b in zip(got, ref))
 
 
 def warm_batchnorm(model: Any, size: int, batches: int, g: Any) -> int:
