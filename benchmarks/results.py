@@ -250,7 +250,8 @@ def _run_variant(args: argparse.Namespace, backbone: str, name: str, kw: dict[st
     log(f"  {label}: PyTorch {torch_row.acc['x86']:.4f}, int8 {r.acc} {r.error or ''}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (``results_heldout.py`` adds its own to the same set)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenetv2"])
     p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
@@ -293,6 +294,11 @@ def main() -> None:
     p.add_argument("--float-from", default=None,
                    help="another --out whose cached float / fine-tuned float models (float_*.pt, ft_*.pt, same "
                    "settings) are copied into --out first, so a new --out re-uses them")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     # absolute: QATCallback resolves a relative export_dir under the Trainer's default_root_dir
     args.out = str(Path(args.out).resolve())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,7 +197,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, data_note: s
         f"{data_note}; float {args.float_epochs} epochs at lr {args.lr}, then {args.ft_epochs} epoch(s) at lr "
         f"{args.ft_lr} for the fine-tuned float and for every QAT variant; calibration: {args.calib_samples} "
         f"training images (EQ: {args.eq_samples}). {machine}. ncnn ms/img: 1 thread, median of {args.time_runs}. "
-        f"Wall time {wall_s / 60:.1f} min. Command: `python benchmarks/results.py {' '.join(sys.argv[1:])}`",
+        f"Wall time {wall_s / 60:.1f} min. Command: `python benchmarks/{Path(sys.argv[0]).name} "
+        f"{' '.join(sys.argv[1:])}`",
         "",
         "QAT variants: QATCallback(start_epoch=0, targets=['x86'], preflight="
         f"{getattr(args, 'preflight', False)}, **kw) on the float model: "

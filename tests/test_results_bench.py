@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import parse_variant, unsupported  # noqa: E402
 from benchmarks.results_data import _read_idx, _subset, load_fashion_mnist  # noqa: E402
+from benchmarks.results_heldout import heldout_images  # noqa: E402
 from benchmarks.results_merge import load_runs  # noqa: E402
 from benchmarks.results_ptq import ModelResult, compare_tables  # noqa: E402
 from benchmarks.results_stats import bootstrap_ci, mcnemar_exact, paired, seed_summary  # noqa: E402
@@ -231,3 +232,22 @@ def test_merge_pools_seed_rows_of_two_runs(tmp_path: Path) -> None:
     _write_run(tmp_path / "c", later, [2, 3], y)
     with pytest.raises(ValueError, match="not the same float model"):
         load_runs([tmp_path / "a", tmp_path / "c"])
+
+
+def test_heldout_images_are_the_training_split_minus_the_subset(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.arange(40, dtype=torch.uint8) % 10
+    for split, n in (("train", 40), ("t10k", 20)):
+        _idx(tmp_path / f"{split}-images-idx3-ubyte.gz", imgs[:n])
+        _idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels[:n])
+    s = load_fashion_mnist(tmp_path, 16, train_n=20, val_n=None, seed=3)
+    x, y, note = heldout_images(str(tmp_path), 16, train_n=20, seed=3, limit=None)
+    assert x.shape == (20, 3, 16, 16) and "20 held-out" in note
+    both = torch.cat([s.x_train, x]).flatten(1)
+    assert len(torch.unique(both, dim=0)) == 40  # together: every training image once
+    assert sorted((torch.cat([s.y_train, y])).tolist()) == sorted(labels.long().tolist())
+    rest = sorted(set(range(40)) - set(_subset(20, labels.long(), 3).tolist()))
+    raw = torch.nn.functional.interpolate(imgs[rest].float().div(255).unsqueeze(1), size=(16, 16), mode="area")
+    assert torch.allclose(x[:, :1] * s.std[0] + s.mean[0], raw, atol=1e-5)  # the subset's normalisation
+    assert len(heldout_images(str(tmp_path), 16, 20, 3, limit=5)[0]) == 5
