@@ -232,6 +232,51 @@ def test_errors_name_the_argument_or_layer(kl_result) -> None:
     bad[3, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer 'stem'.*NaN"):
         calibrate(net, bad, method="kl")
+    x = data()
+    with pytest.raises(ValueError, match="`device` must be a torch device.*'gpu'"):
+        calibrate(net, x, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device` is 'cuda'.*no CUDA"):
+            calibrate(net, x, device="cuda")
+    with pytest.raises(TypeError, match="batch 1 holds a torch.int64 input"):
+        calibrate(net, [x[:4], x[4:8].long()])
+    with pytest.raises(ValueError, match=r"batch 1 has shape \(4, 768\), unlike the example input \(4, 3, 16, 16\)"):
+        calibrate(net, [x[:4], x[4:8].reshape(4, -1)])
+    with pytest.raises(ValueError, match="one input tensor.*`example_input` is a tuple of 2 values"):
+        calibrate(net, x, example_input=(x[:1], x[:1]))
+
+
+def test_a_one_shot_iterator_cannot_be_read_twice(kl_result) -> None:
+    """Without the cache, KL reads ``data`` twice: a generator would give an empty second pass
+    (empty histograms, bin 128, scales 10x too large) or lose its first batch to the example."""
+    net, res = kl_result
+    x = data()
+    with pytest.raises(ValueError, match="`cache_batches=False`.*one-shot generator"):
+        calibrate(net, (b for b in [x[:12], x[12:]]), cache_batches=False)
+
+    class Shrinking:
+        """Re-iterable, but gives fewer samples the second time (a sampler that drops some)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __iter__(self):  # noqa: ANN204
+            self.calls += 1
+            return iter([x[:12], x[12:]] if self.calls == 1 else [x[:12]])
+
+    with pytest.raises(ValueError, match="24 samples on the first pass and 12 on the second"):
+        calibrate(net, Shrinking(), example_input=x[:1], cache_batches=False)
+    again = calibrate(net, [x[:8], x[8:16], x[16:]], cache_batches=False)  # a list reads twice
+    for n, c in res.layers.items():
+        assert c.input_scale == again.layers[n].input_scale
+
+
+def test_float64_batches_run_in_the_models_dtype(kl_result) -> None:
+    net, res = kl_result
+    x = data()
+    got = calibrate(net, [x[:12].double(), x[12:].double()])
+    for n, c in res.layers.items():
+        assert c.input_scale == got.layers[n].input_scale
 
 
 def test_eq_input_scale_is_the_best_candidate_of_the_tools_grid(kl_result) -> None:

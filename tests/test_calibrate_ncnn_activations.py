@@ -98,7 +98,8 @@ def test_bad_activations_argument_is_named(model_and_data) -> None:
         calibrate(m, xs, activations="onnx")
 
 
-def test_two_input_model_is_refused_with_ncnn_activations() -> None:
+@pytest.mark.parametrize("activations", ["torch", "ncnn"])
+def test_two_input_model_is_refused_early(activations: str) -> None:
     class TwoIn(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -109,5 +110,27 @@ def test_two_input_model_is_refused_with_ncnn_activations() -> None:
             return self.a(x) + self.b(y)
 
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ValueError, match="activations='ncnn' needs a model with one input"):
-        calibrate(TwoIn().eval(), [x], example_input=(x, x), activations="ncnn")
+    with pytest.raises(ValueError, match="one input tensor.*`example_input` is a dict of 2 values"):
+        calibrate(TwoIn().eval(), [x], example_input={"x": x, "y": x}, activations=activations)
+
+
+def test_dict_outputs_and_small_batches(model_and_data) -> None:
+    """A model returning a dict converts (the export's flat outputs); batches of one sample are
+    grouped per child process and give exactly the statistics of one batch of six."""
+    m, xs = model_and_data
+
+    class DictOut(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.net(x)
+            return {"logits": y, "prob": y.softmax(1)}
+
+    whole = calibrate(m, xs, method="kl", activations="ncnn")
+    ones = calibrate(DictOut(m).eval(), [x[None] for x in xs], method="kl", activations="ncnn")
+    assert [n.split(".", 1)[1] for n in ones.layers] == list(whole.layers)
+    for name, c in whole.layers.items():
+        o = ones.layers[f"net.{name}"]
+        assert o.input_scale == c.input_scale and np.array_equal(o.histogram, c.histogram), name

@@ -121,7 +121,51 @@ def _batches_from(data: Any, num_batches: int | None) -> Iterator[Tensor]:
                 f"calibration batch {i} is a {type(batch).__name__}: expected a tensor, or a batch holding the "
                 f"input tensor first (or under one of the keys {', '.join(INPUT_KEYS)})"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"calibration batch {i} holds a {x.dtype} input: calibrate needs float inputs")
         yield x.detach()
+
+
+def _same_layout(batches: Iterable[Tensor], ref: Tensor) -> Iterator[Tensor]:
+    """``batches``, each checked against ``ref``: same rank and channels (ncnn2table reads one
+    fixed ``shape=[w,h,c]``; a batch of another layout is a mistake in ``data``)."""
+    for i, x in enumerate(batches):
+        if x.dim() != ref.dim() or (x.dim() > 1 and x.shape[1] != ref.shape[1]):
+            raise ValueError(
+                f"calibration batch {i} has shape {tuple(x.shape)}, unlike the example input {tuple(ref.shape)} "
+                "(same rank and channels expected)"
+            )
+        yield x
+
+
+def _one_input(example: Any) -> Tensor:
+    """The one input tensor of ``example``; ValueError for a model call with several tensors."""
+    if isinstance(example, (tuple, list, dict)):
+        values = list(example.values()) if isinstance(example, dict) else list(example)
+        tensors = [v for v in values if isinstance(v, Tensor)]
+        if len(tensors) == 1 and len(values) == 1:
+            return tensors[0]
+        raise ValueError(
+            f"calibrate handles models with one input tensor (each calibration batch gives one); `example_input` "
+            f"is a {type(example).__name__} of {len(values)} values ({len(tensors)} tensors)"
+        )
+    x = model_input(example)
+    if x is None:
+        raise TypeError(f"`example_input` must be a tensor or a batch holding one, got {type(example).__name__}")
+    return x
+
+
+def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`device` must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device!r}, but this torch has no CUDA device available")
+    return dev
 
 
 def _folded_copy(model: nn.Module, example: Any, config: QATConfig | None) -> tuple[nn.Module, QATPlan]:
@@ -184,9 +228,11 @@ def calibrate(
     Returns:
         A :class:`CalibrationResult` (float32 scales; thresholds in the input's unit).
     Raises:
-        ValueError: unknown method or activations, empty data, a layer input with NaN/inf,
-            nothing to quantize, or (``"ncnn"``) a model with several inputs.
-        TypeError: a batch with no input tensor.
+        ValueError: unknown method, activations or device; empty data; a batch whose rank or
+            channels differ from the example's; ``data`` giving other samples on its second
+            pass (``cache_batches=False`` with a one-shot iterator); a layer input with NaN/inf;
+            a model with several inputs; nothing to quantize.
+        TypeError: a batch with no input tensor, or with a non-float one.
         LayerError: (``"ncnn"``) pnnx failed, or a layer is not found in the ncnn model.
         NcnnRuntimeError: (``"ncnn"``) the ncnn runtime crashed or failed on a batch.
     """
@@ -196,32 +242,33 @@ def calibrate(
         raise ValueError(f"`activations` must be 'torch' or 'ncnn', got {activations!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"`num_batches` must be a positive int or None, got {num_batches!r}")
+    device = _device(device, model)
+    if not cache_batches and isinstance(data, Iterator):
+        raise ValueError(
+            f"`cache_batches=False` reads `data` once per pass, but `data` is a one-shot {type(data).__name__}: "
+            "pass a list or a DataLoader, or keep cache_batches=True"
+        )
     cached: list[Tensor] | None = None
     if cache_batches:
         cached = [x.cpu() for x in _batches_from(data, num_batches)]
         if not cached:
             raise ValueError("`data` gave no calibration batch")
+    if example_input is not None:
+        ex = _one_input(example_input)
+    else:  # without a cache this reads the first batch once more
+        ex = cached[0] if cached else next(iter(_batches_from(data, num_batches)), None)
+        if ex is None:
+            raise ValueError("`data` gave no calibration batch")
 
     def batches() -> Iterable[Tensor]:
-        return cached if cached is not None else _batches_from(data, num_batches)
+        return _same_layout(cached if cached is not None else _batches_from(data, num_batches), ex)
 
-    if example_input is None:
-        example_input = next(iter(batches()), None)
-        if example_input is None:
-            raise ValueError("`data` gave no calibration batch")
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    ex = example_input if isinstance(example_input, tuple) else model_input(example_input)
-    if ex is None:
-        raise TypeError(f"`example_input` must be a tensor or a batch holding one, got {type(example_input).__name__}")
-    folded, plan = _folded_copy(model, ex.to(device) if isinstance(ex, Tensor) else ex, config)
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    ex = ex.to(device, p.dtype if p is not None else torch.float32)  # batches are cast likewise
+    folded, plan = _folded_copy(model, ex, config)
     names = [n for n, _ in folded.named_modules() if n in plan.layers]
     modules = dict(folded.named_modules())
     if activations == "ncnn":
-        if not isinstance(ex, Tensor):
-            raise ValueError("activations='ncnn' needs a model with one input tensor; `example_input` is a tuple")
         with workdir() as tmp:
             folded = folded.cpu().eval()
             infos = [_LayerWeights(n, plan.layers[n].kind, modules[n].weight, modules[n].bias) for n in names]

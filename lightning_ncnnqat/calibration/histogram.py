@@ -92,6 +92,8 @@ Feed = Callable[..., int]
 def torch_feed(model: nn.Module, names: Iterable[str], batches: Callable[[], Iterable[Tensor]], device: torch.device) -> Feed:
     """The inputs of the modules ``names`` of ``model`` (eval, no grad), read with pre-hooks."""
     names = list(names)
+    p = next(iter(model.parameters()), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
 
     def feed(fn: Callable[[str, Tensor], None], max_samples: int | None = None) -> int:
         n = 0
@@ -101,7 +103,7 @@ def torch_feed(model: nn.Module, names: Iterable[str], batches: Callable[[], Ite
                     break
                 if max_samples is not None:
                     x = x[: max_samples - n]
-                model(x.to(device))
+                model(x.to(device, dtype))
                 n += int(x.shape[0])
         return n
 
@@ -139,7 +141,13 @@ def collect_input_stats(feed: Feed, names: list[str], histogram: bool) -> dict[s
     def hist_hook(name: str, x: Tensor) -> None:
         hists[name] += histogram_of(x, stats[name].absmax)
 
-    feed(hist_hook)
+    again = feed(hist_hook)
+    if again != total:
+        raise ValueError(
+            f"`data` gave {total} samples on the first pass and {again} on the second: iterated again it must give "
+            "the same batches (a generator is spent after one pass: pass a list or a DataLoader, or keep "
+            "cache_batches=True)"
+        )
     for n in names:
         stats[n].histogram = hists[n].numpy()
     return stats

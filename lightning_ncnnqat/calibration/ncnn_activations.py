@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..export.errors import LayerError
 from ..export.isolated_runtime import run_ncnn
+from ..export.model_io import FlatModel, model_io
 from ..export.ncnn_param import NcnnParam
 from ..export.pnnx_convert import convert_with_pnnx
 from .table import ncnn_names_by_weights
@@ -61,7 +62,8 @@ def convert_float(folded: nn.Module, example: Tensor, layers: Sequence, work: Pa
         LayerError: pnnx failed, or a layer's weights are found nowhere in the ncnn model.
         ValueError: the converted model has more than one input blob.
     """
-    pn = convert_with_pnnx(folded, example[:1])
+    flat = FlatModel(folded, model_io(folded, example[:1]))  # any output structure -> out0..outM
+    pn = convert_with_pnnx(flat, example[:1])
     param_path, bin_path = work / "float.ncnn.param", work / "float.ncnn.bin"
     param_path.write_text(pn.param_text)
     bin_path.write_bytes(pn.bin_bytes)
@@ -79,33 +81,58 @@ def convert_float(folded: nn.Module, example: Tensor, layers: Sequence, work: Pa
     return NcnnFloatModel(param_path, bin_path, inputs[0], bottoms, names)
 
 
+#: Extracted blobs one child process may hand back (bytes): consecutive batches are grouped up to it.
+CHUNK_BYTES = 256 * 2**20
+#: Samples per child process at most (small batches are grouped: one process start per ~64 samples).
+CHUNK_SAMPLES = 64
+
+
 def ncnn_feed(
     model: NcnnFloatModel, batches: Callable[[], Iterable[Tensor]], timeout_s: float = 3600.0
 ) -> Callable[..., int]:
-    """A layer-input feed (see :mod:`.histogram`) that runs ``model`` in ncnn on every batch.
+    """A layer-input feed (see :mod:`.histogram`) that runs ``model`` in ncnn on the batches.
 
     The feed calls ``fn(torch_name, input)`` with each layer's bottom blob ``[N, ...]`` float32
-    (ncnn's unpacked layout, ``[C, H, W]`` per sample), per batch, and returns the samples seen;
-    ``max_samples`` stops after that many. One child process per batch.
+    (ncnn's unpacked layout, ``[C, H, W]`` per sample) and returns the samples seen;
+    ``max_samples`` stops after that many. Consecutive batches are run in one child process up to
+    :data:`CHUNK_SAMPLES` samples and :data:`CHUNK_BYTES` of extracted blobs (the first batch
+    alone measures a sample's size); every sample is still one ncnn run, as in ncnn2table.
 
     Raises:
-        NcnnRuntimeError: ncnn crashed, timed out or failed on a batch (from ``run_ncnn``).
+        NcnnRuntimeError: ncnn crashed, timed out or failed (from ``run_ncnn``).
     """
     blobs = sorted(set(model.bottom_blobs.values()))
 
     def feed(fn: Callable[[str, Tensor], None], max_samples: int | None = None) -> int:
         seen = 0
+        per_sample: int | None = None  # bytes of the extracted blobs of one sample
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            nonlocal per_sample
+            arr = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
+            res = run_ncnn(model.param, model.bin, {model.input_blob: arr}, blobs, NCNN2TABLE_OPTIONS,
+                           light_mode=False, timeout_s=timeout_s)
+            per_sample = max(1, sum(res.outputs[b][:1].nbytes for b in blobs))
+            for name, blob in model.bottom_blobs.items():
+                fn(name, torch.from_numpy(np.ascontiguousarray(res.outputs[blob])))
+
         for x in batches():
             if max_samples is not None and seen >= max_samples:
                 break
             if max_samples is not None:
                 x = x[: max_samples - seen]
             arr = x.detach().float().cpu().numpy()
-            res = run_ncnn(model.param, model.bin, {model.input_blob: arr}, blobs, NCNN2TABLE_OPTIONS,
-                           light_mode=False, timeout_s=timeout_s)
-            for name, blob in model.bottom_blobs.items():
-                fn(name, torch.from_numpy(np.ascontiguousarray(res.outputs[blob])))
+            if pending and arr.shape[1:] != pending[0].shape[1:]:
+                flush()
+            pending.append(arr)
             seen += int(arr.shape[0])
+            n = sum(int(a.shape[0]) for a in pending)
+            if per_sample is None or n >= min(CHUNK_SAMPLES, max(1, CHUNK_BYTES // per_sample)):
+                flush()
+        if pending:
+            flush()
         return seen
 
     return feed
