@@ -43,6 +43,22 @@ STRICT_OPTIONS = {
 }
 
 
+#: The smallest default-vs-strict cosine gap the notes name as the runtime's own approximation.
+#: Below it the two figures agree to about five decimals and a note would stand on every A76
+#: export (fp16 storage alone moves a well-conditioned model's cosine by ~1e-6); the trained
+#: ResNet-18 of the README (A76: 0.999953 vs 0.999997, a gap of 4.4e-5) keeps its note.
+MIN_NOTED_GAP = 1e-5
+
+
+def approximation_gap(default_cos: float, strict_cos: float) -> bool:
+    """Whether a target's default-options int8 cosine is materially below its strict one: the gap
+    is at least :data:`MIN_NOTED_GAP` and either the strict run alone meets the bar or the default
+    options' error ``1 - cos`` is over twice the strict one's."""
+    if strict_cos - default_cos < MIN_NOTED_GAP:
+        return False
+    return default_cos < MIN_OUTPUT_COSINE <= strict_cos or (1 - default_cos) > 2 * (1 - strict_cos)
+
+
 def _strict_parity(
     report: ExportReport, files: ModelFiles, target: str, feeds: dict[str, np.ndarray], q_ref: list[np.ndarray], default_cos: float
 ) -> list[float]:
@@ -53,7 +69,7 @@ def _strict_parity(
     strict = min(per_out, key=lambda a: a.cosine)
     report.runtime[target]["int8_vs_qat_strict"] = asdict(strict)
     report.runtime[target]["strict_options"] = {k: v for k, v in STRICT_OPTIONS.items() if k != "num_threads"}
-    if default_cos < MIN_OUTPUT_COSINE <= strict.cosine or (1 - default_cos) > 2 * (1 - strict.cosine) > 0:
+    if approximation_gap(default_cos, strict.cosine):
         report.notes.append(
             f"on {target}, int8 vs QAT cosine is {default_cos:.6f} under default options and {strict.cosine:.6f} with "
             "fp16 storage/arithmetic and packed kernels off: the difference is the runtime's own approximation "
@@ -252,8 +268,9 @@ def _target_parity(
                         f"layer '{c.torch_name}' (ncnn '{c.ncnn_name}') is computed wrongly by the ncnn int8 runtime on "
                         f"{target} ({entry['profile']}) under default options (cosine {c.isolated_cosine:.4f})"
                     )
-        # judged on the better of default and strict options: a gap that only the default options
-        # have is the runtime's own approximation (noted by _strict_parity)
+        # judged on the better of default and strict options (a gap that only the default options
+        # have is the runtime's own approximation, noted by _strict_parity), and the default
+        # options on their own against MIN_DEFAULT_OPTIONS_COSINE (see output_floor.judge_output)
         for i, (b, a) in enumerate(zip(files.output_blobs, per_out)):
             where = f" (output {b})" if len(per_out) > 1 else ""
             verdict = judge_output(report, floor, i, a.cosine, where, on=f"on {target}, ", strict=strict[i])
