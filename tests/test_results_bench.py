@@ -48,13 +48,20 @@ def _idx(path: Path, arr: torch.Tensor) -> None:
         f.write(header + arr.numpy().tobytes())
 
 
-def test_fashion_mnist_reader_on_idx_files(tmp_path: Path) -> None:
+def _fake_fashion_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Idx files like Fashion-MNIST's in ``folder``: 40 training and 20 test images (random
+    uint8 28x28, labels 0..9 cycling); returns the 40 training images and their labels."""
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.arange(40, dtype=torch.uint8) % 10
     for split, n in (("train", 40), ("t10k", 20)):
-        _idx(tmp_path / f"{split}-images-idx3-ubyte.gz", imgs[:n])
-        _idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels[:n])
+        _idx(folder / f"{split}-images-idx3-ubyte.gz", imgs[:n])
+        _idx(folder / f"{split}-labels-idx1-ubyte.gz", labels[:n])
+    return imgs, labels
+
+
+def test_fashion_mnist_reader_on_idx_files(tmp_path: Path) -> None:
+    imgs, labels = _fake_fashion_mnist(tmp_path)
     assert torch.equal(_read_idx(tmp_path / "train-images-idx3-ubyte.gz"), imgs)
     s = load_fashion_mnist(tmp_path, 16, train_n=20, val_n=None, seed=0)
     assert s.x_train.shape == (20, 3, 16, 16) and s.x_val.shape == (20, 3, 16, 16)
@@ -235,12 +242,7 @@ def test_merge_pools_seed_rows_of_two_runs(tmp_path: Path) -> None:
 
 
 def test_heldout_images_are_the_training_split_minus_the_subset(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=g)
-    labels = torch.arange(40, dtype=torch.uint8) % 10
-    for split, n in (("train", 40), ("t10k", 20)):
-        _idx(tmp_path / f"{split}-images-idx3-ubyte.gz", imgs[:n])
-        _idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels[:n])
+    imgs, labels = _fake_fashion_mnist(tmp_path)
     s = load_fashion_mnist(tmp_path, 16, train_n=20, val_n=None, seed=3)
     x, y, note = heldout_images(str(tmp_path), 16, train_n=20, seed=3, limit=None)
     assert x.shape == (20, 3, 16, 16) and "20 held-out" in note
