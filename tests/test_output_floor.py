@@ -178,20 +178,27 @@ def _arm(target: str) -> bool:
     return target in available_targets()
 
 
+def _measured_on(cancelling, target: str) -> tuple[ExportReport, dict]:  # noqa: ANN001
+    """The cancelling model's int8 export measured on x86 and ``target``: the report and its
+    ``runtime[target]`` entry (which must hold no error)."""
+    model, x, out, _ = cancelling
+    io = model_io(model, x[:1])
+    param = NcnnParam.parse((out / "model.int8.param").read_text())
+    report = ExportReport(str(out))
+    measure(report, ModelFiles(out, param, *blob_names(param, io)), model, folded_float_model(model), io, [x], [], {},
+            1, 0, None, targets=("x86", target))
+    entry = report.runtime[target]
+    assert "error" not in entry, entry.get("error")
+    return report, entry
+
+
 def _arm64_a53() -> bool:
     return _arm("arm64-a53")
 
 
 @pytest.mark.skipif(not _arm64_a53(), reason="arm64-a53 emulation not set up (python -m lightning_ncnnqat.targets setup-arm)")
 def test_emulated_target_is_judged_against_the_same_floor(cancelling) -> None:
-    model, x, out, _ = cancelling
-    io = model_io(model, x[:1])
-    param = NcnnParam.parse((out / "model.int8.param").read_text())
-    report = ExportReport(str(out))
-    measure(report, ModelFiles(out, param, *blob_names(param, io)), model, folded_float_model(model), io, [x], [], {},
-            1, 0, None, targets=("x86", "arm64-a53"))
-    entry = report.runtime["arm64-a53"]
-    assert "error" not in entry, entry.get("error")
+    report, entry = _measured_on(cancelling, "arm64-a53")
     cos, floor = entry["int8_vs_qat"]["cosine"], report.float32_floor
     assert cos < MIN_OUTPUT_COSINE and entry["float32_floor"] == floor and entry["outputs"][0]["at_float32_floor"]
     assert not [w for w in report.warnings if "output cosine" in w], report.warnings
@@ -299,14 +306,7 @@ def test_near_ties_are_no_excuse_for_a_failing_output(cancelling) -> None:
 def test_a76_default_options_far_below_the_floor_is_warned(cancelling) -> None:
     """Cortex-A76 stores the conv outputs (~3e4) in fp16: the cancellation is lost under default
     options while the strict run sits at the floor."""
-    model, x, out, _ = cancelling
-    io = model_io(model, x[:1])
-    param = NcnnParam.parse((out / "model.int8.param").read_text())
-    report = ExportReport(str(out))
-    measure(report, ModelFiles(out, param, *blob_names(param, io)), model, folded_float_model(model), io, [x], [], {},
-            1, 0, None, targets=("x86", "arm64-a76"))
-    entry = report.runtime["arm64-a76"]
-    assert "error" not in entry, entry.get("error")
+    report, entry = _measured_on(cancelling, "arm64-a76")
     d, s, f = entry["int8_vs_qat"]["cosine"], entry["int8_vs_qat_strict"]["cosine"], entry["float32_floor"]
     assert d < MIN_DEFAULT_OPTIONS_COSINE and at_floor(s, f) and not at_floor(d, f)
     assert entry["outputs"][0]["at_float32_floor"] and not entry["outputs"][0]["default_options_ok"]
