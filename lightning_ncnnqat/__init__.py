@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .callbacks import QATCallback
 from .config import QATConfig
+from .errors import ConfigError, NcnnQatError
 
 # The function shadows the subpackage's name on purpose: `lightning_ncnnqat.export(...)`; the
 # subpackage stays importable as `from lightning_ncnnqat.export import ExportReport`.
@@ -23,6 +24,8 @@ from .wrappers import unwrap
 __all__ = [
     "QATCallback",
     "QATConfig",
+    "NcnnQatError",
+    "ConfigError",
     "Preprocessing",
     "calibrate",
     "CalibrationResult",

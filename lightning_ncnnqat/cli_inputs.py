@@ -24,12 +24,13 @@ from .batches import (
     map_tensors,
     positional_names,
 )
+from .errors import NcnnQatError
 from .preprocessing import Preprocessing
 
 DEFAULT_HELD_BATCH_SIZE = 64
 
 
-class UsageError(ValueError):
+class UsageError(NcnnQatError, ValueError):
     """A mistake in the command's arguments or files: printed as one line, exit code 2."""
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import ConfigError, ConfigTypeError
+
 
 RANGE_INITS = ("first_batch", "absmax", "kl", "aciq")
 """Where input thresholds start (``QATConfig.range_init``)."""
@@ -16,7 +18,7 @@ RANGE_MODES = ("moving_average", "fixed", "learned")
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
+        raise ConfigTypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class QATConfig:
     def __post_init__(self) -> None:
         m = self.momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 1.0:
-            raise ValueError(f"`momentum` must be a float in (0, 1], got {m!r}")
+            raise ConfigError(f"`momentum` must be a float in (0, 1], got {m!r}")
         object.__setattr__(self, "momentum", float(m))
         for name in ("six_bit_3x3", "sync_ranges"):
             _check_bool(name, getattr(self, name))
@@ -69,19 +71,19 @@ class QATConfig:
             _check_bool("quantize_grouped_convs", self.quantize_grouped_convs)
         for name, allowed in (("range_init", RANGE_INITS), ("ranges", RANGE_MODES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         n = self.calibration_batches
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`calibration_batches` must be an int >= 1, got {n!r}")
+            raise ConfigError(f"`calibration_batches` must be an int >= 1, got {n!r}")
         lr = self.range_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < float(lr) < float("inf"):
-            raise ValueError(f"`range_lr` must be a positive float, got {lr!r}")
+            raise ConfigError(f"`range_lr` must be a positive float, got {lr!r}")
         object.__setattr__(self, "range_lr", float(lr))
         skip = self.skip
         if isinstance(skip, str):
             skip = (skip,)
         if not isinstance(skip, Sequence) or not all(isinstance(s, str) and s for s in skip):
-            raise TypeError(f"`skip` must be a list of non-empty module names or patterns, got {self.skip!r}")
+            raise ConfigTypeError(f"`skip` must be a list of non-empty module names or patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
 
     @property

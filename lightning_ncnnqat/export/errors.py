@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from ..errors import NcnnQatError
 
-class LayerError(ValueError):
+
+class LayerError(NcnnQatError, ValueError):
     """A problem with one layer; the step runner turns it into an :class:`ExportError`."""
 
     def __init__(self, layer: str | None, message: str) -> None:
-        super().__init__(message)
-        self.layer = layer
+        super().__init__(message, layer=layer)
 
 
-class ExportError(RuntimeError):
+class ExportError(NcnnQatError, RuntimeError):
     """An export step failed.
 
     Attributes:
@@ -41,7 +42,7 @@ class ExportError(RuntimeError):
             )
         if written:
             text += f" (files written before the failure: {', '.join(written)})"
-        super().__init__(text)
+        super().__init__(text, layer=layer)
         self.step = step
         self.layer = layer
         self.message = message

@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NcnnQatError
+
 WORKER = Path(__file__).with_name("ncnn_worker.py")
 HOST = "x86"
 
 
-class NcnnRuntimeError(RuntimeError):
+class NcnnRuntimeError(NcnnQatError, RuntimeError):
     """The ncnn child process failed: crashed (``signal`` set), timed out, or raised."""
 
     def __init__(self, message: str, signal_name: str | None = None) -> None:

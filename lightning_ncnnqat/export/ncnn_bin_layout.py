@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import NcnnQatError
+
 TAG_FP32 = 0x00000000
 TAG_FP16 = 0x01306B47
 TAG_INT8 = 0x000D4B38
@@ -34,7 +36,7 @@ WEIGHTLESS_TYPES = frozenset(
 )
 
 
-class NcnnFormatError(ValueError):
+class NcnnFormatError(NcnnQatError, ValueError):
     """A .param/.bin that does not follow the ncnn format (message names the layer)."""
 
 
