@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..export.errors import LayerError
+from ..export.graph_match import torch_wiring
 from ..export.isolated_runtime import run_ncnn
 from ..export.model_io import FlatModel, model_io
 from ..export.ncnn_param import NcnnParam
@@ -62,7 +63,8 @@ def convert_float(folded: nn.Module, example: Tensor, layers: Sequence, work: Pa
         LayerError: pnnx failed, or a layer's weights are found nowhere in the ncnn model.
         ValueError: the converted model has more than one input blob.
     """
-    flat = FlatModel(folded, model_io(folded, example[:1]))  # any output structure -> out0..outM
+    io = model_io(folded, example[:1])
+    flat = FlatModel(folded, io)  # any output structure -> out0..outM
     pn = convert_with_pnnx(flat, example[:1])
     param_path, bin_path = work / "float.ncnn.param", work / "float.ncnn.bin"
     param_path.write_text(pn.param_text)
@@ -71,7 +73,7 @@ def convert_float(folded: nn.Module, example: Tensor, layers: Sequence, work: Pa
     inputs = [t for lay in param.layers if lay.type == "Input" for t in lay.tops]
     if len(inputs) != 1:
         raise ValueError(f"activations='ncnn' needs a model with one input; the ncnn model has inputs {inputs}")
-    names = ncnn_names_by_weights(layers, param_path, bin_path)
+    names = ncnn_names_by_weights(layers, param_path, bin_path, torch_wiring(folded, io, [example[:1]]))
     bottoms = {}
     for t, n in names.items():
         lay = param.layer(n)

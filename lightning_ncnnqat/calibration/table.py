@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..export.graph_match import Wiring, ncnn_wiring
 from ..export.matching import WeightOwner, match_by_weights
 from ..export.ncnn_param import INT8_TYPES, NcnnParam, bin_layout
 from ..export.tables import TableRow
@@ -23,19 +24,23 @@ def ncnn_owners(param_text: str, bin_bytes: bytes) -> list[WeightOwner]:
     param = NcnnParam.parse(param_text)
     layout = bin_layout(param, bin_bytes)
     owners = []
-    for lay in param.layers:
+    for i, lay in enumerate(param.layers):
         if lay.type not in INT8_TYPES:
             continue
         es = {e.role: e for e in layout[lay.name]}
         if "weight" not in es:
             continue
         bias = es["bias"].values(bin_bytes) if "bias" in es else None
-        owners.append(WeightOwner(lay.name, lay.type, es["weight"].values(bin_bytes), bias))
+        owners.append(WeightOwner(lay.name, lay.type, es["weight"].values(bin_bytes), bias, i))
     return owners
 
 
-def ncnn_names_by_weights(layers: Sequence, param_path: str | Path, bin_path: str | Path) -> dict[str, str]:
-    """torch layer name -> ncnn layer name, by equal float32 weights (pnnx ``fp16=0`` output).
+def ncnn_names_by_weights(
+    layers: Sequence, param_path: str | Path, bin_path: str | Path, torch_graph: Wiring | None = None
+) -> dict[str, str]:
+    """torch layer name -> ncnn layer name, by equal float32 weights (pnnx ``fp16=0`` output);
+    ``torch_graph`` (the traced float model, ``graph_match.torch_wiring``) tells layers with equal
+    weights apart by their place.
 
     Raises:
         LayerError: a layer has no (or no unique) weight match in the ncnn model; the message
@@ -43,7 +48,8 @@ def ncnn_names_by_weights(layers: Sequence, param_path: str | Path, bin_path: st
     """
     text = Path(param_path).read_text()
     data = Path(bin_path).read_bytes()
-    return match_by_weights(layers, ncnn_owners(text, data), f"ncnn model ({Path(param_path).name})")
+    graphs = None if torch_graph is None else (torch_graph, ncnn_wiring(NcnnParam.parse(text)))
+    return match_by_weights(layers, ncnn_owners(text, data), f"ncnn model ({Path(param_path).name})", graphs=graphs)
 
 
 def ncnn_names_from_report(report_path: str | Path) -> dict[str, str]:

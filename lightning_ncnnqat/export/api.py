@@ -45,6 +45,7 @@ from .errors import ExportError, LayerError
 from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from .int8_writer import Int8Spec, check_float_weights, write_int8
 from .layer_checks import QuantizedRef
+from .graph_match import Wiring, ncnn_wiring, torch_wiring
 from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
 from .model_io import FlatModel, ModelIO, held_inputs, model_io, torch_outputs
 from .ncnn_param import INT8_TYPES, NcnnParam
@@ -117,6 +118,7 @@ def _table_rows(
         )
         for i in infos
     ]
+    rows = list({r.layer: r for r in reversed(rows)}.values())  # one row per converted layer (see matching._share_merged)
     return sorted(rows, key=lambda r: pos.get(r.layer, len(pos)))
 
 
@@ -154,6 +156,7 @@ class _Prepared:
     held: list[torch.Tensor]
     infos: list[QuantLayerInfo]
     folded: nn.Module
+    wiring: Wiring  # the folded model's traced graph: tells layers with equal weights apart
 
 
 def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: ExportReport, verbose: bool) -> _Prepared:
@@ -181,7 +184,8 @@ def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: Expo
             for i in infos
         ]
         folded = folded_float_model(qmodel).cpu().eval()
-    return _Prepared(qmodel, io, held, infos, folded)
+        wiring = torch_wiring(folded, io, [t[:1] for t in held])
+    return _Prepared(qmodel, io, held, infos, folded, wiring)
 
 
 def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_onnx: bool, opset: int) -> None:  # noqa: ANN001
@@ -203,7 +207,7 @@ def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_
         except Exception as e:  # noqa: BLE001
             report.warnings.append(f"model.onnx could not be checked ({type(e).__name__}: {str(e)[:300]})")
     with _step("onnx_table", verbose):
-        names, factors = onnx_names(res.model_bytes, p.infos)
+        names, factors = onnx_names(res.model_bytes, p.infos, p.wiring, report.notes)
         for t, n in names.items():
             by_torch[t].onnx_name = n
         if factors:
@@ -234,7 +238,8 @@ def _ncnn_branch(
         in_blobs, out_blobs = blob_names(f_param, p.io)
         land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
     with _step("ncnn_table", verbose):
-        owners = match_owners(p.infos, ncnn_weight_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)")
+        owners = match_owners(p.infos, ncnn_weight_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)",
+                              graphs=(p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs)), notes=report.notes)
         for t, o in owners.items():
             if converted_int8_kind(o.kind) != "table":
                 raise LayerError(

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from .errors import LayerError
+from .graph_match import Wiring
 from .matching import WeightOwner, _same, match_by_weights
 from .tracing import traceable
 
@@ -120,7 +121,7 @@ def onnx_weight_owners(model_bytes: bytes) -> list[WeightOwner]:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = n.attribute[0].t
     owners = []
-    for n in proto.graph.node:
+    for index, n in enumerate(proto.graph.node):
         if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
             continue
         t = inits.get(n.input[1]) or consts.get(n.input[1])
@@ -137,11 +138,21 @@ def onnx_weight_owners(model_bytes: bytes) -> list[WeightOwner]:
                 continue
             if not trans_b:
                 w = w.T  # stored [in, out]; torch Linear weight is [out, in]
-        owners.append(WeightOwner(onnx2ncnn_name(n), kind, np.ascontiguousarray(w).ravel(), None))
+        owners.append(WeightOwner(onnx2ncnn_name(n), kind, np.ascontiguousarray(w).ravel(), None, index))
     return owners
 
 
-def onnx_names(model_bytes: bytes, infos: Sequence) -> tuple[dict[str, str], dict[str, float]]:
+def onnx_wiring(model_bytes: bytes) -> Wiring:
+    """The ONNX graph's wiring (nodes keyed ``name#index`` as :func:`onnx_weight_owners`' owners)."""
+    g = onnx.load_from_string(model_bytes).graph
+    inits = {t.name for t in g.initializer}
+    nodes = [(f"{onnx2ncnn_name(n)}#{i}", list(n.input), list(n.output)) for i, n in enumerate(g.node)]
+    return Wiring(nodes, [i.name for i in g.input if i.name not in inits], [o.name for o in g.output])
+
+
+def onnx_names(
+    model_bytes: bytes, infos: Sequence, torch_graph: Wiring | None = None, notes: list[str] | None = None
+) -> tuple[dict[str, str], dict[str, float]]:
     """torch layer name -> ONNX (onnx2ncnn) layer name, by weight content; and the factor ``c``
     of every layer whose ONNX weights are ``c * w`` (``c > 0``): onnxsim folds a constant scale of
     the layer's input (``conv(x * 0.5)``) into its weights, so that layer reads ``x`` and its table
@@ -165,7 +176,8 @@ def onnx_names(model_bytes: bytes, infos: Sequence) -> tuple[dict[str, str], dic
                 break
         else:
             probe.append(info)
-    return match_by_weights(probe, owners, "ONNX graph"), factors
+    graphs = None if torch_graph is None else (torch_graph, onnx_wiring(model_bytes))
+    return match_by_weights(probe, owners, "ONNX graph", graphs=graphs, notes=notes), factors
 
 
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:

@@ -1,0 +1,238 @@
+"""Layers with identical weights are matched by their place in the graph (issue 19, item 8).
+
+Freshly initialised networks hold equal weights: zero-initialised residual branches (timm's
+ResNets zero the last BN's gamma of each block; after the fold every such conv is all zeros), a
+head deep-copied from another, tied weights. Each model here exports with parity, and each torch
+layer's table rows are its own: checked independently of the matcher by running the float ncnn
+model and comparing the blob each matched ncnn layer reads with the torch layer's own input, and
+by reading the scales written into model.ncnn.table / model.table against the QAT model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_ncnnqat import prepare_qat
+from lightning_ncnnqat.export import export
+from lightning_ncnnqat.export.errors import LayerError
+from lightning_ncnnqat.export.graph_match import Wiring
+from lightning_ncnnqat.export.isolated_runtime import run_ncnn
+from lightning_ncnnqat.export.matching import WeightOwner, match_owners
+from lightning_ncnnqat.export.ncnn_param import NcnnParam
+from lightning_ncnnqat.prepare import input_quantizers, quantized_layers
+
+torch.set_num_threads(1)
+
+
+class ZeroBNBlock(nn.Module):
+    """conv-BN-relu-conv-BN + identity, the last BN's gamma zero (timm ``zero_init_last``)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        nn.init.zeros_(self.b2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+class ZeroConvBlock(nn.Module):
+    """No BN: the branch's last conv has zero weight and bias (a "ReZero"-like start)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.c2.weight)
+        nn.init.zeros_(self.c2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c2(torch.tanh(self.c1(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type[nn.Module], n: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[block(8) for _ in range(n)])
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class CopiedHead(nn.Module):
+    """A backbone and two heads, the second a deep copy of the first (one-to-one detection heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.head2 = copy.deepcopy(self.head)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.body(x)
+        return self.head(f), torch.sigmoid(self.head2(f.detach()))
+
+
+class TiedBranches(nn.Module):
+    """Two convs with one weight tensor in parallel branches reading one tensor, with different
+    downstream ops, concatenated; a third with the same weight on a different tensor further on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias  # tied
+        self.mix = nn.Conv2d(16, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.c.weight, self.c.bias = self.a.weight, self.a.bias
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        z = torch.cat([F.relu(self.a(y)), torch.sigmoid(self.b(y)) * 2.0], 1)
+        return self.fc(self.c(F.relu(self.mix(z))).mean((2, 3)))
+
+
+def _table(path: Path) -> dict[str, list[float]]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            k, *v = line.split()
+            rows[k] = [float(x) for x in v]
+    return rows
+
+
+def _torch_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each named module's input on ``x`` (eval, folded or not: the QAT model's own layers)."""
+    got, mods, hs = {}, dict(model.named_modules()), []
+    for n in names:
+        hs.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n, a[0].detach().clone())))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hs:
+        h.remove()
+    return {n: t.numpy() for n, t in got.items()}
+
+
+class CopiedHeadTwoLevels(nn.Module):
+    """One head and its deep copy on two feature levels (a detection head per stride)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p3 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p4 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.head4 = copy.deepcopy(self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f3 = F.relu(self.p3(x))
+        f4 = F.relu(self.p4(f3))
+        return torch.cat([self.head(f3).flatten(2), self.head4(f4).flatten(2)], 2)
+
+
+def _export_and_check(model: nn.Module, tmp_path: Path, shape=(3, 8, 8), merged: bool = False) -> dict:
+    """Prepare, one training-mode forward (ranges, weights untouched: still freshly initialised),
+    export; then check every layer's match independently. Returns report.json."""
+    torch.manual_seed(0)
+    x = torch.randn(6, *shape)
+    prepare_qat(model, x[:1])
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    rep = export(model, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0)
+    assert rep.ok, rep.summary()
+    assert rep.int8_vs_qat.cosine > 0.999, rep.summary()
+    infos = {i.name: i for i in quantized_layers(model)}
+    names = {r.torch_name: r.ncnn_name for r in rep.layers}
+    onnx_names = {r.torch_name: r.onnx_name for r in rep.layers}
+    assert set(names) == set(infos)
+    assert merged or len(set(names.values())) == len(names)  # one converted layer per torch layer unless merged
+    # the scales written per layer are that layer's own
+    for table, key in ((_table(tmp_path / "model.ncnn.table"), names), (_table(tmp_path / "model.table"), onnx_names)):
+        for t, info in infos.items():
+            assert table[key[t]] == pytest.approx([float(info.input_scale)], rel=1e-6), (t, key[t])
+            assert table[f"{key[t]}_param_0"] == pytest.approx(info.weight_scales.reshape(-1).tolist(), rel=1e-6)
+    # the blob each ncnn layer reads is the torch layer's own input (float ncnn model vs QAT model's float path)
+    param = NcnnParam.parse((tmp_path / "model.ncnn.param").read_text())
+    bottoms = {t: param.layer(n).bottoms[0] for t, n in names.items()}
+    res = run_ncnn(tmp_path / "model.ncnn.param", tmp_path / "model.ncnn.bin", {"in0": x[:2].numpy()},
+                   sorted(set(bottoms.values())), {"num_threads": 1, "use_fp16_storage": False}, light_mode=False)
+    from lightning_ncnnqat.prepare import folded_float_model
+
+    want = _torch_inputs(folded_float_model(model), list(infos), x[:2])
+    for t, b in bottoms.items():
+        g, w = res.outputs[b].reshape(2, -1).astype(np.float64), want[t].reshape(2, -1).astype(np.float64)
+        cos = float((g * w).sum() / (np.linalg.norm(g) * np.linalg.norm(w) + 1e-30))
+        assert cos > 0.9999, (t, names[t], cos)
+    return json.loads((tmp_path / "report.json").read_text())
+
+
+@pytest.mark.parametrize("block", [ZeroBNBlock, ZeroConvBlock])
+def test_zero_initialised_residual_branches_export(block: type[nn.Module], tmp_path: Path) -> None:
+    model = ResNet(block)
+    _export_and_check(model, tmp_path)
+    infos = quantized_layers(model)
+    zero = [i.name for i in infos if not i.weight.any()]
+    assert len(zero) == 3  # the three branch ends really are identical (all zero) when matched
+
+
+def test_deep_copied_head_exports_two_outputs(tmp_path: Path) -> None:
+    """Both heads read one tensor: pnnx computes the copy once; both torch heads use its rows."""
+    model = CopiedHead()
+    d = _export_and_check(model, tmp_path, merged=True)
+    assert len(d["outputs"]) == 2
+    assert any("computes them once" in n and "'head2.0'" in n for n in d["notes"]), d["notes"]
+
+
+def test_deep_copied_head_on_two_levels(tmp_path: Path) -> None:
+    model = CopiedHeadTwoLevels()
+    d = _export_and_check(model, tmp_path)
+    by = {r["torch_name"]: r["ncnn_name"] for r in d["layers"]}
+    assert by["head.0"] != by["head4.0"] and by["head.2"] != by["head4.2"]
+
+
+def test_tied_parallel_branches_with_different_downstream_ops(tmp_path: Path) -> None:
+    model = TiedBranches()
+    d = _export_and_check(model, tmp_path, merged=True)
+    # a and b read one tensor with one weight: pnnx computes them once, and the report says so;
+    # c (same weight, another tensor) is told apart by its place: its own layer and input scale
+    assert any("['a', 'b']" in n and "computes them once" in n for n in d["notes"]), d["notes"]
+    by = {r["torch_name"]: r["ncnn_name"] for r in d["layers"]}
+    assert by["a"] == by["b"] != by["c"]
+
+
+def _info(name: str, w: torch.Tensor, scale: float) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, kind="Convolution", weight=w, bias=None, input_scale=scale, weight_bits=8,
+                           num_groups=1, weight_scales=None)
+
+
+def test_alike_layers_reading_different_tensors_are_named_not_guessed() -> None:
+    """Two torch layers with one weight, fed and feeding alike but reading different tensors
+    (different input scales): no place tells them apart, so the error names both."""
+    w = torch.ones(2, 2, 1, 1)
+    infos = [_info("p", w, 1.0), _info("q", w, 2.0)]
+    owners = [WeightOwner("L1", "Convolution", w.numpy().ravel(), None, 1),
+              WeightOwner("L2", "Convolution", w.numpy().ravel(), None, 2)]
+    torch_w = Wiring([("p", ["0"], ["1"]), ("relu@2", ["0"], ["2"]), ("q", ["2"], ["3"]), ("add@4", ["1", "3"], ["4"])],
+                     ["0"], ["4"])
+    ncnn_w = Wiring([("L1#1", ["in0"], ["a"]), ("R#2b", ["in0"], ["b"]), ("L2#2", ["b"], ["c"]),
+                     ("S#4", ["a", "c"], ["out0"])], ["in0"], ["out0"])
+    # not alike in the ncnn graph: L2 reads through R, so the place does tell them apart only if
+    # the torch side says which reads through an op; both read from in:0 and feed out:0 here
+    with pytest.raises(LayerError, match=r"cannot be told apart.*\['p', 'q'\]"):
+        match_owners(infos, owners, "ncnn model", graphs=(torch_w, ncnn_w))
