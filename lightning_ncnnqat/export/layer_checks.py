@@ -28,14 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import reference
+from ..policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE
 from .ncnn_param import NcnnLayer, NcnnParam
 from .parity import agreement
-
-#: Flag a layer whose isolated output has cosine below this ...
-MIN_LAYER_COSINE = 0.999
-#: ... or a max error above this fraction of its output's absmax (a correct layer stays within
-#: about one quantization step, 1/127 = 0.8 %).
-MAX_LAYER_REL_ERR = 0.05
 
 
 @dataclass

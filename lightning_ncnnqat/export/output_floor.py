@@ -29,27 +29,19 @@ import torch
 from torch import nn
 
 from ..modules import QAT_CLASSES, InputQuantizer
+from ..policy import (  # noqa: F401  (re-exported: the rules judge_output applies)
+    FLOOR_FACTOR,
+    FLOOR_MARGIN,
+    MIN_DEFAULT_OPTIONS_COSINE,
+    MIN_OUTPUT_COSINE,
+    at_floor,
+    output_failing,
+)
 from ..prepared import deepcopy_model
 from ..wrappers import unwrap
 from .model_io import ModelIO, torch_outputs
 from .parity import cosine
 from .report import ExportReport
-
-#: The absolute bar: an int8 output at least this close to the QAT model never needs the floor.
-MIN_OUTPUT_COSINE = 0.9999
-#: int8's error ``1 - cos`` may be this many times the floor's. At-floor ratios measured on the zoo
-#: (strict options, x86/A53, 20 models): up to 1.74 (mobilenet_v3_large); resnext50_32x4d 1.06,
-#: regnet_x_400mf 0.96; ncnn's extra float32 rounding (requantize multiply, bias add) is a second
-#: perturbation of the same size, hence ~2x at most. A wrong scale or weight is orders beyond 3x.
-FLOOR_FACTOR = 3.0
-#: Added to the allowance so that a floor of exactly 1.0 does not turn the rule into "no error at all".
-FLOOR_MARGIN = 1e-6
-
-
-def at_floor(cos: float, floor: float) -> bool:
-    """Whether an int8 cosine ``cos`` is as close to the QAT model as float32 can be (``floor``)."""
-    return (1.0 - cos) <= FLOOR_FACTOR * (1.0 - floor) + FLOOR_MARGIN
-
 
 def float64_outputs(qmodel: nn.Module, io: ModelIO, held: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Outputs of a float64 copy of ``qmodel`` on ``held``: ``[N, K]`` float64 per output blob.
@@ -98,24 +90,6 @@ class Float32Floor:
             except Exception as e:  # noqa: BLE001 - a model that cannot run in float64 keeps the absolute rule
                 self.error = f"{type(e).__name__}: {e}"
         return self._cos
-
-
-#: Under a target's default options an output may fall below its strict (approximations off)
-#: figure by the runtime's own approximations (fp16 storage, approximate requantize): a trained
-#: ResNet-18 on Cortex-A76 0.999953 vs 0.999997; random-weight zoo models down to 0.947 there. Users
-#: deploy with the default options, and this machine's figure is judged under them alone, so an
-#: emulated target's default-options cosine below this bar and not at the float32 floor stays a
-#: warning even when its strict run is fine (it names both figures: the int8 model is right, the
-#: options cost too much for this model). Until 2026-11-30 only a strict figure also below 0.9999
-#: warned, so a cosine of 0 under default options passed. Between this bar and 0.9999 the gap is
-#: the approximation's usual size: a note (``runtime_checks._strict_parity``).
-MIN_DEFAULT_OPTIONS_COSINE = 0.99
-
-
-def output_failing(cos: float, floor: float | None) -> bool:
-    """Whether an int8 output cosine ``cos`` is a defect signal: below the bar and not at the
-    float32 ``floor`` (None: not measured, so the bar alone)."""
-    return cos < MIN_OUTPUT_COSINE and (floor is None or not at_floor(cos, floor))
 
 
 _STRICT = "with fp16 storage/arithmetic and packed kernels off"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..policy import NEAR_TIE_SIGMAS
+
 
 @dataclass
 class Agreement:
@@ -39,11 +41,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 0.0
     return float(np.dot(a, b) / (na * nb))
-
-
-#: A flip is a near-tie when the reference margin between the two classes is at most this many
-#: standard deviations of the difference of two noisy values (``sqrt(2) * noise_rms``).
-NEAR_TIE_SIGMAS = 4.0
 
 
 def agreement(ref: np.ndarray, got: np.ndarray, classes: bool = True) -> Agreement:

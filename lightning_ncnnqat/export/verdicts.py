@@ -3,6 +3,7 @@ and warnings (problems), per quantized layer and per output, for :mod:`.runtime_
 
 from __future__ import annotations
 
+from ..policy import MIN_TOP1_AGREEMENT
 from .isolated_runtime import HOST
 from .output_floor import Float32Floor, judge_output, output_failing
 from .report import ExportReport
@@ -58,9 +59,9 @@ def judge(report: ExportReport, floor: Float32Floor) -> None:
         # the noise that makes a flip a near-tie is measured on this very output: when its cosine
         # fails (below the bar, not at the float32 floor) the noise is the defect, and so are the flips
         failing = output_failing(a.cosine, o.float32_floor)
-        if a.top1_agreement is not None and a.top1_agreement < 0.995:
+        if a.top1_agreement is not None and a.top1_agreement < MIN_TOP1_AGREEMENT:
             beyond = a.top1_agreement_beyond_noise
-            if beyond is not None and beyond >= 0.995 and not failing:
+            if beyond is not None and beyond >= MIN_TOP1_AGREEMENT and not failing:
                 report.notes.append(
                     f"int8 top-1 agreement with the QAT model is {100 * a.top1_agreement:.2f}%{where}, but all "
                     f"{a.near_tie_flips} flip(s) are near-ties: the reference margin is within the measured int8 "

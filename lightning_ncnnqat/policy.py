@@ -1,0 +1,98 @@
+"""Policy: every pass/fail threshold of the package and the pure rules that apply them.
+
+Measurements live elsewhere (``export.runtime_checks``, ``export.parity``, ``export.layer_checks``,
+``export.output_floor``); what a figure MEANS is decided here, from numbers only. This module
+imports nothing from the package and nothing but the standard library, so every room may use it
+and a threshold has exactly one home. Each constant says where its value comes from.
+"""
+
+from __future__ import annotations
+
+# ---- int8 output vs the QAT model ---------------------------------------------------------
+
+#: The absolute bar: an int8 output at least this close (cosine) to the QAT model never needs the floor.
+MIN_OUTPUT_COSINE = 0.9999
+#: int8's error ``1 - cos`` may be this many times the float32 floor's. At-floor ratios measured on
+#: the zoo (strict options, x86/A53, 20 models): up to 1.74 (mobilenet_v3_large); resnext50_32x4d
+#: 1.06, regnet_x_400mf 0.96; ncnn's extra float32 rounding (requantize multiply, bias add) is a
+#: second perturbation of the same size, hence ~2x at most. A wrong scale or weight is orders beyond 3x.
+FLOOR_FACTOR = 3.0
+#: Added to the allowance so that a floor of exactly 1.0 does not turn the rule into "no error at all".
+FLOOR_MARGIN = 1e-6
+#: Under a target's default options an output may fall below its strict (approximations off)
+#: figure by the runtime's own approximations (fp16 storage, approximate requantize): a trained
+#: ResNet-18 on Cortex-A76 0.999953 vs 0.999997; random-weight zoo models down to 0.947 there.
+#: Users deploy with the default options, so an emulated target's default-options cosine below
+#: this bar and not at the float32 floor is a warning even when its strict run is fine; between
+#: this bar and :data:`MIN_OUTPUT_COSINE` the gap is the approximation's usual size: a note.
+MIN_DEFAULT_OPTIONS_COSINE = 0.99
+#: The smallest default-vs-strict cosine gap the notes name as the runtime's own approximation.
+#: Below it the two figures agree to about five decimals and a note would stand on every A76
+#: export (fp16 storage alone moves a well-conditioned model's cosine by ~1e-6); the trained
+#: ResNet-18 of the main job (A76: 0.999953 vs 0.999997, a gap of 4.4e-5) keeps its note.
+MIN_NOTED_GAP = 1e-5
+#: int8 top-1 agreement with the QAT model below this is a warning unless every flip is a near-tie.
+MIN_TOP1_AGREEMENT = 0.995
+#: A top-1 flip is a near-tie when the reference margin is within this many sigmas of the int8
+#: noise of the difference of two logits (``sqrt(2) * noise_rms``).
+NEAR_TIE_SIGMAS = 4.0
+
+# ---- one int8 layer on ncnn's own input ---------------------------------------------------
+
+#: Flag a layer whose isolated output has cosine below this ...
+MIN_LAYER_COSINE = 0.999
+#: ... or a max error above this fraction of its output's absmax (a correct layer stays within
+#: about one quantization step, 1/127 = 0.8 %).
+MAX_LAYER_REL_ERR = 0.05
+
+
+def at_floor(cos: float, floor: float) -> bool:
+    """Whether an int8 cosine ``cos`` is as close to the QAT model as float32 can be (``floor``:
+    the cosine of the QAT model in float32 vs float64 on the same inputs)."""
+    return (1.0 - cos) <= FLOOR_FACTOR * (1.0 - floor) + FLOOR_MARGIN
+
+
+def output_failing(cos: float, floor: float | None) -> bool:
+    """Whether an output cosine ``cos`` is a defect signal: below the bar and not at the float32
+    ``floor`` (None: not measured, so the bar alone)."""
+    return cos < MIN_OUTPUT_COSINE and (floor is None or not at_floor(cos, floor))
+
+
+def approximation_gap(default_cos: float, strict_cos: float) -> bool:
+    """Whether a target's default-options int8 cosine is materially below its strict one: the gap
+    is at least :data:`MIN_NOTED_GAP` and either the strict run alone meets the bar or the default
+    options' error ``1 - cos`` is over twice the strict one's."""
+    if strict_cos - default_cos < MIN_NOTED_GAP:
+        return False
+    return default_cos < MIN_OUTPUT_COSINE <= strict_cos or (1 - default_cos) > 2 * (1 - strict_cos)
+
+
+# ---- QAT start at the user's learning rate -------------------------------------------------
+
+#: A higher-is-better validation metric (accuracy, top-1, F1...) has collapsed at QAT start when
+#: its first QAT value is below this fraction of its last float value (the issue's run: 0.705
+#: float, 0.098 after one QAT epoch at the float run's lr 0.05; a healthy start on the tests'
+#: digits CNN moves it by a few points).
+COLLAPSE_KEEP_FRACTION = 0.5
+#: A lower-is-better one (a loss) has collapsed when its first QAT value is over this multiple of
+#: its last float value ...
+COLLAPSE_LOSS_FACTOR = 2.0
+#: ... and higher by at least this much, so a near-zero float loss that doubles is not a collapse
+#: (cross-entropy at chance on 10 classes is 2.3; a trained model's is a few tenths).
+COLLAPSE_LOSS_MIN_RISE = 0.25
+#: The learning-rate factor the collapse warning suggests for QAT fine-tuning (the QAT literature
+#: fine-tunes at about a tenth of the float run's final rate).
+QAT_LR_FACTOR = 0.1
+
+
+def collapsed(before: float, after: float, higher_is_better: bool) -> bool:
+    """Whether a validation metric went from ``before`` (last float validation) to ``after``
+    (first QAT validation) by a collapse, not by QAT's usual small loss; a non-finite ``after``
+    (from a finite ``before``) is one."""
+    if before != before or before in (float("inf"), float("-inf")):
+        return False
+    if after != after or after in (float("inf"), float("-inf")):
+        return True
+    if higher_is_better:
+        return before > 0 and after < COLLAPSE_KEEP_FRACTION * before
+    return after > COLLAPSE_LOSS_FACTOR * before and after - before >= COLLAPSE_LOSS_MIN_RISE
