@@ -29,6 +29,7 @@ from torch import nn
 from .batches import as_call, check_call
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .config import QATConfig
+from .export_form import export_form
 from .graph import DataFlow, trace_call
 from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer
 from .plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
@@ -168,7 +169,8 @@ def _unfolded_bn_notes(layers: dict[str, LayerPlan], flow: DataFlow) -> dict[str
 
 
 def _traced(model: nn.Module, args: tuple, kwargs: dict) -> tuple[DataFlow, DataFlow | None, str | None]:
-    flow = trace_call(model, args, kwargs, training=False)
+    with export_form(model):  # the eval graph in the form it deploys (export_form.py)
+        flow = trace_call(model, args, kwargs, training=False)
     try:
         return flow, trace_call(model, args, kwargs, training=True), None
     except Exception as exc:  # noqa: BLE001  (the eval graph is what ncnn runs; go on without)

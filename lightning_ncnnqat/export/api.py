@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import ops
 from ..batches import positional_names
+from ..export_form import in_export_form
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
 from ..prepared import deepcopy_model
 from ..preprocessing import Preprocessing, find_preprocessing
@@ -400,6 +401,7 @@ def resolve_targets(targets: str | Sequence[str]) -> list[str]:
     return wanted if HOST in wanted else [HOST, *wanted]
 
 
+@in_export_form  # every trace and reference forward of the export in the form it deploys
 def _export(
     model: nn.Module,
     export_dir: str | Path,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from ..batches import as_call, check_call, inputs_like
+from ..export_form import export_form
 
 
 @dataclass
@@ -93,7 +94,8 @@ class FlatModel(nn.Module):
 
     def forward(self, *tensors: Tensor) -> Any:
         args, kwargs = self.io.call(tensors)
-        _, outs = tensor_leaves(self.model(*args, **kwargs))
+        with export_form(self.model):  # a no-op inside export(); the form it deploys elsewhere
+            _, outs = tensor_leaves(self.model(*args, **kwargs))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -117,7 +119,7 @@ def model_io(model: nn.Module, example_input: Any) -> ModelIO:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), export_form(model):
             a, k = io.call(ex)
             paths, outs = tensor_leaves(model(*a, **k))
     finally:
@@ -165,7 +167,7 @@ def torch_outputs(model: nn.Module, io: ModelIO, inputs: Sequence[Tensor], batch
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), export_form(model):
             step = batch_size
             i = 0
             while i < n:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import LayerError
 from .ncnn_param import NcnnParam
+from .op_origin import EXPORT_FORM_HINT, op_origins
 from .tracing import traceable
 
 
@@ -79,9 +80,10 @@ def convert_with_pnnx(
         name, typ = bad[0]
         ignored = [ln for ln in log.splitlines() if ln.startswith("ignore ")]
         hint = f" (pnnx: {ignored[0]})" if ignored else ""
+        where = op_origins(traced, model, bad, log).get(name, (None, "a module not found in the trace"))[1]
         raise LayerError(
             name,
-            f"pnnx could not convert op '{typ}' (ncnn layer '{name}') to an ncnn layer{hint}; "
-            f"all unconvertible: {', '.join(f'{n} ({t})' for n, t in bad)}",
+            f"pnnx could not convert op '{typ}' (ncnn layer '{name}') in {where} to an ncnn layer{hint}; "
+            f"all unconvertible: {', '.join(f'{n} ({t})' for n, t in bad)}. {EXPORT_FORM_HINT}",
         )
     return PnnxResult(text, data, log)
