@@ -13,6 +13,7 @@ fi
 stamp=.venv/.requirements.sha
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the pinned requirements into .venv (torch 2.13.0 CPU build; a few minutes the first time)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
   echo "$want" >"$stamp"
@@ -20,6 +21,7 @@ fi
 # Rebuild the extension whenever its sources changed (cheap no-op otherwise).
 src=$(cat setup.py csrc/*.cpp csrc/*.h csrc/cuda/* 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.build.sha 2>/dev/null)" != "$src" ]; then
+  echo "setup: building the C++ fake-quant kernels against torch (about a minute)"
   python -m pip install -q --no-build-isolation --no-deps -e .
   echo "$src" >.venv/.build.sha
 fi
