@@ -1,0 +1,229 @@
+"""Deployment speed: ncnn int8 vs the float ncnn model of the same export, timed side by side.
+
+    python benchmarks/deploy_speed.py --models cifar10-resnet18 results-mobilenetv2 silu-cnn
+    python benchmarks/deploy_speed.py --export-dir runs/export            # an existing export
+    python benchmarks/deploy_speed.py --models silu-cnn --swap --layers   # + swapped variant, per layer
+    .venv-zoo/bin/python benchmarks/deploy_speed.py --zoo mobilenet_v2 resnet18
+
+Per built model: random init (seed 0), ``prepare_qat``, a few QAT steps on random data, export
+(x86 only). Then for every thread count the float (``model.ncnn.*``) and int8 (``model.int8.*``)
+models are timed in ONE child process, alternating (A B B A ...), with ncnn's default options
+except ``num_threads``: median ms with min/max, the speed-up float/int8 and a verdict
+(``faster``/``slower`` beyond 3%, else ``tie``). The machine is named (CPU model, load, ncnn
+version). Random weights: the speed of a layer does not depend on its values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from lightning_ncnnqat import export, prepare_qat  # noqa: E402
+from lightning_ncnnqat.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
+from lightning_ncnnqat.speed_plan import count_chains, judge, measure_layers, time_models, whole_models  # noqa: E402
+
+
+class SiLUCNN(nn.Module):
+    """A small SiLU CNN (stem, depthwise-separable and plain 3x3 blocks, linear head)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_ch: int = 3) -> None:
+        super().__init__()
+        c = width
+
+        def cbs(cin: int, cout: int, k: int, s: int = 1, g: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
+
+        self.features = nn.Sequential(
+            *cbs(in_ch, c, 3), *cbs(c, c, 3), *cbs(c, 2 * c, 3, 2), *cbs(2 * c, 2 * c, 3, 1, 2 * c),
+            *cbs(2 * c, 2 * c, 1), *cbs(2 * c, 4 * c, 3, 2), *cbs(4 * c, 4 * c, 3),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build(name: str) -> tuple[nn.Module, int]:
+    """A model by name and its input size (square, 3 channels)."""
+    if name in ("cifar10-resnet18", "results-resnet18", "results-mobilenetv2", "cifar10-mobilenetv2"):
+        from examples.cifar10 import build_backbone
+
+        return {
+            "cifar10-resnet18": lambda: (build_backbone("resnet18", 10, width=64), 32),
+            "cifar10-mobilenetv2": lambda: (build_backbone("mobilenetv2", 10, width_mult=1.0), 32),
+            "results-resnet18": lambda: (build_backbone("resnet18", 10, width=8), 16),
+            "results-mobilenetv2": lambda: (build_backbone("mobilenetv2", 10, width_mult=0.25), 16),
+        }[name]()
+    if name == "silu-cnn":
+        return SiLUCNN(), 32
+    if name.startswith("zoo:"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from zoo import MODELS, build_model  # the zoo bench's list (torchvision / timm)
+
+        source, size = MODELS[name[4:]]
+        return build_model(name[4:], source, Path(".")), size
+    raise ValueError(f"unknown model {name!r}")
+
+
+def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap: bool) -> dict[str, Any]:
+    """Swap (optional), prepare, a few QAT steps on random data, export to ``out``; facts."""
+    torch.manual_seed(0)
+    info: dict[str, Any] = {}
+    x = torch.randn(8, 3, size, size)
+    if swap:
+        info["swap"] = swap_activations(model, example_input=x[:1]).summary()
+    model.train()
+    prepare_qat(model, x[:1])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    for _ in range(steps):
+        out_t = model(x)
+        loss = nn.functional.cross_entropy(out_t, torch.randint(0, out_t.shape[-1], (x.shape[0],)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    rep = export(model, out, x[:1], x, verbose=False, targets=["x86"], timing_runs=0, check_onnx=False,
+                 layer_check_samples=1)
+    if rep.failures:
+        raise RuntimeError(f"export of {out.name} failed: {rep.failures}")
+    info["int8_vs_qat_cosine"] = rep.int8_vs_qat.cosine if rep.int8_vs_qat else None
+    return info
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and features (/proc/cpuinfo), cores, load, ncnn version."""
+    import ncnn
+
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    feats = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "f16c") if f in flags]
+    return {"cpu": cpu, "features": feats, "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
+            "ncnn": getattr(ncnn, "__version__", "unknown"), "torch": torch.__version__}
+
+
+def time_export(d: Path, threads: list[int | None], runs: int, warmup: int) -> list[dict[str, Any]]:
+    """Float vs int8 of export ``d`` for each thread count (None: ncnn's default)."""
+    rows = []
+    chains = count_chains((d / "model.int8.param").read_text())
+    for th in threads:
+        f, q = whole_models(d, th)
+        t = time_models([f, q], runs=runs, warmup=warmup)
+        on = "cpu" if th == 1 else "wall"  # 1 thread: CPU time, immune to preemption on a busy machine
+        rows.append({"threads": "default" if th is None else th, "float": asdict(t["float"]), "int8": asdict(t["int8"]),
+                     "speedup": t["float"].median_ms / t["int8"].median_ms,
+                     "speedup_cpu": t["float"].ms("cpu") / t["int8"].ms("cpu"),
+                     "verdict": f"{judge(t['int8'], t['float'], on=on)} ({on})",
+                     "chains": asdict(chains), "load_1min": os.getloadavg()[0]})
+    return rows
+
+
+def _ms(t: dict[str, Any]) -> str:
+    return f"{t['median_ms']:.3f} [{t['min_ms']:.3f}-{t['max_ms']:.3f}]"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per model and thread count."""
+    out = ["| model | threads | float wall ms median [min-max] | int8 wall ms median [min-max] | float/int8 wall | "
+           "float/int8 CPU time | verdict | requantized / int8 convs | chain breakers |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r["rows"]:
+            c = row["chains"]
+            br = ", ".join(f"{k} {v}" for k, v in sorted(c["breakers"].items())) or "-"
+            out.append(f"| {r['model']} | {row['threads']} | {_ms(row['float'])} | {_ms(row['int8'])} | "
+                       f"{row['speedup']:.2f}x | {row['speedup_cpu']:.2f}x | {row['verdict']} | {c['requantized']} / {c['int8_convs']} | {br} |")
+    return "\n".join(out)
+
+
+def layer_table(d: Path, runs: int) -> str:
+    """Per int8 layer, alone, 1 thread: int8 vs float median CPU ms, slowest ratio first."""
+    lts = measure_layers(d, threads=1, runs=runs)
+    out = ["| layer | type | int8 CPU ms | float CPU ms | float/int8 | requantized in model |", "|---|---|---|---|---|---|"]
+    for t in sorted(lts, key=lambda t: t.speedup):
+        out.append(f"| {t.ncnn_name} | {t.type} {t.kernel}x{t.kernel} | {t.int8.ms('cpu'):.4f} | {t.float.ms('cpu'):.4f} | "
+                   f"{t.speedup:.2f}x | {t.requantized} |")
+    by_type: dict[str, list[float]] = {}
+    for t in lts:
+        key = f"{t.type} {t.kernel}x{t.kernel}" if t.type in ("Convolution", "ConvolutionDepthWise") else t.type
+        by_type.setdefault(key, [0.0, 0.0])
+        by_type[key][0] += t.int8.ms("cpu")
+        by_type[key][1] += t.float.ms("cpu")
+    out.append("")
+    out += [f"- {k}: int8 {v[0]:.3f} ms vs float {v[1]:.3f} ms summed alone ({v[1] / v[0]:.2f}x)" for k, v in by_type.items()]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=[], help="cifar10-resnet18 cifar10-mobilenetv2 results-resnet18 "
+                   "results-mobilenetv2 silu-cnn")
+    p.add_argument("--zoo", nargs="*", default=[], help="zoo architectures by name (benchmarks/zoo.py; .venv-zoo)")
+    p.add_argument("--export-dir", nargs="*", default=[], help="existing export directories to time")
+    p.add_argument("--threads", nargs="+", default=["1", "2"], help="ncnn threads per timing; 'default' = ncnn's")
+    p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--qat-steps", type=int, default=3)
+    p.add_argument("--swap", action="store_true", help="also time each built model with swap_activations() applied")
+    p.add_argument("--layers", action="store_true", help="also time every int8 layer alone (int8 vs float)")
+    p.add_argument("--work", default="deploy_speed_out", help="where exports go")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    threads = [None if t == "default" else int(t) for t in a.threads]
+    work = Path(a.work)
+    jobs: list[tuple[str, Path | None, bool]] = [(str(d), Path(d), False) for d in a.export_dir]
+    for name in a.models + [f"zoo:{z}" for z in a.zoo]:
+        jobs.append((name, None, False))
+        if a.swap:
+            jobs.append((name, None, True))
+    results = []
+    for label, d, swap in jobs:
+        info: dict[str, Any] = {}
+        if d is None:
+            model, size = build(label)
+            label = label + (" +swap" if swap else "")
+            d = work / label.replace(":", "_").replace(" +", "_")
+            if swap and not any(type(m) in DEFAULT_SWAPS for m in model.modules()):
+                print(f"{label}: no activation module to swap; skipped", flush=True)
+                continue
+            info = prepare_and_export(model, size, d, a.qat_steps, swap)
+            info["input"] = [3, size, size]
+        res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup)}
+        if a.layers:
+            res["layers_md"] = layer_table(d, max(10, a.runs // 2))
+        results.append(res)
+        print("\n".join(table([res]).splitlines()[2:]), flush=True)
+    m = machine()
+    print(f"\nmachine: {m['cpu']} ({', '.join(m['features'])}), {m['cpus']} cpus, load {m['load_1min']:.2f}, "
+          f"ncnn {m['ncnn']}; {a.runs} interleaved runs per model, ncnn default options except num_threads\n")
+    print(table(results))
+    for r in results:
+        if "swap" in r:
+            print(f"\n{r['model']}: {r['swap']}")
+        if "layers_md" in r:
+            print(f"\n{r['model']} per layer, alone, 1 thread:\n{r['layers_md']}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"machine": m, "results": results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
