@@ -85,6 +85,19 @@ class InputQuantizer(nn.Module):
         self.record_stats = False  # set by the callback at its logging rate
         self.last_clip_fraction: Tensor | None = None
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """Device moves apply; dtype casts do not: the thresholds stay float32, bit-exact, under
+        ``.half()`` / ``.double()`` / ``.to(dtype)`` and Lightning's ``precision="*-true"``
+        (``convert_module`` casts the whole model, after a checkpoint re-applied the plan): the
+        ops compute scales in float32 and the table holds the float32 value."""
+        before = {k: b for k, b in self._buffers.items() if b is not None}
+        out = super()._apply(fn, recurse)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return out
+
     def forward(self, x: Tensor, update: bool = True) -> Tensor:
         if self.learned:
             return self._forward_learned(x, update)

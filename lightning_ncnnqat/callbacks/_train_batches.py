@@ -74,4 +74,5 @@ def train_batches(trainer: Any, pl_module: Any, num_batches: int) -> Iterator[An
         if call_hook is not None and transfer is not None:
             batch = call_hook("on_before_batch_transfer", batch, 0)
             batch = transfer(batch)
-        yield batch
+        plugin = getattr(trainer, "precision_plugin", None)
+        yield batch if plugin is None else plugin.convert_input(batch)  # bf16/fp16 under "*-true", as in a step

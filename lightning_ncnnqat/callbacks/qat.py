@@ -6,7 +6,9 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -16,8 +18,14 @@ from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
 from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
+from ..dtypes import float32_example, float32_model
+from ..errors import ConfigError
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
-from ._held import held_batch
+from ._fit_start import (
+    check_max_epochs, check_precision, check_start_reachable, debug_run, model_example, note_debug_run,
+    qat_start_epoch,
+)
+from ._held import check_held_batch, held_batch, model_probe
 from ._rank_zero import on_rank_zero, ranges_unsynced
 from ._train_batches import train_inputs
 
@@ -89,6 +97,13 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     ``ckpt_path``): a checkpoint saved during QAT re-applies its plan to a float model before
     the weights load, and a float checkpoint loaded into a QAT-prepared model first returns the
     model to float (same Parameters; QAT starts again at ``start_epoch``).
+
+    Fit-start rules (:mod:`._fit_start`): ``precision`` "32-true", "*-mixed" and "bf16-true" /
+    "16-true" train with QAT (thresholds stay float32; the export and its preflight run on a
+    float32 copy); "64-true", Transformer Engine and bitsandbytes are refused in ``setup``. A
+    ``start_epoch`` that ``max_epochs`` or ``max_steps`` never reaches is refused before the
+    first training step; ``max_time`` warns. Under ``fast_dev_run`` QAT starts at once and the
+    export runs in a temporary directory (``export_dir`` is not touched).
     """
 
     def __init__(
@@ -181,25 +196,24 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            max_epochs = trainer.max_epochs
-            if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
-                raise ValueError(
-                    f"QATCallback: `start_epoch`={self.start_epoch} is not before the Trainer's "
-                    f"`max_epochs`={max_epochs}: QAT would never start. Lower start_epoch or raise max_epochs."
-                )
+            check_max_epochs(trainer, self.start_epoch)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
-            raise ValueError(
+            raise ConfigError(
                 f"QATCallback does not support the {strategy} strategy: it shards parameters, so layers cannot "
-                "be fake-quantized per output channel or exported from one rank. Use strategy='ddp' or 'ddp_spawn'."
+                "be fake-quantized per output channel or exported from one rank. Use strategy='ddp' or 'ddp_spawn'.",
+                argument="strategy", value=strategy,
             )
+        check_precision(trainer)
         if stage == "fit" and get_plan(pl_module) is None:
             from ..ranges import check_one_input
 
             check_one_input(pl_module, self.config, "QATCallback")
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
-        if stage == "fit" and self.preflight and self.export_dir is not None:
+        if stage == "fit" and debug_run(trainer):
+            note_debug_run(trainer, self.start_epoch, self.export_dir)
+        elif stage == "fit" and self.preflight and self.export_dir is not None:
             path = self._export_path(trainer)
 
             def check() -> None:
@@ -264,15 +278,27 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     # ---- switching QAT on -------------------------------------------------------------
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        check_start_reachable(trainer, pl_module, self.start_epoch)  # batches per epoch known, no step run
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is not None and self.export_dir is not None:
+            self._check_held(trainer, pl_module, model_example(trainer, pl_module, example))
+
+    def _check_held(self, trainer: Any, pl_module: Any, example: Any) -> None:
+        warning = check_held_batch(trainer, pl_module, example, self.held_batch_size)
+        if warning:
+            rank_zero_warn(warning)
+
+    @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.plan is None and trainer.current_epoch >= self.start_epoch:
+        if self.plan is None and trainer.current_epoch >= qat_start_epoch(trainer, self.start_epoch):
             example = self.example_input if self.example_input is not None else pl_module.example_input_array
             if example is not None:
                 self._activate(trainer, pl_module, example)
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.plan is None and trainer.current_epoch >= self.start_epoch:
+        if self.plan is None and trainer.current_epoch >= qat_start_epoch(trainer, self.start_epoch):
             call = example_from_batch(batch, pl_module)
             if call is None:
                 raise ValueError(
@@ -291,7 +317,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 q.record_stats = True
 
     def _activate(self, trainer: Any, pl_module: Any, example: Any) -> None:
-        example = from_call(*map_tensors(lambda t: t.to(pl_module.device), as_call(example)))
+        example = model_example(trainer, pl_module, example)  # on its device, cast as batches are
+        if self.export_dir is not None and self.example_input is None and pl_module.example_input_array is None:
+            self._check_held(trainer, pl_module, example)  # traced on the first batch: not checked at train start
         self.plan = plan_and_apply(pl_module, example, self.config)
         self._traced_example = example
         if self.verbose:
@@ -304,9 +332,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             def run() -> None:
                 from ..export.preflight import preflight
 
-                with ranges_unsynced(pl_module):
+                held, _ = held_batch(trainer, pl_module, example, self.held_batch_size, model_probe(trainer, pl_module))
+                with ranges_unsynced(pl_module):  # its missing ranges are set from `held`, on a copy
                     wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets,
-                                           float_weights=self.float_weights))
+                                           float_weights=self.float_weights, held_batch=held))
 
             on_rank_zero(trainer, "export preflight", run)
             if trainer.world_size > 1:  # every rank re-plans the same way
@@ -424,12 +453,16 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _export(self, trainer: Any, pl_module: Any) -> Any:
         from ..export import export
 
-        export_dir = self._export_path(trainer)
-        example = self._example(pl_module)
-        held, source = held_batch(trainer, pl_module, example, self.held_batch_size)
-        with ranges_unsynced(pl_module):
+        example = float32_example(self._example(pl_module))
+        held, source = held_batch(trainer, pl_module, example, self.held_batch_size, model_probe(trainer, pl_module))
+        with contextlib.ExitStack() as stack:
+            export_dir = self._export_path(trainer)
+            if debug_run(trainer):  # Lightning's fast_dev_run writes nothing: a debug run never overwrites an export
+                export_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ncnnqat_fast_dev_run_"))
+            stack.enter_context(ranges_unsynced(pl_module))
+            model = stack.enter_context(float32_model(pl_module))  # the float32 copy under a *-true precision
             return export(
-                pl_module,
+                model,
                 export_dir,
                 example_input=example,
                 held_batch=held,

@@ -23,12 +23,17 @@ from ..config import QATConfig
 from ..plan import get_plan
 from ..prepare import input_quantizers, plan_and_apply, unprepare
 from ..wrappers import unwrap
-from .api import preflight_export
+from ..batches import positional_names
+from ..dtypes import float32_example, float32_model
+from ..errors import config_error
+from .api import fill_missing_ranges, preflight_export
+from .model_io import held_inputs, model_io
 from .errors import ExportError
 
 
 def check_export_dir(path: str | os.PathLike) -> None:
-    """Raise ValueError naming ``path`` if the export directory cannot be created or written.
+    """Raise :class:`~lightning_ncnnqat.errors.ConfigError` (a ValueError) naming ``path`` if the
+    export directory cannot be created or written.
 
     Creates the directory (as the export would) and writes and removes one temporary file.
     """
@@ -37,8 +42,8 @@ def check_export_dir(path: str | os.PathLike) -> None:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".ncnnqat_write_check_", delete=True):
             pass
-    except OSError as e:
-        raise ValueError(f"`export_dir` {str(p)!r} cannot be written: {e.strerror or e}") from e
+    except OSError as e:  # one line naming the argument, no chained OSError traceback
+        raise config_error("export_dir", str(p), f"cannot be written: {e.strerror or e}") from None
 
 
 def measure_int8_layers(
@@ -110,15 +115,36 @@ def preflight(
     verbose: bool = False,
     targets: str | Sequence[str] | None = None,
     float_weights: str = "fp32",
+    held_batch: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Run ONNX export, pnnx, layer matching and the int8 writer on ``model`` (a copy is used
     where ranges must be filled; nothing of the user's model changes) in a temporary directory;
     with ``targets``, also run every int8 layer there once (see :func:`measure_int8_layers`).
 
+    The preflight runs before any training step, so no range is set yet: they are set on a copy
+    from ``held_batch`` (real inputs, as the export does at the end), else from the example
+    input (often all zeros: a learned threshold cannot start from an all-zero input).
+
     Returns ``{target: {layer: isolated cosine}}`` of wrongly computed layers (empty without
     ``targets``). Raises :class:`ExportError` naming the step and layer.
     """
     t0 = time.perf_counter()
+    with float32_model(model) as model32:  # a bf16/fp16 model (precision="*-true") exports in float32
+        return _preflight(model32, float32_example(example_input), verbose, targets, float_weights, held_batch, t0)
+
+
+def _preflight(
+    model: nn.Module, example_input: Any, verbose: bool, targets: str | Sequence[str] | None, float_weights: str,
+    held_batch: Any, t0: float,
+) -> dict[str, dict[str, float]]:
+    if held_batch is not None:
+        try:
+            io = model_io(model, example_input)
+            held = held_inputs(io, held_batch, positional_names(model))
+        except (TypeError, ValueError):
+            held = None  # preflight_export below reports the example's fault as an ExportError
+        if held is not None:
+            model, _ = fill_missing_ranges(model, io, held)
     try:
         rep = preflight_export(model, example_input, targets, float_weights)
     except ExportError as e:
