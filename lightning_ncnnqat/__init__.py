@@ -18,7 +18,9 @@ from .errors import ConfigError, NcnnQatError
 from .export import ExportError, ExportReport, export
 from .calibration import CalibrationResult, calibrate
 from .preprocessing import Preprocessing
-from .prepare import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint, unprepare
+from .checkpoint import load_from_checkpoint, restore_from_checkpoint
+from .prepare import folded_float_model, quantized_layers, unprepare
+from .qat_start import prepare_qat
 from .wrappers import unwrap
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "prepare_qat",
     "quantized_layers",
     "restore_from_checkpoint",
+    "load_from_checkpoint",
     "unprepare",
     "unwrap",
 ]

@@ -5,8 +5,9 @@
         [--input-shape 1,3,32,32] [--preprocessing JSON_OR_FILE] [--quiet]
 
 Rebuilds the model from a Lightning checkpoint (its ``hyper_parameters`` are passed to the
-class), re-applies the QAT plan the checkpoint carries (keys with ``module.`` /
-``_forward_module.`` prefixes from DataParallel/DDP are accepted) and exports it.
+class), re-applies the QAT plan the checkpoint carries (full and weights-only checkpoints and a
+QAT model's ``state_dict()`` carry it; keys with ``module.`` / ``_forward_module.`` prefixes
+from DataParallel/DDP are accepted) and exports it.
 
 The held batch (real inputs the int8 model is compared on, in ncnn, against the PyTorch QAT
 model) comes from ``--held-batch FILE`` (``.npy``, ``.npz`` or ``torch.save``'d ``.pt``: model
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ex.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) saved after QAT started")
+    ex.add_argument(
+        "checkpoint", help="Lightning checkpoint (.ckpt, full or weights-only) saved after QAT started"
+    )
     ex.add_argument("--model", required=True, help="the LightningModule class, 'package.module:ClassName'")
     ex.add_argument("--export-dir", required=True, help="directory to write the export into (created)")
     ex.add_argument(

@@ -24,7 +24,10 @@ from .batches import (
     map_tensors,
     positional_names,
 )
+from .checkpoint import CheckpointMismatchError, restore_from_checkpoint
 from .errors import NcnnQatError
+from .plan_state import checkpoint_plan, plan_key_in, state_of, without_plan
+from .prepared import strip_wrapper_prefixes
 from .preprocessing import Preprocessing
 
 DEFAULT_HELD_BATCH_SIZE = 64
@@ -67,7 +70,9 @@ def _init_kwargs(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint saved after QAT started; UsageError naming what is wrong."""
+    """A Lightning checkpoint saved after QAT started (full or weights-only, or a QAT model's
+    ``state_dict()``); UsageError naming what is wrong (a float checkpoint, a weights-only one
+    without the plan)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"checkpoint '{p}' does not exist")
@@ -78,10 +83,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a foreign file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"'{p}' is not a PyTorch checkpoint (torch.load failed: {type(e).__name__}: {first})") from e
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and plan_key_in(ckpt) is not None:
+        ckpt = {"state_dict": ckpt}  # a QAT model's bare state_dict(): it carries the plan
     if not isinstance(ckpt, dict) or not ({"state_dict", "ncnnqat"} & set(ckpt)):
         what = f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UsageError(f"'{p}' is not a Lightning checkpoint: it holds {what}, no 'state_dict'")
-    if "ncnnqat" not in ckpt:
+    try:
+        plan = checkpoint_plan(ckpt)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"'{p}' holds a QAT plan that cannot be read: {e}") from e
+    if plan is None and any(".input_quantizer." in str(k) for k in state_of(ckpt)):
+        raise UsageError(
+            f"'{p}' holds QAT weights (input ranges) but not the QAT plan: a weights-only checkpoint saved by an "
+            "older lightning-ncnnqat. Export a full checkpoint of the run (ModelCheckpoint(save_weights_only=False)), "
+            "or save it again with this version"
+        )
+    if plan is None:
         start = next(
             (v.get("start_epoch") for k, v in (ckpt.get("callbacks") or {}).items()
              if "QATCallback" in str(k) and isinstance(v, dict)),
@@ -90,8 +107,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         when = f"at epoch {ckpt['epoch']}" if "epoch" in ckpt else ""
         if start is not None:
             when += f" (QATCallback start_epoch={start})"
+        kind = "" if "callbacks" in ckpt else " (weights-only)"
         raise UsageError(
-            f"'{p}' is a float checkpoint: it was saved {when + ' ' if when else ''}before QAT started, so it "
+            f"'{p}' is a float checkpoint{kind}: it was saved {when + ' ' if when else ''}before QAT started, so it "
             "holds no QAT state. Export a checkpoint saved after QAT started (e.g. the last one of the run), "
             "or train on past start_epoch with trainer.fit(model, ckpt_path=...)"
         )
@@ -111,7 +129,6 @@ def _key_diff(model_keys: set[str], ckpt_keys: set[str]) -> str:
 
 def build_model(ckpt: dict[str, Any], model_spec: str) -> torch.nn.Module:
     """``model_spec`` built from the checkpoint's hyper-parameters, QAT plan applied, weights loaded."""
-    from .prepare import restore_from_checkpoint, strip_wrapper_prefixes
 
     cls = _load_class(model_spec)
     hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -122,10 +139,12 @@ def build_model(ckpt: dict[str, Any], model_spec: str) -> torch.nn.Module:
             f"--model {model_spec}: cannot build it from the checkpoint's hyper-parameters {sorted(hparams)}: "
             f"{type(e).__name__}: {e}"
         ) from e
-    state = strip_wrapper_prefixes(ckpt.get("state_dict") or {})
+    state = without_plan(strip_wrapper_prefixes(state_of(ckpt)))
     plain_keys = set(model.state_dict())
     try:
         restore_from_checkpoint(model, ckpt)
+    except CheckpointMismatchError as e:  # keys or shapes, found before anything loaded
+        raise UsageError(f"--model {model_spec} does not fit the checkpoint: {e.problem}") from e
     except (ValueError, TypeError, KeyError) as e:  # the QAT plan names modules this class lacks
         diff = _key_diff(plain_keys, {k for k in state if ".input_quantizer." not in k})
         raise UsageError(

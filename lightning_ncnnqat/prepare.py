@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from .export_form import export_form
 from .graph import DataFlow, trace_call
 from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer
 from .plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
+from .plan_state import install_plan_hooks
 from .prepared import (
     check_ranges,
     float_layers,
@@ -44,9 +45,9 @@ from .prepared import (
 from .wrappers import unwrap
 
 __all__ = [
-    "PLAN_VERSION", "LayerPlan", "QATPlan", "QuantLayerInfo", "plan_qat", "apply_plan", "prepare_qat", "unprepare",
+    "PLAN_VERSION", "LayerPlan", "QATPlan", "QuantLayerInfo", "plan_qat", "apply_plan", "plan_and_apply", "unprepare",
     "get_plan", "input_quantizers", "check_ranges", "quantized_layers", "float_layers", "folded_float_model",
-    "strip_wrapper_prefixes", "restore_from_checkpoint",
+    "strip_wrapper_prefixes", "measured_float_reasons", "replan_as_float",
 ]
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             eps = p.bn_eps if p.bn_eps is not None else float(getattr(bn, "eps", 1e-5))
             m.__dict__["_ncnnqat_folded_bn"] = fold_bn(bn, BNMatch(eps, tuple(p.bn_tail)))
     model.__dict__[PLAN_ATTR] = plan
+    install_plan_hooks(model)
 
 
 def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> QATPlan:
@@ -269,41 +271,6 @@ def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> Q
             f"Linear on 2-D input called once per forward); found: {found}"
         )
     apply_plan(model, plan)
-    return plan
-
-
-def prepare_qat(
-    model: nn.Module, example_input: Any, config: QATConfig | None = None, calibration_data: Any = None
-) -> QATPlan:
-    """Plan and apply QAT to ``model`` in place; raise if ncnn could run nothing in int8.
-
-    ``model`` may be wrapped (DataParallel, DDP, ``torch.compile``, Fabric): the user's model
-    inside is converted, and a compiled wrapper recompiles on its next call.
-    ``calibration_data`` (batches, a DataLoader or a tensor of inputs) sets the input thresholds
-    when ``config`` asks for a calibrated start (``range_init`` other than ``"first_batch"``, or
-    ``ranges`` other than ``"moving_average"``; ``"first_batch"`` then reads one batch); it is
-    required then, and raises ValueError before anything is changed when missing.
-    """
-    from .ranges import calibrated_thresholds, check_one_input, set_thresholds
-
-    config = config or QATConfig()
-    if config.calibrated_start and calibration_data is None:
-        raise ValueError(
-            f"prepare_qat: `calibration_data` is required with range_init={config.range_init!r}, "
-            f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
-        )
-    check_one_input(model, config, "prepare_qat")
-    plan = plan_and_apply(model, example_input, config)
-    if config.calibrated_start:
-        method, n = config.start_calibration
-        try:
-            thresholds, notes = calibrated_thresholds(model, calibration_data, method, n)
-        except BaseException:
-            unprepare(model)  # a failed start leaves the float model as it was
-            raise
-        set_thresholds(model, thresholds)
-        for note in notes:
-            warnings.warn(f"prepare_qat: {note}", stacklevel=2)
     return plan
 
 
@@ -331,18 +298,64 @@ def unprepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def restore_from_checkpoint(model: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
-    """Apply the QAT plan stored in ``checkpoint`` to a fresh float ``model`` and load its weights.
+def measured_float_reasons(model: nn.Module, wrong: dict[str, dict[str, float]]) -> dict[str, str]:
+    """``{layer: reason}`` of the int8 layers a target computes wrongly (``wrong``: ``{target:
+    {layer: isolated cosine}}``, measured by the export preflight) that must be re-planned as float.
 
-    Wrapper prefixes in the keys (``module.``, ``_orig_mod.``...) and wrapped models are handled.
+    Grouped convs (1 < groups < channels) stay int8 under ``quantize_grouped_convs=True`` (the
+    user knows the runtime); under ``"auto"`` the measurement decides them.
     """
-    if "ncnnqat" not in checkpoint:
-        raise ValueError("the checkpoint holds no QAT state (key 'ncnnqat'): was it saved after QAT started?")
     inner = unwrap(model)
-    apply_plan(inner, QATPlan.from_dict(checkpoint["ncnnqat"]))
-    state = checkpoint.get("state_dict", checkpoint)
-    inner.load_state_dict(strip_wrapper_prefixes(state))
-    return model
+    plan = require_plan(inner)
+    modules = dict(inner.named_modules())
+    forced = set()
+    if plan.config.quantize_grouped_convs is True:
+        forced = {
+            n for n, p in plan.layers.items()
+            if p.kind == "ConvolutionDepthWise" and modules[n].groups != modules[n].in_channels
+        }
+    where: dict[str, list[str]] = {}
+    for target, layers in wrong.items():
+        for name, cos in layers.items():
+            if name not in forced and name in plan.layers:
+                where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
+    return {
+        name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
+        for name, w in where.items()
+    }
+
+
+def replan_as_float(model: nn.Module, example_input: Any, reasons: dict[str, str]) -> QATPlan:
+    """Re-plan the layers ``reasons`` names as float, with those reasons, before any training step.
+
+    The model is unprepared and prepared again with them added to ``skip`` (same Parameters:
+    nothing trained is lost); the input thresholds of range owners that stay int8 are kept (a
+    calibrated start survives). Returns the new plan (the old one when ``reasons`` is empty).
+    """
+    plan = require_plan(model)
+    if not reasons:
+        return plan
+    kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(model).items()}
+    unprepare(model)
+    config = replace(plan.config, skip=tuple(plan.config.skip) + tuple(n for n in reasons if n not in plan.config.skip))
+    new_plan = plan_and_apply(model, example_input, config)
+    for name, q in input_quantizers(model).items():
+        if name in kept:
+            q.load_state_dict(kept[name], strict=False)
+    new_plan.float_layers.update({n: r for n, r in reasons.items() if n in new_plan.float_layers})
+    return new_plan
 
 
 _require_plan = require_plan  # older name
+
+
+def __getattr__(name: str) -> Any:
+    """Old paths, forwarded for one release: ``prepare_qat`` now lives in :mod:`.qat_start` (it
+    runs the whole QAT start, export preflight included) and ``restore_from_checkpoint`` in
+    :mod:`.checkpoint`; both import this module, so they are looked up on first use."""
+    if name in ("prepare_qat", "restore_from_checkpoint"):
+        import importlib
+
+        home = "qat_start" if name == "prepare_qat" else "checkpoint"
+        return getattr(importlib.import_module(f"{__package__}.{home}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
