@@ -41,6 +41,7 @@ class DataFlow:
     producer: dict[int, int]  # value id -> node index
     consumers: dict[int, list[int]]  # value id -> node indices
     calls: dict[str, list[int]]  # module name -> node indices of its calls
+    outputs: list[int] = field(default_factory=list)  # value ids of the tensors forward() returned
 
     def module_calls(self, name: str) -> list[Node]:
         return [self.nodes[i] for i in self.calls.get(name, [])]
@@ -106,9 +107,12 @@ class _Recorder(TorchFunctionMode):
 
 
 def _is_leaf(m: nn.Module) -> bool:
-    """Modules traced as one node: no children, BN-like (timm's BatchNormAct2d holds its
-    activation as a child but computes batch_norm itself) or already converted by QAT."""
-    return not any(True for _ in m.children()) or is_bn_like(m) or "_ncnnqat_orig_class" in m.__dict__
+    """Modules traced as one node: no children (a parametrized module's only child, its
+    ``parametrizations`` container, computes its weight and is not a layer of the network),
+    BN-like (timm's BatchNormAct2d holds its activation as a child but computes batch_norm
+    itself) or already converted by QAT."""
+    children = [n for n in m._modules if n != "parametrizations" or not isinstance(m._modules[n], nn.ModuleDict)]
+    return not children or is_bn_like(m) or "_ncnnqat_orig_class" in m.__dict__
 
 
 def _rng_devices() -> list[int]:
@@ -160,7 +164,7 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, traini
         with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(), enabled=training):
             try:
                 with rec:
-                    model(*args, **kwargs)
+                    out = model(*args, **kwargs)
             except Exception:
                 if not training:
                     raise
@@ -171,7 +175,7 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, traini
                 for b, v in saved:
                     b.copy_(v)
                 with rec:
-                    model(*doubled[0], **doubled[1])
+                    out = model(*doubled[0], **doubled[1])
     finally:
         for h in handles:
             h.remove()
@@ -182,7 +186,9 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, traini
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
-    return DataFlow(rec.nodes, rec.producer, rec.consumers, rec.calls)
+    outs = _tensors(out)  # all known, or none: an unrecorded output would make live layers look dead
+    returned = [rec._current[id(t)] for t in outs] if all(id(t) in rec._current for t in outs) else []
+    return DataFlow(rec.nodes, rec.producer, rec.consumers, rec.calls, returned)
 
 
 def trace_dataflow(model: nn.Module, *inputs: Any) -> DataFlow:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.ncnnqat)
 from .bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm
+from .computed_weights import refresh
 from .ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
 
 
@@ -271,6 +272,8 @@ class _QATLayer:
         if bn is None:
             wq, _ = _PER_CHANNEL(self.weight, self.weight_groups, self.weight_bits)
             return wq, self.bias
+        if bn._forward_pre_hooks:  # a pruned / weight-normed BN: its gamma as its own call computes it
+            refresh(bn)
         wq, b, _ = _FOLD(
             self.weight, self.bias, *bn.fold_args(), self.weight_groups, self.weight_bits
         )
@@ -297,9 +300,27 @@ class QATLinear(_QATLayer, nn.Linear):
 
 __all__ = [
     "InputQuantizer", "QATConv2d", "QATLinear", "FoldedBatchNorm", "FoldedFrozenBatchNorm", "QAT_CLASSES", "ORIG_CLASS",
+    "qat_class_for",
 ]
 
 ORIG_CLASS = "_ncnnqat_orig_class"
 """Key in a converted module's ``__dict__`` holding the class it had before QAT."""
 
 QAT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QATConv2d, nn.Linear: QATLinear}
+
+
+_PARAMETRIZED_QAT: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def qat_class_for(m: nn.Module, base: type[nn.Module]) -> type[nn.Module]:
+    """The class ``m`` (a ``base`` instance) gets under QAT: ``QAT_CLASSES[base]``, or for a module
+    ``torch.nn.utils.parametrize`` has made ``Parametrized<Class>`` (whose ``weight`` is a property
+    computed from ``parametrizations.weight.original*``) a subclass of both, so the QAT forward
+    reads the computed weight and gradients reach its sources (created once per class)."""
+    qat = QAT_CLASSES[base]
+    cls = type(m)
+    if "parametrizations" not in m._modules or not cls.__name__.startswith("Parametrized"):
+        return qat
+    if cls not in _PARAMETRIZED_QAT:
+        _PARAMETRIZED_QAT[cls] = type(f"QAT{cls.__name__}", (qat, cls), {"__module__": __name__})
+    return _PARAMETRIZED_QAT[cls]

@@ -28,10 +28,11 @@ from torch import nn
 
 from .batches import as_call, check_call
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
+from .computed_weights import describe as describe_computed
 from .config import QATConfig
 from .export_form import export_form
 from .graph import DataFlow, trace_call
-from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer
+from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
 from .plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
 from .plan_state import install_plan_hooks
 from .prepared import (
@@ -72,7 +73,7 @@ def _computes_like(m: nn.Module, base: type[nn.Module], flow: DataFlow, name: st
     if len(calls) != 1 or len(calls[0].input_shapes) != 1 or not calls[0].input_shapes[0]:
         return False
     shape = (2, *calls[0].input_shapes[0][1:])
-    w = m.weight
+    w = next(m.parameters())  # its device and dtype (reading a computed weight could change state)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     modes = {mod: mod.training for mod in m.modules()}
     try:
@@ -217,6 +218,10 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
         elif bn is not None and match is not None:
             layers[name].bn, layers[name].bn_eps, layers[name].bn_tail = bn, match.eps, list(match.tail)
     notes.update(_unfolded_bn_notes(layers, flow))
+    for name in layers:  # weight_norm, spectral_norm, prune: say which tensor QAT quantizes
+        how = describe_computed(modules[name])
+        if how:
+            notes[name] = f"computed {how}: QAT fake-quantizes the computed weight, the export writes its value"
     # Readers of one tensor share one range, owned by the first reader in call order.
     owner_of_value: dict[int, str] = {}
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):
@@ -243,10 +248,10 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
         if p.input_owner not in quantizers:
             learned = {"learned": True} if plan.config.ranges == "learned" else {}
             quantizers[p.input_owner] = InputQuantizer(plan.config.momentum, 8, plan.config.sync_ranges, **learned).to(
-                m.weight.device
+                next(m.parameters()).device
             )
         m.__dict__[ORIG_CLASS] = type(m)
-        m.__class__ = QAT_CLASSES[base]
+        m.__class__ = qat_class_for(m, base)  # keeps a parametrized weight's property
         m.weight_bits = p.weight_bits
         m.weight_groups = p.num_groups
         # ranges="fixed": the calibrated start sets them and no training step moves them

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .bn_fold import float_replacement
+from .computed_weights import bake, deepcopy_memo, reading, strip
 from .modules import ORIG_CLASS, InputQuantizer
 from .plan import PLAN_ATTR, QuantLayerInfo, require_plan
 from .wrappers import unwrap
@@ -35,8 +36,9 @@ def check_ranges(model: nn.Module, require_initialized: bool = False) -> None:
     plan = require_plan(model)
     modules = dict(model.named_modules())
     for name in plan.layers:
-        with torch.no_grad():
-            w, b = modules[name].folded_weight_bias()
+        m = modules[name]
+        with torch.no_grad(), reading(m, m.folded_bn):
+            w, b = m.folded_weight_bias()
             finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
         if not finite:
             raise RuntimeError(
@@ -62,7 +64,7 @@ def quantized_layers(model: nn.Module) -> list[QuantLayerInfo]:
         if name not in plan.layers:
             continue
         p = plan.layers[name]
-        with torch.no_grad():
+        with torch.no_grad(), reading(m, m.folded_bn):
             w, b = m.folded_weight_bias()
             w = w.detach().float().cpu().contiguous()
             b = None if b is None else b.detach().float().cpu().contiguous()
@@ -91,12 +93,15 @@ def float_layers(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
-    """A deep copy that leaves out a LightningModule's Trainer / Fabric references."""
+    """A deep copy that leaves out a LightningModule's Trainer / Fabric references (weights that
+    forward pre-hooks compute, which deepcopy refuses after a training step, are copied detached:
+    the copy recomputes them at its first call)."""
     memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         obj = model.__dict__.get(attr)
         if obj is not None:
             memo[id(obj)] = None
+    deepcopy_memo(model, memo)
     return copy.deepcopy(model, memo)
 
 
@@ -107,19 +112,24 @@ def folded_float_model(model: nn.Module) -> nn.Module:
     converters quantize them with the table's scales to exactly the QAT forward's values);
     folded BatchNorm-like modules become nn.Identity, or an nn.Sequential of the submodules they
     still ran after the BN (timm's ``BatchNormAct2d``: its ``drop`` and ``act``, names kept).
-    Module names are unchanged.
+    Module names are unchanged. Weights computed by parametrizations or forward pre-hooks
+    (weight_norm, spectral_norm, prune) become plain Parameters holding the eval-mode value the
+    layer computes with (:mod:`.computed_weights`); their sources are not in the copy.
     """
     model = unwrap(model)
     plan = require_plan(model)
     out = deepcopy_model(model)
     out.__dict__.pop(PLAN_ATTR, None)
+    out.eval()
     modules = dict(out.named_modules())
     with torch.no_grad():
         for name in plan.layers:
             m = modules[name]
-            w, b = m.folded_weight_bias()
+            with reading(m, m.folded_bn):
+                w, b = m.folded_weight_bias()
             w, b = w.detach().clone(), None if b is None else b.detach().clone()
             m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            strip(m)
             del m._modules["input_quantizer"]
             for attr in ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS):
                 m.__dict__.pop(attr, None)
@@ -129,6 +139,7 @@ def folded_float_model(model: nn.Module) -> nn.Module:
             if p.bn:
                 parent_name, _, child = p.bn.rpartition(".")
                 setattr(modules[parent_name] if parent_name else out, child, float_replacement(modules[p.bn]))
+    bake(out)  # layers kept in float (and any other module) with computed weights
     out.eval()
     for param in out.parameters():
         param.requires_grad_(False)
