@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from typing import Any, Literal, Optional, Union
 
 from torch import Tensor
@@ -17,7 +16,9 @@ from torch import Tensor
 from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
-from ..prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers, plan_and_apply, unprepare
+from ..prepare import QATPlan, check_ranges, get_plan, input_quantizers
+from ..checkpoint import follow_checkpoint_plan
+from ..qat_start import start_qat
 from ..dtypes import float32_example, float32_model
 from ..errors import ConfigError
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
@@ -235,19 +236,18 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            current = get_plan(pl_module)
-            stored = checkpoint.get("ncnnqat")
-            if current is not None and (stored is None or stored != current.to_dict()):
-                unprepare(pl_module)
-                rank_zero_info(
-                    "QATCallback: the checkpoint was saved "
-                    + ("before QAT started" if stored is None else "with another QAT plan")
-                    + "; the model is returned to float to load it"
-                    + (" (QAT starts again at `start_epoch`)" if stored is None else "")
-                )
-            if stored is not None and get_plan(pl_module) is None:
-                apply_plan(pl_module, QATPlan.from_dict(stored))
+            # the plan of any checkpoint form (weights-only too); atomic: a checkpoint that does
+            # not fit raises here and leaves the model as it was (lightning_ncnnqat.checkpoint)
+            before = get_plan(pl_module)
+            follow_checkpoint_plan(pl_module, checkpoint, strict=pl_module.strict_loading)
             self.plan = get_plan(pl_module)
+            if before is not None and self.plan is None:
+                rank_zero_info(
+                    "QATCallback: the checkpoint was saved before QAT started; the model is returned to float "
+                    "to load it (QAT starts again at `start_epoch`)"
+                )
+            elif before is not None and self.plan is not before:
+                rank_zero_info("QATCallback: the checkpoint was saved with another QAT plan; the model takes its plan")
             return original(checkpoint)
 
         pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
@@ -320,65 +320,46 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         example = model_example(trainer, pl_module, example)  # on its device, cast as batches are
         if self.export_dir is not None and self.example_input is None and pl_module.example_input_array is None:
             self._check_held(trainer, pl_module, example)  # traced on the first batch: not checked at train start
-        self.plan = plan_and_apply(pl_module, example, self.config)
         self._traced_example = example
-        if self.verbose:
-            rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
-        if self.config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
-            self._start_ranges(trainer, pl_module)
+        measure = None
         if self.preflight and self.export_dir is not None:
-            wrong: dict[str, dict[str, float]] = {}
 
-            def run() -> None:
+            def measure(model: Any, ex: Any) -> dict[str, dict[str, float]]:
                 from ..export.preflight import preflight
 
-                held, _ = held_batch(trainer, pl_module, example, self.held_batch_size, model_probe(trainer, pl_module))
-                with ranges_unsynced(pl_module):  # its missing ranges are set from `held`, on a copy
-                    wrong.update(preflight(pl_module, example, verbose=self.verbose, targets=self.targets,
-                                           float_weights=self.float_weights, held_batch=held))
+                held, _ = held_batch(trainer, pl_module, ex, self.held_batch_size, model_probe(trainer, pl_module))
+                return preflight(model, ex, verbose=self.verbose, targets=self.targets,  # ranges set from `held`
+                                 float_weights=self.float_weights, held_batch=held)
 
-            on_rank_zero(trainer, "export preflight", run)
-            if trainer.world_size > 1:  # every rank re-plans the same way
-                wrong = trainer.strategy.broadcast(wrong, src=0)
-            if any(wrong.values()):
-                from ..export.preflight import replan_as_float
+        def log(line: str) -> None:
+            if self.verbose:
+                rank_zero_info(f"QATCallback: {line}")
 
-                reasons = replan_as_float(pl_module, example, wrong, self.config)
-                self.plan = get_plan(pl_module)
-                if reasons and self.verbose:
-                    rank_zero_info(
-                        "QATCallback: measured at QAT start, kept in float before training: "
-                        + "; ".join(f"{n}: {r}" for n, r in reasons.items())
-                    )
-                if reasons and self.config.calibrated_start:  # a new plan may have new range owners
-                    self._start_ranges(trainer, pl_module)
-
-    def _start_ranges(self, trainer: Any, pl_module: Any) -> None:
-        """The calibrated start: thresholds from ncnn2table's calibration on rank 0's first
-        training batches, broadcast so every rank starts from the same table."""
-        from ..ranges import calibrated_thresholds, set_thresholds
-
-        cfg = self.config
-        method, n = cfg.start_calibration
-        found: dict[str, Any] = {}
-
-        def run() -> None:
-            t0 = time.perf_counter()
-            inputs = train_inputs(trainer, pl_module, n)
-            thresholds, warnings = calibrated_thresholds(pl_module, inputs, method, n)
-            found.update(thresholds=thresholds, warnings=warnings, seconds=time.perf_counter() - t0, batches=len(inputs))
-
-        on_rank_zero(trainer, f"calibrated start (range_init={cfg.range_init!r})", run)
-        if trainer.world_size > 1:
-            found = trainer.strategy.broadcast(found, src=0)
-        set_thresholds(pl_module, found["thresholds"])
-        for w in found["warnings"]:
-            rank_zero_warn(f"QATCallback: {w}")
+        self.plan = start_qat(
+            pl_module, example, self.config, calibration=lambda n: train_inputs(trainer, pl_module, n),
+            measure=measure, run_once=self._run_once(trainer, pl_module), log=log,
+            warn=lambda line: rank_zero_warn(f"QATCallback: {line}"), who="QATCallback",
+        )
         if self.verbose:
-            rank_zero_info(
-                f"QATCallback: {len(found['thresholds'])} input thresholds set by {method} calibration over "
-                f"{found['batches']} training batch(es) in {found['seconds']:.1f} s; ranges {cfg.ranges}"
-            )
+            rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
+
+    @staticmethod
+    def _run_once(trainer: Any, pl_module: Any) -> Any:
+        """The QAT start's ``run_once``: ``fn`` on global rank 0 alone (ranges not all-reduced),
+        its result broadcast so every rank starts from the same thresholds and plan."""
+
+        def run_once(what: str, fn: Any) -> Any:
+            box: dict[str, Any] = {}
+
+            def run() -> None:
+                with ranges_unsynced(pl_module):
+                    box["result"] = fn()
+
+            on_rank_zero(trainer, what, run)
+            result = box.get("result")
+            return trainer.strategy.broadcast(result, src=0) if trainer.world_size > 1 else result
+
+        return run_once
 
     # ---- learned ranges ---------------------------------------------------------------
 

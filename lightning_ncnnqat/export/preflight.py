@@ -1,8 +1,9 @@
 """Fail before training, not after: the export chain run on the just-prepared model.
 
-The callback calls :func:`check_export_dir` when fit starts and :func:`preflight` right after
-QAT starts (the model has just been prepared; no range is trained yet, so a copy gets ranges
-from the example input). A model that cannot export then fails within seconds, naming the step
+The callback calls :func:`check_export_dir` when fit starts; the QAT start
+(:func:`lightning_ncnnqat.qat_start.start_qat`, run by the callback and by ``prepare_qat(...,
+targets=...)``) calls :func:`preflight` right after the model is prepared (no range is trained
+yet, so a copy gets ranges from the example input). A model that cannot export then fails within seconds, naming the step
 and the layer, instead of after the last epoch.
 """
 
@@ -15,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from collections.abc import Sequence
-from dataclasses import replace
-
 from torch import nn
 
 from ..config import QATConfig
-from ..plan import get_plan
-from ..prepare import input_quantizers, plan_and_apply, unprepare
-from ..wrappers import unwrap
+from ..prepare import measured_float_reasons
+from ..prepare import replan_as_float as replan_layers_as_float
 from ..batches import positional_names
 from ..dtypes import float32_example, float32_model
 from ..errors import config_error
@@ -62,35 +60,13 @@ def replan_as_float(
     model: nn.Module, example_input: Any, wrong: dict[str, dict[str, float]], config: QATConfig | None = None
 ) -> dict[str, str]:
     """Re-plan as float the layers ``wrong`` (``{target: {layer: cosine}}``, from
-    :func:`measure_int8_layers`) names, before any training step: the model is unprepared and
-    prepared again with them skipped (same Parameters; nothing trained is lost; the input
-    thresholds of range owners that stay int8 are kept, e.g. a calibrated start). Grouped convs
-    are kept in int8 when ``config.quantize_grouped_convs`` is True (the user knows the runtime).
-    Returns ``{layer: reason}`` of the layers moved to float."""
-    plan = get_plan(unwrap(model))
-    config = config or (plan.config if plan is not None else QATConfig())
-    forced = set()
-    if plan is not None and config.quantize_grouped_convs is True:
-        modules = dict(unwrap(model).named_modules())
-        forced = {n for n, p in plan.layers.items() if p.kind == "ConvolutionDepthWise" and modules[n].groups != modules[n].in_channels}
-    where: dict[str, list[str]] = {}
-    for target, layers in wrong.items():
-        for name, cos in layers.items():
-            if name not in forced:
-                where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
-    if not where:
-        return {}
-    kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(model).items()}
-    unprepare(model)
-    new_plan = plan_and_apply(model, example_input, replace(config, skip=tuple(config.skip) + tuple(where)))
-    for name, q in input_quantizers(model).items():  # a calibrated start survives the re-plan
-        if name in kept:
-            q.load_state_dict(kept[name], strict=False)
-    reasons = {
-        name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
-        for name, w in where.items()
-    }
-    new_plan.float_layers.update(reasons)
+    :func:`measure_int8_layers`) names, before any training step (the core's
+    :func:`~lightning_ncnnqat.prepare.measured_float_reasons` and
+    :func:`~lightning_ncnnqat.prepare.replan_as_float`; the QAT start,
+    :func:`lightning_ncnnqat.qat_start.start_qat`, runs them). ``config`` is unused: the model's
+    plan holds it. Returns ``{layer: reason}`` of the layers moved to float."""
+    reasons = measured_float_reasons(model, wrong)
+    replan_layers_as_float(model, example_input, reasons)
     return reasons
 
 
