@@ -206,3 +206,12 @@ def map_tensors(fn: Callable[[Tensor], Any], call: Call) -> Call:
     args, kwargs = call
     f = lambda v: fn(v) if isinstance(v, Tensor) else v  # noqa: E731
     return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
+
+
+def to_model(t: Tensor, device: Any, dtype: Any) -> Tensor:
+    """``t`` as the model takes it: on ``device``; a floating tensor in the model's floating
+    ``dtype`` (a float64 batch from numpy into a float32 model); integer and bool tensors (token
+    ids, indices, masks) keep their dtype: casting ids to float breaks ``nn.Embedding``."""
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)

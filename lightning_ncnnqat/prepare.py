@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import as_call, check_call
+from .batches import as_call, check_call, map_tensors, to_model
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .computed_weights import describe as describe_computed
 from .config import QATConfig
+from .model_forms import check_model_form
 from .export_form import export_form
 from .graph import DataFlow, trace_call
 from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
@@ -188,8 +189,11 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
     """
     config = config or QATConfig()
     model = unwrap(model)
+    check_model_form(model, "QAT")
     args, kwargs = as_call(example_input)
     check_call(model, args, kwargs)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    args, kwargs = map_tensors(lambda t: to_model(t, t.device, dtype), (args, kwargs))  # float64 examples; ids kept
     flow, train_flow, train_error = _traced(model, args, kwargs)
     modules = dict(model.named_modules())
     layers: dict[str, LayerPlan] = {}

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..batches import INPUT_KEYS, model_input
+from ..batches import INPUT_KEYS, model_input, to_model
 from ..config import QATConfig
+from ..export.model_io import input_tensor
 from ..export.tables import TableRow, format_table
 from ..prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
 from ..prepared import deepcopy_model
@@ -121,8 +122,8 @@ def _batches_from(data: Any, num_batches: int | None) -> Iterator[Tensor]:
                 f"calibration batch {i} is a {type(batch).__name__}: expected a tensor, or a batch holding the "
                 f"input tensor first (or under one of the keys {', '.join(INPUT_KEYS)})"
             )
-        if not x.is_floating_point():
-            raise TypeError(f"calibration batch {i} holds a {x.dtype} input: calibrate needs float inputs")
+        if x.is_complex() or x.dtype == torch.bool:  # float inputs, or integer ids (nn.Embedding)
+            raise TypeError(f"calibration batch {i} holds a {x.dtype} input: calibrate needs float or integer inputs")
         yield x.detach()
 
 
@@ -264,7 +265,7 @@ def calibrate(
         return _same_layout(cached if cached is not None else _batches_from(data, num_batches), ex)
 
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    ex = ex.to(device, p.dtype if p is not None else torch.float32)  # batches are cast likewise
+    ex = to_model(ex, device, p.dtype if p is not None else torch.float32)  # batches likewise; ids stay integer
     folded, plan = _folded_copy(model, ex, config)
     names = [n for n, _ in folded.named_modules() if n in plan.layers]
     modules = dict(folded.named_modules())
@@ -272,7 +273,7 @@ def calibrate(
         with workdir() as tmp:
             folded = folded.cpu().eval()
             infos = [_LayerWeights(n, plan.layers[n].kind, modules[n].weight, modules[n].bias) for n in names]
-            ncnn_model = convert_float(folded, ex.cpu().float(), infos, Path(tmp))
+            ncnn_model = convert_float(folded, input_tensor(ex), infos, Path(tmp))
             return _calibrate_layers(
                 ncnn_feed(ncnn_model, batches), folded, plan, names, method, eq_samples, activations
             )

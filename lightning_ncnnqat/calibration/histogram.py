@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..batches import to_model
+
 NUM_BINS = 2048
 
 
@@ -103,7 +105,7 @@ def torch_feed(model: nn.Module, names: Iterable[str], batches: Callable[[], Ite
                     break
                 if max_samples is not None:
                     x = x[: max_samples - n]
-                model(x.to(device, dtype))
+                model(to_model(x, device, dtype))  # token ids stay integer
                 n += int(x.shape[0])
         return n
 

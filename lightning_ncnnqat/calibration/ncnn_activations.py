@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..export.errors import LayerError
 from ..export.graph_match import torch_wiring
 from ..export.isolated_runtime import run_ncnn
-from ..export.model_io import FlatModel, model_io
+from ..export.model_io import FlatModel, input_tensor, model_io
 from ..export.ncnn_param import NcnnParam
 from ..export.pnnx_convert import convert_with_pnnx
 from .table import ncnn_names_by_weights
@@ -125,7 +125,7 @@ def ncnn_feed(
                 break
             if max_samples is not None:
                 x = x[: max_samples - seen]
-            arr = x.detach().float().cpu().numpy()
+            arr = input_tensor(x).numpy()  # float32, or integer ids as run_ncnn feeds them
             if pending and arr.shape[1:] != pending[0].shape[1:]:
                 flush()
             pending.append(arr)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..batches import positional_names
+from ..batches import positional_names, to_model
 from ..export_form import in_export_form
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
 from ..prepared import deepcopy_model
@@ -48,7 +48,7 @@ from .int8_writer import Int8Spec, check_float_weights, write_int8
 from .layer_checks import QuantizedRef
 from .graph_match import Wiring, ncnn_wiring, torch_wiring
 from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
-from .model_io import FlatModel, ModelIO, held_inputs, model_io, torch_outputs
+from .model_io import FlatModel, ModelIO, held_inputs, input_tensor, model_io, torch_outputs
 from .ncnn_param import INT8_TYPES, NcnnParam
 from .onnx_export import export_onnx, onnx_names, run_onnx
 from .pnnx_convert import convert_with_pnnx
@@ -141,7 +141,8 @@ def fill_missing_ranges(model: nn.Module, io: ModelIO, inputs: list[torch.Tensor
         modules[n].updates_range = True  # also under ranges="fixed", where no training step moves them
     device = next((p.device for p in copy_.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        a, k = io.call([t.to(device) for t in inputs])
+        dtype = next((p.dtype for p in copy_.parameters() if p.is_floating_point()), torch.float32)
+        a, k = io.call([to_model(t, device, dtype) for t in inputs])
         copy_(*a, **k)
     for n in missing:
         qs[n].training = False
@@ -164,7 +165,7 @@ def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: Expo
     with _step("inputs", verbose):
         io = model_io(model, example_input)
         if held_batch is None:
-            held = [t.detach().cpu().float() for t in io.example_tensors()]
+            held = [input_tensor(t) for t in io.example_tensors()]
         else:
             held = held_inputs(io, held_batch, positional_names(model))
         report.io = io.describe()

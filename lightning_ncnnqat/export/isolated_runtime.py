@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NcnnQatError
+from .ncnn_param import NcnnParam
 
 WORKER = Path(__file__).with_name("ncnn_worker.py")
 HOST = "x86"
@@ -64,6 +65,57 @@ def _signal_name(returncode: int) -> str | None:
         return f"signal {-returncode}"
 
 
+def _id_readers(param: NcnnParam, blob: str) -> tuple[list[str], list[str]]:
+    """``(Embed layers, other layers)`` reading ``blob``, through ncnn's ``Split`` copies."""
+    embeds: list[str] = []
+    others: list[str] = []
+    todo = [blob]
+    while todo:
+        for lay in param.consumers(todo.pop()):
+            if lay.type == "Split":
+                todo.extend(lay.tops)
+            else:
+                (embeds if lay.type == "Embed" else others).append(f"{lay.type} '{lay.name}'")
+    return embeds, others
+
+
+def ncnn_inputs(param_text: str, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays to write into ncnn's Mats, and the blobs written as int32 ids.
+
+    An ncnn Mat holds 4-byte elements, read as float32 by every layer except ``Embed``, which
+    reads its input as ``int`` (``((const int*)bottom_blob)[q]``, ncnn ``src/layer/embed.cpp``). So
+    an integer input (token ids, PyTorch/ONNX keep int64) read only by Embed layers goes as int32
+    values; one read by other layers goes as float32 values (what they compute with); floating
+    inputs go as float32.
+
+    Raises:
+        NcnnRuntimeError: an integer input read both by Embed and by other layers (one Mat cannot
+            be both), or an id that does not fit int32.
+    """
+    param = NcnnParam.parse(param_text)
+    out: dict[str, np.ndarray] = {}
+    ids: list[str] = []
+    for name, arr in inputs.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in "iub":
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            continue
+        embeds, others = _id_readers(param, name)
+        if embeds and others:
+            raise NcnnRuntimeError(
+                f"integer input '{name}' ({arr.dtype}) is read by {embeds[0]} (int32 ids) and by {others[0]} (float "
+                "values); an ncnn Mat holds one of them: give the model the ids and their float form as two inputs"
+            )
+        if not embeds:
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            continue
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise NcnnRuntimeError(f"integer input '{name}' holds ids outside int32 ({arr.min()}..{arr.max()})")
+        out[name] = np.ascontiguousarray(arr, dtype=np.int32)
+        ids.append(name)
+    return out, ids
+
+
 def run_ncnn(
     param: str | Path,
     bin_path: str | Path,
@@ -79,7 +131,8 @@ def run_ncnn(
     """Run ``param``/``bin_path`` on every sample of ``inputs`` in a child process.
 
     Args:
-        inputs: input blob name -> ``[N, ...]`` array (one sample per row, no batch dim in ncnn).
+        inputs: input blob name -> ``[N, ...]`` array (one sample per row, no batch dim in ncnn);
+            integer arrays (token ids) go to ncnn as :func:`ncnn_inputs` says.
         extract: blob names to extract for every sample.
         options: ``ncnn.Option`` attributes set before loading (ncnn's defaults otherwise).
         target: ``"x86"`` (this machine's ncnn) or an emulated ARM profile name.
@@ -93,7 +146,8 @@ def run_ncnn(
     argv, env_extra = _target_command(target)
     with tempfile.TemporaryDirectory(prefix="ncnnqat_run_") as tmp:
         tmpdir = Path(tmp)
-        np.savez(tmpdir / "inputs.npz", **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+        arrays, _ = ncnn_inputs(Path(param).read_text(encoding="utf-8"), inputs)
+        np.savez(tmpdir / "inputs.npz", **arrays)
         job = {
             "param": str(Path(param).resolve()),
             "bin": str(Path(bin_path).resolve()),

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from ..batches import as_call, check_call, inputs_like
+from ..batches import as_call, check_call, inputs_like, to_model
 from ..export_form import export_form
 
 
@@ -63,7 +63,8 @@ class ModelIO:
     def describe(self) -> dict[str, Any]:
         """For the report: blob names with where they come from / go in the PyTorch call."""
         ins = [
-            {"blob": n, "torch": f"args[{k}]" if kind == "arg" else f"kwargs[{k!r}]", "shape": list(t.shape[1:])}
+            {"blob": n, "torch": f"args[{k}]" if kind == "arg" else f"kwargs[{k!r}]", "shape": list(t.shape[1:]),
+             "dtype": str(input_tensor(t).dtype).replace("torch.", "")}  # what the exported model takes
             for n, (kind, k), t in zip(self.input_names, self.slots, self.example_tensors())
         ]
         outs = [
@@ -99,6 +100,12 @@ class FlatModel(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device of the model's first parameter and its floating dtype (CPU / float32 without)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return device, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def model_io(model: nn.Module, example_input: Any) -> ModelIO:
     """The flat signature of ``model`` called on ``example_input`` (one eval forward, no grad).
 
@@ -114,8 +121,8 @@ def model_io(model: nn.Module, example_input: Any) -> ModelIO:
     if not slots:
         raise ValueError(f"`example_input` holds no tensor (got {type(example_input).__name__})")
     io = ModelIO(tuple(args), dict(kwargs), slots)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ex = [t[:1].detach().to(device) for t in io.example_tensors()]
+    device, dtype = _device_dtype(model)
+    ex = [to_model(t[:1].detach(), device, dtype) for t in io.example_tensors()]
     was_training = model.training
     model.eval()
     try:
@@ -131,8 +138,17 @@ def model_io(model: nn.Module, example_input: Any) -> ModelIO:
     return io
 
 
+def input_tensor(t: Tensor) -> Tensor:
+    """An input as the export feeds it (detached, CPU): floating point as float32 (the folded
+    model, ONNX and ncnn compute in float32, so a float64 batch is cast), integer and bool
+    tensors unchanged (token ids stay int64 for PyTorch and ONNX; :mod:`.isolated_runtime`
+    writes them into ncnn's Mats as ncnn's ``Embed`` reads them)."""
+    t = t.detach().cpu()
+    return t.float() if t.is_floating_point() else t
+
+
 def held_inputs(io: ModelIO, held_batch: Any, names: Sequence[str] | None = None) -> list[Tensor]:
-    """The held batch as float32 CPU tensors, one per input blob (``[N, ...]`` each).
+    """The held batch as CPU tensors, one per input blob (``[N, ...]`` each, :func:`input_tensor`).
 
     ``held_batch`` may be structured like the example (Tensor, tuple, dict) or be a dataloader
     batch holding the inputs (``(inputs, targets)``, a dict batch; ``names``: forward's
@@ -145,7 +161,13 @@ def held_inputs(io: ModelIO, held_batch: Any, names: Sequence[str] | None = None
             f"({len(io.slots)} tensor(s) like the example input)"
         )
     tmp = ModelIO(got[0], got[1], io.slots)
-    tensors = [t.detach().cpu().float() for t in tmp.example_tensors()]
+    tensors = [input_tensor(t) for t in tmp.example_tensors()]
+    for name, t, e in zip(io.input_names, tensors, io.example_tensors()):
+        if t.is_floating_point() != e.is_floating_point():
+            raise ValueError(
+                f"held batch input {name} is {t.dtype}, the example input {e.dtype}: integer inputs (token ids) "
+                "must be integer in both, float inputs float"
+            )
     n = {len(t) for t in tensors}
     if len(n) != 1:
         raise ValueError(f"`held_batch` inputs hold different sample counts: {[len(t) for t in tensors]}")
@@ -161,7 +183,7 @@ def torch_outputs(model: nn.Module, io: ModelIO, inputs: Sequence[Tensor], batch
     """Eval outputs of ``model`` on ``inputs`` (``[N, ...]`` per input blob): one ``[N, K]``
     float64 array per output blob. Outputs whose first dim is not the batch are computed one
     sample at a time."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device, dtype = _device_dtype(model)
     n = len(inputs[0])
     per_out: list[list[np.ndarray]] = [[] for _ in io.output_paths]
     was_training = model.training
@@ -171,7 +193,7 @@ def torch_outputs(model: nn.Module, io: ModelIO, inputs: Sequence[Tensor], batch
             step = batch_size
             i = 0
             while i < n:
-                chunk = [t[i : i + step].to(device) for t in inputs]
+                chunk = [to_model(t[i : i + step], device, dtype) for t in inputs]
                 a, k = io.call(chunk)
                 _, outs = tensor_leaves(model(*a, **k))
                 m = len(chunk[0])

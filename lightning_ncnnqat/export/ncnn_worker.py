@@ -10,7 +10,8 @@ same file runs under the aarch64 Python of the ARM emulation environment.
 ``JOB.json``::
 
     {"param": path, "bin": path,
-     "inputs": path of an .npz: one array per input blob, named by the blob, [N, ...] float32,
+     "inputs": path of an .npz: one array per input blob, named by the blob, [N, ...] float32, or
+               int32 for ids read by Embed (written into the Mat bit for bit: Embed reads ints),
      "extract": [blob names extracted for every sample],
      "options": {ncnn.Option attribute: value}  (set before loading; ncnn's defaults otherwise),
      "light_mode": bool (default true; false keeps intermediate blobs),
@@ -96,6 +97,8 @@ def _arm_hwcaps() -> dict:
 
 
 def _owned_mat(arr: np.ndarray) -> ncnn.Mat:
+    if arr.dtype == np.int32:  # ids for Embed: the same 4 bytes per element, read as int by ncnn
+        arr = np.ascontiguousarray(arr).view(np.float32)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     borrowed = ncnn.Mat(arr)
     owned = borrowed.clone()
@@ -115,7 +118,7 @@ def run(job: dict) -> dict:
     if net.load_model(job["bin"]) != 0:
         raise RuntimeError(f"ncnn could not load {job['bin']}")
     with np.load(job["inputs"]) as z:
-        inputs = {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+        inputs = {k: np.asarray(z[k]) if z[k].dtype == np.int32 else np.asarray(z[k], dtype=np.float32) for k in z.files}
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1:
         raise ValueError(f"inputs hold different sample counts: { {k: len(v) for k, v in inputs.items()} }")

@@ -32,11 +32,18 @@ class PnnxResult:
     log: str
 
 
+#: pnnx's ``inputshape`` type suffixes (pnnx ``README``: f32 f64 f16 i32 i64 i16 i8 u8 bool).
+_PNNX_TYPES = {
+    torch.float32: "f32", torch.float16: "f16", torch.float64: "f64", torch.int64: "i64", torch.int32: "i32",
+    torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool",
+}
+
+
 def _inputshape(x: torch.Tensor) -> str:
-    types = {torch.float32: "f32", torch.float16: "f16", torch.float64: "f64"}
-    if x.dtype not in types:
-        raise ValueError(f"example input must be a float tensor, got {x.dtype}")
-    return "[" + ",".join(str(int(d)) for d in x.shape) + "]" + types[x.dtype]
+    """``[1,3,224,224]f32`` / ``[1,24]i64``: the shape and dtype pnnx traces the input with."""
+    if x.dtype not in _PNNX_TYPES:
+        raise ValueError(f"an input of dtype {x.dtype} cannot be given to pnnx (supported: {sorted(map(str, _PNNX_TYPES))})")
+    return "[" + ",".join(str(int(d)) for d in x.shape) + "]" + _PNNX_TYPES[x.dtype]
 
 
 def unknown_layer_types(param: NcnnParam) -> list[tuple[str, str]]:
@@ -80,6 +87,12 @@ def convert_with_pnnx(
         name, typ = bad[0]
         ignored = [ln for ln in log.splitlines() if ln.startswith("ignore ")]
         hint = f" (pnnx: {ignored[0]})" if ignored else ""
+        ints = [f"in{i} ({x.dtype})" for i, x in enumerate(example) if not x.is_floating_point()]
+        if ints and typ == "Tensor.to":
+            hint += (
+                f"; the model casts an integer input ({', '.join(ints)}) and ncnn has no such cast (its blobs are "
+                "float32, only Embed reads ids): feed that input as float, or use the ids only in nn.Embedding"
+            )
         where = op_origins(traced, model, bad, log).get(name, (None, "a module not found in the trace"))[1]
         raise LayerError(
             name,
