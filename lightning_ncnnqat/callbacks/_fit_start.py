@@ -13,9 +13,9 @@ Dtype rules under a ``*-true`` precision (Lightning 2.6 ``HalfPrecision.convert_
 ``module.to(dtype)``, ``convert_input`` casts every floating tensor of a batch): the example the
 model is traced with is cast the same way (:func:`model_example`); the quantizers' thresholds
 stay float32 (the fake-quant ops compute in float32 and require it; ``InputQuantizer._apply``);
-the export and its preflight run on a float32 copy (:func:`lightning_ncnnqat.dtypes.float32_model`): ncnn runs float32 /
-int8, and a bf16 or fp16 weight is exact in float32, so the int8 weights and scales computed
-from it are the ones the QAT forward used.
+the export and its preflight run on a float32 copy (:func:`lightning_ncnnqat.dtypes.float32_model`):
+ncnn runs float32 / int8, and a bf16 or fp16 weight is exact in float32, so the int8 weights and
+scales computed from it are the ones the QAT forward used.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..batches import as_call, from_call, map_tensors
