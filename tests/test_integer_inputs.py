@@ -8,6 +8,8 @@ write the ids into the Mat as int32. The Embedding stays float (ncnn Embed), con
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import ncnn
 import numpy as np
@@ -97,6 +99,11 @@ def test_embedding_text_model_exports_with_parity(tmp_path) -> None:  # noqa: AN
         ex.input("in0", ncnn.Mat(np.ascontiguousarray(held[i].numpy().astype(np.int32)).view(np.float32)).clone())
         got = np.array(ex.extract("out0")[1])
         assert np.abs(got - ref[i]).max() < 0.05 * np.abs(ref).max()
+    # the deploy kit's run_int8.py takes an int64 .npy of ids the same way
+    np.save(tmp_path / "ids.npy", held[2].numpy())
+    subprocess.run([sys.executable, str(tmp_path / "run_int8.py"), str(tmp_path / "ids.npy"), "--save",
+                    str(tmp_path / "kit.npz")], check=True, capture_output=True)
+    assert np.abs(np.load(tmp_path / "kit.npz")["out0"] - ref[2]).max() < 0.05 * np.abs(ref).max()
 
 
 def test_two_input_model_with_an_integer_input_exports(tmp_path) -> None:  # noqa: ANN001

@@ -208,6 +208,7 @@ def test_lightning_model_pruning_composes_with_qat(tmp_path, permanent: bool) ->
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
     trainer.fit(lit, loader(make_data(64, 16)))
     assert hasattr(lit.net[0], "weight_orig") is not permanent
+    assert hasattr(lit.net[1], "weight_orig") is not permanent  # the BN folded into net.0 is pruned too
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert report["ok"], report.get("failures")
     folded = folded_float_model(lit)

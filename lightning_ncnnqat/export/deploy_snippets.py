@@ -114,17 +114,37 @@ def load_inputs(paths: list[str]) -> list[np.ndarray | None]:
     return [np.load(p) for p in paths]
 
 
+def embed_inputs() -> set[str]:
+    """Input blobs read (through Split copies) only by Embed layers, which read the Mat as int32
+    ids (ncnn src/layer/embed.cpp): integer arrays for them go in as int32, not as float values."""
+    rows = [ln.split() for ln in (HERE / "model.int8.param").read_text().splitlines()[2:] if ln.strip()]
+    readers: dict[str, list[tuple[str, list[str]]]] = {}
+    for r in rows:
+        nb, nt = int(r[2]), int(r[3])
+        for b in r[4 : 4 + nb]:
+            readers.setdefault(b, []).append((r[0], r[4 + nb : 4 + nb + nt]))
+
+    def types(blob: str) -> set[str]:
+        out: set[str] = set()
+        for typ, tops in readers.get(blob, []):
+            out |= set().union(*(types(t) for t in tops)) if typ == "Split" else {typ}
+        return out
+
+    return {name for name, _ in INPUTS if types(name) == {"Embed"}}
+
+
 def to_mat(a: np.ndarray, name: str, shape: tuple[int, ...] | None) -> tuple[ncnn.Mat, np.ndarray | None]:
     """The ncnn.Mat for one input (and the array it borrows memory from, to keep alive)."""
     if a.dtype == np.uint8 and a.ndim in (2, 3) and (shape is None or a.shape != shape):
         return pixels_to_mat(a, name), None
-    a = np.asarray(a, dtype=np.float32)
+    ids = a.dtype.kind in "iu" and name in embed_inputs()
+    a = np.asarray(a, dtype=np.int32 if ids else np.float32)
     if shape is not None and a.shape == (1, *shape):
         a = a[0]
     if shape is not None and a.shape != shape:
         sys.exit(f"input '{name}': expected shape {shape} (or (1, *shape)), got {a.shape}")
     a = np.ascontiguousarray(a)
-    return ncnn.Mat(a), a
+    return ncnn.Mat(a.view(np.float32) if ids else a), a
 
 
 def fmt(name: str, v: np.ndarray) -> str:
