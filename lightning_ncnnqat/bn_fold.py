@@ -13,12 +13,25 @@ subclasses) and modules holding ``running_mean``/``running_var`` tensors (torchv
 Folding changes the module's class in place (parameters and buffers kept, so checkpoint keys
 stay the user's) to one whose forward is only the tail; the original class is recorded so
 :func:`unfold_bn` restores it exactly.
+
+A folded module is no longer a ``_BatchNorm``: it normalises nothing, and once frozen its
+statistics are constants of the fold the weights were trained with. Every utility that picks
+BatchNorms by class to reset or re-estimate statistics (``torch.optim.swa_utils.update_bn``,
+Lightning's ``StochasticWeightAveraging``, which set them to mean 0 / var 1 and re-estimate them
+in train mode, ``SyncBatchNorm.convert_sync_batchnorm``) therefore leaves it alone; had it still
+been one, the reset would stick (a folded module never runs BN in train mode) and the fold, the
+accuracy and the export would be built from mean 0 / var 1.
+
+Statistics can keep training for a while after QAT starts (``QATConfig.freeze_bn_after``, the
+QAT literature's delayed ``freeze_bn_stats``): while :func:`stats_live`, the layer's training
+forward normalises with batch statistics and updates the running ones (:meth:`_FoldedMixin.live_forward`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +42,7 @@ _ORIG = "_ncnnqat_orig_class"
 _TAIL = "_ncnnqat_tail"
 _EPS = "_ncnnqat_eps"
 _HOOK = "_ncnnqat_load_hook"
+_LIVE = "_ncnnqat_stats_live"  # True while the statistics still train (QATConfig.freeze_bn_after)
 _PROBE_SPATIAL = 6  # BN math is per channel and elementwise: a small probe map decides it
 
 
@@ -54,8 +68,9 @@ def is_bn_like(m: nn.Module) -> bool:
 
 
 def is_folded(m: nn.Module) -> bool:
-    """Whether ``m`` is a BN-like module folded by :func:`fold_bn`."""
-    return _ORIG in m.__dict__
+    """Whether ``m`` is a BN-like module folded by :func:`fold_bn` (QAT layers also record their
+    original class under the same key, so the class decides)."""
+    return isinstance(m, _FoldedMixin)
 
 
 def _tail_candidates(m: nn.Module) -> list[tuple[str, ...]]:
@@ -184,24 +199,111 @@ class _FoldedMixin:
                 self.inv_std)
 
     def extra_repr(self) -> str:
-        return f"folded {self.__dict__[_ORIG].__name__}, tail={list(self.__dict__.get(_TAIL, ()))}"
+        live = ", statistics training" if self.__dict__.get(_LIVE) else ""
+        return f"folded {self.__dict__[_ORIG].__name__}, tail={list(self.__dict__.get(_TAIL, ()))}{live}"
+
+    def live_forward(self, x: Tensor, op: Callable[..., Tensor], weight: Tensor, bias: Tensor | None,
+                     quantize: Callable[..., Tensor]) -> Tensor:
+        """Training output of the layer ``op`` (``F.linear`` or a conv: ``op(x, w, b)``) followed by
+        this BN while its statistics train: torch.ao's ConvBn QAT math (``_forward_slow``).
+
+        The layer runs once in float to give the batch statistics (mean and biased variance over
+        every dim but 1, differentiable, as BN trains); the running statistics take a momentum
+        step from them; the weight is folded with the *running* statistics and fake-quantized
+        (``quantize(gamma, beta, mean, inv_std)`` returns it: what ncnn will run), and its output
+        is rescaled by ``running_std / batch_std`` and shifted by ``beta - gamma * batch_mean /
+        batch_std``, which is exactly BN in train mode up to the weight's quantization. The
+        layer's own bias cancels in train-mode BN (it enters the running mean only).
+        """
+        raw = op(x, weight, None)
+        dims = [0] + list(range(2, raw.dim()))
+        shape = [1, -1] + [1] * (raw.dim() - 2)
+        r32 = raw.float()
+        mean = r32.mean(dims)
+        var = (r32 - mean.reshape(shape)).square().mean(dims)
+        with torch.no_grad():
+            shift = 0.0 if bias is None else bias.detach().float()
+            self._momentum_step(mean.detach() + shift, var.detach(), raw.numel() // max(raw.shape[1], 1))
+        gamma, beta, rmean, inv_std = self.fold_args()
+        # clones: the next step updates the statistics in place before this graph's backward may run
+        wq = quantize(gamma, beta, rmean.clone(), inv_std)
+        y = op(x, wq, None)
+        std = torch.sqrt(var + self.__dict__[_EPS])
+        g = torch.ones_like(std) if gamma is None else gamma.float()
+        b = torch.zeros_like(std) if beta is None else beta.float()
+        unscale = 1.0 / (inv_std.float() * std)  # running_std / batch_std
+        return y * unscale.reshape(shape).to(y.dtype) + (b - g * mean / std).reshape(shape).to(y.dtype)
+
+    def _momentum_step(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """BN's running-statistics update (``momentum`` None: cumulative average, as
+        ``_BatchNorm.forward``; unbiased variance), then a new ``inv_std`` (a new tensor: the
+        previous one may be saved by a graph not yet back-propagated)."""
+        tracked = getattr(self, "num_batches_tracked", None)
+        if isinstance(tracked, Tensor):
+            tracked.add_(1)
+        momentum = getattr(self, "momentum", 0.1)
+        if momentum is None:
+            factor = 1.0 / float(tracked.item()) if isinstance(tracked, Tensor) else 0.1
+        else:
+            factor = float(momentum)
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        rm, rv = self.running_mean, self.running_var
+        rm.mul_(1 - factor).add_(mean.to(rm.dtype), alpha=factor)
+        rv.mul_(1 - factor).add_(unbiased.to(rv.dtype), alpha=factor)
+        self._buffers["inv_std"] = (1.0 / torch.sqrt(rv.double() + self.__dict__[_EPS])).to(rv.dtype)
 
 
-class FoldedBatchNorm(_FoldedMixin, nn.modules.batchnorm._BatchNorm):
+class FoldedBatchNorm(_FoldedMixin, nn.Module):
     """A ``_BatchNorm`` (any subclass) folded into the layer before it: its forward is only its tail.
 
     Its affine parameters stay registered and keep training through the folded weight of
     that layer, so every parameter the optimizer and DDP know is still used. The frozen
     ``1/sqrt(running_var + eps)`` is cached (a non-persistent buffer, refreshed whenever a state
-    dict is loaded); the fold itself runs inside the layer's fused weight op.
+    dict is loaded); the fold itself runs inside the layer's fused weight op. Not a
+    ``_BatchNorm`` subclass (see the module docstring): statistics resets leave it alone.
     """
-
-    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
-        pass
 
 
 class FoldedFrozenBatchNorm(_FoldedMixin, nn.Module):
     """A BN-like module that is not a ``_BatchNorm`` (torchvision's ``FrozenBatchNorm2d``), folded."""
+
+
+def stats_live(bn: nn.Module) -> bool:
+    """Whether the folded ``bn``'s statistics still train (see :func:`set_stats_live`)."""
+    return bool(bn.__dict__.get(_LIVE, False))
+
+
+def can_train_stats(bn: nn.Module) -> bool:
+    """Whether a folded module's statistics may train: its own class was a ``_BatchNorm`` that
+    tracks running statistics (a frozen BN such as ``FrozenBatchNorm2d`` never trains them)."""
+    orig = bn.__dict__.get(_ORIG)
+    return (
+        orig is not None
+        and issubclass(orig, nn.modules.batchnorm._BatchNorm)
+        and bool(getattr(bn, "track_running_stats", False))
+    )
+
+
+def set_stats_live(bn: nn.Module, live: bool) -> bool:
+    """Let a folded ``bn``'s statistics train (``live=True``: the layer's training forward uses
+    batch statistics and updates the running ones) or freeze them (the cached ``inv_std`` is
+    recomputed exactly, :func:`_refresh_inv_std`). Returns whether the module is live afterwards
+    (never for modules that cannot train statistics, :func:`can_train_stats`)."""
+    if not is_folded(bn):
+        raise ValueError(f"set_stats_live: {type(bn).__name__} is not a folded BatchNorm")
+    live = bool(live) and can_train_stats(bn)
+    was = stats_live(bn)
+    bn.__dict__[_LIVE] = live
+    if was and not live:
+        _refresh_inv_std(bn)
+    return live
+
+
+def set_bn_stats_frozen(model: nn.Module, frozen: bool = True) -> int:
+    """Freeze (or let train) the statistics of every folded BatchNorm in ``model``; returns how
+    many folded modules are live afterwards. Without a Trainer, a model prepared with
+    ``QATConfig(freeze_bn_after=n)`` keeps training its statistics until this is called."""
+    return sum(set_stats_live(m, not frozen) for m in model.modules() if is_folded(m))
 
 
 def fold_bn(bn: nn.Module, match: BNMatch | None = None) -> nn.Module:
@@ -232,7 +334,7 @@ def unfold_bn(bn: nn.Module, training: bool) -> nn.Module:
     bn._buffers.pop("inv_std", None)
     bn.__dict__.pop("inv_std", None)
     bn.__class__ = bn.__dict__.pop(_ORIG)
-    for attr in (_TAIL, _EPS):
+    for attr in (_TAIL, _EPS, _LIVE):
         bn.__dict__.pop(attr, None)
     bn.train(training)
     return bn

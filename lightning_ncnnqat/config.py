@@ -48,6 +48,12 @@ class QATConfig:
             ``range_init`` put them; ``"learned"``: trained by gradient descent (TQT-style:
             the natural log of each threshold is a trained value, Adam with ``range_lr``).
         range_lr: learning rate of the thresholds' log under ``ranges="learned"`` (> 0).
+        freeze_bn_after: epochs after QAT starts during which the folded BatchNorms' statistics
+            keep training (batch statistics in training steps, running statistics updated, as
+            torch.ao's ConvBn before ``freeze_bn_stats``); 0 (default) freezes them when QAT
+            starts. QATCallback freezes them at the start of epoch ``start + freeze_bn_after``;
+            without a Trainer, ``prepare_qat`` leaves them training until
+            ``lightning_ncnnqat.bn_fold.set_bn_stats_frozen(model)`` is called.
     """
 
     momentum: float = 0.1
@@ -59,6 +65,7 @@ class QATConfig:
     calibration_batches: int = 16
     ranges: str = "moving_average"
     range_lr: float = 1e-3
+    freeze_bn_after: int = 0
 
     def __post_init__(self) -> None:
         m = self.momentum
@@ -79,6 +86,9 @@ class QATConfig:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < float(lr) < float("inf"):
             raise ConfigError(f"`range_lr` must be a positive float, got {lr!r}")
         object.__setattr__(self, "range_lr", float(lr))
+        fba = self.freeze_bn_after
+        if isinstance(fba, bool) or not isinstance(fba, int) or fba < 0:
+            raise ValueError(f"`freeze_bn_after` must be an int >= 0 (epochs), got {fba!r}")
         skip = self.skip
         if isinstance(skip, str):
             skip = (skip,)

@@ -46,6 +46,11 @@ class UnsupportedModelError(NcnnQatError, TypeError):
     the form and the fix."""
 
 
+class DivergedError(NcnnQatError, RuntimeError):
+    """Training diverged: a QAT weight or input range became NaN/inf; the message names the layer
+    and, from the callback, the learning rate and ``start_epoch``."""
+
+
 def config_error(argument: str, value: Any, why: str) -> ConfigError:
     """``ConfigError("`argument`=value: why", ...)``: the one wording for a bad setting."""
     return ConfigError(f"`{argument}`={value!r}: {why}", argument=argument, value=value)

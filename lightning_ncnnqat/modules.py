@@ -11,6 +11,7 @@ gradient accumulation cannot corrupt a float copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.ncnnqat)
-from .bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm
+from .bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm, stats_live
 from .computed_weights import refresh
 from .ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
 
@@ -279,14 +280,30 @@ class _QATLayer:
         )
         return wq, b
 
+    def _folded_forward(self, x: Tensor, op: Callable[..., Tensor]) -> Tensor:
+        """``op(x, w, b)`` with the fake-quantized (BN-folded) weight; in a training step while the
+        folded BN's statistics still train (``QATConfig.freeze_bn_after``), BN's train-mode math
+        around the same quantized weight (``_FoldedMixin.live_forward``)."""
+        bn = self.folded_bn
+        if bn is None or not self.training or not stats_live(bn):
+            w, b = self.quantized_weight_bias()
+            return op(x, w, b)
+        if bn._forward_pre_hooks:
+            refresh(bn)
+        weight, bias = self.weight, self.bias
+
+        def quantize(gamma: Tensor | None, beta: Tensor | None, mean: Tensor, inv_std: Tensor) -> Tensor:
+            return _FOLD(weight, bias, gamma, beta, mean, inv_std, self.weight_groups, self.weight_bits)[0]
+
+        return bn.live_forward(x, op, weight, bias, quantize)
+
 
 class QATConv2d(_QATLayer, nn.Conv2d):
     """nn.Conv2d whose input and (BN-folded) weight are fake-quantized as ncnn int8 does."""
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x, self.updates_range)
-        w, b = self.quantized_weight_bias()
-        return self._conv_forward(x, w, b)
+        return self._folded_forward(x, self._conv_forward)
 
 
 class QATLinear(_QATLayer, nn.Linear):
@@ -294,8 +311,7 @@ class QATLinear(_QATLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x, self.updates_range)
-        w, b = self.quantized_weight_bias()
-        return F.linear(x, w, b)
+        return self._folded_forward(x, F.linear)
 
 
 __all__ = [

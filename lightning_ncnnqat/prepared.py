@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .bn_fold import float_replacement
+from .errors import DivergedError
 from .computed_weights import bake, deepcopy_memo, reading, strip
 from .modules import ORIG_CLASS, InputQuantizer
 from .plan import PLAN_ATTR, QuantLayerInfo, require_plan
@@ -27,27 +28,32 @@ def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
     return {n: modules[n].input_quantizer for n, p in plan.layers.items() if p.input_owner == n}
 
 
-def check_ranges(model: nn.Module, require_initialized: bool = False) -> None:
+def check_ranges(model: nn.Module, require_initialized: bool = False, hint: str = "") -> None:
     """Raise naming the layer if a range or a folded weight is NaN/inf (or a range uninitialised).
 
     Ranges ignore non-finite activations by design, so a diverged run shows up in the weights.
+    ``hint`` (the callback's: the learning rate and ``start_epoch``) ends the divergence message.
+    Raises :class:`~lightning_ncnnqat.errors.DivergedError` (a RuntimeError) on NaN/inf,
+    RuntimeError on an uninitialised range.
     """
     model = unwrap(model)
     plan = require_plan(model)
     modules = dict(model.named_modules())
+    tail = f": {hint}" if hint else " (check the loss; a learning rate too high for QAT is the usual cause)"
     for name in plan.layers:
         m = modules[name]
         with torch.no_grad(), reading(m, m.folded_bn):
             w, b = m.folded_weight_bias()
             finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
         if not finite:
-            raise RuntimeError(
-                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged (check the loss)"
+            raise DivergedError(
+                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged{tail}", layer=name
             )
     for name, q in input_quantizers(model).items():
         r = float(q.running_absmax.detach().float().cpu().item())
         if r != r or r in (float("inf"), float("-inf")):
-            raise RuntimeError(f"layer '{name}': its input range became {r}; training diverged (check the loss)")
+            raise DivergedError(f"layer '{name}': its input range became {r}; training diverged{tail}", layer=name,
+                                value=r)
         if require_initialized and r < 0:
             raise RuntimeError(
                 f"layer '{name}': its input range was never initialised (no QAT training step reached it)"

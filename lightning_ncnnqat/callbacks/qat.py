@@ -26,6 +26,9 @@ from ._fit_start import (
     check_max_epochs, check_precision, check_start_reachable, debug_run, model_example, note_debug_run,
     qat_start_epoch,
 )
+from ._averaging import AveragedCopies
+from ._bn_stats import freeze_if_due
+from ._watch import CollapseWatch, divergence_hint
 from ._held import check_held_batch, held_batch, model_probe
 from ._rank_zero import on_rank_zero, ranges_unsynced
 from ._train_batches import train_inputs
@@ -89,6 +92,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         float_weights: how model.int8.bin stores the weights of layers kept in float:
             ``"fp32"`` (the float32 weights QAT trained; parity at the float32 floor) or
             ``"fp16"`` (what ncnn2int8 writes, byte-identical to the tool; smaller).
+        freeze_bn_after: epochs after QAT starts during which the folded BatchNorms' statistics
+            keep training (batch statistics in training steps, as torch.ao's ConvBn before
+            ``freeze_bn_stats``); 0 (default): frozen when QAT starts.
 
     ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
     input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
@@ -128,6 +134,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         ranges: Literal["moving_average", "fixed", "learned"] = "moving_average",
         range_lr: float = 1e-3,
         float_weights: Literal["fp32", "fp16"] = "fp32",
+        freeze_bn_after: int = 0,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -159,6 +166,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             calibration_batches=calibration_batches,
             ranges=ranges,
             range_lr=range_lr,
+            freeze_bn_after=freeze_bn_after,
         )
         self.start_epoch = start_epoch
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
@@ -181,6 +189,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._traced_example: Any = None
         self._learned: Any = None  # ranges.LearnedRanges while thresholds are learned
         self._learned_state: Any = None  # its optimizer state, from a checkpoint
+        self._copies = AveragedCopies()  # averaging callbacks' model copies follow the plan
+        self._watch = CollapseWatch()  # validation across the QAT start
+        self._qat_epoch: int | None = None  # the epoch QAT started in (freeze_bn_after counts from it)
 
     @property
     @override
@@ -240,6 +251,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             # not fit raises here and leaves the model as it was (lightning_ncnnqat.checkpoint)
             before = get_plan(pl_module)
             follow_checkpoint_plan(pl_module, checkpoint, strict=pl_module.strict_loading)
+            if pl_module._trainer is not None:  # averaging copies take the plan before their callbacks load
+                self._copies.follow(pl_module._trainer, pl_module, self, sync=False)
             self.plan = get_plan(pl_module)
             if before is not None and self.plan is None:
                 rank_zero_info(
@@ -263,7 +276,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"start_epoch": self.start_epoch, "active": self.active}
+        state: dict[str, Any] = {"start_epoch": self.start_epoch, "active": self.active, "qat_epoch": self._qat_epoch}
         learned = self._learned.state_dict() if self._learned is not None else self._learned_state
         if learned is not None:
             state["learned_ranges"] = learned
@@ -272,6 +285,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._learned_state = state_dict.get("learned_ranges")
+        self._qat_epoch = state_dict.get("qat_epoch", self._qat_epoch)
         if self._learned is not None:
             self._learned.load_state_dict(self._learned_state)
 
@@ -295,6 +309,11 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             example = self.example_input if self.example_input is not None else pl_module.example_input_array
             if example is not None:
                 self._activate(trainer, pl_module, example)
+        qat_epoch = self._qat_epoch if self._qat_epoch is not None else self.start_epoch
+        if freeze_if_due(trainer, pl_module, self.plan, qat_epoch):
+            self._copies.freeze_bn_stats(trainer, pl_module, self, frozen=True)
+            if self.verbose:
+                rank_zero_info(f"QATCallback: epoch {trainer.current_epoch}: folded BatchNorm statistics frozen")
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -342,6 +361,11 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         )
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
+        self._qat_epoch = int(trainer.current_epoch)
+        self._watch.qat_started(trainer)
+        copies = self._copies.follow(trainer, pl_module, self, sync=True)
+        if copies and self.verbose:
+            rank_zero_info(f"QATCallback: model copies follow the QAT plan: {', '.join(copies)}")
 
     @staticmethod
     def _run_once(trainer: Any, pl_module: Any) -> Any:
@@ -385,6 +409,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.plan is not None:
+            self._copies.after_step(pl_module)  # copies' ranges start from the first step's
         if self.plan is None or not self.log_every_n_steps:
             return
         metrics: dict[str, Tensor] = {}
@@ -400,7 +426,13 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.plan is not None:
-            check_ranges(pl_module)
+            check_ranges(pl_module, hint=divergence_hint(trainer, self.start_epoch))
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        warning = self._watch.on_validation_end(trainer, self.plan is not None, self.start_epoch)
+        if warning:
+            rank_zero_warn(warning)
 
     # ---- export -----------------------------------------------------------------------
 

@@ -1,0 +1,186 @@
+"""Copies of the model held by other callbacks (weight averaging) follow the QAT plan.
+
+Lightning's ``StochasticWeightAveraging`` deep-copies the LightningModule in ``setup`` and
+averages ``parameters()`` into the copy; the ``WeightAveraging`` family (``EMAWeightAveraging``)
+builds a ``torch.optim.swa_utils.AveragedModel`` in ``setup`` and, with ``use_buffers=True``
+(its default), averages ``chain(parameters(), buffers())`` pairwise with the model's and swaps
+them for validation (``lightning/pytorch/callbacks/weight_averaging.py``). Both copies are made
+before QAT starts, so they are float models: QAT's class swap adds buffers to the live model
+(input ranges, the folded BN's cached ``1/sqrt(var + eps)``), the zipped pairs shift, and the
+first averaging step after QAT starts fails (or silently mixes unrelated tensors where shapes
+happen to match). A copy made *after* QAT starts is a QAT model already: ``copy.deepcopy``
+keeps the swapped classes, the ``__dict__`` attributes (plan, fold links, shared quantizers).
+
+So when QAT starts, every model copy found on a callback (an ``AveragedModel``'s ``module``, or
+an ``nn.Module`` attribute of the model's class, or of a submodule's class holding every
+quantized layer, with the same parameter shapes) gets the same plan, and the QAT state that is
+not averaged but defines the model takes the live model's values: the folded BN statistics
+(constants of the fold the weights are trained with) and the input ranges. Ranges that start
+at the first training step (``range_init="first_batch"``) are copied again after that step, so
+no average starts from the uninitialised -1. On a checkpoint restore the copies take the
+checkpoint's plan before the callbacks load their state (Lightning restores the LightningModule
+first: ``checkpoint_connector._restore_modules_and_callbacks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from ..bn_fold import is_folded, set_stats_live, stats_live
+from ..plan import QATPlan, get_plan
+from ..plan_state import same_plan
+from ..prepare import apply_plan, unprepare
+from ..wrappers import unwrap
+
+
+def _shapes(m: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in m.parameters()]
+
+
+def _prefix_of(copy: nn.Module, model: nn.Module, plan: QATPlan | None) -> str | None:
+    """The name of the submodule of ``model`` that ``copy`` copies ("" for the model itself), or
+    None: same class, same parameter shapes, and (under a plan) holding every quantized layer."""
+    for name, sub in model.named_modules():
+        if type(sub) is not type(copy):
+            continue
+        if plan is not None and name and not all(n.startswith(name + ".") for n in plan.layers):
+            continue
+        if _shapes(sub) == _shapes(copy):
+            return name
+    return None
+
+
+def model_copies(trainer: Any, pl_module: nn.Module, exclude: Any = None) -> list[tuple[str, nn.Module, str]]:
+    """``(where, copy, prefix)`` for every copy of the model held by a callback of ``trainer``
+    (``where``: ``"Callback.attribute"``; ``prefix``: the copied submodule's name, "" for all)."""
+    model = unwrap(pl_module)
+    plan = get_plan(model)
+    found: list[tuple[str, nn.Module, str]] = []
+    seen = {id(pl_module)} | {id(m) for m in model.modules()}  # the model's own modules are no copies
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if cb is exclude:
+            continue
+        for attr, value in vars(cb).items():
+            m = value.module if isinstance(value, AveragedModel) else value
+            if not isinstance(m, nn.Module) or id(m) in seen:
+                continue
+            prefix = _prefix_of(m, model, plan)
+            if prefix is not None:
+                seen.add(id(m))
+                found.append((f"{type(cb).__name__}.{attr}", m, prefix))
+    return found
+
+
+def _sub_plan(plan: QATPlan, prefix: str) -> QATPlan:
+    """``plan`` with every name taken relative to the submodule ``prefix``."""
+    if not prefix:
+        return plan
+    head = prefix + "."
+
+    def cut(n: str) -> str:
+        return n[len(head):] if n.startswith(head) else n
+
+    layers = {
+        cut(n): replace(p, input_owner=cut(p.input_owner), bn=None if p.bn is None else cut(p.bn))
+        for n, p in plan.layers.items()
+    }
+    floats = {cut(n): r for n, r in plan.float_layers.items() if n.startswith(head)}
+    notes = {cut(n): r for n, r in plan.notes.items() if n.startswith(head)}
+    return replace(plan, layers=layers, float_layers=floats, notes=notes)
+
+
+def _follow(copy: nn.Module, plan: QATPlan | None) -> None:
+    """Make ``copy`` a model of ``plan`` (None: float); nothing when it already is."""
+    current = get_plan(copy)
+    if same_plan(current, plan):
+        return
+    if current is not None:
+        unprepare(copy)
+    if plan is not None:
+        apply_plan(copy, plan)
+
+
+def _owners(root: nn.Module, plan: QATPlan) -> dict[str, nn.Module]:
+    """The input quantizer of each range-owning layer of ``plan``, looked up in ``root`` (the
+    model's copied submodule has no plan of its own)."""
+    return {n: root.get_submodule(n).input_quantizer for n, p in plan.layers.items() if p.input_owner == n}
+
+
+@torch.no_grad()
+def _copy_ranges(src: nn.Module, dst: nn.Module) -> None:
+    """The input quantizers' buffers (range, learned log-threshold) of ``src`` into ``dst``."""
+    plan = get_plan(dst)
+    assert plan is not None
+    targets = _owners(dst, plan)
+    for name, q in _owners(src, plan).items():
+        dq = targets[name]
+        for key, buf in q._buffers.items():
+            if buf is not None and dq._buffers.get(key) is not None:
+                dq._buffers[key].copy_(buf)
+
+
+@torch.no_grad()
+def _copy_folded_stats(src: nn.Module, dst: nn.Module, plan: QATPlan) -> None:
+    """The folded BNs' statistics, cached ``inv_std`` and live flag of ``src`` into ``dst``."""
+    src_modules, dst_modules = dict(src.named_modules()), dict(dst.named_modules())
+    for p in plan.layers.values():
+        if not p.bn:
+            continue
+        s, d = src_modules[p.bn], dst_modules[p.bn]
+        if is_folded(d):
+            set_stats_live(d, stats_live(s))
+        for key in ("running_mean", "running_var", "num_batches_tracked", "inv_std"):
+            a, b = s._buffers.get(key), d._buffers.get(key)
+            if a is not None and b is not None and a.shape == b.shape:
+                b.copy_(a)
+
+
+class AveragedCopies:
+    """Keeps the model copies of averaging callbacks on the model's QAT plan (one per QATCallback)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[nn.Module, str]] = []  # copies whose ranges wait for the first step
+
+    def follow(self, trainer: Any, pl_module: nn.Module, exclude: Any, sync: bool) -> list[str]:
+        """Give every copy the model's plan (or make it float); with ``sync``, also the model's
+        folded statistics and input ranges (QAT start). Returns where the copies are."""
+        model = unwrap(pl_module)
+        plan = get_plan(model)
+        where = []
+        for name, copy, prefix in model_copies(trainer, pl_module, exclude):
+            sub = model.get_submodule(prefix) if prefix else model
+            if copy.__dict__.get("on_load_checkpoint") is model.__dict__.get("on_load_checkpoint"):
+                copy.__dict__.pop("on_load_checkpoint", None)  # our restore hook, copied by deepcopy
+            _follow(copy, None if plan is None else _sub_plan(plan, prefix))
+            if sync and plan is not None:
+                sub_plan = get_plan(copy)
+                assert sub_plan is not None
+                _copy_folded_stats(sub, copy, sub_plan)
+                _copy_ranges(sub, copy)
+                if any(float(q.running_absmax.reshape(-1)[0]) < 0 for q in _owners(sub, sub_plan).values()):
+                    self._pending.append((copy, prefix))
+            where.append(name)
+        return where
+
+    def after_step(self, pl_module: nn.Module) -> None:
+        """After a QAT training step: copies that started with uninitialised ranges take the
+        model's (set by this step), before or after the averaging callback's own update."""
+        if not self._pending:
+            return
+        model = unwrap(pl_module)
+        for copy, prefix in self._pending:
+            if get_plan(copy) is not None:
+                _copy_ranges(model.get_submodule(prefix) if prefix else model, copy)
+        self._pending = []
+
+    def freeze_bn_stats(self, trainer: Any, pl_module: nn.Module, exclude: Any, frozen: bool) -> None:
+        """Freeze (or let train) the folded statistics of every copy, as the model's."""
+        for _, copy, _ in model_copies(trainer, pl_module, exclude):
+            for m in copy.modules():
+                if is_folded(m):
+                    set_stats_live(m, not frozen)

@@ -1,0 +1,261 @@
+"""Weight averaging composes with QAT (issue 19 item 1).
+
+Lightning's StochasticWeightAveraging, EMAWeightAveraging, a user's callback around
+``torch.optim.swa_utils.AveragedModel``, and a plain ``AveragedModel`` + ``update_bn`` without a
+Trainer: the averaged model is a QAT model with the same plan, its folded BN statistics are the
+frozen ones (never reset to mean 0 / var 1), its accuracy stays near the run without averaging,
+and the export is made from the averaged weights. Tiny CNN on sklearn's 8x8 digits.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ncnnqat import QATCallback, export, prepare_qat
+from lightning_ncnnqat.bn_fold import is_folded
+from lightning_ncnnqat.modules import QATConv2d
+from lightning_ncnnqat.plan import get_plan
+from lightning_ncnnqat.plan_state import same_plan
+from lightning_ncnnqat.prepare import input_quantizers, quantized_layers
+
+torch.set_num_threads(1)
+
+
+def _digits(n_train: int = 384, n_val: int = 128) -> tuple[TensorDataset, TensorDataset]:
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = idx[:n_train], idx[n_train:n_train + n_val]
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
+
+
+TRAIN, VAL = _digits()
+
+
+class Net(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, 2 * c, 3, padding=1, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * c)
+        self.fc = nn.Linear(2 * c * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Lit(L.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = Net()
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def accuracy(model: nn.Module) -> float:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        x, y = VAL.tensors
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train(was)
+    return acc
+
+
+def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+class StatsAtQATStart(Callback):
+    """The folded BN statistics at the end of the first QAT epoch (frozen from then on)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self.stats is None and get_plan(pl_module) is not None:
+            self.stats = bn_stats(pl_module)
+
+
+def fit(callbacks: list, tmp_path, epochs: int = 4, export_dir: str | None = None) -> tuple[Lit, QATCallback]:
+    torch.manual_seed(0)
+    model = Lit()
+    qat = QATCallback(start_epoch=1, export_dir=export_dir, targets=["x86"], verbose=False)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[qat, *callbacks],
+    )
+    trainer.fit(model, DataLoader(TRAIN, batch_size=32), DataLoader(VAL, batch_size=64))
+    return model, qat
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Accuracy, folded statistics and weights of the same QAT run without averaging."""
+    model, _ = fit([], tmp_path_factory.mktemp("base"))
+    return accuracy(model), bn_stats(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_frozen_stats(model: nn.Module, expected: dict[str, torch.Tensor], exact: bool = True) -> None:
+    """Statistics as ``expected``: bit-equal, or (an EMA of equal values rounds) to float32 precision."""
+    now = bn_stats(model)
+    assert now.keys() == expected.keys() and now
+    for k, v in now.items():
+        assert torch.equal(v, expected[k]) if exact else torch.allclose(v, expected[k], rtol=1e-5, atol=1e-7), k
+        if k.endswith("running_var"):
+            assert not torch.allclose(v, torch.ones_like(v)), f"{k} was reset to 1"
+
+
+def _assert_export_is_model(model: Lit, qat: QATCallback) -> None:
+    """The export was made from ``model`` as it is now (the averaged weights): int8 follows it."""
+    rep = qat.export_report
+    assert rep is not None and rep.ok, rep.warnings
+    assert rep.int8_vs_qat is not None and rep.int8_vs_qat.cosine > 0.999
+    ranges = {n: float(q.running_absmax) for n, q in input_quantizers(model).items()}
+    by_name = {lr.torch_name.removeprefix("net."): lr for lr in rep.layers}
+    for name, r in ranges.items():
+        assert by_name[name.removeprefix("net.")].input_scale == pytest.approx(127.0 / r, rel=1e-5)
+
+
+def test_lightning_swa_keeps_the_fold_and_exports_the_average(tmp_path, baseline) -> None:
+    base_acc, base_stats, base_state = baseline
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3, annealing_epochs=1)
+    stats = StatsAtQATStart()
+    model, qat = fit([swa, stats], tmp_path, export_dir=str(tmp_path / "export"))
+    # SWA's reset of every _BatchNorm (mean 0 / var 1) no longer reaches the folded ones
+    assert stats.stats is not None
+    _assert_frozen_stats(model, stats.stats)
+    _assert_frozen_stats(model, base_stats)  # the same frozen statistics as without averaging
+    assert all(is_folded(model.net.get_submodule(n)) for n in ("bn1", "bn2"))
+    # SWA's copy is a QAT model of the same plan, and the model holds its averaged weights
+    assert same_plan(get_plan(swa._average_model), get_plan(model))
+    for a, b in zip(swa._average_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(model.state_dict()["net.conv2.weight"], base_state["net.conv2.weight"])
+    assert accuracy(model) >= base_acc - 0.08
+    _assert_export_is_model(model, qat)
+
+
+def test_ema_weight_averaging_follows_the_plan(tmp_path, baseline) -> None:
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging needs lightning >= 2.5")
+    base_acc, base_stats, _ = baseline
+    ema = callbacks.EMAWeightAveraging(decay=0.9)
+    model, qat = fit([ema], tmp_path, epochs=3, export_dir=str(tmp_path / "export"))
+    avg = ema._average_model.module
+    assert same_plan(get_plan(avg), get_plan(model))
+    assert isinstance(avg.net.conv1, QATConv2d) and is_folded(avg.net.bn1)
+    # the average's ranges started from the model's first QAT step, never from the unset -1
+    for name, q in input_quantizers(avg).items():
+        assert float(q.running_absmax) > 0.05, name
+    # on_train_end copied the average (parameters and buffers, in the same order) into the model
+    for a, b in zip(itertools.chain(avg.parameters(), avg.buffers()),
+                    itertools.chain(model.parameters(), model.buffers())):
+        assert torch.equal(a, b)
+    _assert_frozen_stats(model, base_stats, exact=False)  # buffers are averaged too (use_buffers=True)
+    assert accuracy(model) >= base_acc - 0.08
+    _assert_export_is_model(model, qat)
+
+
+class AverageNet(Callback):
+    """A user's averaging callback: an AveragedModel of the inner network, made at fit start
+    (a float copy), updated after every step, copied into the model at the end."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.avg = AveragedModel(pl_module.net, use_buffers=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.current_epoch >= 2:
+            self.avg.update_parameters(pl_module.net)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        for a, b in zip(itertools.chain(self.avg.module.parameters(), self.avg.module.buffers()),
+                        itertools.chain(pl_module.net.parameters(), pl_module.net.buffers())):
+            b.data.copy_(a.data)
+
+
+def test_user_averaged_model_of_a_submodule(tmp_path, baseline) -> None:
+    base_acc, base_stats, _ = baseline
+    cb = AverageNet()
+    model, qat = fit([cb], tmp_path, export_dir=str(tmp_path / "export"))
+    sub = get_plan(cb.avg.module)
+    assert sub is not None and set(sub.layers) == {n.removeprefix("net.") for n in get_plan(model).layers}
+    assert sub.layers["conv2"].bn == "bn2"
+    _assert_frozen_stats(model, base_stats, exact=False)
+    assert accuracy(model) >= base_acc - 0.08
+    _assert_export_is_model(model, qat)
+
+
+def test_averaged_model_and_update_bn_without_trainer(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    x, y = TRAIN.tensors
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):  # float epochs
+        for i in range(0, len(x), 32):
+            opt.zero_grad()
+            F.cross_entropy(net(x[i:i + 32]), y[i:i + 32]).backward()
+            opt.step()
+    plan = prepare_qat(net, x[:1])
+    frozen = bn_stats(net)
+    avg = None
+    for epoch in range(3):
+        for i in range(0, len(x), 32):
+            opt.zero_grad()
+            F.cross_entropy(net(x[i:i + 32]), y[i:i + 32]).backward()
+            opt.step()
+            if epoch >= 1:
+                avg = AveragedModel(net) if avg is None else avg  # a deep copy of the QAT model
+                avg.update_parameters(net)
+    assert avg is not None
+    update_bn(DataLoader(TRAIN, batch_size=64), avg)  # resets and re-estimates every _BatchNorm
+    m = avg.module
+    # the deep copy is a QAT model of its own: plan, classes, fold links and quantizers its own
+    assert same_plan(get_plan(m), plan)
+    assert m.conv1.folded_bn is m.bn1 and m.conv1.folded_bn is not net.bn1
+    assert m.conv1.input_quantizer is not net.conv1.input_quantizer
+    _assert_frozen_stats(m, frozen)
+    net.eval()
+    assert accuracy(m) >= accuracy(net) - 0.08
+    # the export is made from the averaged weights: its layers' folded weights are the average's
+    infos = {i.name: i for i in quantized_layers(m)}
+    with torch.no_grad():
+        w, _ = m.conv2.folded_weight_bias()
+    assert torch.equal(infos["conv2"].weight, w.float())
+    assert not torch.equal(w, net.conv2.folded_weight_bias()[0])
+    rep = export(m, tmp_path / "avg", example_input=x[:1], held_batch=x[:32], targets=["x86"], verbose=False)
+    assert rep.ok and rep.int8_vs_qat is not None and rep.int8_vs_qat.cosine > 0.999
+    copy.deepcopy(m)  # a copy of the copy still works (export made one already)
