@@ -7,8 +7,10 @@
 Per model, in its own subprocess (a crash or a hang of one never stops the table; ``--timeout``
 seconds each): build it with random weights, offline (torchvision ``weights=None``, timm
 ``pretrained=False``, ultralytics from its yaml), its BatchNorm statistics set on random data
-(``--bn-warmup``, see :func:`warm_batchnorm`), ``prepare_qat`` on a ``[1, 3, S, S]`` example,
-a few training-mode forwards on random data to set the ranges, then ``lightning_ncnnqat.export``
+(``--bn-warmup``, see :func:`warm_batchnorm`), ``prepare_qat(model, example, targets=...)`` on a
+``[1, 3, S, S]`` example (the Trainer-less QAT start, the one QATCallback runs: the export
+preflight and the measured int8 decisions), a few training-mode forwards on random data to set
+the ranges, then ``lightning_ncnnqat.export``
 with a held batch of random images. The table has: int8 / float layers of the plan, whether the
 export completed (else the failed step, layer and the first line of its message), whether
 report.json was written, the cosine of ncnn int8 vs the PyTorch QAT model on the held batch next
@@ -16,15 +18,17 @@ to the float32 floor (cosine of the same QAT model run in float64 vs float32: in
 expected to agree better than float32 agrees with itself), the worst layer by isolated cosine
 and the layers the int8 runtime computes wrongly (flagged).
 
-Inputs are 224x224, except yolov8n (detect): 320, the smallest of the sizes it is deployed at
-(640 / 320) that it exports at. ``--size`` overrides all.
+Inputs are 224x224, except the ultralytics detection and pose models: 320, the smallest of the
+sizes they are deployed at (640 / 320), and mobilevit_xxs: 256, timm's default. ``--size``
+overrides all. ultralytics heads are exported in the form ultralytics' own ncnn export gives them
+(``lightning_ncnnqat.export_form``: single decoded output, one-to-many head of YOLOv10).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import math
 import os
 import signal
 import subprocess
@@ -36,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # zoo_table beside this file
+
+from zoo_table import fault, table  # noqa: E402
 
 # name -> (source, default input size)
 MODELS: dict[str, tuple[str, int]] = {
@@ -59,6 +66,13 @@ MODELS: dict[str, tuple[str, int]] = {
     "lcnet_050": ("timm", 224),
     "yolov8n": ("ultralytics", 320),
     "yolov8n-cls": ("ultralytics", 224),
+    "resnet18d": ("timm", 224),
+    "mobilevit_xxs": ("timm", 256),
+    "levit_128s": ("timm", 224),
+    "efficientvit_b0": ("timm", 224),
+    "regnet_y_400mf": ("torchvision", 224),
+    "yolov8n-pose": ("ultralytics", 320),
+    "yolov10n": ("ultralytics", 320),
 }
 
 # Nothing may reach the network: no hub, no telemetry, no update or font checks.
@@ -94,12 +108,12 @@ def build_model(name: str, source: str, workdir: Path) -> Any:
         off = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")}
         dirs = {k: str(workdir / k) for k in ("datasets_dir", "weights_dir", "runs_dir")}
         SETTINGS.update({k: v for k, v in {**off, **dirs}.items() if k in SETTINGS})  # no telemetry, nothing in the repo
-        from ultralytics.nn.tasks import ClassificationModel, DetectionModel
+        from ultralytics.nn.tasks import ClassificationModel, DetectionModel, PoseModel
 
-        if name == "yolov8n":
-            return DetectionModel("yolov8n.yaml", verbose=False)
-        if name == "yolov8n-cls":
-            return ClassificationModel("yolov8n-cls.yaml", verbose=False)
+        builders = {"yolov8n": DetectionModel, "yolov10n": DetectionModel, "yolov8n-pose": PoseModel,
+                    "yolov8n-cls": ClassificationModel}
+        if name in builders:
+            return builders[name](f"{name}.yaml", verbose=False)
     raise ValueError(f"unknown model {name!r} (source {source!r})")
 
 
@@ -211,17 +225,25 @@ def run_one(
         stage("bn_warmup")
         row["bn_warmed"] = warm_batchnorm(model, size, bn_warmup, g)
         stage("prepare_qat")
-        plan = lq.prepare_qat(model, example)
-        if preflight:
-            # what QATCallback does at QAT start: every int8 layer run once on each target, the
-            # ones a target computes wrongly re-planned as float (grouped convs under "auto")
+        tlist = targets.split(",") if targets else "auto"
+        if preflight and "targets" in inspect.signature(lq.prepare_qat).parameters:
+            # the Trainer-less QAT start, the same one QATCallback runs: the export preflight, every
+            # int8 layer run once on each target, the wrong ones re-planned as float
+            tp = time.perf_counter()
+            plan = lq.prepare_qat(model, example, targets=tlist)
+            row["start_path"] = "prepare_qat(targets=)"
+            row["preflight_s"] = round(time.perf_counter() - tp, 1)
+            row["preflight_float"] = {n: r for n, r in plan.float_layers.items() if "measured at QAT start" in r}
+        else:
+            plan = lq.prepare_qat(model, example)
+            row["start_path"] = "prepare_qat" + ("+keep_wrong_layers_in_float" if preflight else "")
+        if preflight and row["start_path"] != "prepare_qat(targets=)":
+            # older package: what QATCallback does at QAT start, called by its parts
             stage("preflight")
             from lightning_ncnnqat.export.preflight import keep_wrong_layers_in_float
 
             tp = time.perf_counter()
-            row["preflight_float"] = keep_wrong_layers_in_float(
-                model, example, targets=targets.split(",") if targets else "auto"
-            )
+            row["preflight_float"] = keep_wrong_layers_in_float(model, example, targets=tlist)
             row["preflight_s"] = round(time.perf_counter() - tp, 1)
             from lightning_ncnnqat.plan import get_plan
 
@@ -333,81 +355,6 @@ def run_child(name: str, size: int, args: argparse.Namespace, workroot: Path) ->
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] if log.exists() else []
         row.setdefault("error", f"process died ({why}) in stage '{row.get('stage')}'" + (f": {tail[0][:160]}" if tail else ""))
     return row
-
-
-def _fmt_cos(v: Any) -> str:
-    if not isinstance(v, (int, float)) or math.isnan(v):
-        return "-"
-    return f"{v:.6f}"
-
-
-def fault(row: dict[str, Any]) -> str:
-    """One line: what went wrong for this model ('' when nothing)."""
-    if row.get("error"):
-        return f"[{row.get('stage')}] {row['error']}"
-    parts = []
-    for f in row.get("failures") or []:
-        parts.append(f"[{f.get('step')}]" + (f" layer '{f['layer']}'" if f.get("layer") else "") + f": {f.get('message')}")
-    if row.get("flagged"):
-        parts.append(f"flagged: {', '.join(row['flagged'])}")
-    if row.get("report_json") is False and row.get("stage") in ("floor", "done"):
-        parts.append("no report.json")
-    return "; ".join(parts)
-
-
-def fault_kinds(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Models by kind of fault: failed stage/step with the message's names and numbers blanked."""
-    import re
-
-    kinds: dict[str, list[str]] = {}
-
-    def add(key: str, model: str) -> None:
-        key = re.sub(r"'[^']*'", "'*'", key)
-        key = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", key)
-        kinds.setdefault(key[:120], []).append(model)
-
-    for r in rows:
-        if r.get("error"):
-            add(f"[{r.get('stage')}] {r['error']}", r["model"])
-        for f in r.get("failures") or []:
-            add(f"[{f.get('step')}] {f.get('message')}", r["model"])
-        if r.get("flagged"):
-            kinds.setdefault("[parity] layers flagged (computed wrongly by an ncnn int8 runtime)", []).append(r["model"])
-    return kinds
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "size", "int8", "float", "grouped i8/fl", "export", "report", "int8 cos", "ARM cos (A53/A76)",
-            "fp32 floor", "x86 speed-up", "worst layer (iso cos)", "flagged", "s"]
-    lines = []
-    for r in rows:
-        worst = r.get("worst_layer")
-        gc = r.get("grouped_convs")
-        arm = [_fmt_cos(e.get("cos")) for t, e in (r.get("targets") or {}).items() if t != "x86"]
-        sp = (r.get("timing") or {}).get("speedup")
-        lines.append([
-            r["model"], str(r.get("size", "")), str(r.get("int8_layers", "-")), str(r.get("float_layers", "-")),
-            f"{len(gc['int8'])}/{len(gc['float'])}" if gc else "-",
-            "ok" if r.get("export_ok") else ("FAIL" if "export_ok" in r else "-"),
-            "yes" if r.get("report_json") else "no",
-            _fmt_cos(r.get("int8_cos")), "/".join(arm) or "-", _fmt_cos(r.get("floor_cos")),
-            f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-",
-            f"{worst[0]} ({worst[1]:.4f})" if worst else "-",
-            str(len(r.get("flagged") or [])) if "flagged" in r else "-",
-            f"{r.get('seconds', 0):.0f}",
-        ])
-    w = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head)), "  ".join("-" * n for n in w)]
-    out += ["  ".join(x[i].ljust(w[i]) for i in range(len(head))) for x in lines]
-    faults = [(r["model"], fault(r)) for r in rows if fault(r)]
-    if faults:
-        out.append("")
-        out.append("faults:")
-        out += [f"  {m}: {f}" for m, f in faults]
-        out.append("")
-        out.append("fault kinds:")
-        out += [f"  {len(ms):2d}  {k}  <- {', '.join(ms)}" for k, ms in fault_kinds(rows).items()]
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

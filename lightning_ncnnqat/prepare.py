@@ -31,7 +31,7 @@ from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
 from .computed_weights import describe as describe_computed
 from .config import QATConfig
 from .model_forms import check_model_form
-from .export_form import export_form
+from .export_form import drop_unexported, export_form
 from .graph import DataFlow, trace_call
 from .modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
 from .plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
@@ -214,6 +214,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
             layers[name] = plan
         elif reason is not None:
             floats[name] = reason
+    drop_unexported(flow, layers, floats)  # dead in the export form: the converters drop them
     for name in list(layers):
         bn, match, reason = _find_bn(name, modules[name], flow)
         if reason is not None:
