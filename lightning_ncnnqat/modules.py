@@ -81,9 +81,9 @@ class InputQuantizer(nn.Module):
         self.bits = int(bits)
         self.sync = bool(sync)
         self.learned = bool(learned)
-        self.register_buffer("running_absmax", torch.full((1,), -1.0))
+        self.register_buffer("running_absmax", torch.full((1,), -1.0, dtype=torch.float32))
         if self.learned:
-            self.register_buffer("log_threshold", torch.full((1,), math.nan))
+            self.register_buffer("log_threshold", torch.full((1,), math.nan, dtype=torch.float32))
         self.record_stats = False  # set by the callback at its logging rate
         self.last_clip_fraction: Tensor | None = None
 
@@ -134,7 +134,8 @@ class InputQuantizer(nn.Module):
 
     def _initialise(self, x: Tensor) -> None:
         """Threshold = the batch's finite absmax (global MAX under torch.distributed), if > 0."""
-        b = torch.full((1,), -1.0, device=self.running_absmax.device)
+        # float32 whatever the default dtype (Lightning's "*-true" forward_context sets it to bf16/fp16)
+        b = torch.full((1,), -1.0, dtype=torch.float32, device=self.running_absmax.device)
         _UPDATE_ABSMAX(x.detach(), b, 1.0)  # from -1: b = the batch absmax, as the moving average's first batch
         if self._distributed():
             dist.all_reduce(b, op=dist.ReduceOp.MAX)

@@ -70,19 +70,22 @@ def _trainer(tmp_path, **kw) -> L.Trainer:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(
-    "precision, example, dtype",
+    "precision, example, dtype, options",
     [
-        ("bf16-true", True, torch.bfloat16),
-        ("16-true", False, torch.float16),  # traced on the first batch, which Lightning cast to float16
-        ("bf16", True, torch.float32),  # short form of bf16-mixed: autocast, float32 weights
+        ("bf16-true", True, torch.bfloat16, {}),
+        # traced on the first batch, which Lightning cast to float16; calibrated on cast batches
+        ("16-true", False, torch.float16, {"range_init": "aciq", "calibration_batches": 1}),
+        # a learned threshold is initialised inside the training step, where the default dtype is bf16
+        ("bf16-true", True, torch.bfloat16, {"ranges": "learned"}),
+        ("bf16", True, torch.float32, {}),  # short form of bf16-mixed: autocast, float32 weights
     ],
 )
-def test_precision_trains_and_exports_with_parity(tmp_path, precision, example, dtype) -> None:  # noqa: ANN001
+def test_precision_trains_and_exports_with_parity(tmp_path, precision, example, dtype, options) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     tr, va = _loaders()
     m = LitTiny(example)
     cb = QATCallback(start_epoch=1, export_dir="export", targets=["x86"], verbose=False,
-                     preflight=dtype != torch.float32)  # the preflight's float32 copy matters under *-true
+                     preflight=dtype != torch.float32, **options)  # the preflight's float32 copy matters under *-true
     _trainer(tmp_path, callbacks=[cb], precision=precision).fit(m, tr, va)
     assert cb.active and m.steps == 4
     assert m.net.conv.weight.dtype == dtype  # the user's model keeps its training dtype
