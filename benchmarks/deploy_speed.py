@@ -16,6 +16,7 @@ version). Random weights: the speed of a layer does not depend on its values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,9 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from lightning_ncnnqat import export, prepare_qat  # noqa: E402
+from lightning_ncnnqat import QATConfig, export, prepare_qat  # noqa: E402
 from lightning_ncnnqat.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
-from lightning_ncnnqat.speed_plan import count_chains, judge, measure_layers, time_models, whole_models  # noqa: E402
+from lightning_ncnnqat.speed_plan import (  # noqa: E402
+    count_chains,
+    judge,
+    measure_layers,
+    plan_speed,
+    time_models,
+    whole_models,
+)
 
 
 class SiLUCNN(nn.Module):
@@ -77,15 +85,17 @@ def build(name: str) -> tuple[nn.Module, int]:
     raise ValueError(f"unknown model {name!r}")
 
 
-def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap: bool) -> dict[str, Any]:
-    """Swap (optional), prepare, a few QAT steps on random data, export to ``out``; facts."""
+def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap: bool,
+                       skip: list[str] | None = None) -> dict[str, Any]:
+    """Swap (optional), prepare (``skip``: layers kept float), a few QAT steps on random data,
+    export to ``out``; facts."""
     torch.manual_seed(0)
     info: dict[str, Any] = {}
     x = torch.randn(8, 3, size, size)
     if swap:
         info["swap"] = swap_activations(model, example_input=x[:1]).summary()
     model.train()
-    prepare_qat(model, x[:1])
+    prepare_qat(model, x[:1], QATConfig(skip=tuple(skip or ())))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     for _ in range(steps):
         out_t = model(x)
@@ -120,19 +130,48 @@ def machine() -> dict[str, Any]:
             "ncnn": getattr(ncnn, "__version__", "unknown"), "torch": torch.__version__}
 
 
-def time_export(d: Path, threads: list[int | None], runs: int, warmup: int) -> list[dict[str, Any]]:
-    """Float vs int8 of export ``d`` for each thread count (None: ncnn's default)."""
+def planned(name: str, steps: int, out: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The model re-prepared with the layers plan_speed(prefer="speed") keeps float, exported
+    (None when every layer would be float: int8 does not pay there)."""
+    model, size = build(name)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, size, size)
+    prepare_qat(model, x[:1])
+    model.train()
+    model(x)
+    model.eval()
+    plan = plan_speed(model, x[:1], runs=20)
+    if not plan.int8_pays:
+        return None, {"keep_float": plan.keep_float, "plan_layers": plan.layers, "summary": plan.summary()}
+    model, size = build(name)
+    info = prepare_and_export(model, size, out, steps, False, plan.keep_float)
+    info["keep_float"] = plan.keep_float
+    info["plan_layers"] = plan.layers
+    return out, info
+
+
+def time_export(d: Path, threads: list[int | None], runs: int, warmup: int, plan_dir: Path | None = None
+                ) -> list[dict[str, Any]]:
+    """Float vs int8 of export ``d`` for each thread count (None: ncnn's default); with
+    ``plan_dir`` also that export's int8 model (``int8_planned``), in the same interleaved run."""
     rows = []
     chains = count_chains((d / "model.int8.param").read_text())
     for th in threads:
         f, q = whole_models(d, th)
-        t = time_models([f, q], runs=runs, warmup=warmup)
+        extra = []
+        if plan_dir is not None:
+            extra = [dataclasses.replace(whole_models(plan_dir, th)[1], name="int8_planned")]
+        t = time_models([f, q, *extra], runs=runs, warmup=warmup)
         on = "cpu" if th == 1 else "wall"  # 1 thread: CPU time, immune to preemption on a busy machine
         rows.append({"threads": "default" if th is None else th, "float": asdict(t["float"]), "int8": asdict(t["int8"]),
                      "speedup": t["float"].median_ms / t["int8"].median_ms,
                      "speedup_cpu": t["float"].ms("cpu") / t["int8"].ms("cpu"),
                      "verdict": f"{judge(t['int8'], t['float'], on=on)} ({on})",
                      "chains": asdict(chains), "load_1min": os.getloadavg()[0]})
+        if extra:
+            rows[-1]["int8_planned"] = asdict(t["int8_planned"])
+            rows[-1]["speedup_planned_cpu"] = t["float"].ms("cpu") / t["int8_planned"].ms("cpu")
+            rows[-1]["chains_planned"] = asdict(count_chains((plan_dir / "model.int8.param").read_text()))
     return rows
 
 
@@ -183,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-steps", type=int, default=3)
     p.add_argument("--swap", action="store_true", help="also time each built model with swap_activations() applied")
     p.add_argument("--layers", action="store_true", help="also time every int8 layer alone (int8 vs float)")
+    p.add_argument("--plan", action="store_true", help="also export each built model with the layers "
+                   "plan_speed(prefer='speed') keeps float, timed beside the others")
     p.add_argument("--work", default="deploy_speed_out", help="where exports go")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     a = p.parse_args(argv)
@@ -206,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             info = prepare_and_export(model, size, d, a.qat_steps, swap)
             info["input"] = [3, size, size]
-        res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup)}
+        plan_dir = None
+        if a.plan and not Path(label).exists():
+            plan_dir, pinfo = planned(label.split(" +")[0], a.qat_steps, work / (d.name + "_planned"))
+            info["plan"] = {"keep_float": pinfo["keep_float"], "layers": pinfo["plan_layers"]}
+        res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup, plan_dir)}
         if a.layers:
             res["layers_md"] = layer_table(d, max(10, a.runs // 2))
         results.append(res)
+        if a.out:  # after every model: a later failure keeps what was measured
+            Path(a.out).write_text(json.dumps({"machine": machine(), "results": results}, indent=1, default=str))
         print("\n".join(table([res]).splitlines()[2:]), flush=True)
     m = machine()
     print(f"\nmachine: {m['cpu']} ({', '.join(m['features'])}), {m['cpus']} cpus, load {m['load_1min']:.2f}, "
@@ -218,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "swap" in r:
             print(f"\n{r['model']}: {r['swap']}")
+        if "plan" in r:
+            print(f"\n{r['model']}: plan_speed keeps float {len(r['plan']['keep_float'])} of {len(r['plan']['layers'])} "
+                  f"int8 layers: {', '.join(r['plan']['keep_float']) or '-'}")
+            for row in r["rows"]:
+                if "int8_planned" in row:
+                    q = row["int8_planned"]
+                    print(f"  {row['threads']} thread(s): float/int8 CPU {row['speedup_cpu']:.2f}x, float/int8-planned CPU "
+                          f"{row['speedup_planned_cpu']:.2f}x (int8-planned CPU {q['cpu_median_ms']:.3f} ms "
+                          f"[{q['cpu_min_ms']:.3f}-{q['cpu_max_ms']:.3f}], requantized "
+                          f"{row['chains_planned']['requantized']} / {row['chains_planned']['int8_convs']})")
         if "layers_md" in r:
             print(f"\n{r['model']} per layer, alone, 1 thread:\n{r['layers_md']}")
     if a.out:

@@ -269,10 +269,20 @@ class SpeedPlan:
     model_ms: dict[str, Timing]  # "float" / "int8": the whole exported models, interleaved
     threads: int
 
+    @property
+    def int8_pays(self) -> bool:
+        """False when every int8 layer loses alone: QAT with all of them skipped has nothing to
+        quantize (prepare_qat refuses that); deploy the float model, or use ``prefer="int8"``."""
+        return len(self.keep_float) < len(self.layers)
+
     def summary(self) -> str:
         f, q = self.model_ms["float"], self.model_ms["int8"]
         lines = [f"whole model ({self.threads} thread(s)): float {f.median_ms:.3f} ms, int8 {q.median_ms:.3f} ms "
                  f"({f.median_ms / q.median_ms:.2f}x)"]
+        if not self.int8_pays:
+            lines.append(f"int8 does not pay here: all {len(self.layers)} int8 layers are slower than float alone; "
+                         "deploy the float model, or keep int8 with prefer='int8'")
+            return "\n".join(lines)
         for name in self.keep_float:
             q_ms, f_ms = self.layers[name]
             lines.append(f"keep float: {name} (alone: int8 {q_ms:.3f} ms vs float {f_ms:.3f} ms)")

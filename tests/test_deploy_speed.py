@@ -17,6 +17,7 @@ from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError, run_ncnn
 from lightning_ncnnqat.export.ncnn_param import NcnnParam
 from lightning_ncnnqat.speed_plan import (
     ModelToTime,
+    SpeedPlan,
     Timing,
     count_chains,
     judge,
@@ -171,10 +172,19 @@ def test_plan_speed_names_torch_layers(tmp_path: Path) -> None:
     plan = plan_speed(m, x[:1], runs=3, export_dir=tmp_path / "e")
     assert set(plan.layers) == {"0", "3", "6", "10"}  # torch names of the int8 layers
     assert set(plan.keep_float) <= set(plan.layers)
+    assert plan.int8_pays == (len(plan.keep_float) < 4)
     assert {"float", "int8"} == set(plan.model_ms) and "whole model" in plan.summary()
     assert plan_speed(m, x[:1], prefer="int8", runs=2).keep_float == []
     with pytest.raises(ValueError, match="prefer"):
         plan_speed(m, x[:1], prefer="size")
+
+
+def test_speed_plan_summary_says_when_int8_does_not_pay() -> None:
+    t = Timing(1.0, 0.9, 1.1, 3, 1.0, 0.9, 1.1)
+    some = SpeedPlan("speed", {"a": (2.0, 1.0), "b": (0.5, 1.0)}, ["a"], {"float": t, "int8": t}, 1)
+    assert some.int8_pays and "keep float: a (alone: int8 2.000 ms vs float 1.000 ms)" in some.summary()
+    every = SpeedPlan("speed", {"a": (2.0, 1.0)}, ["a"], {"float": t, "int8": t}, 1)
+    assert not every.int8_pays and "int8 does not pay here" in every.summary()
 
 
 def test_deploy_speed_cli_times_an_export(exports: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

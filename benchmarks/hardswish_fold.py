@@ -1,0 +1,122 @@
+"""Can ncnn requantize through HardSwish? Fold it into the conv before ncnn2int8 and measure.
+
+    python benchmarks/hardswish_fold.py [--width 32 --size 32 --runs 40]
+
+pnnx leaves ``HardSwish`` as a layer of its own (its ncnn pass fuse_convolution_activation folds
+only ReLU/LeakyReLU, Clip, Sigmoid, Mish), so ncnn2int8 finds no conv -> conv edge behind it and
+fuses no requantize. ncnn's legacy ``ncnnoptimize`` folds HardSwish into the conv as
+``activation_type`` 6 (``-23310=2,alpha,beta``), and the x86 requantize applies activation types
+1-6 (``src/layer/x86/requantize_x86.cpp`` -> ``x86_activation.h``). This script does that fold
+on an export's float model, runs the REAL ncnn2int8 (``../shared/ncnn-tools``) on both, and
+reports requantized convs, int8 output agreement (folded vs unfolded) and speed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.append(str(p))
+
+from deploy_speed import machine  # noqa: E402
+
+from lightning_ncnnqat import export, prepare_qat  # noqa: E402
+from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8  # noqa: E402
+from lightning_ncnnqat.export.isolated_runtime import run_ncnn  # noqa: E402
+from lightning_ncnnqat.export.ncnn_param import CONV_TYPES, NcnnParam  # noqa: E402
+from lightning_ncnnqat.speed_plan import ModelToTime, count_chains, time_models  # noqa: E402
+
+
+def fold_hardswish(param: NcnnParam) -> int:
+    """Fold every HardSwish whose input is a conv output read by nothing else into that conv
+    (param 9 = 6, 10 = [alpha, beta]; ncnn HardSwish defaults 1/6 and 0.5); returns how many."""
+    n = 0
+    for hs in [lay for lay in param.layers if lay.type == "HardSwish"]:
+        prod = param.producer(hs.bottoms[0])
+        if prod is None or prod.type not in CONV_TYPES or prod.get_int(9, 0) != 0 or len(param.consumers(hs.bottoms[0])) != 1:
+            continue
+        alpha, beta = hs.get_float(0, 1.0 / 6), hs.get_float(1, 0.5)
+        prod.set_int(9, 6)
+        prod.params.append(("-23310", f"2,{alpha:.9e},{beta:.9e}"))
+        prod.tops = list(hs.tops)
+        param.layers.remove(hs)
+        n += 1
+    return n
+
+
+def net(width: int) -> nn.Module:
+    c = width
+
+    def cbh(cin: int, cout: int, k: int, s: int = 1, g: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout), nn.Hardswish()]
+
+    return nn.Sequential(*cbh(3, c, 3), *cbh(c, c, 3), *cbh(c, 2 * c, 3, 2), *cbh(2 * c, 2 * c, 3, 1, 2 * c),
+                         *cbh(2 * c, 2 * c, 1), *cbh(2 * c, 4 * c, 3, 2), *cbh(4 * c, 4 * c, 3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--work", default="hardswish_fold_out")
+    a = p.parse_args()
+    tools = find_tools() or find_tools(ROOT.parent / "shared" / "ncnn-tools")
+    if tools is None:
+        print("ncnn's C++ tools (../shared/ncnn-tools or NCNN_TOOLS) are not built here: nothing to compare")
+        return 2
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m, x = net(a.width), torch.randn(8, 3, a.size, a.size)
+    prepare_qat(m, x[:1])
+    m.train()
+    m(x)
+    m.eval()
+    d = Path(a.work)
+    rep = export(m, d, x[:1], x, verbose=False, targets=["x86"], timing_runs=0, check_onnx=False, layer_check_samples=1)
+    assert not rep.failures, rep.failures
+    param = NcnnParam.parse((d / "model.ncnn.param").read_text())
+    folded = fold_hardswish(param)
+    (d / "folded.param").write_text(param.to_text())
+    for stem, src in (("tool", "model.ncnn.param"), ("tool_folded", "folded.param")):
+        run_ncnn2int8(tools, d / src, d / "model.ncnn.bin", d / "model.ncnn.table", d / f"{stem}.int8.param",
+                      d / f"{stem}.int8.bin")
+    xs = {"in0": x.numpy()}
+    outs = {k: run_ncnn(d / f"{k}.param", d / f"{k}.bin", xs, ["out0"]).outputs["out0"].reshape(len(x), -1)
+            for k in ("model.ncnn", "tool.int8", "tool_folded.int8")}
+    (d / "folded.bin").write_bytes((d / "model.ncnn.bin").read_bytes())
+    outs["folded"] = run_ncnn(d / "folded.param", d / "folded.bin", xs, ["out0"]).outputs["out0"].reshape(len(x), -1)
+
+    def cos(u: np.ndarray, v: np.ndarray) -> float:
+        return float((u * v).sum() / np.sqrt((u * u).sum() * (v * v).sum()))
+
+    print(f"folded {folded} HardSwish layers into their convs")
+    print(f"float folded vs float: max |diff| {np.abs(outs['folded'] - outs['model.ncnn']).max():.2e}")
+    print(f"int8 folded vs int8 unfolded (both ncnn2int8): cosine {cos(outs["tool_folded.int8"], outs["tool.int8"]):.8f}; "
+          f"vs float: {cos(outs["tool_folded.int8"], outs["model.ncnn"]):.8f} (unfolded {cos(outs["tool.int8"], outs["model.ncnn"]):.8f})")
+    shape = {"in0": [3, a.size, a.size]}
+    models = [ModelToTime(k, str(d / f"{k}.param"), str(d / f"{k}.bin"), shape, ["out0"], {"num_threads": 1})
+              for k in ("model.ncnn", "tool.int8", "tool_folded.int8")]
+    t = time_models(models, runs=a.runs)
+    mi = machine()
+    print(f"\n1 thread, {a.runs} interleaved runs; {mi['cpu']}, load {mi['load_1min']:.1f}, ncnn {mi['ncnn']}")
+    print("| model | CPU ms median [min-max] | vs float (CPU) | requantized / int8 convs |\n|---|---|---|---|")
+    for k, v in t.items():
+        c = count_chains((d / f"{k}.param").read_text()) if "int8" in k else None
+        ch = f"{c.requantized} / {c.int8_convs}" if c else "-"
+        print(f"| {k} | {v.cpu_median_ms:.3f} [{v.cpu_min_ms:.3f}-{v.cpu_max_ms:.3f}] | "
+              f"{t['model.ncnn'].ms('cpu') / v.ms('cpu'):.2f}x | {ch} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
