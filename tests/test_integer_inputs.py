@@ -211,3 +211,18 @@ def test_callback_fit_on_token_ids_with_calibrated_start(tmp_path) -> None:  # n
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert report["ok"], report.get("failures")
     assert report["io"]["inputs"][0]["dtype"] == "int64" and report["held_batch"]["n"] == 48
+
+
+def test_calibrate_on_ids_with_ncnn_activations_matches_torch() -> None:
+    """ncnn2table-style calibration reads the layer inputs from ncnn's float runtime: the ids go
+    to pnnx as i64 and into ncnn's Embed as int32, so both sources see the same activations."""
+    from lightning_ncnnqat.calibration import calibrate
+
+    torch.manual_seed(0)
+    m = TextCNN()
+    data = [_ids(8, s) for s in range(2)]
+    by_torch = calibrate(m, data, method="kl", activations="torch").layers
+    by_ncnn = calibrate(m, data, method="kl", activations="ncnn").layers
+    assert set(by_torch) == {"conv.0", "fc"}
+    for name in by_torch:
+        assert by_ncnn[name].input_threshold == pytest.approx(by_torch[name].input_threshold, rel=1e-3)
