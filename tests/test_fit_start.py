@@ -52,6 +52,15 @@ def test_unreachable_start_epoch_refused_before_the_first_step(tmp_path, start_e
     assert m.steps == 0 and t.global_step == 0 and get_plan(m) is None
 
 
+@pytest.mark.parametrize("name, value", [("max_steps", 0), ("limit_train_batches", 0), ("limit_train_batches", 0.0)])
+def test_fit_without_training_steps_refused_in_setup(tmp_path, name, value) -> None:  # noqa: ANN001
+    m = LitTiny()
+    t = _trainer(tmp_path, callbacks=[QATCallback(start_epoch=0, export_dir=None, verbose=False)], **{name: value})
+    with pytest.raises(ConfigError, match=rf"^QATCallback: the Trainer's `{name}`={value!r} runs no training step"):
+        t.fit(m, DataLoader(_data(32), batch_size=16))
+    assert m.steps == 0
+
+
 @pytest.mark.parametrize("start_epoch, trainer_kw", [(1, dict(max_steps=5)), (2, dict(max_steps=5, limit_train_batches=2))])
 def test_reachable_start_epoch_under_max_steps_starts_qat(tmp_path, start_epoch, trainer_kw) -> None:  # noqa: ANN001
     m = LitTiny()

@@ -102,7 +102,17 @@ def note_debug_run(trainer: Any, start_epoch: int, export_dir: str | None) -> No
 
 
 def check_max_epochs(trainer: Any, start_epoch: int) -> None:
-    """Refuse ``start_epoch >= max_epochs`` in ``setup`` (not under ``fast_dev_run``)."""
+    """Refuse in ``setup`` a fit that runs no training step (``max_steps=0``,
+    ``limit_train_batches=0``: Lightning skips the fit loop, so no training hook runs) or ends
+    before ``start_epoch`` (``start_epoch >= max_epochs``; not under ``fast_dev_run``)."""
+    for name in ("max_steps", "limit_train_batches"):
+        value = getattr(trainer, name, None)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ConfigError(
+                f"QATCallback: the Trainer's `{name}`={value!r} runs no training step, so QAT never starts "
+                "and nothing is exported; raise it, or leave QATCallback out of an evaluation-only fit.",
+                argument=name, value=value,
+            )
     max_epochs = trainer.max_epochs
     if debug_run(trainer) or max_epochs is None or max_epochs < 0 or start_epoch < max_epochs:
         return
