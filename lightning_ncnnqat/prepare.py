@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .batches import as_call, check_call, map_tensors, to_model
-from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, unfold_bn
+from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, set_stats_live, unfold_bn
 from .computed_weights import describe as describe_computed
 from .config import QATConfig
 from .model_forms import check_model_form
@@ -266,6 +266,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             bn = modules[p.bn]
             eps = p.bn_eps if p.bn_eps is not None else float(getattr(bn, "eps", 1e-5))
             m.__dict__["_ncnnqat_folded_bn"] = fold_bn(bn, BNMatch(eps, tuple(p.bn_tail)))
+            set_stats_live(bn, plan.config.freeze_bn_after > 0)  # statistics train until frozen
     model.__dict__[PLAN_ATTR] = plan
     install_plan_hooks(model)
 

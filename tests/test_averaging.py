@@ -259,3 +259,36 @@ def test_averaged_model_and_update_bn_without_trainer(tmp_path) -> None:
     rep = export(m, tmp_path / "avg", example_input=x[:1], held_batch=x[:32], targets=["x86"], verbose=False)
     assert rep.ok and rep.int8_vs_qat is not None and rep.int8_vs_qat.cosine > 0.999
     copy.deepcopy(m)  # a copy of the copy still works (export made one already)
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_resume_from_a_qat_checkpoint_with_an_averaging_callback(tmp_path, kind) -> None:
+    """A checkpoint saved during QAT holds the averaging callback's copy with QAT keys; on resume
+    the copy (a float deepcopy made in setup) takes the plan before the callback loads it."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if kind == "ema" and not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging needs lightning >= 2.5")
+
+    def averaging() -> Callback:
+        if kind == "swa":
+            return StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2, annealing_epochs=1)
+        return callbacks.EMAWeightAveraging(decay=0.9)
+
+    def run(epochs: int, ckpt: str | None) -> tuple[Lit, Callback, L.Trainer]:
+        torch.manual_seed(0)
+        model, avg = Lit(), averaging()
+        trainer = L.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+            callbacks=[QATCallback(start_epoch=1, export_dir=None, verbose=False), avg,
+                       callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)],
+        )
+        trainer.fit(model, DataLoader(TRAIN, batch_size=32), DataLoader(VAL, batch_size=64), ckpt_path=ckpt)
+        return model, avg, trainer
+
+    run(3, None)
+    model, avg, trainer = run(4, str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.current_epoch == 4 and get_plan(model) is not None
+    copy_ = avg._average_model.module if kind == "ema" else avg._average_model
+    assert same_plan(get_plan(copy_), get_plan(model))
+    assert accuracy(model) > 0.5
