@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QATConfig
+from .errors import ConfigError
 from .plan import get_plan
 from .prepared import input_quantizers
 
@@ -27,7 +28,7 @@ CALIBRATION_METHODS = ("absmax", "kl", "aciq")
 
 
 def check_one_input(model: nn.Module, config: QATConfig, who: str) -> None:
-    """ValueError naming ``who``'s range arguments when ``config`` asks for a calibrated start and
+    """:class:`~lightning_ncnnqat.errors.ConfigError` (a ValueError) naming ``who``'s range arguments when ``config`` asks for a calibrated start and
     ``model.forward`` takes more than one input (the calibration reads one tensor per batch)."""
     from .batches import required_positional
     from .wrappers import unwrap
@@ -36,11 +37,12 @@ def check_one_input(model: nn.Module, config: QATConfig, who: str) -> None:
         return
     required = required_positional(unwrap(model))
     if len(required) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"{who}(range_init={config.range_init!r}, ranges={config.ranges!r}): the calibrated start reads one "
             f"input tensor per batch, and {type(unwrap(model)).__name__}.forward takes {len(required)} "
             f"({', '.join(required)}); use range_init='first_batch' with ranges='moving_average' or 'learned' "
-            "(they start from the first training step)"
+            "(they start from the first training step)",
+            argument="range_init", value=config.range_init,
         )
 
 

@@ -223,3 +223,30 @@ def test_unwritable_export_dir_is_one_line_naming_the_argument(tmp_path, make_ba
     assert e.argument == "export_dir" and e.value == str(bad)
     assert e.__cause__ is None and e.__suppress_context__  # no chained OSError traceback
     assert m.steps == 0
+
+
+class TwoInputs(LitTiny):
+    """forward(x, mask): two required inputs; a calibrated start reads one tensor per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(example=False)
+        self.example_input_array = (torch.randn(1, 1, 8, 8), torch.ones(1, 1, 8, 8))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.net(x * mask)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.steps += 1
+        x, y = batch
+        return F.cross_entropy(self(x, torch.ones_like(x)), y)
+
+
+@pytest.mark.parametrize("range_init", ["aciq", "kl"])
+def test_calibrated_start_on_two_inputs_is_one_line_at_fit_start(tmp_path, range_init) -> None:  # noqa: ANN001
+    m = TwoInputs()
+    cb = QATCallback(start_epoch=1, export_dir=None, verbose=False, range_init=range_init)
+    with pytest.raises(ConfigError) as info:
+        _trainer(tmp_path, callbacks=[cb]).fit(m, DataLoader(_data(32), batch_size=16))
+    e = info.value
+    assert "\n" not in str(e) and f"range_init={range_init!r}" in str(e) and "forward takes 2 (x, mask)" in str(e)
+    assert e.argument == "range_init" and e.value == range_init and e.__cause__ is None and m.steps == 0
