@@ -131,3 +131,22 @@ def test_qat_at_a_float_learning_rate_that_diverges_is_named() -> None:
 def test_a_healthy_qat_start_is_not_warned_about() -> None:
     messages = _fit(0.02)
     assert not [m for m in messages if "validation collapsed" in m]
+
+
+def test_the_export_report_names_a_collapse(tmp_path) -> None:
+    import json
+
+    from lightning_ncnnqat.callbacks._watch import note_collapse
+    from lightning_ncnnqat.export import ExportReport
+
+    report = ExportReport(export_dir=str(tmp_path))
+    (tmp_path / "report.json").write_text(json.dumps(report.to_dict()))
+    w = CollapseWatch()
+    note_collapse(report, w)  # nothing collapsed: nothing added
+    assert report.warnings == []
+    w.on_validation_end(_trainer({"val_acc": 0.705}, 0, 10), False, 1)
+    w.qat_started(_trainer({}, 1, 10))
+    assert w.on_validation_end(_trainer({"val_acc": 0.098}, 1, 20), True, 1)
+    note_collapse(report, w)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert any("validation collapsed" in m and "0.705 -> 0.098" in m for m in saved["warnings"])

@@ -28,7 +28,7 @@ from ._fit_start import (
 )
 from ._averaging import AveragedCopies
 from ._bn_stats import freeze_if_due
-from ._watch import CollapseWatch, divergence_hint
+from ._watch import CollapseWatch, divergence_hint, note_collapse
 from ._held import check_held_batch, held_batch, model_probe
 from ._rank_zero import on_rank_zero, ranges_unsynced
 from ._train_batches import train_inputs
@@ -447,6 +447,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero:
             try:
                 self.export_report = self._export(trainer, pl_module)
+                note_collapse(self.export_report, self._watch)  # the report names a collapsed QAT start
             except BaseException as exc:  # other ranks must not wait forever at the barrier
                 error = exc
         trainer.strategy.barrier("ncnnqat_export")
