@@ -195,9 +195,10 @@ def table(results: list[dict[str, Any]]) -> str:
 def layer_table(d: Path, runs: int) -> str:
     """Per int8 layer, alone, 1 thread: int8 vs float median CPU ms, slowest ratio first."""
     lts = measure_layers(d, threads=1, runs=runs)
-    out = ["| layer | type | int8 CPU ms | float CPU ms | float/int8 | requantized in model |", "|---|---|---|---|---|---|"]
+    out = ["| layer | type | int8 CPU ms | of which quantize | float CPU ms | float/int8 | requantized in model |",
+           "|---|---|---|---|---|---|---|"]
     for t in sorted(lts, key=lambda t: t.speedup):
-        out.append(f"| {t.ncnn_name} | {t.type} {t.kernel}x{t.kernel} | {t.int8.ms('cpu'):.4f} | {t.float.ms('cpu'):.4f} | "
+        out.append(f"| {t.ncnn_name} | {t.type} {t.kernel}x{t.kernel} | {t.int8.ms('cpu'):.4f} | {t.quantize.ms('cpu') if t.quantize else float('nan'):.4f} | {t.float.ms('cpu'):.4f} | "
                    f"{t.speedup:.2f}x | {t.requantized} |")
     by_type: dict[str, list[float]] = {}
     for t in lts:

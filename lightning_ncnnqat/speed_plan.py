@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,16 @@ def count_chains(param_text: str) -> ChainCount:
     return ChainCount(len(int8), len(convs), sum(lay.get_int(8, 0) > 100 for lay in convs), breakers)
 
 
+def quantize_model(blob: str, shape: list[int]) -> tuple[str, bytes]:
+    """An Input of ``shape`` and ncnn's ``Quantize`` layer (one scale, float -> int8): what an
+    int8 layer whose input is float pays before its kernel runs (src/layer/quantize.cpp reads
+    0=scale_data_size, then that many raw float scales)."""
+    dims = [(str(k), str(v)) for k, v in enumerate(list(shape)[::-1])]
+    text = NcnnParam([NcnnLayer("Input", f"in_{blob}", [], [blob], dims),
+                      NcnnLayer("Quantize", "quantize", [blob], [f"{blob}_q"], [("0", "1")])]).to_text()
+    return text, struct.pack("<f", 32.0)
+
+
 def single_layer_model(param: NcnnParam, bin_bytes: bytes, index: int, shapes: Mapping[str, list[int]]) -> tuple[str, bytes]:
     """A .param/.bin holding layer ``index`` alone, fed by Input layers of ``shapes``.
 
@@ -191,6 +202,7 @@ class LayerTiming:
     float: Timing
     requantized: bool  # in the full int8 model its output goes on as int8
     kernel: int = 0  # param 1 (kernel_w) of a conv; 0 for InnerProduct
+    quantize: Timing | None = None  # an ncnn Quantize layer alone on this layer's input (part of ``int8``)
 
     @property
     def speedup(self) -> float:
@@ -246,17 +258,24 @@ def measure_layers(export_dir: str | Path, threads: int = 1, runs: int = 20, war
         for i in idx:
             lay = qparam.layers[i]
             fi = fparam.index(lay.name)
-            for tag, param, data, k in (("int8", qparam, qbin, i), ("float", fparam, fbin, fi)):
-                text, blob = single_layer_model(param, data, k, shapes)
+            for tag, param, data, k in (("int8", qparam, qbin, i), ("float", fparam, fbin, fi), ("quant", None, b"", i)):
+                if tag == "quant":
+                    if len(lay.bottoms) != 1:
+                        continue
+                    text, blob = quantize_model(lay.bottoms[0], shapes[lay.bottoms[0]])
+                else:
+                    text, blob = single_layer_model(param, data, k, shapes)
                 p, b = Path(tmp) / f"{i}_{tag}.param", Path(tmp) / f"{i}_{tag}.bin"
                 p.write_text(text, encoding="utf-8")
                 b.write_bytes(blob)
+                tops = [f"{lay.bottoms[0]}_q"] if tag == "quant" else list(lay.tops)
                 models.append(ModelToTime(f"{i}:{tag}", str(p), str(b), {x: shapes[x] for x in lay.bottoms},
-                                          list(lay.tops), {"num_threads": int(threads)}))
+                                          tops, {"num_threads": int(threads)}))
         t = time_models(models, runs=runs, warmup=warmup)
     return [LayerTiming(qparam.layers[i].name, qparam.layers[i].type, t[f"{i}:int8"], t[f"{i}:float"],
                         qparam.layers[i].get_int(8, 0) > 100,
-                        qparam.layers[i].get_int(1, 0) if qparam.layers[i].type in CONV_TYPES else 0) for i in idx]
+                        qparam.layers[i].get_int(1, 0) if qparam.layers[i].type in CONV_TYPES else 0,
+                        t.get(f"{i}:quant")) for i in idx]
 
 
 @dataclass

@@ -158,6 +158,7 @@ def test_measure_layers_one_row_per_int8_layer(exports: dict[str, Path]) -> None
     assert [r.type for r in rows] == ["Convolution", "ConvolutionDepthWise", "Convolution", "InnerProduct"]
     assert [r.requantized for r in rows] == [True, True, False, False]
     assert [r.kernel for r in rows] == [3, 3, 1, 0]
+    assert all(r.quantize is not None and 0 < r.quantize.median_ms for r in rows)
     assert all(r.int8.median_ms > 0 and r.float.median_ms > 0 and r.speedup > 0 for r in rows)
 
 
