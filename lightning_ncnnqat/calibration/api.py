@@ -136,6 +136,11 @@ def _same_layout(batches: Iterable[Tensor], ref: Tensor) -> Iterator[Tensor]:
                 f"calibration batch {i} has shape {tuple(x.shape)}, unlike the example input {tuple(ref.shape)} "
                 "(same rank and channels expected)"
             )
+        if x.is_floating_point() != ref.is_floating_point():
+            raise TypeError(
+                f"calibration batch {i} holds a {x.dtype} input where the example input is {ref.dtype}: float inputs "
+                "and integer inputs (token ids) cannot be mixed"
+            )
         yield x
 
 
