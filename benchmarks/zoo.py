@@ -74,6 +74,13 @@ MODELS: dict[str, tuple[str, int]] = {
     "yolov8n-pose": ("ultralytics", 320),
     "yolov10n": ("ultralytics", 320),
 }
+# the other ultralytics head forms (segment, oriented boxes, YOLO26's one-to-one head): run on request
+EXTRA_MODELS: dict[str, tuple[str, int]] = {
+    "yolov8n-seg": ("ultralytics", 320),
+    "yolov8n-obb": ("ultralytics", 320),
+    "yolo26n": ("ultralytics", 320),
+}
+ALL_MODELS = {**MODELS, **EXTRA_MODELS}
 
 # Nothing may reach the network: no hub, no telemetry, no update or font checks.
 OFFLINE_ENV = {
@@ -108,9 +115,10 @@ def build_model(name: str, source: str, workdir: Path) -> Any:
         off = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")}
         dirs = {k: str(workdir / k) for k in ("datasets_dir", "weights_dir", "runs_dir")}
         SETTINGS.update({k: v for k, v in {**off, **dirs}.items() if k in SETTINGS})  # no telemetry, nothing in the repo
-        from ultralytics.nn.tasks import ClassificationModel, DetectionModel, PoseModel
+        from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
 
-        builders = {"yolov8n": DetectionModel, "yolov10n": DetectionModel, "yolov8n-pose": PoseModel,
+        builders = {"yolov8n": DetectionModel, "yolov10n": DetectionModel, "yolo26n": DetectionModel,
+                    "yolov8n-pose": PoseModel, "yolov8n-seg": SegmentationModel, "yolov8n-obb": OBBModel,
                     "yolov8n-cls": ClassificationModel}
         if name in builders:
             return builders[name](f"{name}.yaml", verbose=False)
@@ -197,7 +205,7 @@ def run_one(
     import torch
 
     torch.set_num_threads(1)
-    source = MODELS[name][0]
+    source = ALL_MODELS[name][0]
     built = Path(sys.prefix, ".build.commit")  # written by scripts/zoo_env.sh
     row: dict[str, Any] = {"model": name, "source": source, "size": size, "stage": "build",
                            "commit": built.read_text().strip() if built.exists() else "unknown"}
@@ -343,7 +351,7 @@ def run_child(name: str, size: int, args: argparse.Namespace, workroot: Path) ->
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             rc = None
-    row: dict[str, Any] = {"model": name, "source": MODELS[name][0], "size": size}
+    row: dict[str, Any] = {"model": name, "source": ALL_MODELS[name][0], "size": size}
     if row_file.exists():
         row.update(json.loads(row_file.read_text()))
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -359,8 +367,8 @@ def run_child(name: str, size: int, args: argparse.Namespace, workroot: Path) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
-                    help=f"subset to run (default: all): {', '.join(MODELS)}")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(ALL_MODELS), metavar="NAME",
+                    help=f"subset to run (default: all of {', '.join(MODELS)}; also: {', '.join(EXTRA_MODELS)})")
     ap.add_argument("--size", type=int, default=None, help="input height = width for every model (default: per model)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per model (default 1200)")
     ap.add_argument("--held", type=int, default=4, help="images in the held batch (default 4)")
@@ -399,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t_all = time.perf_counter()
     for name in args.models:
-        size = args.size or MODELS[name][1]
+        size = args.size or ALL_MODELS[name][1]
         row = run_child(name, size, args, workroot)
         rows.append(row)
         status = "ok" if row.get("export_ok") and not row.get("flagged") and not row.get("error") else "FAULT"

@@ -336,3 +336,21 @@ def test_prepare_qat_with_targets_names_op_and_module(head: type[nn.Module], op:
     msg = str(info.value)
     assert f"op '{op}'" in msg and where in msg, msg
     assert not any(type(m).__name__.startswith("QAT") for m in net.modules())  # a failed start leaves it float
+
+
+class CumBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.cumprod(self.conv(x).sigmoid(), 1)
+
+
+def test_op_in_many_blocks_names_their_class() -> None:
+    """The same unconvertible op in four blocks: the error counts them and names their class."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), *[CumBlock(4) for _ in range(4)])
+    with pytest.raises(ExportError) as info:
+        lq.prepare_qat(net, torch.randn(1, 3, 8, 8), targets=["x86"])
+    msg = str(info.value)
+    assert "op 'torch.cumprod'" in msg and "4 modules of class CumBlock (module '1' (CumBlock), ...)" in msg, msg

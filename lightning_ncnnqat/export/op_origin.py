@@ -18,7 +18,8 @@ from torch import nn
 
 from .model_io import FlatModel
 
-_IGNORE_RE = re.compile(r"^ignore (\S+) (\S+) param (\w+)=(-?\d+)\s*$")
+_IGNORE_RE = re.compile(r"^ignore (\S+) (\S+) param (\w+)=(\S+)\s*$")
+_NAME_OP_RE = re.compile(r"^((?:torch|Tensor|F)\.[A-Za-z][A-Za-z0-9_]*?)_\d+(?:_|$)")
 _INT32_MAX = 2**31 - 1  # pnnx clamps an open end (INT64_MAX) to this: not comparable
 
 
@@ -29,17 +30,37 @@ def _aten_kinds(pnnx_type: str) -> set[str]:
     return {f"aten::{n}" for n in names} | {f"aten::{n}_" for n in names}
 
 
-def _logged_params(log: str) -> dict[str, dict[str, int]]:
-    """``{ncnn layer: {param: int value}}`` from pnnx's ``ignore ... param k=v`` lines."""
-    out: dict[str, dict[str, int]] = {}
+def _candidate_kinds(layer: str, pnnx_type: str) -> list[set[str]]:
+    """Kinds to look for, most specific first: the op the layer is NAMED after (pnnx names a
+    helper it inserted after the op it serves: ``torch.unbind_94_ncnnbatch2dim_0`` is a
+    ``Tensor.reshape`` for ``torch.unbind``), then the layer's own type."""
+    m = _NAME_OP_RE.match(layer)
+    named = _aten_kinds(m.group(1)) if m and m.group(1) != pnnx_type else set()
+    return [k for k in (named, _aten_kinds(pnnx_type)) if k]
+
+
+def _value(text: str) -> tuple[int, ...] | None:
+    """A logged parameter value as a tuple of ints (``3`` -> (3,), ``(1,2)`` -> (1, 2)); None if not ints."""
+    try:
+        return tuple(int(v) for v in text.strip("()[]").split(",") if v.strip())
+    except ValueError:
+        return None
+
+
+def _logged_params(log: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{ncnn layer: {param: int values}}`` from pnnx's ``ignore ... param k=v`` lines; plural
+    names of merged ops (``dims``, ``steps``) are singular (the aten argument's name)."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
     for line in log.splitlines():
         m = _IGNORE_RE.match(line.strip())
-        if m:
-            out.setdefault(m.group(2), {})[m.group(3)] = int(m.group(4))
+        v = _value(m.group(4)) if m else None
+        if m and v:
+            name = m.group(3)
+            out.setdefault(m.group(2), {})[name[:-1] if name.endswith("s") and len(v) > 1 else name] = v
     return out
 
 
-def _score(node: torch._C.Node, params: dict[str, int]) -> int:
+def _score(node: torch._C.Node, params: dict[str, tuple[int, ...]]) -> int:
     """How many logged parameters equal the node's constant argument of the same name."""
     try:
         args = torch._C.parse_schema(node.schema()).arguments
@@ -47,11 +68,11 @@ def _score(node: torch._C.Node, params: dict[str, int]) -> int:
         return 0
     score = 0
     for arg, value in zip(args, node.inputs()):
-        want = params.get(arg.name)
-        if want is None or abs(want) >= _INT32_MAX or value.node().kind() != "prim::Constant":
+        want = [w for w in params.get(arg.name, ()) if abs(w) < _INT32_MAX]
+        if not want or value.node().kind() != "prim::Constant":
             continue
         got = value.toIValue()
-        score += int(isinstance(got, int) and got == want)
+        score += int(isinstance(got, int) and got in want)
     return score
 
 
@@ -96,28 +117,38 @@ def _origins(
     nodes = list(traced.inlined_graph.nodes())
     out: dict[str, tuple[str, str]] = {}
     for layer, typ in bad:
-        kinds = _aten_kinds(typ)
+        kinds = next((k for k in _candidate_kinds(layer, typ) if any(n.kind() in k for n in nodes)), set())
         cands = [n for n in nodes if n.kind() in kinds]
         if not cands:
             continue
         scores = [_score(n, params.get(layer, {})) for n in cands]
         best = max(scores)
-        picked = [n for n, s in zip(cands, scores) if s == best]
         where: dict[str, list[str]] = {}
-        for n in picked:
+        for n in (n for n, s in zip(cands, scores) if s == best):
             frames = where.setdefault(_module_name(n, root), [])
             f = _frame(n)
             if f and f not in frames:
                 frames.append(f)
-        if len(where) > 3:  # too common an op to pin down (e.g. every slice of the model)
+        # every node of the kind is a culprit when pnnx left at least as many such ops unconverted
+        all_bad = len(cands) <= sum(_aten_kinds(t) == kinds for _, t in bad)
+        if best == 0 and len(where) > 3 and not all_bad:  # too common to pin down without parameters
             continue
-        parts = []
-        for name, frames in where.items():
-            cls = type(modules[name]).__name__ if name in modules else "?"
-            label = f"module '{name}' ({cls})" if name else f"the model's own forward ({cls})"
-            parts.append(label + (f" at {'; '.join(frames[:2])}" if frames else ""))
-        out[layer] = (next(iter(where)), " or ".join(parts))
+        out[layer] = (next(iter(where)), _describe(where, modules))
     return out
+
+
+def _describe(where: dict[str, list[str]], modules: dict[str, nn.Module]) -> str:
+    """``module 'a' (Cls) at f.py(3): fn`` for up to 3 modules; more: their count and classes."""
+    def label(name: str) -> str:
+        cls = type(modules[name]).__name__ if name in modules else "?"
+        return f"module '{name}' ({cls})" if name else f"the model's own forward ({cls})"
+
+    if len(where) <= 3:
+        return " or ".join(label(n) + (f" at {'; '.join(f[:2])}" if f else "") for n, f in where.items())
+    classes = sorted({type(modules[n]).__name__ for n in where if n in modules})
+    frames = sorted({f for fs in where.values() for f in fs})
+    return (f"{len(where)} modules of class {', '.join(classes)} ({label(next(iter(where)))}, ...)"
+            + (f" at {'; '.join(frames[:2])}" if frames else ""))
 
 
 EXPORT_FORM_HINT = (
