@@ -6,7 +6,8 @@
 # from the main .venv (CPU torch 2.13.0). Everything else is requirements.txt's pins, plus timm and
 # ultralytics. This package is installed NON-editably from a copy of the source tree, so the main
 # venv's in-tree kernels (lightning_ncnnqat/_C*.so) and build/ are never touched; it is reinstalled
-# whenever the package sources change. Then:
+# whenever the package sources change (only its Python files are replaced when the kernel sources
+# are those of the last install: seconds instead of a compile). Then:
 #
 #   .venv-zoo/bin/python benchmarks/zoo.py            # or: bash scripts/zoo_env.sh --run [zoo args]
 set -euo pipefail
@@ -51,6 +52,16 @@ if [ "${ZOO_SOURCE:-head}" = worktree ]; then
 else
   src=$(git rev-parse "${PKG_PATHS[@]/#/HEAD:}" | sha256sum | cut -d' ' -f1)
 fi
+# The kernels (csrc, setup.py, pyproject.toml) take most of an install to compile: when only the
+# Python sources changed since the last install, those are replaced in place (kernels kept).
+KERNEL_PATHS=(setup.py pyproject.toml csrc)
+# "path blob-id" lines: the same hash for the same sources from HEAD or from the working tree
+if [ "${ZOO_SOURCE:-head}" = worktree ]; then
+  ksrc=$(git ls-files -co --exclude-standard -- "${KERNEL_PATHS[@]}" | LC_ALL=C sort \
+    | while read -r f; do echo "$f $(git hash-object "$f")"; done | sha256sum | cut -d' ' -f1)
+else
+  ksrc=$(git ls-tree -r HEAD -- "${KERNEL_PATHS[@]}" | awk '{print $4, $3}' | LC_ALL=C sort | sha256sum | cut -d' ' -f1)
+fi
 if [ "$(cat "$VENV/.build.sha" 2>/dev/null)" != "$src" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
@@ -59,8 +70,16 @@ if [ "$(cat "$VENV/.build.sha" 2>/dev/null)" != "$src" ]; then
   else
     git archive HEAD -- "${PKG_PATHS[@]}" | tar -xf - -C "$tmp"
   fi
-  echo "zoo_env: installing lightning-ncnnqat ($(git rev-parse --short HEAD)${ZOO_SOURCE:+, $ZOO_SOURCE}) into $VENV" >&2
-  pip_q install -q --no-build-isolation --no-deps --force-reinstall "$tmp"
+  site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  if [ "$(cat "$VENV/.kernels.sha" 2>/dev/null)" = "$ksrc" ] && [ -d "$site/lightning_ncnnqat" ]; then
+    echo "zoo_env: kernels unchanged; replacing lightning-ncnnqat's Python files ($(git rev-parse --short HEAD)${ZOO_SOURCE:+, $ZOO_SOURCE}) in $VENV" >&2
+    find "$site/lightning_ncnnqat" -name '*.py' -delete
+    (cd "$tmp" && find lightning_ncnnqat -name '*.py' | tar -cf - -T -) | tar -xf - -C "$site"
+  else
+    echo "zoo_env: installing lightning-ncnnqat ($(git rev-parse --short HEAD)${ZOO_SOURCE:+, $ZOO_SOURCE}) into $VENV" >&2
+    pip_q install -q --no-build-isolation --no-deps --force-reinstall "$tmp"
+    echo "$ksrc" >"$VENV/.kernels.sha"
+  fi
   echo "$src" >"$VENV/.build.sha"
   echo "$(git rev-parse --short HEAD)${ZOO_SOURCE:+ + $ZOO_SOURCE}" >"$VENV/.build.commit"
 fi
