@@ -1,6 +1,7 @@
 """Model surgery for QAT: decide which layers ncnn runs in int8, fold BatchNorm, attach quantizers.
 
-Usable without a Trainer::
+The whole QAT start (this surgery, the calibrated start, the export preflight and the measured
+re-plan) is :func:`lightning_ncnnqat.qat_start.prepare_qat`; without a Trainer::
 
     plan = prepare_qat(model, example_input)        # fold BN, attach quantizers, print nothing
     print(plan.summary())

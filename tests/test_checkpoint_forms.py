@@ -19,6 +19,7 @@ from torch import nn
 from lightning_ncnnqat import QATCallback, QATConfig, load_from_checkpoint, prepare_qat, restore_from_checkpoint
 from lightning_ncnnqat.__main__ import main
 from lightning_ncnnqat.checkpoint import CheckpointMismatchError
+from lightning_ncnnqat.cli_inputs import build_model, load_checkpoint
 from lightning_ncnnqat.plan_state import PLAN_KEY, PlanMismatchError, checkpoint_plan, same_plan
 from lightning_ncnnqat.prepare import get_plan, input_quantizers, unprepare
 from lit_models import LitMixed, loader, make_data
@@ -262,6 +263,10 @@ def test_cli_weights_only_checkpoints(run, tmp_path: Path, capsys) -> None:  # n
     torch.save(old, tmp_path / "old.ckpt")
     rc, err = _cli(tmp_path / "old.ckpt", tmp_path / "o", capsys)
     assert rc == 2 and "QAT weights (input ranges) but not the QAT plan" in err and err.count("\n") == 0
+    for form in ("weights_only", "state_dict"):  # what the command rebuilds from either form
+        built = build_model(load_checkpoint(forms[form]), "lit_models:LitMixed")
+        with torch.no_grad():
+            assert same_plan(get_plan(built), get_plan(model)) and torch.equal(built(x), ref)
     rc, err = _cli(forms["weights_only"], tmp_path / "w", capsys)
     assert rc in (0, 1), err  # exported (1: a layer flagged; the report says which)
     assert (tmp_path / "w" / "report.json").exists() and (tmp_path / "w" / "model.int8.param").exists()
