@@ -48,7 +48,7 @@ def check_model_form(model: Any, where: str = "prepare_qat") -> None:
             f"{where}: `model` must be a torch.nn.Module, got {type(model).__name__}; pass the eager model{fix}",
             argument="model", value=type(model).__name__,
         )
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, p in model.named_parameters():  # a float64 buffer alone (a constant table) may be fine
         if p.is_floating_point() and p.dtype == torch.float64:
             raise UnsupportedModelError(
                 f"{where}: `model` has float64 weights ('{name}'); ncnn computes in float32 and QAT's fake-quant ops "
