@@ -292,3 +292,19 @@ def test_resume_from_a_qat_checkpoint_with_an_averaging_callback(tmp_path, kind)
     copy_ = avg._average_model.module if kind == "ema" else avg._average_model
     assert same_plan(get_plan(copy_), get_plan(model))
     assert accuracy(model) > 0.5
+
+
+def test_swa_window_that_averages_pre_qat_weights_is_warned_about(tmp_path) -> None:
+    """SWA from epoch 1 (swa_epoch_start=2) averages the weights QAT starts from (start_epoch=1)."""
+    from lightning_ncnnqat.callbacks._averaging import averaging_window_warnings
+
+    def trainer(swa: StochasticWeightAveraging, epochs: int = 4) -> L.Trainer:
+        return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, callbacks=[swa],
+                         default_root_dir=str(tmp_path), enable_progress_bar=False)
+
+    (line,) = averaging_window_warnings(trainer(StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)), 1)
+    assert "swa_epoch_start=2" in line and "start_epoch=1" in line and ">= 3" in line
+    assert averaging_window_warnings(trainer(StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3)), 1) == []
+    # a float is a fraction of max_epochs: 0.5 of 8 epochs starts averaging at epoch 3
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=0.5)
+    assert averaging_window_warnings(trainer(swa, 8), 3) and not averaging_window_warnings(trainer(swa, 8), 2)

@@ -26,7 +26,7 @@ from ._fit_start import (
     check_max_epochs, check_precision, check_start_reachable, debug_run, model_example, note_debug_run,
     qat_start_epoch,
 )
-from ._averaging import AveragedCopies
+from ._averaging import AveragedCopies, averaging_window_warnings
 from ._bn_stats import freeze_if_due
 from ._watch import CollapseWatch, divergence_hint, note_collapse
 from ._held import check_held_batch, held_batch, model_probe
@@ -209,6 +209,8 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             check_max_epochs(trainer, self.start_epoch)
+            for line in averaging_window_warnings(trainer, self.start_epoch):
+                rank_zero_warn(line)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
             raise ConfigError(
