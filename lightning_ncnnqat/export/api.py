@@ -46,6 +46,7 @@ from .errors import ExportError, LayerError
 from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from .int8_writer import Int8Spec, check_float_weights, write_int8
 from .layer_checks import QuantizedRef
+from .conversion import preflight_conversion
 from .graph_match import Wiring, ncnn_wiring, torch_wiring
 from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
 from .model_io import FlatModel, ModelIO, held_inputs, input_tensor, model_io, torch_outputs
@@ -281,6 +282,10 @@ def _ncnn_branch(
             "int8_bin": len(res.bin_bytes),
             "ratio": len(pn.bin_bytes) / max(1, len(res.bin_bytes)),
         }
+    wirings = (p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs))
+    if measure_kw is None or "layers_only" in measure_kw:  # the preflight: is the float conversion faithful?
+        report.conversion = preflight_conversion(export_dir, f_param, p.folded, p.io, p.held, ncnn_names, out_blobs, wirings,
+                                                 p.qmodel)
     if measure_kw is None:
         return
     with _step("parity", verbose):
@@ -293,7 +298,8 @@ def _ncnn_branch(
                 files, p.qmodel, p.io, p.held, refs, out_scales, measure_kw["targets"]
             )}
             return
-        measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw)
+        measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw,
+                float_param=f_param, wirings=wirings)
 
 
 def _check_time_limit(v: float | None) -> float | None:

@@ -56,6 +56,10 @@ class Wiring:
         """node key -> the (alias-resolved) values it reads."""
         return {k: tuple(self.source(v) for v in ins) for k, ins, _ in self.nodes}
 
+    def inputs_of(self, key: str) -> list[str]:
+        """The values node ``key`` reads (empty when there is no such node)."""
+        return next((list(ins) for k, ins, _ in self.nodes if k == key), [])
+
     def order(self) -> dict[str, int]:
         return {k: i for i, (k, _, _) in enumerate(self.nodes)}
 

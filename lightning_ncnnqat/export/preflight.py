@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..batches import positional_names
 from ..dtypes import float32_example, float32_model
 from ..errors import config_error
 from .api import fill_missing_ranges, preflight_export
+from .conversion import conversion_message
 from .model_io import held_inputs, model_io
 from .errors import ExportError
 
@@ -130,6 +132,9 @@ def _preflight(
             failures=e.failures,
         ) from e
     wrong = dict(rep.runtime.get("wrong_layers", {}))
+    departs = conversion_message(rep.conversion)
+    if departs:  # known now, before training: the export would judge it only after the last epoch
+        warnings.warn(f"export preflight at QAT start: {departs}", UserWarning, stacklevel=3)
     if verbose:
         checked = f"; int8 layers run on {', '.join(wrong)}" if wrong else ""
         print(f"ncnn export preflight: ONNX, pnnx, matching and the int8 writer passed{checked} "

@@ -63,6 +63,9 @@ class ExportReport:
     float_vs_torch: Agreement | None = None  # ncnn float32 vs folded float model (default options)
     float_vs_torch_fp32_storage: Agreement | None = None  # same with use_fp16_storage=False
     float32_floor: float | None = None  # worst output's QAT float32-vs-float64 cosine, where measured
+    # the float conversion judged on its own (export.conversion): "faithful" (None: not judged),
+    # per-output cosines and floors, and "first_departure" (where the float ncnn model departs)
+    conversion: dict[str, Any] = field(default_factory=dict)
     layer_checks: list[LayerCheck] = field(default_factory=list)
     # per target ("x86" = this machine, "arm64-a53"/"arm64-a76" emulated): ncnn version, CPU
     # features, the options it ran with, int8_vs_qat (worst output), and on ARM per-output
@@ -85,8 +88,13 @@ class ExportReport:
         return out
 
     @property
+    def conversion_departs(self) -> bool:
+        """Whether the float ncnn model was measured to depart from the PyTorch model."""
+        return self.conversion.get("faithful") is False
+
+    @property
     def ok(self) -> bool:
-        return not self.failures and not self.flagged_layers
+        return not self.failures and not self.flagged_layers and not self.conversion_departs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,6 +148,10 @@ class ExportReport:
                 if o.float_vs_torch_fp32_storage:
                     line += f" ({o.float_vs_torch_fp32_storage.max_abs_err:.3g} with use_fp16_storage=False)"
                 out.append(line)
+        if self.conversion_departs:
+            d = self.conversion.get("first_departure") or {}
+            at = f": first {d['where']} layer '{d['torch_layer']}' (ncnn '{d['ncnn_layer']}')" if d.get("torch_layer") else ""
+            out.append(f"  conversion: the float ncnn model DEPARTS from PyTorch{at}")
         for target, e in self.runtime.items():
             a = e.get("int8_vs_qat")
             if target == "x86" or not e.get("emulated"):
