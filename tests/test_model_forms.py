@@ -76,3 +76,19 @@ def test_float64_batches_into_a_float32_model_work(tmp_path) -> None:  # noqa: A
     rep = export(m, tmp_path, x64[:1], x64, targets=["x86"], verbose=False, timing_runs=0)
     assert rep.ok, rep.summary()
     assert rep.int8_vs_qat.cosine > 0.999 and rep.io["inputs"][0]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_prepared_directly_exports_in_float32(dtype: torch.dtype, tmp_path) -> None:  # noqa: ANN001
+    """prepare_qat accepts a float16/bfloat16 model (the fake-quant ops take them); export() runs
+    on a float32 copy, as the callback does under precision='*-true', and leaves the model's dtype."""
+    m = _net().to(dtype)
+    x = X.to(dtype)
+    prepare_qat(m, x[:2])
+    m.train()
+    loss = F.cross_entropy(m(x).float(), torch.arange(8) % 4)
+    loss.backward()
+    rep = export(m, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0)
+    assert rep.ok, rep.summary()
+    assert rep.int8_vs_qat.cosine > 0.999
+    assert m[0].weight.dtype == dtype and get_plan(m) is not None

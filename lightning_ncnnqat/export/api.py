@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import ops
 from ..batches import positional_names, to_model
+from ..dtypes import float32_example, float32_model
 from ..export_form import in_export_form
 from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
 from ..prepared import deepcopy_model
@@ -380,11 +381,12 @@ def export(
         "targets": resolve_targets(targets),
         "target_time_limit_s": _check_time_limit(target_time_limit_s),
     }
-    return _export(
-        model, export_dir, example_input, held_batch, held_batch_source,
-        verbose=verbose, check_onnx=check_onnx, opset=opset, measure_kw=measure_kw,
-        preprocessing=find_preprocessing(preprocessing, unwrap(model)), float_weights=check_float_weights(float_weights),
-    )
+    with float32_model(model) as model32:  # a float16/bfloat16 QAT model exports in float32, as in the callback
+        return _export(
+            model32, export_dir, float32_example(example_input), held_batch, held_batch_source,
+            verbose=verbose, check_onnx=check_onnx, opset=opset, measure_kw=measure_kw,
+            preprocessing=find_preprocessing(preprocessing, unwrap(model)), float_weights=check_float_weights(float_weights),
+        )
 
 
 def resolve_targets(targets: str | Sequence[str]) -> list[str]:
