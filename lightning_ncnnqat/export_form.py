@@ -64,8 +64,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 NOT_EXPORTED = (
     "computed by the eval forward (in its export form) but its output never reaches the model's outputs: the "
-    "converters drop it, so it is not exported (e.g. the one-to-one copy of a YOLOv10/YOLO26 head, which ncnn's "
-    "export runs with end2end=False); it trains in float"
+    "converters drop it, so it is not exported (e.g. a head's second branch computed but not returned, as a "
+    "one-to-one copy is under end2end=False when no fuse() removes it); it trains in float"
 )
 
 
