@@ -308,3 +308,24 @@ def test_swa_window_that_averages_pre_qat_weights_is_warned_about(tmp_path) -> N
     # a float is a fraction of max_epochs: 0.5 of 8 epochs starts averaging at epoch 3
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=0.5)
     assert averaging_window_warnings(trainer(swa, 8), 3) and not averaging_window_warnings(trainer(swa, 8), 2)
+
+
+def test_only_averaged_copies_follow_the_plan() -> None:
+    """A callback's other model of the same class (a distillation teacher) stays float; an
+    AveragedModel under any name and a bare copy named as an average follow."""
+    from types import SimpleNamespace
+
+    from lightning_ncnnqat.callbacks._averaging import AveragedCopies
+
+    torch.manual_seed(0)
+    model = Lit()
+    float_copy = copy.deepcopy(model)
+    cb = SimpleNamespace(teacher=copy.deepcopy(model), ema_model=copy.deepcopy(model), slow=AveragedModel(model.net))
+    prepare_qat(model, model.example_input_array)
+    where = AveragedCopies().follow(SimpleNamespace(callbacks=[cb]), model, None, sync=True)
+    assert sorted(where) == ["SimpleNamespace.ema_model", "SimpleNamespace.slow"]
+    assert get_plan(cb.teacher) is None and get_plan(cb.ema_model) is not None
+    assert get_plan(cb.slow.module) is not None and isinstance(cb.slow.module.conv1, QATConv2d)
+    # the copies keep their own parameters (the average), and take the model's folded statistics
+    assert torch.equal(cb.ema_model.net.conv1.weight, float_copy.net.conv1.weight)
+    assert torch.equal(cb.ema_model.net.bn1.inv_std, model.net.bn1.inv_std)

@@ -12,8 +12,9 @@ happen to match). A copy made *after* QAT starts is a QAT model already: ``copy.
 keeps the swapped classes, the ``__dict__`` attributes (plan, fold links, shared quantizers).
 
 So when QAT starts, every model copy found on a callback (an ``AveragedModel``'s ``module``, or
-an ``nn.Module`` attribute of the model's class, or of a submodule's class holding every
-quantized layer, with the same parameter shapes) gets the same plan, and the QAT state that is
+an ``nn.Module`` attribute whose name says it averages, ``_average_model``, ``ema``..., of the
+model's class, or of a submodule's class holding every quantized layer, with the same parameter
+shapes; a distillation teacher is left alone) gets the same plan, and the QAT state that is
 not averaged but defines the model takes the live model's values: the folded BN statistics
 (constants of the fold the weights are trained with) and the input ranges. Ranges that start
 at the first training step (``range_init="first_batch"``) are copied again after that step, so
@@ -24,6 +25,7 @@ first: ``checkpoint_connector._restore_modules_and_callbacks``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +38,10 @@ from ..plan import QATPlan, get_plan
 from ..plan_state import same_plan
 from ..prepare import apply_plan, unprepare
 from ..wrappers import unwrap
+
+
+_AVERAGE_NAME = re.compile(r"av(era)?g|ema|swa|polyak|shadow", re.IGNORECASE)
+"""Names of callback attributes that hold an averaged copy as a bare module (SWA's ``_average_model``)."""
 
 
 def _shapes(m: nn.Module) -> list[tuple[int, ...]]:
@@ -69,6 +75,8 @@ def model_copies(trainer: Any, pl_module: nn.Module, exclude: Any = None) -> lis
             m = value.module if isinstance(value, AveragedModel) else value
             if not isinstance(m, nn.Module) or id(m) in seen:
                 continue
+            if not isinstance(value, AveragedModel) and not _AVERAGE_NAME.search(attr):
+                continue  # another model of the same class (a distillation teacher) is not ours to change
             prefix = _prefix_of(m, model, plan)
             if prefix is not None:
                 seen.add(id(m))
