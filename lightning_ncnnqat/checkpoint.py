@@ -68,7 +68,8 @@ def fit_problem(model: nn.Module, state: Mapping[str, Any], strict: bool = True)
         and not isinstance(v, nn.parameter.UninitializedParameter) and v.shape != theirs[k].shape
     ]
     if shapes:
-        parts.append("size mismatch for " + "; ".join(shapes[:2]) + (f" ({len(shapes)} in all)" if len(shapes) > 2 else ""))
+        more = f" ({len(shapes)} in all)" if len(shapes) > 2 else ""
+        parts.append("size mismatch for " + "; ".join(shapes[:2]) + more)
     return ", ".join(parts) or None
 
 
@@ -84,7 +85,9 @@ def switch_plan(model: nn.Module, plan: QATPlan | None, state: Mapping[str, Any]
     before = get_plan(inner)
     if same_plan(before, plan):
         return
-    kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(inner).items()} if before else {}
+    kept: dict[str, dict[str, Tensor]] = {}
+    if before is not None:  # the input ranges, to give back if the switch fails
+        kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(inner).items()}
 
     def back() -> None:
         unprepare(inner)
@@ -169,7 +172,8 @@ def load_from_checkpoint(
     if isinstance(checkpoint_path, io.IOBase):
         checkpoint_path.seek(0)
     plan = checkpoint_plan(ckpt) if isinstance(ckpt, Mapping) else None
-    args = dict(map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=weights_only, **kwargs)
+    args = dict(map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=weights_only)
+    args.update(kwargs)
     if plan is None:
         return cls.load_from_checkpoint(checkpoint_path, **args)
     state = state_of(ckpt)

@@ -134,7 +134,8 @@ def start_qat(
         reasons = measured_float_reasons(model, wrong)
         if reasons:
             replan_as_float(model, example_input, reasons)
-            log("measured at QAT start, kept in float before training: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+            kept = "; ".join(f"{n}: {r}" for n, r in reasons.items())
+            log(f"measured at QAT start, kept in float before training: {kept}")
             if config.calibrated_start:  # a new plan may have new range owners
                 _calibrate(model, config, calibration, run_once, log, warn)
     except BaseException:
@@ -188,7 +189,8 @@ def prepare_qat(
         warnings.warn(
             f"prepare_qat: {len(unmeasured)} grouped conv(s) run in int8 unmeasured ({', '.join(unmeasured[:4])}"
             f"{', ...' if len(unmeasured) > 4 else ''}): ncnn's int8 runtime computes some grouped convs wrongly; "
-            "pass targets='auto' (or ['x86', ...]) to measure them and keep the wrong ones in float, as QATCallback does",
+            "pass targets='auto' (or ['x86', ...]) to measure them and keep the wrong ones in float, "
+            "as QATCallback does",
             stacklevel=2,
         )
     return plan
