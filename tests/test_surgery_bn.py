@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_ncnnqat import folded_float_model, prepare_qat
 from lightning_ncnnqat.graph import trace_dataflow
+from lightning_ncnnqat.plan_state import PLAN_KEY
 from lightning_ncnnqat.modules import FoldedBatchNorm, FoldedFrozenBatchNorm, QATConv2d
 from lightning_ncnnqat.prepare import QATPlan, apply_plan, get_plan, unprepare
 
@@ -89,9 +90,10 @@ def test_bn_like_modules_are_folded(norm_cls, folded_cls, tail) -> None:  # noqa
     assert plan.layers["conv"].bn == "norm" and plan.layers["conv"].bn_tail == tail
     assert type(m.norm) is folded_cls and isinstance(m.conv, QATConv2d)
     assert "conv" not in plan.float_layers
-    # checkpoint keys stay the user's (plus the quantizer buffers)
+    # checkpoint keys stay the user's (plus the quantizer buffers and the one plan entry)
     new_keys = list(m.state_dict())
-    assert [k for k in new_keys if "input_quantizer" not in k] == keys
+    assert [k for k in new_keys if "input_quantizer" not in k and k != PLAN_KEY] == keys
+    assert new_keys.count(PLAN_KEY) == 1
     # the folded float model (what the converters see) computes the float model's outputs
     m.train()
     m(x)
