@@ -160,7 +160,7 @@ class _Prepared:
     held: list[torch.Tensor]
     infos: list[QuantLayerInfo]
     folded: nn.Module
-    wiring: Wiring  # the folded model's traced graph: tells layers with equal weights apart
+    wiring: Wiring | None  # the folded model's traced graph: tells layers with equal weights apart
 
 
 def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: ExportReport, verbose: bool) -> _Prepared:
@@ -188,8 +188,19 @@ def _prepare(model: nn.Module, example_input: Any, held_batch: Any, report: Expo
             for i in infos
         ]
         folded = folded_float_model(qmodel).cpu().eval()
-        wiring = torch_wiring(folded, io, [t[:1] for t in held])
+        wiring = _traced_wiring(folded, io, held, report)
     return _Prepared(qmodel, io, held, infos, folded, wiring)
+
+
+def _traced_wiring(folded: nn.Module, io: ModelIO, held: list[torch.Tensor], report: ExportReport) -> Wiring | None:
+    """The folded model's traced graph (graph_match.torch_wiring); None, with a note, if the trace
+    fails: weight matching then works as before, and only layers with equal weights go unresolved."""
+    try:
+        return torch_wiring(folded, io, [t[:1] for t in held])
+    except Exception as e:  # noqa: BLE001 - a model that exports must not fail on this extra trace
+        report.notes.append(f"the folded model's data flow could not be traced ({type(e).__name__}: {str(e)[:200]}): "
+                            "layers with identical weights cannot be told apart by their place")
+        return None
 
 
 def _onnx_branch(p: _Prepared, report: ExportReport, land, verbose: bool, check_onnx: bool, opset: int) -> None:  # noqa: ANN001
@@ -243,7 +254,8 @@ def _ncnn_branch(
         land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
     with _step("ncnn_table", verbose):
         owners = match_owners(p.infos, ncnn_weight_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)",
-                              graphs=(p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs)), notes=report.notes)
+                              graphs=None if p.wiring is None else (p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs)),
+                              notes=report.notes)
         for t, o in owners.items():
             if converted_int8_kind(o.kind) != "table":
                 raise LayerError(
@@ -283,7 +295,7 @@ def _ncnn_branch(
             "int8_bin": len(res.bin_bytes),
             "ratio": len(pn.bin_bytes) / max(1, len(res.bin_bytes)),
         }
-    wirings = (p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs))
+    wirings = None if p.wiring is None else (p.wiring, ncnn_wiring(f_param, in_blobs, out_blobs))
     if measure_kw is None or "layers_only" in measure_kw:  # the preflight: is the float conversion faithful?
         report.conversion = preflight_conversion(export_dir, f_param, p.folded, p.io, p.held, ncnn_names, out_blobs, wirings,
                                                  p.qmodel)
