@@ -78,10 +78,13 @@ def build(name: str) -> tuple[nn.Module, int]:
         return SiLUCNN(), 32
     if name.startswith("zoo:"):
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from zoo import MODELS, build_model  # the zoo bench's list (torchvision / timm)
+        import zoo  # the zoo bench's list (torchvision / timm), run in .venv-zoo
 
-        source, size = MODELS[name[4:]]
-        return build_model(name[4:], source, Path(".")), size
+        source, size = getattr(zoo, "ALL_MODELS", zoo.MODELS)[name[4:]]
+        model = zoo.build_model(name[4:], source, Path("."))
+        # random-init BN statistics shrink deep nets towards 0 once folded: the zoo bench's fix
+        zoo.warm_batchnorm(model, size, 2, torch.Generator().manual_seed(0))
+        return model, size
     raise ValueError(f"unknown model {name!r}")
 
 

@@ -91,18 +91,19 @@ def main() -> int:
         run_ncnn2int8(tools, d / src, d / "model.ncnn.bin", d / "model.ncnn.table", d / f"{stem}.int8.param",
                       d / f"{stem}.int8.bin")
     xs = {"in0": x.numpy()}
-    outs = {k: run_ncnn(d / f"{k}.param", d / f"{k}.bin", xs, ["out0"]).outputs["out0"].reshape(len(x), -1)
-            for k in ("model.ncnn", "tool.int8", "tool_folded.int8")}
+    # the features before global pooling (the head's output is mostly its bias on random weights)
+    feat = next(lay.bottoms[0] for lay in param.layers if lay.type == "Pooling")
     (d / "folded.bin").write_bytes((d / "model.ncnn.bin").read_bytes())
-    outs["folded"] = run_ncnn(d / "folded.param", d / "folded.bin", xs, ["out0"]).outputs["out0"].reshape(len(x), -1)
+    outs = {k: run_ncnn(d / f"{k}.param", d / f"{k}.bin", xs, [feat]).outputs[feat].reshape(len(x), -1)
+            for k in ("model.ncnn", "tool.int8", "tool_folded.int8", "folded")}
 
     def cos(u: np.ndarray, v: np.ndarray) -> float:
         return float((u * v).sum() / np.sqrt((u * u).sum() * (v * v).sum()))
 
     print(f"folded {folded} HardSwish layers into their convs")
-    print(f"float folded vs float: max |diff| {np.abs(outs['folded'] - outs['model.ncnn']).max():.2e}")
-    print(f"int8 folded vs int8 unfolded (both ncnn2int8): cosine {cos(outs["tool_folded.int8"], outs["tool.int8"]):.8f}; "
-          f"vs float: {cos(outs["tool_folded.int8"], outs["model.ncnn"]):.8f} (unfolded {cos(outs["tool.int8"], outs["model.ncnn"]):.8f})")
+    print(f"features before pooling ({feat}): float folded vs float: max |diff| {np.abs(outs['folded'] - outs['model.ncnn']).max():.2e}")
+    print(f"int8 folded vs int8 unfolded (both ncnn2int8): cosine {cos(outs['tool_folded.int8'], outs['tool.int8']):.8f}; "
+          f"vs float: {cos(outs['tool_folded.int8'], outs['model.ncnn']):.8f} (unfolded {cos(outs['tool.int8'], outs['model.ncnn']):.8f})")
     shape = {"in0": [3, a.size, a.size]}
     models = [ModelToTime(k, str(d / f"{k}.param"), str(d / f"{k}.bin"), shape, ["out0"], {"num_threads": 1})
               for k in ("model.ncnn", "tool.int8", "tool_folded.int8")]
