@@ -196,3 +196,14 @@ def test_float_rounding_on_a_cancelling_model_is_a_note_not_a_departure(tmp_path
     assert out["float_failing"] and out["int8_failing"] is False  # the float figure alone would flag it
     assert rep.conversion["faithful"] is True and rep.ok
     assert any("float32 summation" in n for n in rep.notes), rep.notes
+
+
+def test_prepare_qat_with_targets_warns_at_qat_start() -> None:
+    """The Trainer-less QAT start (prepare_qat(targets=...), the callback's own path) warns too."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        prepare_qat(FunctionalCircularPad(), x[:1], targets=["x86"])
+    msgs = [str(w.message) for w in got if "meaning" in str(w.message)]
+    assert len(msgs) == 1 and "'c2'" in msgs[0] and "pad" in msgs[0], msgs
