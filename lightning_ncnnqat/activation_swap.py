@@ -48,6 +48,7 @@ class SwapReport:
     """What :func:`swap_activations` changed: module name -> (old class, new class)."""
 
     swapped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    not_inplace: list[str] = field(default_factory=list)  # in-place modules after a swap, set inplace=False
     functional: dict[str, int] = field(default_factory=dict)  # functional breakers seen in a forward -> calls
 
     def summary(self) -> str:
@@ -56,6 +57,8 @@ class SwapReport:
         for pair in self.swapped.values():
             by_kind[pair] = by_kind.get(pair, 0) + 1
         lines += [f"  {old} -> {new}: {n}" for (old, new), n in sorted(by_kind.items())]
+        if self.not_inplace:
+            lines.append(f"set inplace=False (they would overwrite a swapped activation's output): {', '.join(self.not_inplace)}")
         if self.functional:
             calls = ", ".join(f"{k} x{v}" for k, v in sorted(self.functional.items()))
             lines.append(f"not swapped (functional calls in forward; replace them in the code): {calls}")
@@ -120,6 +123,22 @@ def functional_breakers(model: nn.Module, example_input: Any) -> dict[str, int]:
     return mode.calls
 
 
+def _no_inplace_after(parent: nn.Module, child_name: str, parent_name: str, report: SwapReport) -> None:
+    """In a Sequential, the module after a swapped activation must not overwrite its output in
+    place: ReLU's backward reads its OUTPUT (torch saves the result for threshold_backward),
+    where SiLU/GELU/Hardswish read their input, so e.g. torchvision MobileNetV3's
+    ``Hardswish -> Dropout(inplace=True)`` would fail in backward after the swap."""
+    if not isinstance(parent, nn.Sequential):
+        return
+    names = list(parent._modules)
+    i = names.index(child_name)
+    if i + 1 < len(names):
+        nxt = parent._modules[names[i + 1]]
+        if getattr(nxt, "inplace", False) is True:
+            nxt.inplace = False
+            report.not_inplace.append(f"{parent_name}.{names[i + 1]}" if parent_name else names[i + 1])
+
+
 def swap_activations(
     model: nn.Module, swaps: Mapping[type[nn.Module], type[nn.Module]] | None = None, example_input: Any = None
 ) -> SwapReport:
@@ -130,7 +149,9 @@ def swap_activations(
     several places is replaced by one new instance everywhere. Call it before ``prepare_qat``
     (or QAT start) so the QAT fine-tuning trains the network with its new activations; the
     float accuracy drops until it has. ``example_input`` (optional) also counts functional
-    breakers (``SwapReport.functional``), which are NOT swapped.
+    breakers (``SwapReport.functional``), which are NOT swapped. A module with ``inplace=True``
+    right after a swapped activation in a Sequential is set to ``inplace=False``
+    (``SwapReport.not_inplace``); in-place ops in a forward's code cannot be seen here.
 
     Raises TypeError when ``model`` is not an nn.Module or ``swaps`` holds non-module classes.
     """
@@ -152,6 +173,7 @@ def swap_activations(
             setattr(parent, child_name, new)
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             report.swapped[full] = (type(child).__name__, type(new).__name__)
+            _no_inplace_after(parent, child_name, parent_name, report)
     if example_input is not None:
         report.functional = functional_breakers(model, example_input)
     return report

@@ -74,6 +74,19 @@ def test_custom_mapping_exact_class_only() -> None:
     assert rep.functional == {}
 
 
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.SiLU, nn.GELU])
+def test_inplace_consumer_after_swap_trains(act: type[nn.Module]) -> None:
+    """torchvision MobileNetV3's head: act -> Dropout(inplace=True). ReLU's backward reads its
+    output, so the in-place Dropout must be made out-of-place, or backward raises."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), act(), nn.Dropout(0.2, inplace=True), nn.Linear(16, 3))
+    rep = swap_activations(m)
+    assert rep.not_inplace == ["3"] and m[3].inplace is False and "set inplace=False" in rep.summary()
+    m.train()
+    m(torch.randn(4, 3, 2, 2)).sum().backward()
+    assert m[1].weight.grad is not None and torch.isfinite(m[1].weight.grad).all()
+
+
 def test_functional_breakers_ignore_module_calls() -> None:
     """A remaining nn.SiLU module calls F.silu inside: that is a module, not a functional use."""
     m = Net(functional=False)
