@@ -152,8 +152,8 @@ def _describe(where: dict[str, list[str]], modules: dict[str, nn.Module]) -> str
 
 
 EXPORT_FORM_HINT = (
-    "If the model has an export form a converter can express (as ultralytics heads have: "
-    "export/format attributes, set automatically), give that module a `ncnn_export_form()` "
+    "If the model has an export form a converter can express (as ultralytics heads have: a "
+    "boolean `export` attribute, set automatically), give that module a `ncnn_export_form()` "
     "method returning a context manager that switches it (see lightning_ncnnqat.export_form); "
     "otherwise rewrite the op (e.g. a strided slice as view + index) or keep it out of forward()"
 )
