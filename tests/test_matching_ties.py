@@ -232,7 +232,41 @@ def test_alike_layers_reading_different_tensors_are_named_not_guessed() -> None:
                      ["0"], ["4"])
     ncnn_w = Wiring([("L1#1", ["in0"], ["a"]), ("R#2b", ["in0"], ["b"]), ("L2#2", ["b"], ["c"]),
                      ("S#4", ["a", "c"], ["out0"])], ["in0"], ["out0"])
-    # not alike in the ncnn graph: L2 reads through R, so the place does tell them apart only if
-    # the torch side says which reads through an op; both read from in:0 and feed out:0 here
+    # both are fed by in:0 and feed out:0 on either side: their place is the same, their inputs
+    # (and input scales) differ, so no pairing is safe
     with pytest.raises(LayerError, match=r"cannot be told apart.*\['p', 'q'\]"):
         match_owners(infos, owners, "ncnn model", graphs=(torch_w, ncnn_w))
+
+
+def _owners(w: torch.Tensor, *keys: tuple[str, int]) -> list[WeightOwner]:
+    return [WeightOwner(n, "Convolution", w.numpy().ravel(), None, i) for n, i in keys]
+
+
+def test_place_not_order_decides_when_the_converter_reorders_branches() -> None:
+    """Two equal-weight layers feeding different outputs; the converted graph lists them in the
+    other order: each is matched by the output it reaches, not by position."""
+    w = torch.full((2, 2, 1, 1), 0.5)
+    infos = [_info("a", w, 1.0), _info("b", w, 2.0)]
+    torch_w = Wiring([("a", ["x"], ["ya"]), ("relu@1", ["x"], ["r"]), ("b", ["r"], ["yb"])], ["x"], ["ya", "yb"])
+    ncnn_w = Wiring([("R#1", ["in0"], ["r"]), ("B#2", ["r"], ["out1"]), ("A#3", ["in0"], ["out0"])],
+                    ["in0"], ["out0", "out1"])
+    found = match_owners(infos, _owners(w, ("B", 2), ("A", 3)), "ncnn model", graphs=(torch_w, ncnn_w))
+    assert {t: o.name for t, o in found.items()} == {"a": "A", "b": "B"}
+
+
+def test_interchangeable_layers_are_paired_in_graph_order_with_a_note() -> None:
+    """Equal weights, one input tensor (through a Split in ncnn), equal rows, same place: which is
+    which changes nothing; they are paired in graph order and the report is told."""
+    w = torch.full((2, 2, 1, 1), 0.5)
+    infos = [_info("p", w, 1.0), _info("q", w, 1.0)]
+    torch_w = Wiring([("p", ["x"], ["1"]), ("q", ["x"], ["2"]), ("add@2", ["1", "2"], ["3"])], ["x"], ["3"])
+    ncnn_w = Wiring([("S#1", ["in0"], ["s0", "s1"]), ("L1#2", ["s0"], ["a"]), ("L2#3", ["s1"], ["b"]),
+                     ("Add#4", ["a", "b"], ["out0"])], ["in0"], ["out0"], {"s0": "in0", "s1": "in0"})
+    notes: list[str] = []
+    found = match_owners(infos, _owners(w, ("L1", 2), ("L2", 3)), "ncnn model", graphs=(torch_w, ncnn_w), notes=notes)
+    assert {t: o.name for t, o in found.items()} == {"p": "L1", "q": "L2"}
+    assert len(notes) == 1 and "['p', 'q']" in notes[0] and "same table rows" in notes[0]
+    # different input scales: not interchangeable, so named instead of paired
+    with pytest.raises(LayerError, match="cannot be told apart"):
+        match_owners([infos[0], _info("q", w, 3.0)], _owners(w, ("L1", 2), ("L2", 3)), "ncnn model",
+                     graphs=(torch_w, ncnn_w))
