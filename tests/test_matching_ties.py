@@ -270,3 +270,20 @@ def test_interchangeable_layers_are_paired_in_graph_order_with_a_note() -> None:
     with pytest.raises(LayerError, match="cannot be told apart"):
         match_owners([infos[0], _info("q", w, 3.0)], _owners(w, ("L1", 2), ("L2", 3)), "ncnn model",
                      graphs=(torch_w, ncnn_w))
+
+
+def test_calibrate_with_ncnn_activations_on_zero_initialised_blocks() -> None:
+    """calibrate(activations="ncnn") finds each zero-initialised conv's bottom blob by place: each
+    calibrated input threshold matches the PyTorch calibration of that same layer."""
+    from lightning_ncnnqat.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = ResNet(ZeroConvBlock).eval()
+    xs = torch.randn(8, 3, 8, 8)
+    ours = calibrate(model, xs, method="kl", activations="ncnn")
+    ref = calibrate(model, xs, method="kl")
+    zero = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not m.weight.any()]
+    assert len(zero) == 3
+    for n in zero:  # their inputs differ per block: a swapped blob would give another block's threshold
+        assert float(ours.layers[n].input_scale) == pytest.approx(float(ref.layers[n].input_scale), rel=0.05), n
+    assert len({round(float(ref.layers[n].input_scale), 3) for n in zero}) == 3
