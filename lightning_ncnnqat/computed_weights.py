@@ -144,3 +144,49 @@ def describe(m: nn.Module) -> str | None:
             for name, plist in m.parametrizations.items()
         ]
     return "; ".join(parts) or None
+
+
+def fingerprint(m: nn.Module) -> tuple[Any, ...]:
+    """What computes ``m``'s tensors now, as a cheap comparable value (no tensor is read).
+
+    It changes when a pre-hook or a parametrization is added or removed (``prune.remove``,
+    ``parametrize.remove_parametrizations``), and at each new pruning round: ``prune`` registers
+    a new ``<name>_mask`` buffer (``torch/nn/utils/prune.py``, ``BasePruningMethod.apply``), and an
+    in-place change of a mask bumps its version counter. The sources' own training steps do not
+    change it (only the masks' versions are part of it)."""
+    hooks = tuple((key, id(hook), name) for key, hook, name in computing_hooks(m))
+    sources = tuple(sorted(
+        (n, id(t), t._version if n.endswith("_mask") else 0)
+        for n, t in (*m._parameters.items(), *m._buffers.items())
+        if t is not None and n.endswith(_SOURCE_SUFFIXES)
+    ))
+    params: tuple[Any, ...] = ()
+    if parametrize.is_parametrized(m):
+        params = tuple((n, id(plist), len(plist)) for n, plist in m.parametrizations.items())
+    return hooks, sources, params
+
+
+def fingerprints(model: nn.Module, names: list[str]) -> dict[str, tuple[Any, ...]]:
+    """:func:`fingerprint` of each named module of ``model`` (names not in the model are left out)."""
+    modules = dict(model.named_modules())
+    return {n: fingerprint(modules[n]) for n in names if n in modules}
+
+
+def restore_class(m: nn.Module, orig: type[nn.Module]) -> None:
+    """Give ``m`` back its class from before QAT, ``orig``, keeping a parametrization registered
+    on ``m`` after QAT converted it: torch then made ``m`` a ``Parametrized<QATConv2d>`` (a class
+    of its own, ``parametrize._inject_new_class``, holding the weight property), which is
+    re-based onto ``orig`` instead of dropped (dropping it would lose the weight)."""
+    cls = type(m)
+    later = (
+        parametrize.is_parametrized(m)
+        and cls.__name__.startswith("Parametrized")
+        and not orig.__name__.startswith("Parametrized")
+        and len(cls.__bases__) == 1
+    )
+    if later:
+        cls.__bases__ = (orig,)
+    elif orig.__name__.startswith("Parametrized") and not parametrize.is_parametrized(m):
+        m.__class__ = orig.__bases__[0]  # its parametrizations were removed under QAT: the plain class
+    else:
+        m.__class__ = orig

@@ -332,12 +332,18 @@ _PARAMETRIZED_QAT: dict[type[nn.Module], type[nn.Module]] = {}
 def qat_class_for(m: nn.Module, base: type[nn.Module]) -> type[nn.Module]:
     """The class ``m`` (a ``base`` instance) gets under QAT: ``QAT_CLASSES[base]``, or for a module
     ``torch.nn.utils.parametrize`` has made ``Parametrized<Class>`` (whose ``weight`` is a property
-    computed from ``parametrizations.weight.original*``) a subclass of both, so the QAT forward
-    reads the computed weight and gradients reach its sources (created once per class)."""
+    computed from ``parametrizations.weight.original*``) a subclass of the QAT class holding that
+    class's properties, so the QAT forward reads the computed weight and gradients reach its
+    sources (created once per class; torch makes one such class per module)."""
     qat = QAT_CLASSES[base]
     cls = type(m)
     if "parametrizations" not in m._modules or not cls.__name__.startswith("Parametrized"):
         return qat
     if cls not in _PARAMETRIZED_QAT:
-        _PARAMETRIZED_QAT[cls] = type(f"QAT{cls.__name__}", (qat, cls), {"__module__": __name__})
+        # torch made ``cls`` for this module alone (parametrize._inject_new_class) and keeps its
+        # properties in its own __dict__: copied into a class whose single base is the QAT class,
+        # so ``remove_parametrizations`` (which deletes the property from ``type(m)`` and then sets
+        # the class to ``type(m).__bases__[0]``) leaves a plain QAT layer.
+        own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", "__module__", "__doc__")}
+        _PARAMETRIZED_QAT[cls] = type(f"QAT{cls.__name__}", (qat,), {**own, "__module__": __name__})
     return _PARAMETRIZED_QAT[cls]

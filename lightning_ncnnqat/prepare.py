@@ -30,6 +30,7 @@ from torch import nn
 from .batches import as_call, check_call, map_tensors, to_model
 from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, set_stats_live, unfold_bn
 from .computed_weights import describe as describe_computed
+from .computed_weights import restore_class
 from .config import QATConfig
 from .model_forms import check_model_form
 from .export_form import drop_unexported, export_form
@@ -300,7 +301,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     for name, p in plan.layers.items():
         m = modules[name]
         base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
-        m.__class__ = m.__dict__.get(ORIG_CLASS, base)
+        restore_class(m, m.__dict__.get(ORIG_CLASS, base))  # a parametrization added under QAT stays
         m._modules.pop("input_quantizer", None)
         for attr in _QAT_ATTRS:
             m.__dict__.pop(attr, None)

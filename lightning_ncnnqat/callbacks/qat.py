@@ -28,6 +28,7 @@ from ._fit_start import (
 )
 from ._averaging import AveragedCopies, averaging_window_warnings
 from ._bn_stats import freeze_if_due
+from ._computed_watch import ComputedWatch
 from ._watch import CollapseWatch, divergence_hint, note_collapse
 from ._held import check_held_batch, held_batch, model_probe
 from ._rank_zero import on_rank_zero, ranges_unsynced
@@ -191,6 +192,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._learned_state: Any = None  # its optimizer state, from a checkpoint
         self._copies = AveragedCopies()  # averaging callbacks' model copies follow the plan
         self._watch = CollapseWatch()  # validation across the QAT start
+        self._computed: ComputedWatch | None = None  # weights pruned / parametrized after the start
         self._qat_epoch: int | None = None  # the epoch QAT started in (freeze_bn_after counts from it)
 
     @property
@@ -316,6 +318,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._copies.freeze_bn_stats(trainer, pl_module, self, frozen=True)
             if self.verbose:
                 rank_zero_info(f"QATCallback: epoch {trainer.current_epoch}: folded BatchNorm statistics frozen")
+        if self.plan is not None and self._computed is None:  # resumed: the plan came with the checkpoint
+            self._computed = ComputedWatch(pl_module, self.plan)
+        elif self.plan is not None:
+            line = self._computed.at_epoch_start(pl_module, self.plan, trainer.current_epoch)
+            if line and self.verbose:
+                rank_zero_info(f"QATCallback: {line}")
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -364,6 +372,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
         self._qat_epoch = int(trainer.current_epoch)
+        self._computed = ComputedWatch(pl_module, self.plan)
         self._watch.qat_started(trainer)
         copies = self._copies.follow(trainer, pl_module, self, sync=True)
         if copies and self.verbose:
@@ -440,6 +449,9 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        late = self._computed.at_fit_end(pl_module, self.plan) if self._computed and self.plan else None
+        if late:  # pruned / parametrized after the last epoch started: the folded statistics predate it
+            rank_zero_warn(f"QATCallback: {late}")
         if self.export_dir is None:
             return
         if self.plan is None:
