@@ -97,6 +97,7 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
     x = torch.randn(8, 3, size, size)
     if swap:
         info["swap"] = swap_activations(model, example_input=x[:1]).summary()
+        _warm_bn(model, x)  # BN statistics of the new activations (random-init nets diverge otherwise)
     model.train()
     prepare_qat(model, x[:1], QATConfig(skip=tuple(skip or ())))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -113,6 +114,20 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
         raise RuntimeError(f"export of {out.name} failed: {rep.failures}")
     info["int8_vs_qat_cosine"] = rep.int8_vs_qat.cosine if rep.int8_vs_qat else None
     return info
+
+
+def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """Reset every BatchNorm's running statistics to those of ``x`` (cumulative average)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
 
 
 def machine() -> dict[str, Any]:
@@ -241,27 +256,46 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((name, None, True))
     results = []
     for label, d, swap in jobs:
-        info: dict[str, Any] = {}
-        if d is None:
-            model, size = build(label)
-            label = label + (" +swap" if swap else "")
-            d = work / label.replace(":", "_").replace(" +", "_")
-            if swap and not any(type(m) in DEFAULT_SWAPS for m in model.modules()):
-                print(f"{label}: no activation module to swap; skipped", flush=True)
-                continue
-            info = prepare_and_export(model, size, d, a.qat_steps, swap)
-            info["input"] = [3, size, size]
-        plan_dir = None
-        if a.plan and not Path(label).exists():
-            plan_dir, pinfo = planned(label.split(" +")[0], a.qat_steps, work / (d.name + "_planned"))
-            info["plan"] = {"keep_float": pinfo["keep_float"], "layers": pinfo["plan_layers"]}
-        res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup, plan_dir)}
-        if a.layers:
-            res["layers_md"] = layer_table(d, max(10, a.runs // 2))
+        try:
+            res = _one(label, d, swap, a, threads, work)
+        except Exception as e:  # noqa: BLE001 - one model's failure is recorded; the others still run
+            print(f"{label}{' +swap' if swap else ''}: FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results.append({"model": label + (" +swap" if swap else ""), "error": f"{type(e).__name__}: {e}", "rows": []})
+            continue
+        if res is None:
+            continue
         results.append(res)
         if a.out:  # after every model: a later failure keeps what was measured
             Path(a.out).write_text(json.dumps({"machine": machine(), "results": results}, indent=1, default=str))
         print("\n".join(table([res]).splitlines()[2:]), flush=True)
+    _print_all(results, a)
+    return 0
+
+
+def _one(label: str, d: Path | None, swap: bool, a: argparse.Namespace, threads: list[int | None], work: Path
+         ) -> dict[str, Any] | None:
+    """Build (or read), export and time one model; None when a swap variant has nothing to swap."""
+    info: dict[str, Any] = {}
+    if d is None:
+        model, size = build(label)
+        label = label + (" +swap" if swap else "")
+        d = work / label.replace(":", "_").replace(" +", "_")
+        if swap and not any(type(m) in DEFAULT_SWAPS for m in model.modules()):
+            print(f"{label}: no activation module to swap; skipped", flush=True)
+            return None
+        info = prepare_and_export(model, size, d, a.qat_steps, swap)
+        info["input"] = [3, size, size]
+    plan_dir = None
+    if a.plan and not Path(label).exists():
+        plan_dir, pinfo = planned(label.split(" +")[0], a.qat_steps, work / (d.name + "_planned"))
+        info["plan"] = {"keep_float": pinfo["keep_float"], "layers": pinfo["plan_layers"]}
+    res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup, plan_dir)}
+    if a.layers:
+        res["layers_md"] = layer_table(d, max(10, a.runs // 2))
+    return res
+
+
+def _print_all(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
     m = machine()
     print(f"\nmachine: {m['cpu']} ({', '.join(m['features'])}), {m['cpus']} cpus, load {m['load_1min']:.2f}, "
           f"ncnn {m['ncnn']}; {a.runs} interleaved runs per model, ncnn default options except num_threads\n")
@@ -281,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['chains_planned']['requantized']} / {row['chains_planned']['int8_convs']})")
         if "layers_md" in r:
             print(f"\n{r['model']} per layer, alone, 1 thread:\n{r['layers_md']}")
+        if "error" in r:
+            print(f"\n{r['model']}: FAILED: {r['error'][:300]}")
     if a.out:
         Path(a.out).write_text(json.dumps({"machine": m, "results": results}, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":
