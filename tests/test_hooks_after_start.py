@@ -90,13 +90,13 @@ def test_change_after_start_is_quantized_trained_exported_and_noted(kind: str) -
     watch = ComputedWatch(m, plan)
     for layer in (m.fc, m.c1):  # c1: the layer with the folded BN
         _change(kind.replace("_removed", ""), layer)
-    assert sorted(watch.changed(m, plan)) == ["c1", "fc"]
-    if kind == "prune_removed":  # made permanent at a later look: seen as a change again
+    assert watch.changed(m, plan) == {"c1": True, "fc": True}  # computed now: values may have changed
+    if kind == "prune_removed":  # made permanent at a later look: a change that keeps the values
         assert "computed weight by" in plan.notes["fc"]
         _steps(m, x, 1)
         for layer in (m.fc, m.c1):
             prune.remove(layer, "weight")
-        assert sorted(watch.changed(m, plan)) == ["c1", "fc"]
+        assert watch.changed(m, plan) == {"c1": False, "fc": False}
     assert not watch.changed(m, plan)  # seen now
     if kind == "prune_removed":
         assert "fc" not in plan.notes
@@ -120,6 +120,24 @@ def test_change_after_start_is_quantized_trained_exported_and_noted(kind: str) -
         folded = folded_float_model(m)
         torch.testing.assert_close(folded.fc.weight, want)
         assert not parametrize.is_parametrized(folded.fc)
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.6])
+def test_pruning_made_permanent_between_two_looks_is_seen(amount: float) -> None:
+    """prune + prune.remove between two looks leaves the same hooks (none) and Parameter: the
+    weight's zeros tell; a further pruning of an already pruned-and-removed weight too."""
+    torch.manual_seed(0)
+    m = Net()
+    x = torch.randn(8, 3, 8, 8)
+    plan = prepare_qat(m, x[:2])
+    _steps(m, x, 1)
+    watch = ComputedWatch(m, plan)
+    for _ in range(2):
+        prune.l1_unstructured(m.c1, "weight", amount=amount)
+        prune.remove(m.c1, "weight")
+        assert watch.changed(m, plan) == {"c1": True}
+        _steps(m, x, 1)  # no exact zeros from training
+        assert not watch.changed(m, plan)
 
 
 @pytest.mark.parametrize("kind", ["parametrization", "weight_norm"])
