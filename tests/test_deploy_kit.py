@@ -94,6 +94,12 @@ def test_kit_files_land_beside_the_model(kit) -> None:
     assert not list(out.glob(".*.tmp"))
 
 
+def test_the_summary_ends_with_what_to_do_next(kit) -> None:
+    _, report, out, _, _ = kit
+    tail = report.summary().splitlines()[-3:]
+    assert f"{out}/DEPLOY.md" in tail[0] and "run_int8.py" in tail[1] and "report.json" in tail[2]
+
+
 def test_python_snippet_on_a_saved_sample_gives_the_qat_models_numbers(kit, tmp_path: Path) -> None:
     model, report, out, held, _ = kit
     sample = held[3].numpy()

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..policy import output_failing
 from .layer_checks import LayerCheck
 from .parity import Agreement
 
@@ -104,8 +105,6 @@ class ExportReport:
 
     def summary(self) -> str:
         """A short human-readable summary."""
-        from .output_floor import output_failing  # here: output_floor imports this module
-
         out = [f"ncnn export -> {self.export_dir}"]
         if self.layers:
             w = max(len(r.torch_name) for r in self.layers)
@@ -193,7 +192,20 @@ class ExportReport:
         for f in self.failures:
             where = f" layer '{f['layer']}'" if f.get("layer") else ""
             out.append(f"  FAILED step '{f['step']}'{where}: {f['message']}")
+        out.extend(self._next_steps())
         return "\n".join(out)
+
+    def _next_steps(self) -> list[str]:
+        """What to do with the files on disk: the deployment note, the runnable snippet, the report."""
+        d = self.export_dir
+        steps = []
+        if "DEPLOY.md" in self.files:
+            steps.append(f"  next: read {d}/DEPLOY.md (blob names, mean_vals/norm_vals, ncnn options per target)")
+        if "run_int8.py" in self.files:
+            steps.append(f"        run `python {d}/run_int8.py [input.npy]` (pip install ncnn numpy) on the device")
+        if "report.json" in self.files:
+            steps.append(f"        every figure above, and per-layer scales and checks: {d}/report.json")
+        return steps
 
 
 def jsonable(v: Any) -> Any:

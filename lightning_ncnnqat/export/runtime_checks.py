@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..policy import MIN_NOTED_GAP, approximation_gap  # noqa: F401  (MIN_NOTED_GAP re-exported)
 from .conversion import FLOAT_OPTIONS, conversion_message, float_arithmetic_note, judge_conversion, locate_departure
 from .graph_match import Wiring
 from .isolated_runtime import HOST, NcnnRuntimeError, RunResult, run_ncnn
@@ -43,22 +44,6 @@ STRICT_OPTIONS = {
     "use_fp16_arithmetic": False,
     "use_bf16_storage": False,
 }
-
-
-#: The smallest default-vs-strict cosine gap the notes name as the runtime's own approximation.
-#: Below it the two figures agree to about five decimals and a note would stand on every A76
-#: export (fp16 storage alone moves a well-conditioned model's cosine by ~1e-6); the trained
-#: ResNet-18 of the README (A76: 0.999953 vs 0.999997, a gap of 4.4e-5) keeps its note.
-MIN_NOTED_GAP = 1e-5
-
-
-def approximation_gap(default_cos: float, strict_cos: float) -> bool:
-    """Whether a target's default-options int8 cosine is materially below its strict one: the gap
-    is at least :data:`MIN_NOTED_GAP` and either the strict run alone meets the bar or the default
-    options' error ``1 - cos`` is over twice the strict one's."""
-    if strict_cos - default_cos < MIN_NOTED_GAP:
-        return False
-    return default_cos < MIN_OUTPUT_COSINE <= strict_cos or (1 - default_cos) > 2 * (1 - strict_cos)
 
 
 def _strict_parity(
