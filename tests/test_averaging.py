@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_ncnnqat import QATCallback, export, prepare_qat
 from lightning_ncnnqat.bn_fold import is_folded
@@ -27,21 +27,12 @@ from lightning_ncnnqat.modules import QATConv2d
 from lightning_ncnnqat.plan import get_plan
 from lightning_ncnnqat.plan_state import same_plan
 from lightning_ncnnqat.prepare import input_quantizers, quantized_layers
+from lit_models import NetLit, digits, quiet_trainer
 
 torch.set_num_threads(1)
 
 
-def _digits(n_train: int = 384, n_val: int = 128) -> tuple[TensorDataset, TensorDataset]:
-    sk = pytest.importorskip("sklearn.datasets")
-    d = sk.load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, va = idx[:n_train], idx[n_train:n_train + n_val]
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
-
-
-TRAIN, VAL = _digits()
+TRAIN, VAL = digits(384, 128)
 
 
 class Net(nn.Module):
@@ -59,28 +50,9 @@ class Net(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-class Lit(L.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = Net()
-        self.example_input_array = torch.zeros(1, 1, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+class Lit(NetLit):
+    def __init__(self) -> None:
+        super().__init__(Net(), lr=0.05, momentum=0.9, example=torch.zeros(1, 1, 8, 8), log_acc=True)
 
 
 def accuracy(model: nn.Module) -> float:
@@ -112,11 +84,8 @@ def fit(callbacks: list, tmp_path, epochs: int = 4, export_dir: str | None = Non
     torch.manual_seed(0)
     model = Lit()
     qat = QATCallback(start_epoch=1, export_dir=export_dir, targets=["x86"], verbose=False)
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[qat, *callbacks],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=str(tmp_path),
+                            callbacks=[qat, *callbacks])
     trainer.fit(model, DataLoader(TRAIN, batch_size=32), DataLoader(VAL, batch_size=64))
     return model, qat
 
@@ -277,9 +246,9 @@ def test_resume_from_a_qat_checkpoint_with_an_averaging_callback(tmp_path, kind)
     def run(epochs: int, ckpt: str | None) -> tuple[Lit, Callback, L.Trainer]:
         torch.manual_seed(0)
         model, avg = Lit(), averaging()
-        trainer = L.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+        trainer = quiet_trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, enable_checkpointing=True,
+            default_root_dir=str(tmp_path), num_sanity_val_steps=0,
             callbacks=[QATCallback(start_epoch=1, export_dir=None, verbose=False), avg,
                        callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)],
         )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as L
-import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -20,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ncnnqat import QATCallback, QATConfig, prepare_qat
 from lightning_ncnnqat.bn_fold import set_bn_stats_frozen, stats_live
 from lightning_ncnnqat.plan import get_plan
+from lit_models import NetLit, digits_cnn, digits_tensors, quiet_trainer
 
 torch.set_num_threads(1)
 
@@ -113,27 +112,6 @@ def test_two_forwards_before_one_backward() -> None:
     assert torch.isfinite(net.conv.weight.grad).all()
 
 
-class Digits(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Flatten(), nn.Linear(8 * 16, 10),
-        )
-        self.example_input_array = torch.zeros(1, 1, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
-
-
 class StatsPerEpoch(Callback):
     def __init__(self) -> None:
         self.stats: list[tuple[torch.Tensor, bool]] = []
@@ -144,18 +122,15 @@ class StatsPerEpoch(Callback):
 
 
 def test_callback_freezes_after_n_epochs() -> None:
-    sk = pytest.importorskip("sklearn.datasets")
-    d = sk.load_digits()
-    x = torch.tensor(d.images[:256], dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(d.target[:256], dtype=torch.int64)
+    x, y = digits_tensors()
     rec = StatsPerEpoch()
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+    trainer = quiet_trainer(
+        max_epochs=4, accelerator="cpu", devices=1,
         callbacks=[QATCallback(start_epoch=1, freeze_bn_after=2, export_dir=None, verbose=False), rec],
     )
-    trainer.fit(Digits(), DataLoader(TensorDataset(x, y), batch_size=32))
+    lit = NetLit(digits_cnn(), lr=0.02, momentum=0.9, example=torch.zeros(1, 1, 8, 8))
+    trainer.fit(lit, DataLoader(TensorDataset(x[:256], y[:256]), batch_size=32))
     (v0, _), (v1, live1), (v2, live2), (v3, live3) = rec.stats
     assert live1 and live2 and not live3  # live in QAT epochs 1 and 2, frozen at the start of epoch 3
     assert not torch.equal(v1, v0) and not torch.equal(v2, v1)  # statistics moved while live

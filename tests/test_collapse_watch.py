@@ -6,17 +6,16 @@ from __future__ import annotations
 import warnings
 from types import SimpleNamespace
 
-import lightning.pytorch as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.callbacks._watch import CollapseWatch, watched_keys
 from lightning_ncnnqat.errors import DivergedError
 from lightning_ncnnqat.policy import collapsed
+from lit_models import NetLit, digits, digits_cnn, quiet_trainer
 
 torch.set_num_threads(1)
 
@@ -61,55 +60,16 @@ def test_watch_uses_the_monitored_key_and_its_mode() -> None:
     assert w.on_validation_end(_trainer(held, 1, 9, callbacks=[es]), True, 1) is None
 
 
-def _digits() -> tuple[TensorDataset, TensorDataset]:
-    sk = pytest.importorskip("sklearn.datasets")
-    d = sk.load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(d.target, dtype=torch.int64)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return TensorDataset(x[idx[:512]], y[idx[:512]]), TensorDataset(x[idx[512:768]], y[idx[512:768]])
-
-
-class Lit(L.LightningModule):
-    def __init__(self, lr: float) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Flatten(), nn.Linear(8 * 16, 10),
-        )
-        self.example_input_array = torch.zeros(1, 1, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
 def _fit(lr: float, epochs: int = 2) -> list[str]:
-    tr, va = _digits()
+    tr, va = digits(512, 256)
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[QATCallback(start_epoch=1, export_dir=None, verbose=False)],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+                            callbacks=[QATCallback(start_epoch=1, export_dir=None, verbose=False)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            trainer.fit(Lit(lr), DataLoader(tr, batch_size=32), DataLoader(va, batch_size=128))
+            lit = NetLit(digits_cnn(), lr, momentum=0.9, example=torch.zeros(1, 1, 8, 8), log_acc=True)
+            trainer.fit(lit, DataLoader(tr, batch_size=32), DataLoader(va, batch_size=128))
         finally:
             _fit.messages = [str(w.message) for w in caught]  # type: ignore[attr-defined]
     return _fit.messages  # type: ignore[attr-defined]

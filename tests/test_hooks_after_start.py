@@ -173,26 +173,10 @@ def test_unprepare_after_parametrization_removed_under_qat() -> None:
 
 
 def _lit_fit(tmp_path, apply_pruning, epochs: int = 3, permanent: bool = True):  # noqa: ANN001, ANN202
-    import lightning.pytorch as L
     from lightning.pytorch.callbacks import Callback, ModelPruning
 
     from lightning_ncnnqat import QATCallback
-
-    class Lit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = Net()
-            self.example_input_array = torch.randn(2, 3, 8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-            x, y = batch
-            return F.mse_loss(self(x), y)
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    from lit_models import NetLit, quiet_trainer
 
     class Spy(Callback):
         """BN statistics at each epoch start, and whether they train in that epoch."""
@@ -208,13 +192,12 @@ def _lit_fit(tmp_path, apply_pruning, epochs: int = 3, permanent: bool = True): 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randn(32, 5, generator=g))
     torch.manual_seed(0)
-    lit, spy = Lit(), Spy()
+    lit, spy = NetLit(Net(), lr=0.05, loss=F.mse_loss, example=torch.randn(2, 3, 8, 8)), Spy()
     cb = QATCallback(start_epoch=0, export_dir=None, verbose=False)
     pruning = ModelPruning("l1_unstructured", amount=0.5, apply_pruning=apply_pruning,
                            parameters_to_prune=[(lit.net.c1, "weight"), (lit.net.fc, "weight")], verbose=0,
                            make_pruning_permanent=permanent)
-    trainer = L.Trainer(max_epochs=epochs, callbacks=[cb, pruning, spy], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[cb, pruning, spy], limit_val_batches=0)
     trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=8))
     return lit, spy, cb
 

@@ -177,37 +177,17 @@ def test_model_casting_ids_to_float_names_the_integer_input(tmp_path) -> None:  
 def test_callback_fit_on_token_ids_with_calibrated_start(tmp_path) -> None:  # noqa: ANN001
     """QATCallback on a text model: the KL start calibrates on id batches, the held batch keeps
     ids from the validation loader, the preflight and the export run on them."""
-    import lightning.pytorch as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_ncnnqat import QATCallback
-
-    class Lit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TextCNN()
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.net(ids)
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-            ids, y = batch
-            return F.cross_entropy(self(ids), y)
-
-        def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
-            ids, y = batch
-            self.log("val_loss", F.cross_entropy(self(ids), y))
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    from lit_models import NetLit, quiet_trainer
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randint(0, 50, (48, 12), generator=g), torch.randint(0, 4, (48,), generator=g))
     cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), targets=["x86"], verbose=False, range_init="kl")
-    trainer = L.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Lit(), DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=16))
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb])
+    trainer.fit(NetLit(TextCNN(), lr=0.05), DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=16))
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert report["ok"], report.get("failures")
     assert report["io"]["inputs"][0]["dtype"] == "int64" and report["held_batch"]["n"] == 48

@@ -173,39 +173,22 @@ def test_lightning_model_pruning_composes_with_qat(tmp_path, permanent: bool) ->
     import sys
     from pathlib import Path
 
-    import lightning.pytorch as L
     from lightning.pytorch.callbacks import ModelPruning
 
     from lightning_ncnnqat import QATCallback
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from lit_models import loader, make_data
-
-    class Lit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
-            )
-            self.example_input_array = torch.randn(2, 3, 16, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):  # noqa: ANN201
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    from lit_models import NetLit, loader, make_data, quiet_trainer
 
     torch.manual_seed(0)
-    lit = Lit()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    lit = NetLit(net, lr=0.05, example=torch.randn(2, 3, 16, 16))
     cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), targets=["x86"], verbose=False)
     pruning = ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=permanent, verbose=0)
-    trainer = L.Trainer(max_epochs=3, callbacks=[pruning, cb], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[pruning, cb], limit_train_batches=2)
     trainer.fit(lit, loader(make_data(64, 16)))
     assert hasattr(lit.net[0], "weight_orig") is not permanent
     assert hasattr(lit.net[1], "weight_orig") is not permanent  # the BN folded into net.0 is pruned too

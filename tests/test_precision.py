@@ -15,6 +15,7 @@ from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.modules import InputQuantizer
 from lightning_ncnnqat.prepare import get_plan, input_quantizers, prepare_qat
+from lit_models import NetLit, quiet_trainer
 
 
 class TinyNet(nn.Module):
@@ -30,28 +31,17 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
 
 
-class LitTiny(L.LightningModule):
-    def __init__(self, example: bool = True) -> None:
-        super().__init__()
-        self.net = TinyNet()
-        self.steps = 0
-        if example:
-            self.example_input_array = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+class LitTiny(NetLit):
+    """TinyNet trained with cross-entropy (SGD, momentum 0.9), counting its training steps."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def __init__(self, example: bool = True) -> None:
+        ex = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3)) if example else None
+        super().__init__(TinyNet(), lr=0.05, momentum=0.9, example=ex)
+        self.steps = 0
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         self.steps += 1
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):  # noqa: ANN201
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return super().training_step(batch, batch_idx)
 
 
 def _loaders(n: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader]:
@@ -63,10 +53,9 @@ def _loaders(n: int = 32, seed: int = 0) -> tuple[DataLoader, DataLoader]:
 
 
 def _trainer(tmp_path, **kw) -> L.Trainer:  # noqa: ANN001
-    args = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path))
     args.update(kw)
-    return L.Trainer(**args)
+    return quiet_trainer(**args)
 
 
 @pytest.mark.parametrize(
