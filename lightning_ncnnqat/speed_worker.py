@@ -26,47 +26,47 @@ frame; inputs are ncnn-owned copies made once, outside the timed region.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import ncnn
 import numpy as np
 
 
+def _sibling_worker() -> ModuleType:
+    """``export/ncnn_worker.py`` loaded by file path (net loading, owned Mats, checked input and
+    extract, the command line): importing it through the package would import torch."""
+    path = Path(__file__).resolve().parent / "export" / "ncnn_worker.py"
+    spec = importlib.util.spec_from_file_location("_lightning_ncnnqat_ncnn_worker", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the ncnn worker at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_worker = _sibling_worker()
+
+
 def _load(spec: dict) -> ncnn.Net:
-    net = ncnn.Net()
-    for key, value in spec.get("options", {}).items():
-        if not hasattr(net.opt, key):
-            raise ValueError(f"ncnn.Option has no option {key!r}")
-        setattr(net.opt, key, value)
-    if net.load_param(spec["param"]) != 0:
-        raise RuntimeError(f"ncnn could not load {spec['param']}")
-    if net.load_model(spec["bin"]) != 0:
-        raise RuntimeError(f"ncnn could not load {spec['bin']}")
-    return net
+    return _worker.load_net(spec["param"], spec["bin"], spec.get("options", {}))
 
 
 def _inputs(spec: dict) -> dict[str, ncnn.Mat]:
     rng = np.random.default_rng(0)
-    out = {}
-    for name, shape in spec["inputs"].items():
-        arr = np.ascontiguousarray(rng.standard_normal(shape).astype(np.float32))
-        borrowed = ncnn.Mat(arr)
-        out[name] = borrowed.clone()  # ncnn-owned: the numpy array may go
-        del borrowed
-    return out
+    return {name: _worker.owned_mat(rng.standard_normal(shape).astype(np.float32))
+            for name, shape in spec["inputs"].items()}
 
 
 def _infer(net: ncnn.Net, mats: dict[str, ncnn.Mat], extract: list[str]) -> None:
     ex = net.create_extractor()
-    for name, mat in mats.items():
-        if ex.input(name, mat) != 0:
-            raise RuntimeError(f"ncnn has no input blob '{name}'")
+    _worker.feed(ex, mats)
     for b in extract:
-        ret, _ = ex.extract(b)
-        if ret != 0:
-            raise RuntimeError(f"ncnn could not extract blob '{b}' (error {ret})")
+        _worker.extract(ex, b)
 
 
 def _shapes(spec: dict, blobs: list[str]) -> dict[str, list[int]]:
@@ -74,13 +74,10 @@ def _shapes(spec: dict, blobs: list[str]) -> dict[str, list[int]]:
     mats = _inputs(spec)
     ex = net.create_extractor()
     ex.set_light_mode(False)
-    for name, mat in mats.items():
-        ex.input(name, mat)
+    _worker.feed(ex, mats)
     out = {}
     for b in blobs:
-        ret, m = ex.extract(b)
-        if ret != 0:
-            raise RuntimeError(f"ncnn could not extract blob '{b}' (error {ret})")
+        m = _worker.extract(ex, b)
         out[b] = [m.c, m.h, m.w] if m.dims == 3 else [m.h, m.w] if m.dims == 2 else [m.w]
     return out
 
@@ -115,17 +112,7 @@ def run(job: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python speed_worker.py JOB.json", file=sys.stderr)
-        return 2
-    with open(argv[1], encoding="utf-8") as f:
-        job = json.load(f)
-    try:
-        run(job)
-    except Exception as e:  # noqa: BLE001 - reported to the parent on stderr, exit status 3
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _worker.serve(argv, run, "speed_worker.py")
 
 
 if __name__ == "__main__":

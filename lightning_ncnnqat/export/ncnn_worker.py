@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Callable
 
 import ncnn
 import numpy as np
@@ -96,7 +97,24 @@ def _arm_hwcaps() -> dict:
     return {"arm_asimddp": int(bool(hw & (1 << 20))), "arm_i8mm": int(bool(hw2 & (1 << 13))), "arm_bf16": int(bool(hw2 & (1 << 14)))}
 
 
-def _owned_mat(arr: np.ndarray) -> ncnn.Mat:
+def load_net(param: str, bin_path: str, options: dict) -> ncnn.Net:
+    """An ncnn.Net with ``options`` (ncnn.Option attributes) set before loading ``param``/``bin_path``.
+
+    Raises ValueError for an option ncnn.Option lacks, RuntimeError for a file ncnn cannot load."""
+    net = ncnn.Net()
+    for key, value in options.items():
+        if not hasattr(net.opt, key):
+            raise ValueError(f"ncnn.Option has no option {key!r}")
+        setattr(net.opt, key, value)
+    if net.load_param(param) != 0:
+        raise RuntimeError(f"ncnn could not load {param}")
+    if net.load_model(bin_path) != 0:
+        raise RuntimeError(f"ncnn could not load {bin_path}")
+    return net
+
+
+def owned_mat(arr: np.ndarray) -> ncnn.Mat:
+    """An ncnn-owned copy of ``arr`` (float32; int32 ids keep their bytes): see the module doc."""
     if arr.dtype == np.int32:  # ids for Embed: the same 4 bytes per element, read as int by ncnn
         arr = np.ascontiguousarray(arr).view(np.float32)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -106,51 +124,53 @@ def _owned_mat(arr: np.ndarray) -> ncnn.Mat:
     return owned
 
 
+def feed(ex: ncnn.Extractor, mats: dict[str, ncnn.Mat]) -> None:
+    """Input every blob of ``mats``; RuntimeError names a blob the net does not have."""
+    for name, mat in mats.items():
+        if ex.input(name, mat) != 0:
+            raise RuntimeError(f"ncnn has no input blob '{name}'")
+
+
+def extract(ex: ncnn.Extractor, blob: str) -> ncnn.Mat:
+    """Blob ``blob`` of the extractor's net; RuntimeError with ncnn's error code if it fails."""
+    ret, mat = ex.extract(blob)
+    if ret != 0:
+        raise RuntimeError(f"ncnn could not extract blob '{blob}' (error {ret})")
+    return mat
+
+
 def run(job: dict) -> dict:
     """Run the job (see the module doc); returns the result dict (also written to job['result'])."""
-    net = ncnn.Net()
-    for key, value in job.get("options", {}).items():
-        if not hasattr(net.opt, key):
-            raise ValueError(f"ncnn.Option has no option {key!r}")
-        setattr(net.opt, key, value)
-    if net.load_param(job["param"]) != 0:
-        raise RuntimeError(f"ncnn could not load {job['param']}")
-    if net.load_model(job["bin"]) != 0:
-        raise RuntimeError(f"ncnn could not load {job['bin']}")
+    net = load_net(job["param"], job["bin"], job.get("options", {}))
     with np.load(job["inputs"]) as z:
         inputs = {k: np.asarray(z[k]) if z[k].dtype == np.int32 else np.asarray(z[k], dtype=np.float32) for k in z.files}
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1:
         raise ValueError(f"inputs hold different sample counts: { {k: len(v) for k, v in inputs.items()} }")
     n = counts.pop()
-    extract = list(job["extract"])
+    blobs = list(job["extract"])
     light = bool(job.get("light_mode", True))
-    outs: dict[str, list[np.ndarray]] = {b: [] for b in extract}
+    outs: dict[str, list[np.ndarray]] = {b: [] for b in blobs}
     for i in range(n):
         ex = net.create_extractor()
         ex.set_light_mode(light)
-        mats = [_owned_mat(inputs[name][i]) for name in inputs]
-        for name, mat in zip(inputs, mats):
-            if ex.input(name, mat) != 0:
-                raise RuntimeError(f"ncnn has no input blob '{name}'")
-        for b in extract:
-            ret, mat = ex.extract(b)
-            if ret != 0:
-                raise RuntimeError(f"ncnn could not extract blob '{b}' (error {ret})")
-            outs[b].append(np.array(mat, copy=True).astype(np.float32, copy=False))
+        mats = {name: owned_mat(inputs[name][i]) for name in inputs}
+        feed(ex, mats)
+        for b in blobs:
+            outs[b].append(np.array(extract(ex, b), copy=True).astype(np.float32, copy=False))
         del ex, mats
     time_ms = None
     runs = int(job.get("time_runs", 0))
     if runs > 0 and n > 0:
         warmup = int(job.get("time_warmup", 5))
         times = []
-        first = [_owned_mat(inputs[name][0]) for name in inputs]
+        first = [owned_mat(inputs[name][0]) for name in inputs]
         for k in range(warmup + runs):
             t0 = time.perf_counter()
             ex = net.create_extractor()
             for name, mat in zip(inputs, first):
                 ex.input(name, mat)
-            for b in extract:
+            for b in blobs:
                 ex.extract(b)
             t1 = time.perf_counter()
             if k >= warmup:
@@ -182,18 +202,24 @@ def _machine() -> str:
     return platform.machine()
 
 
-def main(argv: list[str]) -> int:
+def serve(argv: list[str], job_runner: Callable[[dict], dict], script: str) -> int:
+    """``python SCRIPT JOB.json``: run the job with ``job_runner``; exit status 2 on a bad command
+    line, 3 with ``Type: message`` on stderr when the job raised (the parent reports it)."""
     if len(argv) != 2:
-        print("usage: python ncnn_worker.py JOB.json", file=sys.stderr)
+        print(f"usage: python {script} JOB.json", file=sys.stderr)
         return 2
     with open(argv[1], encoding="utf-8") as f:
         job = json.load(f)
     try:
-        run(job)
+        job_runner(job)
     except Exception as e:  # noqa: BLE001 - reported to the parent on stderr, exit status 3
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return serve(argv, run, "ncnn_worker.py")
 
 
 if __name__ == "__main__":
