@@ -35,8 +35,8 @@ from .ncnn_param import NcnnParam
 from .output_floor import MIN_OUTPUT_COSINE, Float32Floor, at_floor, output_failing
 from .parity import agreement, cosine
 
-#: The float ncnn run the conversion is judged on: fp32 storage, no Winograd, unpacked (the
-#: runtime's own approximations off, as runtime_checks.STRICT_OPTIONS).
+#: The float ncnn run the conversion is judged on: one thread, fp32 storage, no Winograd, unpacked
+#: (the runtime's own approximations off; runtime_checks.STRICT_OPTIONS is this dict, for int8 too).
 FLOAT_OPTIONS = {
     "num_threads": 1,
     "use_winograd_convolution": False,

@@ -34,16 +34,9 @@ from .verdicts import approximation_notes, judge
 #: One thread for parity: the same numbers on every machine, and no OpenMP oversubscription.
 PARITY_OPTIONS = {"num_threads": 1}
 #: The runtime's own approximations switched off: float layers in fp32 without Winograd (its
-#: transforms round differently from a direct conv), unpacked int8 kernels.
-STRICT_OPTIONS = {
-    **PARITY_OPTIONS,
-    "use_winograd_convolution": False,
-    "use_packing_layout": False,
-    "use_fp16_storage": False,
-    "use_fp16_packed": False,
-    "use_fp16_arithmetic": False,
-    "use_bf16_storage": False,
-}
+#: transforms round differently from a direct conv), unpacked int8 kernels; one thread, as
+#: PARITY_OPTIONS. The same options the float conversion is judged under (conversion.FLOAT_OPTIONS).
+STRICT_OPTIONS = FLOAT_OPTIONS
 
 
 def _strict_parity(
