@@ -312,7 +312,7 @@ def _ncnn_branch(
             )}
             return
         measure(report, files, p.qmodel, p.folded, p.io, p.held, refs, out_scales, **measure_kw,
-                float_param=f_param, wirings=wirings)
+                float_param=f_param, wirings=wirings, say=(lambda m: print(m, flush=True)) if verbose else None)
 
 
 def _check_time_limit(v: float | None) -> float | None:

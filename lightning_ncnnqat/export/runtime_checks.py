@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,12 +143,17 @@ def measure(
     targets: Sequence[str] = (HOST,),
     float_param: NcnnParam | None = None,
     wirings: tuple[Wiring, Wiring] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> None:
     """Fill the parity, per-layer and timing parts of ``report``: on this machine (``x86``) and
     on every emulated ARM target in ``targets`` (parity and per-layer checks with that
     profile's default options; emulated times are never measured); and the conversion's own
     verdict (``report.conversion``, :mod:`.conversion`; ``float_param``: model.ncnn.param, to
-    locate a departure; ``wirings``: the torch and ncnn graphs, to name the ops there)."""
+    locate a departure; ``wirings``: the torch and ncnn graphs, to name the ops there). ``say``
+    is told each target before its runs start (an emulated target takes seconds to minutes)."""
+    say = say or (lambda _msg: None)
+    n = len(held[0]) if held else 0
+    say(f"ncnn export: parity on {HOST} (this machine): {n} sample(s), per-layer checks, timing ...")
     feeds = {b: t.numpy() for b, t in zip(files.input_blobs, held)}
     q_ref = torch_outputs(qmodel, io, held)
     f_ref = torch_outputs(folded, io, held)
@@ -181,6 +186,7 @@ def measure(
     _timing(report, files, feeds, timing_runs, timing_threads)
     for target in targets:
         if target != HOST:
+            say(f"ncnn export: parity on {target} (emulated, qemu): {n} sample(s), per-layer checks ...")
             _target_parity(report, files, target, feeds, q_ref, held, refs, chain, out_scales, floor)
 
 
