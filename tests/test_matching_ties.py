@@ -214,6 +214,72 @@ def test_tied_parallel_branches_with_different_downstream_ops(tmp_path: Path) ->
     assert by["a"] == by["b"] != by["c"]
 
 
+class TiedLinearHeads(nn.Module):
+    """Two Linear heads sharing ONE weight Parameter (own biases) on different inputs, concatenated
+    (weight tying, torch's word_language_model): fed by the same layer, feeding the same output, so
+    their place is the same; the exporter keeps one weight initializer for both Gemms. Their
+    biases tell them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.h1 = nn.Linear(16, 8)
+        self.h2 = nn.Linear(16, 8)
+        self.h2.weight = self.h1.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.f(x).mean((2, 3))
+        return torch.cat([self.h1(z), self.h2(torch.relu(z) * 0.5)], 1)
+
+
+class TiedConvs(nn.Module):
+    """Two convs sharing one weight Parameter (own biases) on different inputs (a feature map and
+    its tanh), added: same place on both sides, told apart by their biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        y2 = torch.tanh(F.max_pool2d(y, 3, 1, 1))
+        return self.fc((F.relu(self.a(y)) + torch.sigmoid(self.b(y2))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, pair", [(TiedLinearHeads, ("h1", "h2")), (TiedConvs, ("a", "b"))])
+def test_tied_weights_on_different_inputs_get_their_own_rows(cls: type[nn.Module], pair: tuple[str, str],
+                                                             tmp_path: Path) -> None:
+    """Exports ok; each tied layer has its own converted layer, and the input scale and weight
+    scales written for it in model.ncnn.table and model.table are its own (``_export_and_check``)."""
+    model = cls()
+    assert getattr(model, pair[0]).weight is getattr(model, pair[1]).weight
+    d = _export_and_check(model, tmp_path)
+    by = {r["torch_name"]: (r["ncnn_name"], r["onnx_name"]) for r in d["layers"]}
+    assert by[pair[0]][0] != by[pair[1]][0] and by[pair[0]][1] != by[pair[1]][1]
+    infos = {i.name: i for i in quantized_layers(model)}
+    # the two inputs really differ, so a swap would write the wrong input scale
+    assert float(infos[pair[0]].input_scale) != pytest.approx(float(infos[pair[1]].input_scale), rel=1e-3)
+
+
+def test_onnx_owners_carry_biases_for_tied_gemms() -> None:
+    """The ONNX owners hold each Gemm's / Conv's constant bias (a Gemm's C times beta)."""
+    from lightning_ncnnqat.export.onnx_export import export_onnx, onnx_weight_owners
+
+    torch.manual_seed(1)
+    model = TiedLinearHeads().eval()
+    res = export_onnx(model, [torch.randn(1, 3, 8, 8)])
+    owners = {tuple(np.round(o.weight[:3], 6)): o for o in onnx_weight_owners(res.model_bytes) if o.kind == "InnerProduct"}
+    gemms = [o for o in onnx_weight_owners(res.model_bytes) if o.kind == "InnerProduct"]
+    assert len(gemms) == 2 and len(owners) == 1  # one weight, two layers
+    got = sorted(tuple(np.round(o.bias, 6)) for o in gemms)
+    want = sorted(tuple(np.round(m.bias.detach().numpy(), 6)) for m in (model.h1, model.h2))
+    assert got == want
+
+
 def _info(name: str, w: torch.Tensor, scale: float) -> object:
     from types import SimpleNamespace
 

@@ -7,7 +7,9 @@ on a 3-D/4-D tensor into a ``Gemm``. The folded float weights pass through uncha
 ``fp16=0``, the ONNX exporter), so a layer is found by equal weights in the same flat order,
 whatever its converted type (a layer of the torch kind is preferred when several match).
 Identical weights in several layers (a freshly initialised network: zero-initialised residual
-branches, a deep-copied head, tied weights) are told apart by their place in the graph when both
+branches, a deep-copied head, tied weights) are told apart first by their biases (tied heads share
+one weight Parameter, often one initializer in ONNX, but keep their own biases, and may sit alike
+in the graph: fed by one layer, feeding one output), then by their place in the graph when both
 graphs are given (:mod:`.graph_match`); layers that read the same tensor with the same weights and
 rows are paired in graph order with a note. A layer found nowhere, or that cannot be told apart,
 is an error naming it: the converter changed its weights (fused another op into it) and the table

@@ -138,8 +138,26 @@ def onnx_weight_owners(model_bytes: bytes) -> list[WeightOwner]:
                 continue
             if not trans_b:
                 w = w.T  # stored [in, out]; torch Linear weight is [out, in]
-        owners.append(WeightOwner(onnx2ncnn_name(n), kind, np.ascontiguousarray(w).ravel(), None, index))
+        bias = _constant_bias(n, inits, consts, int(w.shape[0]))  # w is [out, ...] here
+        owners.append(WeightOwner(onnx2ncnn_name(n), kind, np.ascontiguousarray(w).ravel(), bias, index))
     return owners
+
+
+def _constant_bias(node: onnx.NodeProto, inits: dict, consts: dict, n_out: int) -> np.ndarray | None:
+    """The constant per-output bias of a Conv / Gemm node (``[n_out]`` float32; a Gemm's ``C``
+    times ``beta``), or None when it has none or it is not one value per output. It is evidence
+    for matching: tied weights (one Parameter in two heads) differ only by their biases."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return None
+    t = inits.get(node.input[2]) or consts.get(node.input[2])
+    if t is None:
+        return None
+    b = numpy_helper.to_array(t).astype(np.float32).reshape(-1)
+    if b.size != n_out:
+        return None
+    if node.op_type == "Gemm":
+        b = b * np.float32(next((a.f for a in node.attribute if a.name == "beta"), 1.0))
+    return b
 
 
 def onnx_wiring(model_bytes: bytes) -> Wiring:
