@@ -42,6 +42,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 from .graph import DataFlow
+from .wrappers import eager_compiled
 
 HOOK = "ncnn_export_form"
 """Name of the user hook: ``def ncnn_export_form(self) -> ContextManager`` on any nn.Module."""
@@ -175,7 +176,7 @@ def in_export_form(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with export_form(model):
+        with export_form(model), eager_compiled(model):  # hooks reach compiled submodules' layers
             return fn(model, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .bn_fold import is_bn_like
+from .wrappers import eager_compiled
 
 
 @dataclass
@@ -161,7 +162,8 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, traini
     saved = [(b, b.detach().clone()) for b in model.buffers()] if training else []
     try:
         model.train(training)
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(), enabled=training):
+        # eager_compiled: dynamo cannot trace the hooks above inside a compiled submodule
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(), enabled=training), eager_compiled(model):
             try:
                 with rec:
                     out = model(*args, **kwargs)

@@ -12,10 +12,19 @@ dynamo to be imported:
 
 Preparing through ``torch.compile`` works: the compiled wrapper's guards see the changed
 module classes and recompile, so it then runs the QAT modules (tested).
+
+A compiled SUBMODULE (``self.net = torch.compile(Net())``) stays in the tree: its layers are named
+``net._orig_mod.conv1`` (as ``named_modules()`` and the state dict name them), surgery swaps them
+inside it like anywhere else, and :func:`eager_compiled` runs it eagerly while the package traces,
+captures or exports (a compiled graph skips hooks added after it compiled).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 # (wrapper type name, attributes holding the wrapped module, first present wins)
@@ -56,6 +65,45 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
         model = inner
     return model
+
+
+def compiled_submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``torch.compile`` wrapper (``OptimizedModule``) in ``model``'s
+    tree, ``model`` itself included (name ``""``)."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "OptimizedModule"
+            and isinstance(getattr(m, "_orig_mod", None), nn.Module)]
+
+
+@contextlib.contextmanager
+def eager_compiled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every compiled module (``torch.compile``) eagerly inside the block, copies included.
+
+    A compiled module skips forward hooks registered on its modules after it compiled (its graph
+    does not see them), so the package's tracing, capture and export hooks would record nothing.
+    ``torch.compiler.set_stance("force_eager")`` makes every compiled callable run its original
+    code while the block lasts (copies made inside too); and each ``OptimizedModule`` in the tree
+    has its dynamo-wrapped instance attribute ``forward`` (torch/_dynamo/eval_frame.py,
+    ``OptimizedModule._initialize``) pointed at the wrapped module's ``__call__``, because
+    ``torch.jit.trace`` (the ONNX exporter, pnnx) refuses a dynamo-optimized function even when it
+    would run eagerly. Both are put back afterwards: the model keeps its compiled code for the
+    user's next call. A no-op when ``model``'s tree holds no compiled module.
+    """
+    compiled = [m for _, m in compiled_submodules(model)]
+    if not compiled:
+        yield model
+        return
+    saved = [(m, m.__dict__.get("forward")) for m in compiled]
+    for m in compiled:
+        m.__dict__["forward"] = m._orig_mod.__call__
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield model
+    finally:
+        for m, fwd in saved:
+            if fwd is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = fwd
 
 
 def is_wrapped(model: nn.Module) -> bool:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..wrappers import eager_compiled
+
 
 @contextlib.contextmanager
 def traceable(model: nn.Module) -> Iterator[nn.Module]:
@@ -23,7 +25,7 @@ def traceable(model: nn.Module) -> Iterator[nn.Module]:
             touched.append((m, m.__dict__.get("_jit_is_scripting", None)))
             m._jit_is_scripting = True
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), eager_compiled(model):  # compiled submodules run as written
             warnings.simplefilter("ignore")
             yield model
     finally:
