@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import NcnnQatError
+from .model_copies import follow_inner_copies
 from .plan import QATPlan, get_plan
 from .plan_state import PLAN_KEY, checkpoint_plan, same_plan, state_of, without_plan
 from .prepare import apply_plan, unprepare
@@ -95,11 +96,13 @@ def switch_plan(model: nn.Module, plan: QATPlan | None, state: Mapping[str, Any]
             apply_plan(inner, before)
             for name, q in input_quantizers(inner).items():
                 q.load_state_dict(kept[name])
+        follow_inner_copies(inner)
 
     unprepare(inner)
     try:
         if plan is not None:
             apply_plan(inner, plan)
+        follow_inner_copies(inner)  # an EMA inside the model: its QAT buffers are in the state too
         problem = fit_problem(inner, state, strict)
     except BaseException:
         back()

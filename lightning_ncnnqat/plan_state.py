@@ -34,6 +34,7 @@ from .plan import PLAN_ATTR, QATPlan
 
 PLAN_KEY = "ncnnqat_plan (a QAT checkpoint: load it with lightning_ncnnqat.load_from_checkpoint or restore_from_checkpoint)"
 _HOOKED = "_ncnnqat_plan_hooks"
+_NO_ENTRY = "_ncnnqat_no_plan_entry"
 
 
 class PlanMismatchError(NcnnQatError, RuntimeError):
@@ -99,7 +100,7 @@ def without_plan(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def _save_plan(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     plan = module.__dict__.get(PLAN_ATTR)
-    if plan is not None:
+    if plan is not None and not module.__dict__.get(_NO_ENTRY):
         state_dict[prefix + PLAN_KEY] = encode_plan(plan)
 
 
@@ -125,6 +126,15 @@ def _load_plan(
         "int8 layers): load it with lightning_ncnnqat.restore_from_checkpoint(model, checkpoint) on the float "
         "model (lightning_ncnnqat.unprepare(model) first); nothing was loaded"
     )
+
+
+def omit_plan_entry(module: nn.Module) -> None:
+    """Keep :data:`PLAN_KEY` out of ``module``'s state dict although it holds a plan: ``module``
+    is a copy of a *submodule* of a prepared model (an EMA of ``pl_module.net``), and its state
+    dict must have the keys of the submodule it copies, which has no entry of its own (the
+    model's entry sits at the model's root), so that ``pl_module.net.load_state_dict(copy.state_dict())``
+    and key-by-key averaging of the two state dicts work."""
+    module.__dict__[_NO_ENTRY] = True
 
 
 def install_plan_hooks(model: nn.Module) -> None:

@@ -21,13 +21,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
-from lightning_ncnnqat import QATCallback, export, prepare_qat
+from lightning_ncnnqat import QATCallback, export, prepare_qat, restore_from_checkpoint
 from lightning_ncnnqat.bn_fold import is_folded
 from lightning_ncnnqat.modules import QATConv2d
 from lightning_ncnnqat.plan import get_plan
-from lightning_ncnnqat.plan_state import same_plan
+from lightning_ncnnqat.plan_state import PLAN_KEY, same_plan
 from lightning_ncnnqat.prepare import input_quantizers, quantized_layers
-from lit_models import NetLit, digits, quiet_trainer
+from lit_models import NetLit, digits, digits_cnn, quiet_trainer
 
 torch.set_num_threads(1)
 
@@ -298,3 +298,119 @@ def test_only_averaged_copies_follow_the_plan() -> None:
     # the copies keep their own parameters (the average), and take the model's folded statistics
     assert torch.equal(cb.ema_model.net.conv1.weight, float_copy.net.conv1.weight)
     assert torch.equal(cb.ema_model.net.bn1.inv_std, model.net.bn1.inv_std)
+
+
+class DeepcopyEma(Callback):
+    """A user's EMA callback (timm ``ModelEmaV2`` logic): a deep copy of ``pl_module.net`` (or of
+    the whole LightningModule with ``whole``) made at fit start (a float model), updated by zipping
+    the two state dicts' values, loaded back with ``load_state_dict`` at train end."""
+
+    def __init__(self, whole: bool = False, decay: float = 0.9) -> None:
+        self.whole, self.decay = whole, decay
+
+    def _src(self, pl_module: L.LightningModule) -> nn.Module:
+        return pl_module if self.whole else pl_module.net
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.ema = copy.deepcopy(self._src(pl_module)).eval()
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        mine, theirs = self.ema.state_dict(), self._src(pl_module).state_dict()
+        assert list(mine) == list(theirs)  # the same layout: zipping the values pairs the same tensors
+        for e, m in zip(mine.values(), theirs.values()):
+            e.copy_(self.decay * e + (1.0 - self.decay) * m if e.is_floating_point() else m)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._src(pl_module).load_state_dict(self.ema.state_dict())
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["net", "lightning_module"])
+def test_user_deepcopy_ema_has_the_keys_of_what_it_copies(tmp_path, baseline, whole) -> None:
+    """A copy of ``pl_module.net`` has net's keys (no plan entry at its root: the model's entry
+    is at the model's root); a copy of the whole LightningModule keeps the entry; both load back."""
+    base_acc, base_stats, _ = baseline
+    cb = DeepcopyEma(whole=whole)
+    model, qat = fit([cb], tmp_path, epochs=3, export_dir=str(tmp_path / "export"))
+    src = model if whole else model.net
+    assert list(cb.ema.state_dict()) == list(src.state_dict())
+    assert any(k.endswith(PLAN_KEY) for k in cb.ema.state_dict()) == whole
+    assert PLAN_KEY in model.state_dict()  # the model's own entry is unchanged
+    assert isinstance(get_plan(cb.ema).layers, dict) and len(get_plan(cb.ema).layers) == len(get_plan(model).layers)
+    for k, v in cb.ema.state_dict().items():  # train end loaded the EMA into the model
+        assert torch.equal(v, src.state_dict()[k]), k
+    _assert_frozen_stats(model, base_stats, exact=False)
+    assert accuracy(model) >= base_acc - 0.1
+    _assert_export_is_model(model, qat)
+
+
+class TimmEma(nn.Module):
+    """timm ``ModelEmaV3`` logic: a deep copy, lerped parameters, copied buffers (zipped in order)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class LitInnerEma(NetLit):
+    """The EMA held inside the LightningModule (never called by forward): ``timm`` style as
+    ``self.ema``, or an ``AveragedModel`` under a neutral name; validation and train end use it."""
+
+    def __init__(self, kind: str) -> None:
+        torch.manual_seed(0)
+        super().__init__(digits_cnn(), lr=0.05, momentum=0.9, example=torch.zeros(1, 1, 8, 8), log_acc=True)
+        self.kind = kind
+        if kind == "timm":
+            self.ema = TimmEma(self.net)
+        else:
+            self.slow = AveragedModel(self.net, use_buffers=True)
+
+    def averaged(self) -> nn.Module:
+        return self.ema.module if self.kind == "timm" else self.slow.module
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.kind == "timm":
+            self.ema.update(self.net)
+        else:
+            self.slow.update_parameters(self.net)
+
+    def on_train_end(self) -> None:
+        self.net.load_state_dict(self.averaged().state_dict())
+
+
+@pytest.mark.parametrize("kind", ["timm", "averaged_model"])
+def test_average_inside_the_lightning_module_follows_the_plan(tmp_path, kind) -> None:
+    model = LitInnerEma(kind)
+    qat = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), targets=["x86"], verbose=False)
+    trainer = quiet_trainer(max_epochs=3, accelerator="cpu", devices=1, default_root_dir=str(tmp_path), callbacks=[qat])
+    trainer.fit(model, DataLoader(TRAIN, batch_size=32), DataLoader(VAL, batch_size=64))
+    plan, avg = get_plan(model), model.averaged()
+    # the plan is traced from forward: the average's own layers are not the model's
+    assert plan is not None and plan.layers and all(n.startswith("net.") for n in plan.layers)
+    sub = get_plan(avg)
+    assert sub is not None and set(sub.layers) == {n.removeprefix("net.") for n in plan.layers}
+    assert isinstance(avg[0], QATConv2d) and is_folded(avg[1])
+    for name, q in input_quantizers(avg).items():
+        assert float(q.running_absmax) > 0.05, name
+    # one plan entry, at the model's root; the average's keys are net's
+    assert [k for k in model.state_dict() if k.endswith(PLAN_KEY)] == [PLAN_KEY]
+    assert list(avg.state_dict()) == list(model.net.state_dict())
+    for k, v in avg.state_dict().items():
+        assert torch.equal(v, model.net.state_dict()[k]), k
+    assert accuracy(model) >= 0.7
+    _assert_export_is_model(model, qat)
+    # a fresh (float) model restores the state: the average inside it takes the plan first
+    fresh = LitInnerEma(kind)
+    restore_from_checkpoint(fresh, model.state_dict())
+    assert same_plan(get_plan(fresh.averaged()), sub)
+    state = fresh.state_dict()
+    assert list(state) == list(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -14,7 +14,9 @@ keeps the swapped classes, the ``__dict__`` attributes (plan, fold links, shared
 So when QAT starts, every model copy found on a callback (an ``AveragedModel``'s ``module``, or
 an ``nn.Module`` attribute whose name says it averages, ``_average_model``, ``ema``..., of the
 model's class, or of a submodule's class holding every quantized layer, with the same parameter
-shapes; a distillation teacher is left alone) gets the same plan, and the QAT state that is
+shapes; a distillation teacher is left alone), or held inside the LightningModule itself outside
+its forward (timm's ``ModelEmaV3`` as ``self.ema``, an ``AveragedModel`` attribute), gets the
+same plan (a copy of a submodule writes no plan entry in its state dict, as the submodule), and the QAT state that is
 not averaged but defines the model takes the live model's values: the folded BN statistics
 (constants of the fold the weights are trained with) and the input ranges. Ranges that start
 at the first training step (``range_init="first_batch"``) are copied again after that step, so
@@ -25,8 +27,6 @@ first: ``checkpoint_connector._restore_modules_and_callbacks``).
 
 from __future__ import annotations
 
-import re
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,40 +34,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ..bn_fold import is_folded, set_stats_live, stats_live
+from ..model_copies import AVERAGE_NAME, follow, inner_copies, prefix_of, sub_plan
 from ..plan import QATPlan, get_plan
-from ..plan_state import same_plan
-from ..prepare import apply_plan, unprepare
 from ..wrappers import unwrap
-
-
-_AVERAGE_NAME = re.compile(r"av(era)?g|ema|swa|polyak|shadow", re.IGNORECASE)
-"""Names of callback attributes that hold an averaged copy as a bare module (SWA's ``_average_model``)."""
-
-
-def _shapes(m: nn.Module) -> list[tuple[int, ...]]:
-    return [tuple(p.shape) for p in m.parameters()]
-
-
-def _prefix_of(copy: nn.Module, model: nn.Module, plan: QATPlan | None) -> str | None:
-    """The name of the submodule of ``model`` that ``copy`` copies ("" for the model itself), or
-    None: same class, same parameter shapes, and (under a plan) holding every quantized layer."""
-    for name, sub in model.named_modules():
-        if type(sub) is not type(copy):
-            continue
-        if plan is not None and name and not all(n.startswith(name + ".") for n in plan.layers):
-            continue
-        if _shapes(sub) == _shapes(copy):
-            return name
-    return None
 
 
 def model_copies(trainer: Any, pl_module: nn.Module, exclude: Any = None) -> list[tuple[str, nn.Module, str]]:
     """``(where, copy, prefix)`` for every copy of the model held by a callback of ``trainer``
-    (``where``: ``"Callback.attribute"``; ``prefix``: the copied submodule's name, "" for all)."""
+    (``where``: ``"Callback.attribute"``) or inside the model itself, outside its forward
+    (``where``: ``"Model.ema.module"``); ``prefix``: the copied submodule's name, "" for all."""
     model = unwrap(pl_module)
     plan = get_plan(model)
-    found: list[tuple[str, nn.Module, str]] = []
-    seen = {id(pl_module)} | {id(m) for m in model.modules()}  # the model's own modules are no copies
+    found = [(f"{type(model).__name__}.{name}", m, prefix) for name, m, prefix in inner_copies(model, plan)]
+    seen = {id(pl_module)} | {id(m) for m in model.modules()}  # the model's own modules are no callback's copies
     for cb in getattr(trainer, "callbacks", None) or []:
         if cb is exclude:
             continue
@@ -75,42 +54,13 @@ def model_copies(trainer: Any, pl_module: nn.Module, exclude: Any = None) -> lis
             m = value.module if isinstance(value, AveragedModel) else value
             if not isinstance(m, nn.Module) or id(m) in seen:
                 continue
-            if not isinstance(value, AveragedModel) and not _AVERAGE_NAME.search(attr):
+            if not isinstance(value, AveragedModel) and not AVERAGE_NAME.search(attr):
                 continue  # another model of the same class (a distillation teacher) is not ours to change
-            prefix = _prefix_of(m, model, plan)
+            prefix = prefix_of(m, model, plan)
             if prefix is not None:
                 seen.add(id(m))
                 found.append((f"{type(cb).__name__}.{attr}", m, prefix))
     return found
-
-
-def _sub_plan(plan: QATPlan, prefix: str) -> QATPlan:
-    """``plan`` with every name taken relative to the submodule ``prefix``."""
-    if not prefix:
-        return plan
-    head = prefix + "."
-
-    def cut(n: str) -> str:
-        return n[len(head):] if n.startswith(head) else n
-
-    layers = {
-        cut(n): replace(p, input_owner=cut(p.input_owner), bn=None if p.bn is None else cut(p.bn))
-        for n, p in plan.layers.items()
-    }
-    floats = {cut(n): r for n, r in plan.float_layers.items() if n.startswith(head)}
-    notes = {cut(n): r for n, r in plan.notes.items() if n.startswith(head)}
-    return replace(plan, layers=layers, float_layers=floats, notes=notes)
-
-
-def _follow(copy: nn.Module, plan: QATPlan | None) -> None:
-    """Make ``copy`` a model of ``plan`` (None: float); nothing when it already is."""
-    current = get_plan(copy)
-    if same_plan(current, plan):
-        return
-    if current is not None:
-        unprepare(copy)
-    if plan is not None:
-        apply_plan(copy, plan)
 
 
 def _owners(root: nn.Module, plan: QATPlan) -> dict[str, nn.Module]:
@@ -164,13 +114,13 @@ class AveragedCopies:
             sub = model.get_submodule(prefix) if prefix else model
             if copy.__dict__.get("on_load_checkpoint") is model.__dict__.get("on_load_checkpoint"):
                 copy.__dict__.pop("on_load_checkpoint", None)  # our restore hook, copied by deepcopy
-            _follow(copy, None if plan is None else _sub_plan(plan, prefix))
+            follow(copy, None if plan is None else sub_plan(plan, prefix), whole=not prefix)
             if sync and plan is not None:
-                sub_plan = get_plan(copy)
-                assert sub_plan is not None
-                _copy_folded_stats(sub, copy, sub_plan)
+                own = get_plan(copy)
+                assert own is not None
+                _copy_folded_stats(sub, copy, own)
                 _copy_ranges(sub, copy)
-                if any(float(q.running_absmax.reshape(-1)[0]) < 0 for q in _owners(sub, sub_plan).values()):
+                if any(float(q.running_absmax.reshape(-1)[0]) < 0 for q in _owners(sub, own).values()):
                     self._pending.append((copy, prefix))
             where.append(name)
         return where
