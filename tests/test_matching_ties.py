@@ -265,6 +265,24 @@ def test_tied_weights_on_different_inputs_get_their_own_rows(cls: type[nn.Module
     assert float(infos[pair[0]].input_scale) != pytest.approx(float(infos[pair[1]].input_scale), rel=1e-3)
 
 
+def test_tied_weight_and_bias_on_alike_places_are_named_not_guessed(tmp_path: Path) -> None:
+    """Tied heads sharing weight AND bias, fed and feeding alike: nothing tells them apart, so the
+    export fails naming both and the way out, never writing one's rows for the other."""
+    from lightning_ncnnqat.export.errors import ExportError
+
+    torch.manual_seed(0)
+    model = TiedLinearHeads()
+    model.h2.bias = model.h1.bias
+    x = torch.randn(6, 3, 8, 8)
+    prepare_qat(model, x[:1])
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with pytest.raises(ExportError, match=r"'h1' cannot be told apart.*\['h1', 'h2'\].*tied.*QATConfig\(skip"):
+        export(model, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0)
+
+
 def test_onnx_owners_carry_biases_for_tied_gemms() -> None:
     """The ONNX owners hold each Gemm's / Conv's constant bias (a Gemm's C times beta)."""
     from lightning_ncnnqat.export.onnx_export import export_onnx, onnx_weight_owners

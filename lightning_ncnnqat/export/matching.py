@@ -186,7 +186,8 @@ def match_owners(
                 f"layer '{name}' cannot be told apart in the {where}: layers {shown} hold the same weights"
                 + (f" as torch layers {alike}" if len(alike) > 1 else "")
                 + (f" and sit alike in the graph{place}" if graphs else "")
-                + "; train a step first, or keep one of them in float (QATConfig(skip=...))",
+                + "; train a step first (layers sharing one weight and bias Parameter stay alike: tied "
+                "weights with one bias), or keep one of them in float (QATConfig(skip=...))",
             )
         result[name] = free[names.index(pick)]
     inverse: dict[str, str] = {}
