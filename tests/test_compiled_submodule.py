@@ -99,6 +99,24 @@ def test_eager_compiled_restores_the_compiled_forward_and_reaches_hooks() -> Non
         assert isinstance(plain, nn.Linear)
 
 
+def test_state_dict_with_orig_mod_keys_restores_into_a_fresh_compiled_model() -> None:
+    """The QAT state dict's keys hold ``body._orig_mod.``; a fresh model compiled the same way is
+    prepared from it and computes what the trained one does."""
+    from lightning_ncnnqat import restore_from_checkpoint
+
+    torch.manual_seed(3)
+    model, x = Outer(), torch.randn(8, 3, 8, 8)
+    prepare_qat(model, x[:1])
+    _trained(model, x)
+    sd = model.state_dict()
+    assert any(k.startswith("body._orig_mod.conv2.") for k in sd)
+    fresh = Outer()
+    restore_from_checkpoint(fresh, sd)
+    assert isinstance(fresh.body._orig_mod.conv2, QATConv2d)
+    with torch.no_grad(), eager_compiled(model), eager_compiled(fresh):
+        torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
 def test_qat_callback_fit_with_a_compiled_submodule(tmp_path) -> None:  # noqa: ANN001
     """Lightning fit: QAT starts at epoch 1 inside the compiled net, and the export is ok."""
     torch.manual_seed(2)
