@@ -31,6 +31,7 @@ from .model_forms import check_model_form
 from .export.api import resolve_targets
 from .export.preflight import preflight
 from .plan import QATPlan, get_plan
+from .model_copies import follow_inner_copies
 from .prepare import measured_float_reasons, plan_and_apply, replan_as_float, unprepare
 from .ranges import calibrated_thresholds, check_one_input, set_thresholds
 from .wrappers import unwrap
@@ -129,6 +130,7 @@ def start_qat(
         if config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
             _calibrate(model, config, calibration, run_once, log, warn)
         if measure is None:
+            follow_inner_copies(model)  # an EMA held inside the model takes the plan too
             return plan
         wrong = run_once("export preflight", lambda: measure(model, example_input))
         reasons = measured_float_reasons(model, wrong)
@@ -143,6 +145,7 @@ def start_qat(
         raise
     final = get_plan(model)
     assert final is not None
+    follow_inner_copies(model)
     return final
 
 

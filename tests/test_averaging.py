@@ -414,3 +414,22 @@ def test_average_inside_the_lightning_module_follows_the_plan(tmp_path, kind) ->
     assert list(state) == list(model.state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("kind", ["timm", "averaged_model"])
+def test_prepare_qat_without_trainer_makes_the_inner_average_follow(kind) -> None:
+    """``prepare_qat`` is the same QAT start: an average inside the model takes the plan, and
+    timm's zipped update pairs the same tensors (it crashed on a misaligned buffer before)."""
+    model = LitInnerEma(kind)
+    prepare_qat(model, model.example_input_array)
+    avg = model.averaged()
+    sub = get_plan(avg)
+    assert sub is not None and set(sub.layers) == {n.removeprefix("net.") for n in get_plan(model).layers}
+    assert [k for k in model.state_dict() if k.endswith(PLAN_KEY)] == [PLAN_KEY]
+    assert [tuple(b.shape) for b in avg.buffers()] == [tuple(b.shape) for b in model.net.buffers()]
+    x = TRAIN.tensors[0][:32]
+    model.train()
+    model(x)  # the model's ranges and BN statistics move
+    model.on_train_batch_end(None, None, 0)
+    # the first update copies (AveragedModel) or lerps from equal weights and copies buffers (timm)
+    assert torch.allclose(avg(x), model.net.eval()(x), atol=1e-5)
