@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..batches import as_call, from_call, map_tensors
 from ..errors import ConfigError, config_error
@@ -81,6 +82,44 @@ def model_example(trainer: Any, pl_module: nn.Module, example: Any) -> Any:
     if plugin is not None:
         args, kwargs = plugin.convert_input(args), plugin.convert_input(kwargs)
     return from_call(tuple(args), dict(kwargs))
+
+
+def _shapes(call: tuple[tuple, dict]) -> str:
+    args, kwargs = call
+    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in args if isinstance(t, Tensor)]
+    parts += [f"{k}={tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in kwargs.items()
+              if isinstance(v, Tensor)]
+    return ", ".join(parts) or "no tensor"
+
+
+def check_example_runs(pl_module: nn.Module, example: Any, name: str) -> None:
+    """One eval-mode forward of the model on ``example`` (already cast by :func:`model_example`),
+    without gradients, at fit start: QAT traces the model on it when QAT starts, so an example the
+    model cannot take must stop the run now, not after the float epochs. The model's training
+    flags are restored.
+
+    Raises:
+        ConfigError: naming ``name`` (``"example_input"`` or ``"example_input_array"``), the
+            example's shapes and dtypes and the model's own error (its first line).
+    """
+    model = unwrap(pl_module)
+    modes = {m: m.training for m in model.modules()}
+    call = as_call(example)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*call[0], **call[1])
+    except Exception as exc:  # noqa: BLE001 - the user's forward: any error means this example does not fit
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"QATCallback: `{name}` ({_shapes(call)}) cannot be fed to {type(model).__name__}: "
+            f"{type(exc).__name__}: {first}. QAT traces the model on it when QAT starts; give an input of "
+            "the shape and dtype the model takes",
+            argument=name,
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def debug_run(trainer: Any) -> bool:

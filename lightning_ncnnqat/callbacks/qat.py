@@ -16,15 +16,15 @@ from torch import Tensor
 from ..batches import as_call, example_from_batch, from_call, map_tensors
 from ..config import QATConfig
 from ..preprocessing import find_preprocessing
-from ..prepare import QATPlan, check_ranges, get_plan, input_quantizers
+from ..prepare import QATPlan, check_ranges, check_skip, get_plan, input_quantizers
 from ..checkpoint import follow_checkpoint_plan
 from ..qat_start import start_qat
 from ..dtypes import float32_example, float32_model
 from ..errors import ConfigError
 from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from ._fit_start import (
-    check_max_epochs, check_precision, check_start_reachable, debug_run, model_example, note_debug_run,
-    qat_start_epoch,
+    check_example_runs, check_max_epochs, check_precision, check_start_reachable, debug_run, model_example,
+    note_debug_run, qat_start_epoch,
 )
 from ._averaging import AveragedCopies, averaging_window_warnings
 from ._bn_stats import freeze_if_due
@@ -32,6 +32,7 @@ from ._computed_watch import ComputedWatch
 from ._watch import CollapseWatch, divergence_hint, note_collapse
 from ._held import check_held_batch, held_batch, model_probe
 from ._rank_zero import on_rank_zero, ranges_unsynced
+from ._rng import user_rng_untouched
 from ._train_batches import train_inputs
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -298,9 +299,17 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         check_start_reachable(trainer, pl_module, self.start_epoch)  # batches per epoch known, no step run
+        if get_plan(pl_module) is None:  # after configure_model: every module exists
+            check_skip(pl_module, self.config.skip, "QATCallback")
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if example is not None and self.export_dir is not None:
-            self._check_held(trainer, pl_module, model_example(trainer, pl_module, example))
+        if example is None:
+            return
+        example = model_example(trainer, pl_module, example)
+        with user_rng_untouched():
+            check_example_runs(pl_module, example, "example_input" if self.example_input is not None
+                               else "example_input_array")
+            if self.export_dir is not None:
+                self._check_held(trainer, pl_module, example)
 
     def _check_held(self, trainer: Any, pl_module: Any, example: Any) -> None:
         warning = check_held_batch(trainer, pl_module, example, self.held_batch_size)
@@ -364,11 +373,12 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             if self.verbose:
                 rank_zero_info(f"QATCallback: {line}")
 
-        self.plan = start_qat(
-            pl_module, example, self.config, calibration=lambda n: train_inputs(trainer, pl_module, n),
-            measure=measure, run_once=self._run_once(trainer, pl_module), log=log,
-            warn=lambda line: rank_zero_warn(f"QATCallback: {line}"), who="QATCallback",
-        )
+        with user_rng_untouched():  # calibration and the preflight read the user's loaders
+            self.plan = start_qat(
+                pl_module, example, self.config, calibration=lambda n: train_inputs(trainer, pl_module, n),
+                measure=measure, run_once=self._run_once(trainer, pl_module), log=log,
+                warn=lambda line: rank_zero_warn(f"QATCallback: {line}"), who="QATCallback",
+            )
         if self.verbose:
             rank_zero_info(f"\nEpoch {trainer.current_epoch}: " + self.plan.summary())
         self._qat_epoch = int(trainer.current_epoch)
@@ -489,14 +499,22 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 export_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ncnnqat_fast_dev_run_"))
             stack.enter_context(ranges_unsynced(pl_module))
             model = stack.enter_context(float32_model(pl_module))  # the float32 copy under a *-true precision
-            return export(
+            debug = debug_run(trainer)
+            report = export(
                 model,
                 export_dir,
                 example_input=example,
                 held_batch=held,
                 held_batch_source=source,
-                verbose=self.verbose,
+                verbose=self.verbose and not debug,  # its summary would name files about to be removed
                 targets=self.targets,
                 preprocessing=find_preprocessing(self.preprocessing, getattr(trainer, "datamodule", None), pl_module),
                 float_weights=self.float_weights,
             )
+            if debug and self.verbose:
+                rank_zero_info(
+                    f"QATCallback: fast_dev_run: the export chain ran in a temporary directory, now removed "
+                    f"(ok={report.ok}; {len(report.warnings)} warning(s)); a run without fast_dev_run writes "
+                    f"{self._export_path(trainer)!r}"
+                )
+            return report
