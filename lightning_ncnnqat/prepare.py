@@ -32,6 +32,7 @@ from .bn_fold import BNMatch, fold_bn, is_bn_like, match_bn, set_stats_live, unf
 from .computed_weights import describe as describe_computed
 from .computed_weights import restore_class
 from .config import QATConfig
+from .errors import ConfigError
 from .model_forms import check_model_form
 from .export_form import drop_unexported, export_form
 from .graph import DataFlow, trace_call
@@ -182,6 +183,24 @@ def _traced(model: nn.Module, args: tuple, kwargs: dict) -> tuple[DataFlow, Data
         return flow, None, f"{type(exc).__name__}: {exc}"
 
 
+def check_skip(model: nn.Module, skip: tuple[str, ...], who: str) -> None:
+    """Every ``skip`` name or pattern must match a module of ``model`` (wrappers unwrapped): one that
+    matches nothing is a typo or a name from another model, and would leave in int8 the layers the
+    user meant to keep in float.
+
+    Raises:
+        ConfigError: naming ``skip``, the patterns that match nothing and a few of the model's names.
+    """
+    names = [n for n, _ in unwrap(model).named_modules() if n]
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(
+            f"{who}: `skip` pattern(s) {unmatched} match no module of {type(unwrap(model)).__name__} (its module "
+            f"names look like {names[:4]}; patterns are fnmatch, e.g. 'head.*')",
+            argument="skip", value=unmatched,
+        )
+
+
 def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = None) -> QATPlan:
     """Trace ``model`` on ``example_input`` (eval and training mode) and decide what QAT does to it.
 
@@ -194,6 +213,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
     check_model_form(model, "QAT")
     args, kwargs = as_call(example_input)
     check_call(model, args, kwargs)
+    check_skip(model, config.skip, "QAT")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     args, kwargs = map_tensors(lambda t: to_model(t, t.device, dtype), (args, kwargs))  # float64 examples; ids kept
     flow, train_flow, train_error = _traced(model, args, kwargs)

@@ -468,6 +468,12 @@ def _export(
             prepared = _prepare(model, example_input, held_batch, report, verbose)
             src = held_batch_source if held_batch is not None else "example input (no held batch was given: parity on it is weak evidence)"
             report.held_batch = {"source": src, "n": int(len(prepared.held[0]))}
+            if held_batch is None:
+                report.warnings.append(
+                    f"parity was measured on the example input alone ({report.held_batch['n']} sample(s)), not on "
+                    "held-out data: pass held_batch= to export() (QATCallback takes it from the validation loader when "
+                    "its batches hold the model's inputs); the figures say little about the int8 model on real inputs"
+                )
         except ExportError as e:
             failures.append(e)
         if prepared is not None:
