@@ -75,12 +75,30 @@ def _same_trailing(t: Any, ex: Tensor) -> bool:
     return isinstance(t, Tensor) and t.dim() == ex.dim() and (ex.dim() == 0 or t.shape[1:] == ex.shape[1:])
 
 
+def _fits(t: Any, ex: Tensor) -> bool:
+    """``t`` could be the example's input: a tensor of its trailing shape and kind of dtype."""
+    return _same_trailing(t, ex) and t.is_floating_point() == ex.is_floating_point()
+
+
+def _one_input_like(batch: Any, ex: Tensor) -> Tensor | None:
+    """The one-tensor model input of ``batch``: :func:`model_input`'s rule when that tensor fits
+    ``ex``; else the only top-level tensor of a tuple/list/dict batch that fits it (``(y, x)``,
+    ``(meta, x, y)`` layouts); else :func:`model_input`'s tensor (the caller judges it)."""
+    x = model_input(batch)
+    if x is not None and _fits(x, ex):
+        return x
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    fitting = [v for v in values if _fits(v, ex)]
+    return fitting[0] if len(fitting) == 1 else x
+
+
 def inputs_like(
     batch: Any, args: Sequence[Any], kwargs: dict[str, Any], names: Sequence[str] | None = None
 ) -> Call | None:
     """The model inputs in a dataloader batch, in the structure of the example call ``(args, kwargs)``.
 
-    * one positional tensor, no keywords: :func:`model_input`'s rule;
+    * one positional tensor, no keywords: :func:`model_input`'s rule, or the batch's only tensor
+      of the example's trailing shape and kind when that rule's tensor does not fit;
     * k positional inputs: the first k elements of a tuple/list batch, or the values of a dict
       batch under ``names`` (forward's first k parameter names) when given;
     * keyword inputs: those keys of a dict batch.
@@ -91,7 +109,7 @@ def inputs_like(
     """
     args, kwargs = tuple(args), dict(kwargs)
     if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
-        x = model_input(batch)
+        x = _one_input_like(batch, args[0])
         return None if x is None else ((x,), {})
     out_args: list[Any] = []
     if args:

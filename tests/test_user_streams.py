@@ -122,3 +122,47 @@ def test_fast_dev_run_says_where_a_real_run_writes_and_names_no_removed_file(tmp
     line = [ln for ln in printed.splitlines() if "the export chain ran in a temporary directory" in ln]
     assert len(line) == 1 and "ok=True" in line[0] and str(tmp_path / "export") in line[0]
     assert not (tmp_path / "export").exists()
+
+
+class _Relaid(torch.utils.data.Dataset):
+    """The digits with the input elsewhere than first: ``(y, x)`` or ``(meta, x, y)``."""
+
+    def __init__(self, ds, layout: str) -> None:  # noqa: ANN001
+        self.ds, self.layout = ds, layout
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        x, y = self.ds[i]
+        return (y, x) if self.layout == "yx" else (torch.tensor([i, 7]), x, y)
+
+
+class _RelaidLit(NetLit):
+    def __init__(self, layout: str, example: torch.Tensor) -> None:
+        super().__init__(digits_cnn(), example=example)
+        self.layout = layout
+
+    def _xy(self, batch):  # noqa: ANN001, ANN202
+        return (batch[1], batch[0]) if self.layout == "yx" else (batch[1], batch[2])
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = self._xy(batch)
+        return self.loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+        x, y = self._xy(batch)
+        self.log("val_loss", self.loss(self(x), y))
+
+
+@pytest.mark.parametrize("layout", ["yx", "meta_x_y"])
+def test_the_held_batch_is_found_wherever_the_batch_keeps_the_input(tmp_path: Path, layout: str) -> None:
+    tr, va = digits(128, 64)
+    model = _RelaidLit(layout, tr.tensors[0][:1])
+    cb = QATCallback(start_epoch=1, export_dir=str(tmp_path / "export"), targets=["x86"], verbose=False,
+                     held_batch_size=48)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb], default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(_Relaid(tr, layout), batch_size=32), DataLoader(_Relaid(va, layout), batch_size=32))
+    report = cb.export_report
+    assert report.ok and report.held_batch["n"] == 48 and "validation" in report.held_batch["source"]
+    assert not [w for w in report.warnings if "example input alone" in w]
