@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import QATConfig, prepare_qat
-from lightning_ncnnqat.bn_fold import set_bn_stats_frozen
+from lightning_ncnnqat.qat.bn_fold import set_bn_stats_frozen
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

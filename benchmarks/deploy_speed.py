@@ -32,8 +32,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from lightning_ncnnqat import QATConfig, export, prepare_qat  # noqa: E402
-from lightning_ncnnqat.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
-from lightning_ncnnqat.speed_plan import (  # noqa: E402
+from lightning_ncnnqat.speed.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
+from lightning_ncnnqat.speed.plan import (  # noqa: E402
     count_chains,
     judge,
     measure_layers,

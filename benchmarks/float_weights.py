@@ -56,7 +56,7 @@ def build(name: str) -> tuple[nn.Module, int, dict[str, Any]]:
 def run(name: str, targets: list[str], held_n: int, workdir: Path) -> dict[str, Any]:
     import lightning_ncnnqat as lq
     import zoo
-    from lightning_ncnnqat.config import QATConfig
+    from lightning_ncnnqat.qat.config import QATConfig
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -30,9 +30,9 @@ from deploy_speed import machine  # noqa: E402
 
 from lightning_ncnnqat import export, prepare_qat  # noqa: E402
 from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8  # noqa: E402
-from lightning_ncnnqat.export.isolated_runtime import run_ncnn  # noqa: E402
-from lightning_ncnnqat.export.ncnn_param import CONV_TYPES, NcnnParam  # noqa: E402
-from lightning_ncnnqat.speed_plan import ModelToTime, count_chains, time_models  # noqa: E402
+from lightning_ncnnqat.ncnn.isolated import run_ncnn  # noqa: E402
+from lightning_ncnnqat.ncnn.param import CONV_TYPES, NcnnParam  # noqa: E402
+from lightning_ncnnqat.speed.plan import ModelToTime, count_chains, time_models  # noqa: E402
 
 
 def fold_hardswish(param: NcnnParam) -> int:

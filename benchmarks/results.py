@@ -64,7 +64,7 @@ from benchmarks.results_ptq import ModelResult, float_ncnn, ncnn_accuracy, run_p
 from benchmarks.results_table import FT, paired_stats, render, seed_label, targets  # noqa: E402
 from examples.cifar10 import CIFARClassifier  # noqa: E402
 from lightning_ncnnqat import QATCallback  # noqa: E402
-from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError  # noqa: E402
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "ma:range_init=first_batch,ranges=moving_average",

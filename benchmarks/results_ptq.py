@@ -24,9 +24,9 @@ from torch import nn
 from lightning_ncnnqat import calibrate
 from lightning_ncnnqat.calibration.api import _folded_copy
 from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8, run_ncnn2table
-from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError, run_ncnn
-from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
-from lightning_ncnnqat.export.tables import parse_table
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError, run_ncnn
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.ncnn.table import parse_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = Path(os.environ.get("NCNN_TOOLS") or ROOT.parent / "shared" / "ncnn-tools")

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from examples.cifar10 import build_backbone  # noqa: E402
 from lightning_ncnnqat import prepare_qat  # noqa: E402
-from lightning_ncnnqat import modules as M  # noqa: E402
+from lightning_ncnnqat.qat import modules as M  # noqa: E402
 
 
 def fwd_bwd(model, x, y, amp, scaler):  # noqa: ANN001

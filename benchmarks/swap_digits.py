@@ -31,9 +31,9 @@ for p in (ROOT, ROOT / "benchmarks"):
 from deploy_speed import SiLUCNN, machine  # noqa: E402
 
 from lightning_ncnnqat import export, prepare_qat  # noqa: E402
-from lightning_ncnnqat.activation_swap import swap_activations  # noqa: E402
-from lightning_ncnnqat.export.isolated_runtime import run_ncnn  # noqa: E402
-from lightning_ncnnqat.speed_plan import count_chains, time_models, whole_models  # noqa: E402
+from lightning_ncnnqat.speed.activation_swap import swap_activations  # noqa: E402
+from lightning_ncnnqat.ncnn.isolated import run_ncnn  # noqa: E402
+from lightning_ncnnqat.speed.plan import count_chains, time_models, whole_models  # noqa: E402
 
 
 def digits(seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Check ``lightning_ncnnqat.export_form`` against ultralytics' own ncnn export form (runs in .venv-zoo).
+"""Check ``lightning_ncnnqat.qat.export_form`` against ultralytics' own ncnn export form (runs in .venv-zoo).
 
     nice -n 10 .venv-zoo/bin/python benchmarks/ultralytics_form.py [yolov8n yolov8n-pose ...]
 
@@ -34,7 +34,7 @@ def main(names: list[str]) -> int:
     from ultralytics.nn.modules.head import Classify, Detect
     from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
 
-    from lightning_ncnnqat.export_form import export_form
+    from lightning_ncnnqat.qat.export_form import export_form
 
     torch.set_num_threads(1)
     builders = {"pose": PoseModel, "seg": SegmentationModel, "obb": OBBModel, "cls": ClassificationModel}

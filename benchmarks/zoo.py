@@ -21,7 +21,7 @@ and the layers the int8 runtime computes wrongly (flagged).
 Inputs are 224x224, except the ultralytics detection and pose models: 320, the smallest of the
 sizes they are deployed at (640 / 320), and mobilevit_xxs: 256, timm's default. ``--size``
 overrides all. ultralytics heads are exported in the form ultralytics' own ncnn export gives them
-(``lightning_ncnnqat.export_form``: single decoded output, one-to-many head of YOLOv10).
+(``lightning_ncnnqat.qat.export_form``: single decoded output, one-to-many head of YOLOv10).
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def float32_floor(model: Any, held: Any) -> float:
     """
     import torch
 
-    from lightning_ncnnqat.export.model_io import model_io, torch_outputs
-    from lightning_ncnnqat.export.output_floor import float64_outputs
+    from lightning_ncnnqat.conversion.model_io import model_io, torch_outputs
+    from lightning_ncnnqat.verification.output_floor import float64_outputs
 
     m32 = model.eval()
     io = model_io(m32, held[:1])
@@ -253,7 +253,7 @@ def run_one(
             tp = time.perf_counter()
             row["preflight_float"] = keep_wrong_layers_in_float(model, example, targets=tlist)
             row["preflight_s"] = round(time.perf_counter() - tp, 1)
-            from lightning_ncnnqat.plan import get_plan
+            from lightning_ncnnqat.qat.plan import get_plan
 
             plan = get_plan(model)
         row["int8_layers"] = len(plan.layers)

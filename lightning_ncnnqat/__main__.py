@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .cli_inputs import (
+from lightning_ncnnqat.cli_inputs import (
     DEFAULT_HELD_BATCH_SIZE,
     UsageError,
     batch_size_of,
@@ -44,7 +44,7 @@ from .cli_inputs import (
     load_held_batch,
     parse_preprocessing,
 )
-from .preprocessing import Preprocessing, find_preprocessing
+from lightning_ncnnqat.preprocessing import Preprocessing, find_preprocessing
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -91,9 +91,9 @@ def export_checkpoint(
             unreadable held batch or datamodule, an unwritable export dir, no input shape.
         ExportError: an export step failed.
     """
-    from .export import export
+    from lightning_ncnnqat.export import export
 
-    from .export.api import resolve_targets
+    from lightning_ncnnqat.export.api import resolve_targets
 
     if held_batch is not None and datamodule is not None:
         raise UsageError("give --held-batch or --datamodule, not both")
@@ -144,8 +144,8 @@ def export_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["setup-arm"]:  # the emulated ARM targets' set-up (lightning_ncnnqat.targets)
-        from .targets import main as targets_main
+    if argv[:1] == ["setup-arm"]:  # the emulated ARM targets' set-up (lightning_ncnnqat.ncnn.targets)
+        from lightning_ncnnqat.ncnn.targets import main as targets_main
 
         return targets_main(["setup", *argv[1:]])
     parser = argparse.ArgumentParser(
@@ -209,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "setup-arm",
         help="build the emulated ARM64 targets (qemu + the aarch64 ncnn wheel) into a user cache, once; "
-        "same as `python -m lightning_ncnnqat.targets setup`",
+        "same as `python -m lightning_ncnnqat.ncnn.targets setup`",
         add_help=False,
     )
     args = parser.parse_args(argv)
-    from .export import ExportError
+    from lightning_ncnnqat.export import ExportError
 
     try:
         pre = None if args.preprocessing is None else parse_preprocessing(args.preprocessing)

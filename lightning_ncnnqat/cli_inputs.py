@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batches import (
+from lightning_ncnnqat.qat.batches import (
     INPUT_KEYS,
     Call,
     as_call,
@@ -24,11 +24,11 @@ from .batches import (
     map_tensors,
     positional_names,
 )
-from .checkpoint import CheckpointMismatchError, restore_from_checkpoint
-from .errors import NcnnQatError
-from .plan_state import checkpoint_plan, plan_key_in, state_of, without_plan
-from .prepared import strip_wrapper_prefixes
-from .preprocessing import Preprocessing
+from lightning_ncnnqat.qat.checkpoint import CheckpointMismatchError, restore_from_checkpoint
+from lightning_ncnnqat.errors import NcnnQatError
+from lightning_ncnnqat.qat.plan_state import checkpoint_plan, plan_key_in, state_of, without_plan
+from lightning_ncnnqat.qat.prepared import strip_wrapper_prefixes
+from lightning_ncnnqat.preprocessing import Preprocessing
 
 DEFAULT_HELD_BATCH_SIZE = 64
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import export, prepare_qat
-from lightning_ncnnqat.activation_swap import DEFAULT_SWAPS, functional_breakers, swap_activations
-from lightning_ncnnqat.speed_plan import count_chains
+from lightning_ncnnqat.speed.activation_swap import DEFAULT_SWAPS, functional_breakers, swap_activations
+from lightning_ncnnqat.speed.plan import count_chains
 
 
 class Block(nn.Module):

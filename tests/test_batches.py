@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ncnnqat.batches import (
+from lightning_ncnnqat.qat.batches import (
     as_call,
     check_call,
     example_from_batch,

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ncnnqat import QATCallback, QATConfig, prepare_qat
-from lightning_ncnnqat.bn_fold import set_bn_stats_frozen, stats_live
-from lightning_ncnnqat.plan import get_plan
+from lightning_ncnnqat.qat.bn_fold import set_bn_stats_frozen, stats_live
+from lightning_ncnnqat.qat.plan import get_plan
 from lit_models import NetLit, digits_cnn, digits_tensors, quiet_trainer
 
 torch.set_num_threads(1)

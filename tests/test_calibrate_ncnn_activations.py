@@ -21,7 +21,7 @@ from lightning_ncnnqat.calibration import calibrate
 from lightning_ncnnqat.calibration.api import _folded_copy
 from lightning_ncnnqat.calibration.histogram import histogram_of
 from lightning_ncnnqat.calibration.ncnn_activations import NCNN2TABLE_OPTIONS, convert_float
-from lightning_ncnnqat.export.isolated_runtime import run_ncnn
+from lightning_ncnnqat.ncnn.isolated import run_ncnn
 
 
 class Net(nn.Module):

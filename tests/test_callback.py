@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_ncnnqat import QATCallback, restore_from_checkpoint
-from lightning_ncnnqat.modules import QATConv2d
+from lightning_ncnnqat.qat.modules import QATConv2d
 from lightning_ncnnqat.ops import reference
-from lightning_ncnnqat.prepare import get_plan, input_quantizers, prepare_qat
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, prepare_qat
 from lit_models import loader, make_data, make_module
 
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from lightning_ncnnqat import QATCallback, QATConfig, load_from_checkpoint, prepare_qat, restore_from_checkpoint
 from lightning_ncnnqat.__main__ import main
-from lightning_ncnnqat.checkpoint import CheckpointMismatchError
+from lightning_ncnnqat.qat.checkpoint import CheckpointMismatchError
 from lightning_ncnnqat.cli_inputs import build_model, load_checkpoint
-from lightning_ncnnqat.plan_state import PLAN_KEY, PlanMismatchError, checkpoint_plan, same_plan
-from lightning_ncnnqat.prepare import get_plan, input_quantizers, unprepare
+from lightning_ncnnqat.qat.plan_state import PLAN_KEY, PlanMismatchError, checkpoint_plan, same_plan
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, unprepare
 from lit_models import LitMixed, loader, make_data
 
 HERE = Path(__file__).resolve().parent

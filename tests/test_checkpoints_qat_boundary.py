@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_ncnnqat import QATCallback, restore_from_checkpoint
-from lightning_ncnnqat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
 from lit_models import loader, make_data, make_module
 
 

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ncnnqat import QATCallback, prepare_qat, quantized_layers
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.modules import QATConv2d
-from lightning_ncnnqat.prepare import get_plan, input_quantizers
-from lightning_ncnnqat.wrappers import compiled_submodules, eager_compiled
+from lightning_ncnnqat.qat.modules import QATConv2d
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.wrappers import compiled_submodules, eager_compiled
 from lit_models import NetLit, quiet_trainer
 
 torch.set_num_threads(1)

@@ -26,7 +26,7 @@ from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import export
 from lightning_ncnnqat.export.deploy_kit import KIT_NAMES, model_io, write_deploy_kit
 from lightning_ncnnqat.export.deploy_snippets import python_script
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
+from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.preprocessing import Preprocessing
 from lit_models import make_data
 from models import MixedNet

@@ -1,4 +1,4 @@
-"""Speed measurement mechanics (lightning_ncnnqat.speed_plan, benchmarks/deploy_speed.py) with real
+"""Speed measurement mechanics (lightning_ncnnqat.speed.plan, benchmarks/deploy_speed.py) with real
 ncnn on tiny exports: interleaved timing, chain counts, single-layer cut-outs, verdicts. No speed
 thresholds: the figures are judged, not required to be fast."""
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat import export, prepare_qat
-from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError, run_ncnn
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
-from lightning_ncnnqat.speed_plan import (
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError, run_ncnn
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.speed.plan import (
     ModelToTime,
     SpeedPlan,
     Timing,
@@ -139,7 +139,7 @@ def test_single_layer_model_matches_full_model(exports: dict[str, Path], which: 
 
 
 def _output_scale(param: NcnnParam, data: bytes, idx: int) -> float:
-    from lightning_ncnnqat.export.ncnn_bin_layout import locate
+    from lightning_ncnnqat.ncnn.bin_layout import locate
 
     off = next(e.offset for e in locate(param.layers, data)[idx] if e.role == "output_scale")
     return float(np.frombuffer(data, "<f4", 1, off)[0])

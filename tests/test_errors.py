@@ -9,9 +9,9 @@ import pytest
 import lightning_ncnnqat as q
 from lightning_ncnnqat.cli_inputs import UsageError
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError, NcnnQatError, UnsupportedModelError, config_error
-from lightning_ncnnqat.export.errors import ExportError, LayerError
-from lightning_ncnnqat.export.isolated_runtime import NcnnRuntimeError
-from lightning_ncnnqat.export.ncnn_bin_layout import NcnnFormatError
+from lightning_ncnnqat.errors import ExportError, LayerError
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError
+from lightning_ncnnqat.ncnn.bin_layout import NcnnFormatError
 
 
 @pytest.mark.parametrize(

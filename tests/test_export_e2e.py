@@ -23,12 +23,12 @@ from torch import nn
 
 from lightning_ncnnqat import QATCallback, QATConfig, prepare_qat
 from lightning_ncnnqat.export import ExportError, export
-from lightning_ncnnqat.export.files import OUTPUT_NAMES
-from lightning_ncnnqat.export.ncnn_param import NcnnParam, bin_layout
-from lightning_ncnnqat.export.ncnn_runtime import NcnnNet
-from lightning_ncnnqat.export.onnx_export import onnx2ncnn_name
-from lightning_ncnnqat.export.tables import parse_table
-from lightning_ncnnqat.prepare import quantized_layers
+from lightning_ncnnqat.files import OUTPUT_NAMES
+from lightning_ncnnqat.ncnn.param import NcnnParam, bin_layout
+from lightning_ncnnqat.ncnn.runtime import NcnnNet
+from lightning_ncnnqat.conversion.onnx import onnx2ncnn_name
+from lightning_ncnnqat.ncnn.table import parse_table
+from lightning_ncnnqat.qat.prepare import quantized_layers
 from lit_models import LitMixed, loader, make_data
 from models import MixedNet
 

@@ -23,9 +23,9 @@ from torch import nn
 import lightning_ncnnqat as lq
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.errors import UnsupportedModelError
-from lightning_ncnnqat.export.errors import ExportError
-from lightning_ncnnqat.export_form import NOT_EXPORTED, export_form, export_form_modules
-from lightning_ncnnqat.prepare import TRAIN_ONLY, plan_qat
+from lightning_ncnnqat.errors import ExportError
+from lightning_ncnnqat.qat.export_form import NOT_EXPORTED, export_form, export_form_modules
+from lightning_ncnnqat.qat.prepare import TRAIN_ONLY, plan_qat
 from lit_models import loader, make_data
 
 torch.set_num_threads(1)

@@ -20,8 +20,8 @@ from torch import nn
 
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import ExportError, export
-from lightning_ncnnqat.export import isolated_runtime
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
+from lightning_ncnnqat.ncnn import isolated as isolated_runtime
+from lightning_ncnnqat.ncnn.param import NcnnParam
 
 FAST = {"verbose": False, "timing_runs": 0, "targets": "x86", "layer_check_samples": 2}
 
@@ -263,7 +263,7 @@ class ScaledInput(nn.Module):
 
 
 def test_a_constant_input_scale_folded_into_weights_by_onnxsim_gets_rescaled_table_rows(tmp_path: Path) -> None:
-    from lightning_ncnnqat.export.tables import parse_table
+    from lightning_ncnnqat.ncnn.table import parse_table
 
     x = rand(8, 3, 12, 12, seed=10)
     model = qat(ScaledInput(), x[:1], [x])

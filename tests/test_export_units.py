@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import ops
-from lightning_ncnnqat.export.errors import LayerError
-from lightning_ncnnqat.export.files import write_files_atomically
-from lightning_ncnnqat.export.int8_writer import Int8Spec, fuse_requantize, quantize_weights, write_int8
-from lightning_ncnnqat.export.ncnn_param import (
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.files import write_files_atomically
+from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, fuse_requantize, quantize_weights, write_int8
+from lightning_ncnnqat.ncnn.param import (
     TAG_FP16,
     TAG_INT8,
     NcnnFormatError,
@@ -26,10 +26,10 @@ from lightning_ncnnqat.export.ncnn_param import (
     NcnnParam,
     bin_layout,
 )
-from lightning_ncnnqat.export.ncnn_runtime import NcnnNet
-from lightning_ncnnqat.export.parity import agreement
-from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
-from lightning_ncnnqat.export.tables import TableRow, check_scales, format_table, parse_table
+from lightning_ncnnqat.ncnn.runtime import NcnnNet
+from lightning_ncnnqat.verification.parity import agreement
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.ncnn.table import TableRow, check_scales, format_table, parse_table
 
 
 class Small(nn.Module):

@@ -22,9 +22,9 @@ import torch
 
 from lightning_ncnnqat import QATConfig, prepare_qat
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.export.int8_writer import write_int8
-from lightning_ncnnqat.export.ncnn_bin_layout import TAG_FP16, TAG_FP32, TAG_INT8, locate
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
+from lightning_ncnnqat.ncnn.int8_writer import write_int8
+from lightning_ncnnqat.ncnn.bin_layout import TAG_FP16, TAG_FP32, TAG_INT8, locate
+from lightning_ncnnqat.ncnn.param import NcnnParam
 from models import MixedNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

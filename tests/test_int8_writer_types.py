@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ncnnqat.export.int8_writer import Int8Spec, write_int8
-from lightning_ncnnqat.export.ncnn_bin_layout import TAG_FP16, TAG_FP32, TAG_INT8, locate
-from lightning_ncnnqat.export.ncnn_param import INT8_TYPES, NcnnParam
-from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
-from lightning_ncnnqat.export.tables import TableRow, format_table
+from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, write_int8
+from lightning_ncnnqat.ncnn.bin_layout import TAG_FP16, TAG_FP32, TAG_INT8, locate
+from lightning_ncnnqat.ncnn.param import INT8_TYPES, NcnnParam
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.ncnn.table import TableRow, format_table
 
 
 def _tool() -> Path | None:

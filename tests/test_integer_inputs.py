@@ -21,7 +21,7 @@ from torch import nn
 from lightning_ncnnqat import QATConfig, prepare_qat
 from lightning_ncnnqat.errors import NcnnQatError
 from lightning_ncnnqat.export import ExportError, export
-from lightning_ncnnqat.export.isolated_runtime import ncnn_inputs
+from lightning_ncnnqat.ncnn.isolated import ncnn_inputs
 
 torch.set_num_threads(1)
 

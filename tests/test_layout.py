@@ -95,8 +95,77 @@ def test_light_rooms_import_nothing_heavy() -> None:
     graph = _imports(mods)
     for light in (f"{ROOT}.errors", f"{ROOT}.policy"):
         assert graph[light] == set(), light
-    worker = mods[f"{ROOT}.export.ncnn_worker"].read_text()
+    worker = mods[f"{ROOT}.ncnn.worker"].read_text()
     tree = ast.parse(worker)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
     assert not imported & {"torch", ROOT}, imported
+
+
+def test_the_ncnn_layer_imports_without_torch() -> None:
+    """The ncnn layer (formats, int8 writer, runtime, targets) runs where torch is absent (a
+    board, the emulated ARM targets): importing it with torch made unimportable still works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "import lightning_ncnnqat.ncnn.param, lightning_ncnnqat.ncnn.table, lightning_ncnnqat.ncnn.int8_writer\n"
+        "import lightning_ncnnqat.ncnn.isolated, lightning_ncnnqat.ncnn.runtime, lightning_ncnnqat.ncnn.targets\n"
+        "import lightning_ncnnqat.ncnn.targets.check, lightning_ncnnqat.ncnn.targets.build\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_ncnn_layer_uses_no_other_room() -> None:
+    """Data flows one way: calibration, conversion, verification and export use the ncnn layer;
+    it uses only ``errors``."""
+    graph = _imports(_modules())
+    for name, deps in graph.items():
+        if name.startswith(f"{ROOT}.ncnn"):
+            outside = {d for d in deps if not d.startswith(f"{ROOT}.ncnn") and d != f"{ROOT}.errors" and d != ROOT}
+            assert not outside, (name, outside)
+
+
+def test_old_module_paths_forward_with_a_warning() -> None:
+    """Release 0.1's module paths still import for one release: the same module object, and a
+    DeprecationWarning naming the new path."""
+    import importlib
+    import sys
+    import warnings
+
+    from lightning_ncnnqat._moved import MOVED
+
+    assert len(MOVED) > 30
+    for old, new in [("export.ncnn_param", "ncnn.param"), ("prepare", "qat.prepare"), ("export.runtime_checks", "verification.runtime_checks"), ("qat_start", "start")]:
+        assert MOVED[old] == new
+        sys.modules.pop(f"{ROOT}.{old}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = importlib.import_module(f"{ROOT}.{old}")
+        assert mod is importlib.import_module(f"{ROOT}.{new}")
+        assert any(issubclass(w.category, DeprecationWarning) and f"{ROOT}.{new}" in str(w.message) for w in caught), old
+    # every forwarded path resolves to a module that exists
+    for old, new in MOVED.items():
+        assert importlib.util.find_spec(f"{ROOT}.{new}") is not None, (old, new)
+
+
+# The rooms, lowest first (DEVELOPERS.md draws the same order): a room imports only rooms before it.
+ROOMS = [
+    "errors", "policy", "files", "preprocessing", "_moved", "ncnn", "ops", "qat", "conversion", "calibration",
+    "verification", "export", "speed", "start", "callbacks", "cli_inputs", "__main__", "targets",
+]
+
+
+def test_rooms_import_only_rooms_below_them() -> None:
+    graph = _imports(_modules())
+    room = {m: m.split(".")[1] for m in graph if m.count(".") >= 1}
+    unknown = sorted({r for r in room.values() if r not in ROOMS})
+    assert not unknown, f"rooms missing from ROOMS (and DEVELOPERS.md): {unknown}"
+    upward = [
+        (a, d) for a, deps in graph.items() for d in deps
+        if a in room and d in room and ROOMS.index(room[d]) > ROOMS.index(room[a])
+    ]
+    assert upward == [], upward

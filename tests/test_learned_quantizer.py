@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_ncnnqat.modules import InputQuantizer, QATConv2d
+from lightning_ncnnqat.qat.modules import InputQuantizer, QATConv2d
 from lightning_ncnnqat.ops import reference as R
 
 torch.set_num_threads(1)

@@ -22,12 +22,12 @@ from torch import nn
 
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.export.errors import LayerError
-from lightning_ncnnqat.export.graph_match import Wiring
-from lightning_ncnnqat.export.isolated_runtime import run_ncnn
-from lightning_ncnnqat.export.matching import WeightOwner, match_owners
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
-from lightning_ncnnqat.prepare import input_quantizers, quantized_layers
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.conversion.graph_match import Wiring
+from lightning_ncnnqat.ncnn.isolated import run_ncnn
+from lightning_ncnnqat.conversion.matching import WeightOwner, match_owners
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.qat.prepare import input_quantizers, quantized_layers
 
 torch.set_num_threads(1)
 
@@ -170,7 +170,7 @@ def _export_and_check(model: nn.Module, tmp_path: Path, shape=(3, 8, 8), merged:
     bottoms = {t: param.layer(n).bottoms[0] for t, n in names.items()}
     res = run_ncnn(tmp_path / "model.ncnn.param", tmp_path / "model.ncnn.bin", {"in0": x[:2].numpy()},
                    sorted(set(bottoms.values())), {"num_threads": 1, "use_fp16_storage": False}, light_mode=False)
-    from lightning_ncnnqat.prepare import folded_float_model
+    from lightning_ncnnqat.qat.prepare import folded_float_model
 
     want = _torch_inputs(folded_float_model(model), list(infos), x[:2])
     for t, b in bottoms.items():
@@ -268,7 +268,7 @@ def test_tied_weights_on_different_inputs_get_their_own_rows(cls: type[nn.Module
 def test_tied_weight_and_bias_on_alike_places_are_named_not_guessed(tmp_path: Path) -> None:
     """Tied heads sharing weight AND bias, fed and feeding alike: nothing tells them apart, so the
     export fails naming both and the way out, never writing one's rows for the other."""
-    from lightning_ncnnqat.export.errors import ExportError
+    from lightning_ncnnqat.errors import ExportError
 
     torch.manual_seed(0)
     model = TiedLinearHeads()
@@ -285,7 +285,7 @@ def test_tied_weight_and_bias_on_alike_places_are_named_not_guessed(tmp_path: Pa
 
 def test_onnx_owners_carry_biases_for_tied_gemms() -> None:
     """The ONNX owners hold each Gemm's / Conv's constant bias (a Gemm's C times beta)."""
-    from lightning_ncnnqat.export.onnx_export import export_onnx, onnx_weight_owners
+    from lightning_ncnnqat.conversion.onnx import export_onnx, onnx_weight_owners
 
     torch.manual_seed(1)
     model = TiedLinearHeads().eval()

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ncnnqat.export.errors import LayerError
-from lightning_ncnnqat.export.int8_writer import Int8Spec, write_int8
-from lightning_ncnnqat.export.matching import converted_int8_kind, match_by_weights, match_owners, ncnn_weight_owners
-from lightning_ncnnqat.export.ncnn_param import NcnnParam, bin_layout
-from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
-from lightning_ncnnqat.export.tables import TableRow, format_table
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, write_int8
+from lightning_ncnnqat.conversion.matching import converted_int8_kind, match_by_weights, match_owners, ncnn_weight_owners
+from lightning_ncnnqat.ncnn.param import NcnnParam, bin_layout
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.ncnn.table import TableRow, format_table
 
 
 class SqueezeExcite(nn.Module):

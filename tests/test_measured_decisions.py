@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_ncnnqat import QATConfig, prepare_qat
 from lightning_ncnnqat.export.preflight import keep_wrong_layers_in_float, measure_int8_layers
-from lightning_ncnnqat.plan import get_plan
+from lightning_ncnnqat.qat.plan import get_plan
 
 
 class TwoGrouped(nn.Module):

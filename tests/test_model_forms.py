@@ -11,7 +11,7 @@ from torch import nn
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.errors import UnsupportedModelError
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.plan import get_plan
+from lightning_ncnnqat.qat.plan import get_plan
 
 torch.set_num_threads(1)
 

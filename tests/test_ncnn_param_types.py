@@ -12,10 +12,10 @@ import ncnn
 import numpy as np
 import pytest
 
-from lightning_ncnnqat.export.int8_writer import _to_fp16
-from lightning_ncnnqat.export.ncnn_bin_layout import DATA_TYPES, WEIGHTLESS_TYPES, NcnnFormatError, layer_entries
-from lightning_ncnnqat.export.ncnn_modelwriter import KNOWN_TYPES, modelwriter_params, vstr_to_float
-from lightning_ncnnqat.export.ncnn_param import NcnnLayer, NcnnParam
+from lightning_ncnnqat.ncnn.int8_writer import _to_fp16
+from lightning_ncnnqat.ncnn.bin_layout import DATA_TYPES, WEIGHTLESS_TYPES, NcnnFormatError, layer_entries
+from lightning_ncnnqat.ncnn.model_writer import KNOWN_TYPES, modelwriter_params, vstr_to_float
+from lightning_ncnnqat.ncnn.param import NcnnLayer, NcnnParam
 
 
 def test_type_lists_name_real_ncnn_layers() -> None:
@@ -151,7 +151,7 @@ def _tool() -> Path | None:
 def test_hand_written_params_match_ncnn2int8(tmp_path: Path) -> None:
     """Odd spellings converters may write (int for float, old/new arrays, defaults spelled out,
     pairs) come back exactly as ncnn2int8 writes them."""
-    from lightning_ncnnqat.export.int8_writer import write_int8
+    from lightning_ncnnqat.ncnn.int8_writer import write_int8
 
     text = (
         "7767517\n8 9\n"

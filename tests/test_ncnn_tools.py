@@ -24,10 +24,10 @@ from torch import nn
 
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
-from lightning_ncnnqat.export.ncnn_runtime import NcnnNet
-from lightning_ncnnqat.export.tables import parse_table
-from lightning_ncnnqat.prepare import quantized_layers
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.runtime import NcnnNet
+from lightning_ncnnqat.ncnn.table import parse_table
+from lightning_ncnnqat.qat.prepare import quantized_layers
 from lit_models import make_data
 from models import MixedNet
 

@@ -23,8 +23,8 @@ from lightning_ncnnqat.calibration import calibrate
 from lightning_ncnnqat.calibration.api import _folded_copy
 from lightning_ncnnqat.calibration.ncnn_tools import ToolRun, run_ncnn2table, tool_thresholds
 from lightning_ncnnqat.calibration.table import layer_order
-from lightning_ncnnqat.export.pnnx_convert import convert_with_pnnx
-from lightning_ncnnqat.export.tables import parse_table
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.ncnn.table import parse_table
 
 TOOLS = Path(os.environ.get("NCNN_TOOLS") or Path(__file__).resolve().parents[2] / "shared" / "ncnn-tools")
 pytestmark = pytest.mark.skipif(

@@ -20,10 +20,10 @@ from torch import nn
 
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import export
-from lightning_ncnnqat.export.model_io import model_io, torch_outputs
-from lightning_ncnnqat.export.ncnn_bin_layout import locate
-from lightning_ncnnqat.export.ncnn_param import NcnnParam
-from lightning_ncnnqat.export.output_floor import (
+from lightning_ncnnqat.conversion.model_io import model_io, torch_outputs
+from lightning_ncnnqat.ncnn.bin_layout import locate
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.verification.output_floor import (
     FLOOR_FACTOR,
     MIN_DEFAULT_OPTIONS_COSINE,
     MIN_OUTPUT_COSINE,
@@ -32,11 +32,11 @@ from lightning_ncnnqat.export.output_floor import (
     float64_outputs,
     judge_output,
 )
-from lightning_ncnnqat.export.parity import agreement, cosine
-from lightning_ncnnqat.export.report import ExportReport, OutputParity
-from lightning_ncnnqat.export.runtime_checks import ModelFiles, approximation_gap, blob_names, measure
-from lightning_ncnnqat.export.verdicts import judge
-from lightning_ncnnqat.prepare import folded_float_model
+from lightning_ncnnqat.verification.parity import agreement, cosine
+from lightning_ncnnqat.verification.report import ExportReport, OutputParity
+from lightning_ncnnqat.verification.runtime_checks import ModelFiles, approximation_gap, blob_names, measure
+from lightning_ncnnqat.verification.verdicts import judge
+from lightning_ncnnqat.qat.prepare import folded_float_model
 from models import MixedNet
 
 C = 64
@@ -192,7 +192,7 @@ def test_float64_copy_quantizes_as_the_model_and_leaves_it_unchanged() -> None:
 
 
 def _arm(target: str) -> bool:
-    from lightning_ncnnqat.targets import available_targets
+    from lightning_ncnnqat.ncnn.targets import available_targets
 
     return target in available_targets()
 
@@ -215,7 +215,7 @@ def _arm64_a53() -> bool:
     return _arm("arm64-a53")
 
 
-@pytest.mark.skipif(not _arm64_a53(), reason="arm64-a53 emulation not set up (python -m lightning_ncnnqat.targets setup-arm)")
+@pytest.mark.skipif(not _arm64_a53(), reason="arm64-a53 emulation not set up (python -m lightning_ncnnqat.ncnn.targets setup-arm)")
 def test_emulated_target_is_judged_against_the_same_floor(cancelling) -> None:
     report, entry = _measured_on(cancelling, "arm64-a53")
     cos, floor = entry["int8_vs_qat"]["cosine"], report.float32_floor
@@ -321,7 +321,7 @@ def test_near_ties_are_no_excuse_for_a_failing_output(cancelling) -> None:
     assert "within the int8 noise" not in report.summary()
 
 
-@pytest.mark.skipif(not _arm("arm64-a76"), reason="arm64-a76 emulation not set up (python -m lightning_ncnnqat.targets setup-arm)")
+@pytest.mark.skipif(not _arm("arm64-a76"), reason="arm64-a76 emulation not set up (python -m lightning_ncnnqat.ncnn.targets setup-arm)")
 def test_a76_default_options_far_below_the_floor_is_warned(cancelling) -> None:
     """Cortex-A76 stores the conv outputs (~3e4) in fp16: the cancellation is lost under default
     options while the strict run sits at the floor."""

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import QATConfig, folded_float_model, prepare_qat, quantized_layers
-from lightning_ncnnqat.graph import trace_dataflow
-from lightning_ncnnqat.modules import FoldedBatchNorm, InputQuantizer, QATConv2d, QATLinear
+from lightning_ncnnqat.qat.graph import trace_dataflow
+from lightning_ncnnqat.qat.modules import FoldedBatchNorm, InputQuantizer, QATConv2d, QATLinear
 from lightning_ncnnqat.ops import reference
-from lightning_ncnnqat.prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers
+from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers
 from models import MixedNet, SharedOutputNet
 
 
@@ -230,7 +230,7 @@ def test_trace_records_functional_ops_and_inplace_versions() -> None:
 
 
 def test_subclasses_overriding_forward_are_judged_by_their_math() -> None:
-    from lightning_ncnnqat.prepare import unprepare
+    from lightning_ncnnqat.qat.prepare import unprepare
 
     class SameLinear(nn.Linear):  # like timm's Linear: forward overridden, plain F.linear
         def forward(self, x: torch.Tensor) -> torch.Tensor:

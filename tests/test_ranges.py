@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat import QATCallback, QATConfig, calibrate, prepare_qat
-from lightning_ncnnqat.export.tables import parse_table
-from lightning_ncnnqat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.ncnn.table import parse_table
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
 
 from lit_models import loader, make_data, make_module
 from models import MixedNet
@@ -164,7 +164,7 @@ def _learned_model(seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
 
 
 def test_learned_ranges_train_and_the_table_carries_exp_log_threshold() -> None:
-    from lightning_ncnnqat.ranges import LearnedRanges
+    from lightning_ncnnqat.qat.ranges import LearnedRanges
 
     model, batches = _learned_model()
     start = {n: q.running_absmax.clone() for n, q in input_quantizers(model).items()}
@@ -179,7 +179,7 @@ def test_learned_ranges_train_and_the_table_carries_exp_log_threshold() -> None:
 
 
 def test_learned_step_unscales_amp_gradients_and_skips_overflow() -> None:
-    from lightning_ncnnqat.ranges import LearnedRanges
+    from lightning_ncnnqat.qat.ranges import LearnedRanges
 
     (a, batches), (b, _) = _learned_model(), _learned_model()
     ra, rb = LearnedRanges(a, lr=0.05), LearnedRanges(b, lr=0.05)
@@ -273,7 +273,7 @@ def test_calibrated_start_on_a_two_input_model_fails_at_fit_start_naming_the_arg
 
 
 def test_dict_batch_gives_the_value_under_forwards_parameter_name() -> None:
-    from lightning_ncnnqat.batches import example_from_batch
+    from lightning_ncnnqat.qat.batches import example_from_batch
 
     class Pixels(nn.Module):
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import folded_float_model, prepare_qat
-from lightning_ncnnqat.graph import trace_dataflow
-from lightning_ncnnqat.plan_state import PLAN_KEY
-from lightning_ncnnqat.modules import FoldedBatchNorm, FoldedFrozenBatchNorm, QATConv2d
-from lightning_ncnnqat.prepare import QATPlan, apply_plan, get_plan, unprepare
+from lightning_ncnnqat.qat.graph import trace_dataflow
+from lightning_ncnnqat.qat.plan_state import PLAN_KEY
+from lightning_ncnnqat.qat.modules import FoldedBatchNorm, FoldedFrozenBatchNorm, QATConv2d
+from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, get_plan, unprepare
 
 
 class MyBN(nn.BatchNorm2d):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import prepare_qat
-from lightning_ncnnqat.graph import trace_call
-from lightning_ncnnqat.prepare import EVAL_ONLY, check_ranges
+from lightning_ncnnqat.qat.graph import trace_call
+from lightning_ncnnqat.qat.prepare import EVAL_ONLY, check_ranges
 
 
 class DetectLike(nn.Module):

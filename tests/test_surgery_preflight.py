@@ -14,7 +14,7 @@ from lightning_ncnnqat import QATCallback
 from lit_models import loader, make_data
 
 preflight_module = pytest.importorskip("lightning_ncnnqat.export.preflight")
-ExportError = importlib.import_module("lightning_ncnnqat.export.errors").ExportError
+ExportError = importlib.import_module("lightning_ncnnqat.errors").ExportError
 
 
 class NoOnnx(nn.Module):

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_ncnnqat import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint
-from lightning_ncnnqat.modules import QATConv2d
-from lightning_ncnnqat.prepare import get_plan, input_quantizers, unprepare
-from lightning_ncnnqat.wrappers import unwrap
+from lightning_ncnnqat.qat.modules import QATConv2d
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, unprepare
+from lightning_ncnnqat.qat.wrappers import unwrap
 from models import MixedNet
 
 

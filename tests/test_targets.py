@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat import export, prepare_qat
-from lightning_ncnnqat.export.isolated_runtime import run_ncnn
-from lightning_ncnnqat.targets import (
+from lightning_ncnnqat.ncnn.isolated import run_ncnn
+from lightning_ncnnqat.ncnn.targets import (
     HOME_ENV,
     PROFILES,
     SETUP_COMMAND,
@@ -27,8 +27,8 @@ from lightning_ncnnqat.targets import (
     environment_problem,
     worker_command,
 )
-from lightning_ncnnqat.targets.arm_env import host_ncnn_version
-from lightning_ncnnqat.targets.check import probe_hwcaps, run_check
+from lightning_ncnnqat.ncnn.targets.arm_env import host_ncnn_version
+from lightning_ncnnqat.ncnn.targets.check import probe_hwcaps, run_check
 
 ARM = sorted(PROFILES)
 _problem = environment_problem()
@@ -49,7 +49,7 @@ def test_absent_environment_raises_with_the_setup_command(tmp_path: Path, monkey
     monkeypatch.setenv(HOME_ENV, str(tmp_path / "empty"))
     assert available_targets() == []
     for target in ARM:
-        with pytest.raises(TargetUnavailable, match="python -m lightning_ncnnqat.targets setup") as e:
+        with pytest.raises(TargetUnavailable, match="python -m lightning_ncnnqat.ncnn.targets setup") as e:
             worker_command(target)
         assert target in str(e.value) and str(tmp_path / "empty") in str(e.value)
     # the export's runner passes it on unchanged (nothing is started)
@@ -155,8 +155,8 @@ def test_exported_model_on_a_profile_agrees_with_x86(small_export, stem: str, ta
 def test_setup_is_a_no_op_when_current(capsys) -> None:
     import time
 
-    from lightning_ncnnqat.targets.build import setup
-    from lightning_ncnnqat.targets.cli import main
+    from lightning_ncnnqat.ncnn.targets.build import setup
+    from lightning_ncnnqat.ncnn.targets.cli import main
 
     t0 = time.monotonic()
     stamp = setup()
@@ -167,7 +167,7 @@ def test_setup_is_a_no_op_when_current(capsys) -> None:
 
 
 def test_where_fails_on_an_empty_home(tmp_path: Path, monkeypatch, capsys) -> None:
-    from lightning_ncnnqat.targets.cli import main
+    from lightning_ncnnqat.ncnn.targets.cli import main
 
     monkeypatch.setenv(HOME_ENV, str(tmp_path))
     assert main(["where"]) == 1

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_ncnnqat import ConfigError, QATCallback, QATConfig, prepare_qat
-from lightning_ncnnqat.plan import get_plan
+from lightning_ncnnqat.qat.plan import get_plan
 from lit_models import NetLit, digits, digits_cnn, quiet_trainer
 
 

@@ -4,6 +4,6 @@
     result.write_ncnn_table("ptq.table", "model.ncnn.param", "model.ncnn.bin")
 """
 
-from .api import CalibrationResult, LayerCalibration, calibrate
+from lightning_ncnnqat.calibration.api import CalibrationResult, LayerCalibration, calibrate
 
 __all__ = ["CalibrationResult", "LayerCalibration", "calibrate"]

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..batches import INPUT_KEYS, model_input, to_model
-from ..config import QATConfig
-from ..export.model_io import input_tensor
-from ..export.tables import TableRow, format_table
-from ..prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
-from ..prepared import deepcopy_model
-from . import eq as eq_search
-from .aciq import aciq_threshold
-from .ncnn_activations import convert_float, ncnn_feed, workdir
-from .histogram import Feed, InputStats, collect_input_stats, torch_feed
-from .kl import kl_threshold, scale_from_threshold
-from .table import layer_order, ncnn2table_text, ncnn_names_by_weights, ncnn_names_from_report, rows_for
-from .weights import METHODS, weight_scales
+from lightning_ncnnqat.qat.batches import INPUT_KEYS, model_input, to_model
+from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.conversion.model_io import input_tensor
+from lightning_ncnnqat.ncnn.table import TableRow, format_table
+from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
+from lightning_ncnnqat.qat.prepared import deepcopy_model
+from lightning_ncnnqat.calibration import eq as eq_search
+from lightning_ncnnqat.calibration.aciq import aciq_threshold
+from lightning_ncnnqat.calibration.ncnn_activations import convert_float, ncnn_feed, workdir
+from lightning_ncnnqat.calibration.histogram import Feed, InputStats, collect_input_stats, torch_feed
+from lightning_ncnnqat.calibration.kl import kl_threshold, scale_from_threshold
+from lightning_ncnnqat.calibration.table import layer_order, ncnn2table_text, ncnn_names_by_weights, ncnn_names_from_report, rows_for
+from lightning_ncnnqat.calibration.weights import METHODS, weight_scales
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.reference import round_half_away
+from lightning_ncnnqat.ops.reference import round_half_away
 
 SEARCH_STEPS = 100
 MAX_SAMPLES = 50

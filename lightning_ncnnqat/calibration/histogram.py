@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..batches import to_model
+from lightning_ncnnqat.qat.batches import to_model
 
 NUM_BINS = 2048
 

@@ -7,7 +7,7 @@ layouts, Winograd, sgemm) round differently from PyTorch's, by a few ulp, and a 
 move its chosen bin on that. To get the tool's table to the printed digit, this module converts
 the BN-folded float model with pnnx (``fp16=0``, float32 weights), finds each torch layer's
 ncnn layer by its weights, and runs the model in ncnn's runtime in a child process
-(:func:`~lightning_ncnnqat.export.isolated_runtime.run_ncnn`) on the calibration batches,
+(:func:`~lightning_ncnnqat.ncnn.isolated.run_ncnn`) on the calibration batches,
 handing back those bottom blobs. A crash inside ncnn is an error naming the model, never a dead
 caller.
 """
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..export.errors import LayerError
-from ..export.graph_match import torch_wiring
-from ..export.isolated_runtime import run_ncnn
-from ..export.model_io import FlatModel, input_tensor, model_io
-from ..export.ncnn_param import NcnnParam
-from ..export.pnnx_convert import convert_with_pnnx
-from .table import ncnn_names_by_weights
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.conversion.graph_match import torch_wiring
+from lightning_ncnnqat.ncnn.isolated import run_ncnn
+from lightning_ncnnqat.conversion.model_io import FlatModel, input_tensor, model_io
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.calibration.table import ncnn_names_by_weights
 
 #: ncnn.Option values ncnn2table's ``main`` sets before loading the model (the rest: defaults).
 NCNN2TABLE_OPTIONS = {

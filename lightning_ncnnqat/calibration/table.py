@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.graph_match import Wiring, ncnn_wiring
-from ..export.matching import WeightOwner, match_by_weights
-from ..export.ncnn_param import INT8_TYPES, NcnnParam, bin_layout
-from ..export.tables import TableRow
+from lightning_ncnnqat.conversion.graph_match import Wiring, ncnn_wiring
+from lightning_ncnnqat.conversion.matching import WeightOwner, match_by_weights
+from lightning_ncnnqat.ncnn.param import INT8_TYPES, NcnnParam, bin_layout
+from lightning_ncnnqat.ncnn.table import TableRow
 
 
 def ncnn_owners(param_text: str, bin_bytes: bytes) -> list[WeightOwner]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .aciq import aciq_threshold
+from lightning_ncnnqat.calibration.aciq import aciq_threshold
 
 METHODS = ("kl", "aciq", "eq")
 

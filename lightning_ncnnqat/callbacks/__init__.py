@@ -1,5 +1,5 @@
 """Lightning callbacks."""
 
-from .qat import QATCallback
+from lightning_ncnnqat.callbacks.qat import QATCallback
 
 __all__ = ["QATCallback"]

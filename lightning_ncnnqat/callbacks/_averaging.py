@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ..bn_fold import is_folded, set_stats_live, stats_live
-from ..model_copies import AVERAGE_NAME, follow, inner_copies, prefix_of, sub_plan
-from ..plan import QATPlan, get_plan
-from ..wrappers import unwrap
+from lightning_ncnnqat.qat.bn_fold import is_folded, set_stats_live, stats_live
+from lightning_ncnnqat.qat.model_copies import AVERAGE_NAME, follow, inner_copies, prefix_of, sub_plan
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
+from lightning_ncnnqat.qat.wrappers import unwrap
 
 
 def model_copies(trainer: Any, pl_module: nn.Module, exclude: Any = None) -> list[tuple[str, nn.Module, str]]:

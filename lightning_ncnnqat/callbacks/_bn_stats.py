@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from ..bn_fold import is_folded, set_bn_stats_frozen, stats_live
-from ..plan import QATPlan
-from ..wrappers import unwrap
+from lightning_ncnnqat.qat.bn_fold import is_folded, set_bn_stats_frozen, stats_live
+from lightning_ncnnqat.qat.plan import QATPlan
+from lightning_ncnnqat.qat.wrappers import unwrap
 
 
 def any_live(model: nn.Module) -> bool:

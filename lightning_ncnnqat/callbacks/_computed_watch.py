@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..bn_fold import can_train_stats, set_stats_live, stats_live
-from ..computed_weights import describe, fingerprints
-from ..plan import QATPlan
-from ..wrappers import unwrap
+from lightning_ncnnqat.qat.bn_fold import can_train_stats, set_stats_live, stats_live
+from lightning_ncnnqat.qat.computed_weights import describe, fingerprints
+from lightning_ncnnqat.qat.plan import QATPlan
+from lightning_ncnnqat.qat.wrappers import unwrap
 
 _NOTE = "computed {how}: QAT fake-quantizes the computed weight, the export writes its value"
 

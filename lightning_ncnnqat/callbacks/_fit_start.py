@@ -13,7 +13,7 @@ Dtype rules under a ``*-true`` precision (Lightning 2.6 ``HalfPrecision.convert_
 ``module.to(dtype)``, ``convert_input`` casts every floating tensor of a batch): the example the
 model is traced with is cast the same way (:func:`model_example`); the quantizers' thresholds
 stay float32 (the fake-quant ops compute in float32 and require it; ``InputQuantizer._apply``);
-the export and its preflight run on a float32 copy (:func:`lightning_ncnnqat.dtypes.float32_model`):
+the export and its preflight run on a float32 copy (:func:`lightning_ncnnqat.qat.dtypes.float32_model`):
 ncnn runs float32 / int8, and a bf16 or fp16 weight is exact in float32, so the int8 weights and
 scales computed from it are the ones the QAT forward used.
 """
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batches import as_call, from_call, map_tensors
-from ..errors import ConfigError, config_error
-from ..prepare import get_plan
-from ..wrappers import unwrap
-from ._compat import rank_zero_info, rank_zero_warn
+from lightning_ncnnqat.qat.batches import as_call, from_call, map_tensors
+from lightning_ncnnqat.errors import ConfigError, config_error
+from lightning_ncnnqat.qat.prepare import get_plan
+from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.callbacks._compat import rank_zero_info, rank_zero_warn
 
 _USE_INSTEAD = "use precision='32-true', 'bf16-mixed' or '16-mixed' (or 'bf16-true' / '16-true')"
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..batches import Call, as_call, from_call, inputs_like, map_tensors, positional_names
+from lightning_ncnnqat.qat.batches import Call, as_call, from_call, inputs_like, map_tensors, positional_names
 
 
 Probe = Callable[[Any], Optional[str]]

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
 
 
 @contextlib.contextmanager

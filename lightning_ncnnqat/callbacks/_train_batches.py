@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..batches import example_from_batch
+from lightning_ncnnqat.qat.batches import example_from_batch
 
 
 def _first_loader(loaders: Any) -> Any:

@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any
 
-from ..policy import QAT_LR_FACTOR, collapsed
+from lightning_ncnnqat.policy import QAT_LR_FACTOR, collapsed
 
 _HIGHER = ("acc", "top", "f1", "map", "auc", "iou", "dice", "precision", "recall", "psnr", "ssim", "score")
 _LOWER = ("loss", "err", "mse", "mae", "nll", "ppl", "perplexity", "cer", "wer")
@@ -34,7 +34,7 @@ def first_lr(trainer: Any) -> float | None:
 
 def divergence_hint(trainer: Any, start_epoch: int) -> str:
     """What a NaN/inf in a QAT range or weight most likely means, naming the learning rate and
-    ``start_epoch`` (appended to :func:`~lightning_ncnnqat.prepared.check_ranges`' error)."""
+    ``start_epoch`` (appended to :func:`~lightning_ncnnqat.qat.prepared.check_ranges`' error)."""
     lr = first_lr(trainer)
     at = f"the first optimizer's learning rate {lr:g}" if lr is not None else "the optimizer's learning rate"
     lower = f" (e.g. {QAT_LR_FACTOR:g}x: {lr * QAT_LR_FACTOR:g})" if lr is not None else " (e.g. 0.1x)"

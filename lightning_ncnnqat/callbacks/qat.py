@@ -1,6 +1,6 @@
 """QATCallback: ncnn-faithful quantization-aware training from a chosen epoch.
 
-Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.prepare`, the export in
+Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.qat.prepare`, the export in
 :mod:`lightning_ncnnqat.export`.
 """
 
@@ -13,27 +13,27 @@ from typing import Any, Literal, Optional, Union
 
 from torch import Tensor
 
-from ..batches import as_call, example_from_batch, from_call, map_tensors
-from ..config import QATConfig
-from ..preprocessing import find_preprocessing
-from ..prepare import QATPlan, check_ranges, check_skip, get_plan, input_quantizers
-from ..checkpoint import follow_checkpoint_plan
-from ..qat_start import start_qat
-from ..dtypes import float32_example, float32_model
-from ..errors import ConfigError
-from ._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
-from ._fit_start import (
+from lightning_ncnnqat.qat.batches import as_call, example_from_batch, from_call, map_tensors
+from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.preprocessing import find_preprocessing
+from lightning_ncnnqat.qat.prepare import QATPlan, check_ranges, check_skip, get_plan, input_quantizers
+from lightning_ncnnqat.qat.checkpoint import follow_checkpoint_plan
+from lightning_ncnnqat.start import start_qat
+from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
+from lightning_ncnnqat.errors import ConfigError
+from lightning_ncnnqat.callbacks._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
+from lightning_ncnnqat.callbacks._fit_start import (
     check_example_runs, check_max_epochs, check_precision, check_start_reachable, debug_run, model_example,
     note_debug_run, qat_start_epoch,
 )
-from ._averaging import AveragedCopies, averaging_window_warnings
-from ._bn_stats import freeze_if_due
-from ._computed_watch import ComputedWatch
-from ._watch import CollapseWatch, divergence_hint, note_collapse
-from ._held import check_held_batch, held_batch, model_probe
-from ._rank_zero import on_rank_zero, ranges_unsynced
-from ._rng import user_rng_untouched
-from ._train_batches import train_inputs
+from lightning_ncnnqat.callbacks._averaging import AveragedCopies, averaging_window_warnings
+from lightning_ncnnqat.callbacks._bn_stats import freeze_if_due
+from lightning_ncnnqat.callbacks._computed_watch import ComputedWatch
+from lightning_ncnnqat.callbacks._watch import CollapseWatch, divergence_hint, note_collapse
+from lightning_ncnnqat.callbacks._held import check_held_batch, held_batch, model_probe
+from lightning_ncnnqat.callbacks._rank_zero import on_rank_zero, ranges_unsynced
+from lightning_ncnnqat.callbacks._rng import user_rng_untouched
+from lightning_ncnnqat.callbacks._train_batches import train_inputs
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
@@ -177,13 +177,13 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
         self.preflight = preflight
-        from ..export.api import resolve_targets
-        from ..preprocessing import Preprocessing
+        from lightning_ncnnqat.export.api import resolve_targets
+        from lightning_ncnnqat.preprocessing import Preprocessing
 
         resolve_targets(targets)  # raises naming an unknown target
         self.targets = targets if isinstance(targets, str) else list(targets)
         self.preprocessing = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
-        from ..export.int8_writer import check_float_weights
+        from lightning_ncnnqat.ncnn.int8_writer import check_float_weights
 
         self.float_weights = check_float_weights(float_weights)
         self.plan: QATPlan | None = None
@@ -223,7 +223,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         check_precision(trainer)
         if stage == "fit" and get_plan(pl_module) is None:
-            from ..ranges import check_one_input
+            from lightning_ncnnqat.qat.ranges import check_one_input
 
             check_one_input(pl_module, self.config, "QATCallback")
         self.plan = get_plan(pl_module)
@@ -234,7 +234,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             path = self._export_path(trainer)
 
             def check() -> None:
-                from ..export.preflight import check_export_dir
+                from lightning_ncnnqat.export.preflight import check_export_dir
 
                 check_export_dir(path)
 
@@ -253,7 +253,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             # the plan of any checkpoint form (weights-only too); atomic: a checkpoint that does
-            # not fit raises here and leaves the model as it was (lightning_ncnnqat.checkpoint)
+            # not fit raises here and leaves the model as it was (lightning_ncnnqat.qat.checkpoint)
             before = get_plan(pl_module)
             follow_checkpoint_plan(pl_module, checkpoint, strict=pl_module.strict_loading)
             if pl_module._trainer is not None:  # averaging copies take the plan before their callbacks load
@@ -363,7 +363,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.preflight and self.export_dir is not None:
 
             def measure(model: Any, ex: Any) -> dict[str, dict[str, float]]:
-                from ..export.preflight import preflight
+                from lightning_ncnnqat.export.preflight import preflight
 
                 held, _ = held_batch(trainer, pl_module, ex, self.held_batch_size, model_probe(trainer, pl_module))
                 return preflight(model, ex, verbose=self.verbose, targets=self.targets,  # ranges set from `held`
@@ -415,7 +415,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.optimizers and optimizer is not trainer.optimizers[0]:
             return  # one threshold step per step of the first optimizer
         if self._learned is None:
-            from ..ranges import LearnedRanges
+            from lightning_ncnnqat.qat.ranges import LearnedRanges
 
             self._learned = LearnedRanges(pl_module, self.plan.config.range_lr)
             self._learned.load_state_dict(self._learned_state)
@@ -489,7 +489,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return self._traced_example if example is None else example  # else: traced on the first batch
 
     def _export(self, trainer: Any, pl_module: Any) -> Any:
-        from ..export import export
+        from lightning_ncnnqat.export import export
 
         example = float32_example(self._example(pl_module))
         held, source = held_batch(trainer, pl_module, example, self.held_batch_size, model_probe(trainer, pl_module))

@@ -34,30 +34,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
-from ..batches import positional_names, to_model
-from ..dtypes import float32_example, float32_model
-from ..export_form import in_export_form
-from ..prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
-from ..prepared import deepcopy_model
-from ..preprocessing import Preprocessing, find_preprocessing
-from ..wrappers import unwrap
-from .deploy_kit import write_deploy_kit
-from .errors import ExportError, LayerError
-from .files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
-from .int8_writer import Int8Spec, check_float_weights, write_int8
-from .layer_checks import QuantizedRef
-from .conversion import preflight_conversion
-from .graph_match import Wiring, ncnn_wiring, torch_wiring
-from .matching import converted_int8_kind, match_owners, ncnn_weight_owners
-from .model_io import FlatModel, ModelIO, held_inputs, input_tensor, model_io, torch_outputs
-from .ncnn_param import INT8_TYPES, NcnnParam
-from .onnx_export import export_onnx, onnx_names, run_onnx
-from .pnnx_convert import convert_with_pnnx
-from .report import ExportReport, LayerReport
-from .isolated_runtime import HOST
-from .runtime_checks import ModelFiles, blob_names, measure, measure_layers
-from .tables import TableRow, check_scales, format_table
+from lightning_ncnnqat import ops
+from lightning_ncnnqat.qat.batches import positional_names, to_model
+from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
+from lightning_ncnnqat.qat.export_form import in_export_form
+from lightning_ncnnqat.qat.prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
+from lightning_ncnnqat.qat.prepared import deepcopy_model
+from lightning_ncnnqat.preprocessing import Preprocessing, find_preprocessing
+from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.export.deploy_kit import write_deploy_kit
+from lightning_ncnnqat.errors import ExportError, LayerError
+from lightning_ncnnqat.files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
+from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, check_float_weights, write_int8
+from lightning_ncnnqat.verification.layer_checks import QuantizedRef
+from lightning_ncnnqat.verification.float_conversion import preflight_conversion
+from lightning_ncnnqat.conversion.graph_match import Wiring, ncnn_wiring, torch_wiring
+from lightning_ncnnqat.conversion.matching import converted_int8_kind, match_owners, ncnn_weight_owners
+from lightning_ncnnqat.conversion.model_io import FlatModel, ModelIO, held_inputs, input_tensor, model_io, torch_outputs
+from lightning_ncnnqat.ncnn.param import INT8_TYPES, NcnnParam
+from lightning_ncnnqat.conversion.onnx import export_onnx, onnx_names, run_onnx
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.verification.report import ExportReport, LayerReport
+from lightning_ncnnqat.ncnn.isolated import HOST
+from lightning_ncnnqat.verification.runtime_checks import ModelFiles, blob_names, measure, measure_layers
+from lightning_ncnnqat.ncnn.table import TableRow, check_scales, format_table
 
 _LAYER_RE = re.compile(r"layer '([^']+)'")
 
@@ -403,7 +403,7 @@ def export(
 
 def resolve_targets(targets: str | Sequence[str]) -> list[str]:
     """The targets ``export(targets=...)`` means; raises ValueError naming an unknown one."""
-    from ..targets import PROFILES, available_targets
+    from lightning_ncnnqat.ncnn.targets import PROFILES, available_targets
 
     if targets == "auto":
         wanted = [HOST, *PROFILES]

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ..preprocessing import Preprocessing
-from .deploy_snippets import Shape, cpp_source, python_script
-from .files import write_files_atomically
-from .ncnn_param import NcnnParam
+from lightning_ncnnqat.preprocessing import Preprocessing
+from lightning_ncnnqat.export.deploy_snippets import Shape, cpp_source, python_script
+from lightning_ncnnqat.files import write_files_atomically
+from lightning_ncnnqat.ncnn.param import NcnnParam
 
 #: Files the kit writes (beside the model), in this order.
 KIT_NAMES = ("run_int8.py", "main.cpp", "DEPLOY.md")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..preprocessing import Preprocessing
+from lightning_ncnnqat.preprocessing import Preprocessing
 
 Shape = tuple[int, ...]
 

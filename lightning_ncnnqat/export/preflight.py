@@ -1,7 +1,7 @@
 """Fail before training, not after: the export chain run on the just-prepared model.
 
 The callback calls :func:`check_export_dir` when fit starts; the QAT start
-(:func:`lightning_ncnnqat.qat_start.start_qat`, run by the callback and by ``prepare_qat(...,
+(:func:`lightning_ncnnqat.start.start_qat`, run by the callback and by ``prepare_qat(...,
 targets=...)``) calls :func:`preflight` right after the model is prepared (no range is trained
 yet, so a copy gets ranges from the example input). A model that cannot export then fails within seconds, naming the step
 and the layer, instead of after the last epoch.
@@ -19,16 +19,16 @@ from typing import Any
 from collections.abc import Sequence
 from torch import nn
 
-from ..config import QATConfig
-from ..prepare import measured_float_reasons
-from ..prepare import replan_as_float as replan_layers_as_float
-from ..batches import positional_names
-from ..dtypes import float32_example, float32_model
-from ..errors import config_error
-from .api import fill_missing_ranges, preflight_export
-from .conversion import conversion_message
-from .model_io import held_inputs, model_io
-from .errors import ExportError
+from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.qat.prepare import measured_float_reasons
+from lightning_ncnnqat.qat.prepare import replan_as_float as replan_layers_as_float
+from lightning_ncnnqat.qat.batches import positional_names
+from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
+from lightning_ncnnqat.errors import config_error
+from lightning_ncnnqat.export.api import fill_missing_ranges, preflight_export
+from lightning_ncnnqat.verification.float_conversion import conversion_message
+from lightning_ncnnqat.conversion.model_io import held_inputs, model_io
+from lightning_ncnnqat.errors import ExportError
 
 
 def check_export_dir(path: str | os.PathLike) -> None:
@@ -63,9 +63,9 @@ def replan_as_float(
 ) -> dict[str, str]:
     """Re-plan as float the layers ``wrong`` (``{target: {layer: cosine}}``, from
     :func:`measure_int8_layers`) names, before any training step (the core's
-    :func:`~lightning_ncnnqat.prepare.measured_float_reasons` and
-    :func:`~lightning_ncnnqat.prepare.replan_as_float`; the QAT start,
-    :func:`lightning_ncnnqat.qat_start.start_qat`, runs them). ``config`` is unused: the model's
+    :func:`~lightning_ncnnqat.qat.prepare.measured_float_reasons` and
+    :func:`~lightning_ncnnqat.qat.prepare.replan_as_float`; the QAT start,
+    :func:`lightning_ncnnqat.start.start_qat`, runs them). ``config`` is unused: the model's
     plan holds it. Returns ``{layer: reason}`` of the layers moved to float."""
     reasons = measured_float_reasons(model, wrong)
     replan_layers_as_float(model, example_input, reasons)

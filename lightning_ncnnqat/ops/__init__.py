@@ -25,7 +25,7 @@ backward runs ``torch.ops.ncnnqat.fake_quantize_per_tensor_threshold_backward``,
 the clipped STE for ``x`` and ``d loss / d threshold = sum(grad * d out / d t)`` with
 ``d out / d t = (q - x*s) / qmax`` where kept and ``q / qmax = +-1`` where clipped (one pass, a
 float32 sum). A threshold that does not require grad (the moving-average buffer) costs nothing
-extra. :class:`lightning_ncnnqat.modules.InputQuantizer` ``(learned=True)`` uses this.
+extra. :class:`lightning_ncnnqat.qat.modules.InputQuantizer` ``(learned=True)`` uses this.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _registry, reference  # noqa: F401  (registers the ops)
-from ._registry import STATUS
+from lightning_ncnnqat.ops import _registry, reference  # noqa: F401  (registers the ops)
+from lightning_ncnnqat.ops._registry import STATUS
 
 __all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "STATUS", "reference"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _cpp_lib, reference
+from lightning_ncnnqat.ops import _cpp_lib, reference
 
 NAMESPACE = "ncnnqat"
 

@@ -1,35 +1,15 @@
-"""Emulated ARM64 targets: run the real aarch64 ncnn under qemu with a Cortex-A53 or A76 CPU profile.
+"""Release 0.1's path of the emulated ARM64 targets; they live in :mod:`lightning_ncnnqat.ncnn.targets`.
 
-    python -m lightning_ncnnqat.targets setup     # build the environment once (user cache)
-    python -m lightning_ncnnqat.targets check     # tiny ncnn run on each profile
-
-:func:`worker_command` gives the argv prefix and environment that run a Python script (the
-export's ``ncnn_worker.py``) on a target; :func:`available_targets` lists the usable ones.
-Nothing here imports torch or the parent package (``scripts/setup_arm.sh`` relies on it).
+Kept for one release so ``python -m lightning_ncnnqat.targets`` and old imports keep working.
 """
 
-from .arm_env import (
-    HOME_ENV,
-    PROFILES,
-    SETUP_COMMAND,
-    Profile,
-    TargetUnavailable,
-    arm_home,
-    available_targets,
-    environment_problem,
-    worker_command,
-)
-from .cli import main
+import warnings
 
-__all__ = [
-    "HOME_ENV",
-    "PROFILES",
-    "SETUP_COMMAND",
-    "Profile",
-    "TargetUnavailable",
-    "arm_home",
-    "available_targets",
-    "environment_problem",
-    "main",
-    "worker_command",
-]
+from lightning_ncnnqat.ncnn.targets import *  # noqa: F401,F403
+from lightning_ncnnqat.ncnn.targets import __all__  # noqa: F401
+
+warnings.warn(
+    "`lightning_ncnnqat.targets` moved to `lightning_ncnnqat.ncnn.targets`; the old path is removed in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -1,7 +1,7 @@
-"""``python -m lightning_ncnnqat.targets``: see :mod:`lightning_ncnnqat.targets.cli`."""
+"""``python -m lightning_ncnnqat.targets``: release 0.1's command, now ``python -m lightning_ncnnqat.ncnn.targets``."""
 
 import sys
 
-from .cli import main
+from lightning_ncnnqat.ncnn.targets.cli import main
 
 sys.exit(main())

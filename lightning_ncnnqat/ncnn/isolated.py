@@ -1,0 +1,185 @@
+"""Run ncnn models in a child process, so nothing ncnn does can take the caller down.
+
+:func:`run_ncnn` writes the inputs to a private temporary directory, runs
+``worker.py`` (standard library + numpy + ncnn only) with the host Python or with a
+target's interpreter (the aarch64 Python under qemu for the ARM profiles, see
+:mod:`lightning_ncnnqat.ncnn.targets`), and reads the extracted blobs back. A crash of the child
+(SIGSEGV inside ncnn, an abort) or a timeout raises :class:`NcnnRuntimeError` naming the signal,
+the model and the target; the training process is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_ncnnqat.errors import NcnnQatError
+from lightning_ncnnqat.ncnn.param import NcnnParam
+
+WORKER = Path(__file__).with_name("worker.py")
+HOST = "x86"
+
+
+class NcnnRuntimeError(NcnnQatError, RuntimeError):
+    """The ncnn child process failed: crashed (``signal`` set), timed out, or raised."""
+
+    def __init__(self, message: str, signal_name: str | None = None) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+@dataclass
+class RunResult:
+    """Blobs extracted for every sample (``[N, ...]`` float32, keyed by blob name) and run facts."""
+
+    outputs: dict[str, np.ndarray]
+    info: dict[str, Any] = field(default_factory=dict)  # ncnn version, CPU features, options, time_ms
+    target: str = HOST
+
+
+def _target_command(target: str) -> tuple[list[str], dict[str, str]]:
+    """argv prefix and extra environment that run a Python script on ``target``."""
+    if target == HOST:
+        return [sys.executable], {}
+    from lightning_ncnnqat.ncnn.targets import worker_command  # ARM emulation; raises TargetUnavailable with the fix
+
+    return worker_command(target)
+
+
+def _signal_name(returncode: int) -> str | None:
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _id_readers(param: NcnnParam, blob: str) -> tuple[list[str], list[str]]:
+    """``(Embed layers, other layers)`` reading ``blob``, through ncnn's ``Split`` copies."""
+    embeds: list[str] = []
+    others: list[str] = []
+    todo = [blob]
+    while todo:
+        for lay in param.consumers(todo.pop()):
+            if lay.type == "Split":
+                todo.extend(lay.tops)
+            else:
+                (embeds if lay.type == "Embed" else others).append(f"{lay.type} '{lay.name}'")
+    return embeds, others
+
+
+def ncnn_inputs(param_text: str, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays to write into ncnn's Mats, and the blobs written as int32 ids.
+
+    An ncnn Mat holds 4-byte elements, read as float32 by every layer except ``Embed``, which
+    reads its input as ``int`` (``((const int*)bottom_blob)[q]``, ncnn ``src/layer/embed.cpp``). So
+    an integer input (token ids, PyTorch/ONNX keep int64) read only by Embed layers goes as int32
+    values; one read by other layers goes as float32 values (what they compute with); floating
+    inputs go as float32.
+
+    Raises:
+        NcnnRuntimeError: an integer input read both by Embed and by other layers (one Mat cannot
+            be both), or an id that does not fit int32.
+    """
+    param = NcnnParam.parse(param_text)
+    out: dict[str, np.ndarray] = {}
+    ids: list[str] = []
+    for name, arr in inputs.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind not in "iub":
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            continue
+        embeds, others = _id_readers(param, name)
+        if embeds and others:
+            raise NcnnRuntimeError(
+                f"integer input '{name}' ({arr.dtype}) is read by {embeds[0]} (int32 ids) and by {others[0]} (float "
+                "values); an ncnn Mat holds one of them: give the model the ids and their float form as two inputs"
+            )
+        if not embeds:
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            continue
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise NcnnRuntimeError(f"integer input '{name}' holds ids outside int32 ({arr.min()}..{arr.max()})")
+        out[name] = np.ascontiguousarray(arr, dtype=np.int32)
+        ids.append(name)
+    return out, ids
+
+
+def run_ncnn(
+    param: str | Path,
+    bin_path: str | Path,
+    inputs: Mapping[str, np.ndarray],
+    extract: Sequence[str],
+    options: Mapping[str, Any] | None = None,
+    *,
+    target: str = HOST,
+    light_mode: bool = True,
+    time_runs: int = 0,
+    timeout_s: float = 900.0,
+) -> RunResult:
+    """Run ``param``/``bin_path`` on every sample of ``inputs`` in a child process.
+
+    Args:
+        inputs: input blob name -> ``[N, ...]`` array (one sample per row, no batch dim in ncnn);
+            integer arrays (token ids) go to ncnn as :func:`ncnn_inputs` says.
+        extract: blob names to extract for every sample.
+        options: ``ncnn.Option`` attributes set before loading (ncnn's defaults otherwise).
+        target: ``"x86"`` (this machine's ncnn) or an emulated ARM profile name.
+        light_mode: False keeps intermediate blobs (cheaper when extracting many of them).
+        time_runs: also time this many inferences of the first sample (median in ``info``).
+
+    Raises:
+        NcnnRuntimeError: the child crashed (signal named), timed out or reported an error.
+        TargetUnavailable: ``target`` is an emulated profile whose environment is not set up.
+    """
+    argv, env_extra = _target_command(target)
+    with tempfile.TemporaryDirectory(prefix="ncnnqat_run_") as tmp:
+        tmpdir = Path(tmp)
+        arrays, _ = ncnn_inputs(Path(param).read_text(encoding="utf-8"), inputs)
+        np.savez(tmpdir / "inputs.npz", **arrays)
+        job = {
+            "param": str(Path(param).resolve()),
+            "bin": str(Path(bin_path).resolve()),
+            "inputs": str(tmpdir / "inputs.npz"),
+            "extract": list(extract),
+            "options": dict(options or {}),
+            "light_mode": bool(light_mode),
+            "time_runs": int(time_runs),
+            "out": str(tmpdir / "out.npz"),
+            "result": str(tmpdir / "result.json"),
+        }
+        (tmpdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env_extra}
+        what = f"ncnn ({target}) running {Path(param).name}"
+        try:
+            proc = subprocess.run(
+                [*argv, str(WORKER), str(tmpdir / "job.json")],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=env,
+                cwd=tmpdir,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise NcnnRuntimeError(f"{what} did not finish within {timeout_s:.0f} s") from e
+        sig = _signal_name(proc.returncode)
+        if sig is not None:
+            raise NcnnRuntimeError(f"{what} crashed with {sig} inside the ncnn runtime", sig)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise NcnnRuntimeError(f"{what} failed (exit status {proc.returncode}): {tail}")
+        with np.load(tmpdir / "out.npz") as z:
+            outputs = {k: np.array(z[k]) for k in z.files}
+        info = json.loads((tmpdir / "result.json").read_text(encoding="utf-8"))
+    return RunResult(outputs, info, target)

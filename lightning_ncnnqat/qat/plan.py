@@ -1,0 +1,115 @@
+"""The QAT plan: every decision QAT made for a model, as data (a plain dict in checkpoints).
+
+A plan rebuilds a fresh model exactly (``prepare.apply_plan``) without tracing it again, so it
+records what tracing found: the quantized layers, the BatchNorms folded into them (with the eps
+and the activation tail the numeric check found), the layers kept in float and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lightning_ncnnqat.qat.config import QATConfig
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """How one layer is quantized."""
+
+    kind: str  # ncnn layer type: Convolution | ConvolutionDepthWise | InnerProduct
+    weight_bits: int
+    num_groups: int  # number of weight scales
+    input_owner: str  # the layer whose quantizer (shared by all readers of the tensor) moves the range
+    bn: str | None = None  # BatchNorm-like module folded into this layer
+    bn_eps: float | None = None  # its eps (None: the module's own ``eps``)
+    bn_tail: list[str] = field(default_factory=list)  # its submodules still run after the fold (e.g. act)
+
+
+@dataclass
+class QATPlan:
+    """Every decision QAT made for a model: quantized layers, float layers and why, BN folds, notes."""
+
+    layers: dict[str, LayerPlan]
+    float_layers: dict[str, str]
+    config: QATConfig
+    version: int = PLAN_VERSION
+    notes: dict[str, str] = field(default_factory=dict)  # other modules worth a line (name -> what)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "layers": {k: asdict(v) for k, v in self.layers.items()},
+            "float_layers": dict(self.float_layers),
+            "config": self.config.to_dict(),
+            "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QATPlan:
+        """Rebuild a plan from :meth:`to_dict`'s output (also older dicts without BN eps/tail or notes)."""
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"unsupported QAT plan version {d.get('version')!r} (expected {PLAN_VERSION})")
+        return cls(
+            layers={k: LayerPlan(**{**v, "bn_tail": list(v.get("bn_tail", []))}) for k, v in d["layers"].items()},
+            float_layers=dict(d["float_layers"]),
+            config=QATConfig.from_dict(d["config"]),
+            notes=dict(d.get("notes", {})),
+        )
+
+    def summary(self) -> str:
+        """A human-readable table of what runs in int8, what stays in float and why."""
+        lines = [f"ncnn QAT: {len(self.layers)} layers in int8, {len(self.float_layers)} kept in float"]
+        names = list(self.layers) + list(self.float_layers) + list(self.notes)
+        w = max([len(n) for n in names] + [5])
+        lines.append(f"  {'layer':<{w}}  {'ncnn type':<20} {'w-bits':>6} {'scales':>6}  notes")
+        for name, p in self.layers.items():
+            notes = []
+            if p.bn:
+                notes.append(f"folded {p.bn}" + (f" (then runs its {', '.join(p.bn_tail)})" if p.bn_tail else ""))
+            if p.input_owner != name:
+                notes.append(f"input range shared with {p.input_owner}")
+            lines.append(f"  {name:<{w}}  {p.kind:<20} {p.weight_bits:>6} {p.num_groups:>6}  {'; '.join(notes)}")
+        for name, reason in self.float_layers.items():
+            lines.append(f"  {name:<{w}}  {'float':<20} {'-':>6} {'-':>6}  {reason}")
+        for name, note in self.notes.items():
+            lines.append(f"  {name:<{w}}  {'note':<20} {'-':>6} {'-':>6}  {note}")
+        return "\n".join(lines)
+
+
+@dataclass
+class QuantLayerInfo:
+    """What the export needs of one quantized layer (all tensors float32, cpu, detached)."""
+
+    name: str
+    kind: str
+    weight_bits: int
+    num_groups: int
+    weight: Tensor
+    bias: Tensor | None
+    weight_scales: Tensor
+    input_scale: float
+    input_owner: str
+    input_absmax: float = field(default=0.0)
+
+
+PLAN_ATTR = "_ncnnqat_plan"
+
+
+def get_plan(model: Any) -> QATPlan | None:
+    """The plan applied to ``model`` (wrappers unwrapped), or None if it is not prepared for QAT."""
+    from lightning_ncnnqat.qat.wrappers import unwrap
+
+    return unwrap(model).__dict__.get(PLAN_ATTR)
+
+
+def require_plan(model: Any) -> QATPlan:
+    """The applied plan; ValueError naming the model class if it is not prepared."""
+    plan = get_plan(model)
+    if plan is None:
+        raise ValueError(f"{type(model).__name__} is not prepared for QAT (call prepare_qat or use QATCallback)")
+    return plan

@@ -1,0 +1,169 @@
+"""Reading a QAT-prepared model: its ranges, the folded weights and scales, a float copy.
+
+Every function accepts the model inside DataParallel/DDP/torch.compile/Fabric wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ncnnqat import ops
+from lightning_ncnnqat.qat.bn_fold import float_replacement
+from lightning_ncnnqat.errors import DivergedError
+from lightning_ncnnqat.qat.computed_weights import bake, deepcopy_memo, reading, strip
+from lightning_ncnnqat.qat.modules import ORIG_CLASS, InputQuantizer
+from lightning_ncnnqat.qat.plan import PLAN_ATTR, QuantLayerInfo, require_plan
+from lightning_ncnnqat.qat.wrappers import unwrap
+
+
+def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
+    """The input range of each range-owning layer, by layer name."""
+    model = unwrap(model)
+    plan = require_plan(model)
+    modules = dict(model.named_modules())
+    return {n: modules[n].input_quantizer for n, p in plan.layers.items() if p.input_owner == n}
+
+
+def check_ranges(model: nn.Module, require_initialized: bool = False, hint: str = "") -> None:
+    """Raise naming the layer if a range or a folded weight is NaN/inf (or a range uninitialised).
+
+    Ranges ignore non-finite activations by design, so a diverged run shows up in the weights.
+    ``hint`` (the callback's: the learning rate and ``start_epoch``) ends the divergence message.
+    Raises :class:`~lightning_ncnnqat.errors.DivergedError` (a RuntimeError) on NaN/inf,
+    RuntimeError on an uninitialised range.
+    """
+    model = unwrap(model)
+    plan = require_plan(model)
+    modules = dict(model.named_modules())
+    tail = f": {hint}" if hint else " (check the loss; a learning rate too high for QAT is the usual cause)"
+    for name in plan.layers:
+        m = modules[name]
+        with torch.no_grad(), reading(m, m.folded_bn):
+            w, b = m.folded_weight_bias()
+            finite = bool(torch.isfinite(w).all()) and (b is None or bool(torch.isfinite(b).all()))
+        if not finite:
+            raise DivergedError(
+                f"layer '{name}': its (BN-folded) weight or bias holds NaN/inf; training diverged{tail}", layer=name
+            )
+    for name, q in input_quantizers(model).items():
+        r = float(q.running_absmax.detach().float().cpu().item())
+        if r != r or r in (float("inf"), float("-inf")):
+            raise DivergedError(f"layer '{name}': its input range became {r}; training diverged{tail}", layer=name,
+                                value=r)
+        if require_initialized and r < 0:
+            raise RuntimeError(
+                f"layer '{name}': its input range was never initialised (no QAT training step reached it)"
+            )
+
+
+def quantized_layers(model: nn.Module) -> list[QuantLayerInfo]:
+    """Folded float weights and the ncnn scales of every quantized layer, in module order."""
+    model = unwrap(model)
+    plan = require_plan(model)
+    check_ranges(model, require_initialized=True)
+    infos = []
+    for name, m in model.named_modules():
+        if name not in plan.layers:
+            continue
+        p = plan.layers[name]
+        with torch.no_grad(), reading(m, m.folded_bn):
+            w, b = m.folded_weight_bias()
+            w = w.detach().float().cpu().contiguous()
+            b = None if b is None else b.detach().float().cpu().contiguous()
+            scales = ops.fake_quantize_per_channel(w, p.num_groups, p.weight_bits)[1]
+        q = m.input_quantizer
+        infos.append(
+            QuantLayerInfo(
+                name=name,
+                kind=p.kind,
+                weight_bits=p.weight_bits,
+                num_groups=p.num_groups,
+                weight=w,
+                bias=b,
+                weight_scales=scales,
+                input_scale=q.scale(),
+                input_owner=p.input_owner,
+                input_absmax=float(q.running_absmax.item()),
+            )
+        )
+    return infos
+
+
+def float_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, reason) of every weight layer kept in float."""
+    return list(require_plan(model).float_layers.items())
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that leaves out a LightningModule's Trainer / Fabric references (weights that
+    forward pre-hooks compute, which deepcopy refuses after a training step, are copied detached:
+    the copy recomputes them at its first call)."""
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        obj = model.__dict__.get(attr)
+        if obj is not None:
+            memo[id(obj)] = None
+    deepcopy_memo(model, memo)
+    return copy.deepcopy(model, memo)
+
+
+def folded_float_model(model: nn.Module) -> nn.Module:
+    """A deep copy (of the unwrapped model) in eval mode with BN folded and all quantizers removed.
+
+    Quantized layers become plain nn.Conv2d / nn.Linear holding the folded float weights (the
+    converters quantize them with the table's scales to exactly the QAT forward's values);
+    folded BatchNorm-like modules become nn.Identity, or an nn.Sequential of the submodules they
+    still ran after the BN (timm's ``BatchNormAct2d``: its ``drop`` and ``act``, names kept).
+    Module names are unchanged. Weights computed by parametrizations or forward pre-hooks
+    (weight_norm, spectral_norm, prune) become plain Parameters holding the eval-mode value the
+    layer computes with (:mod:`.computed_weights`); their sources are not in the copy.
+    """
+    model = unwrap(model)
+    plan = require_plan(model)
+    out = deepcopy_model(model)
+    out.__dict__.pop(PLAN_ATTR, None)
+    out.eval()
+    modules = dict(out.named_modules())
+    with torch.no_grad():
+        for name in plan.layers:
+            m = modules[name]
+            with reading(m, m.folded_bn):
+                w, b = m.folded_weight_bias()
+            w, b = w.detach().clone(), None if b is None else b.detach().clone()
+            m.__class__ = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+            strip(m)
+            del m._modules["input_quantizer"]
+            for attr in ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS):
+                m.__dict__.pop(attr, None)
+            m.weight = nn.Parameter(w)
+            m.bias = None if b is None else nn.Parameter(b)
+        for p in plan.layers.values():
+            if p.bn:
+                parent_name, _, child = p.bn.rpartition(".")
+                setattr(modules[parent_name] if parent_name else out, child, float_replacement(modules[p.bn]))
+    bake(out)  # layers kept in float (and any other module) with computed weights
+    out.eval()
+    for param in out.parameters():
+        param.requires_grad_(False)
+    return out
+
+
+_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "_original_module.")
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove ``module.`` (DataParallel/DDP), ``_orig_mod.`` (torch.compile) and Fabric prefixes from keys."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre) :], True
+        out[k] = v
+    return out

@@ -1,0 +1,5 @@
+"""Measurements of an exported model in ncnn against PyTorch: whole-model runs
+(:mod:`lightning_ncnnqat.verification.runtime_checks`), per-layer checks (:mod:`lightning_ncnnqat.verification.layer_checks`), agreement (:mod:`.parity`),
+the float32 floor (:mod:`lightning_ncnnqat.verification.output_floor`), the float conversion on its own
+(:mod:`.float_conversion`); :mod:`.verdicts` turns them into the report's notes and warnings with
+``policy``'s rules; :mod:`.report` is the report itself."""
