@@ -46,8 +46,8 @@ _LAZY: dict[str, str] = {
     "CalibrationResult": "lightning_ncnnqat.calibration",
     "load_from_checkpoint": "lightning_ncnnqat.qat.checkpoint",
     "restore_from_checkpoint": "lightning_ncnnqat.qat.checkpoint",
-    "folded_float_model": "lightning_ncnnqat.qat.prepare",
-    "quantized_layers": "lightning_ncnnqat.qat.prepare",
+    "folded_float_model": "lightning_ncnnqat.qat.prepared",
+    "quantized_layers": "lightning_ncnnqat.qat.prepared",
     "unprepare": "lightning_ncnnqat.qat.prepare",
     "prepare_qat": "lightning_ncnnqat.start",
     "unwrap": "lightning_ncnnqat.qat.wrappers",
@@ -61,7 +61,8 @@ if TYPE_CHECKING:
     from lightning_ncnnqat.preprocessing import Preprocessing
     from lightning_ncnnqat.qat.checkpoint import load_from_checkpoint, restore_from_checkpoint
     from lightning_ncnnqat.qat.config import QATConfig
-    from lightning_ncnnqat.qat.prepare import folded_float_model, quantized_layers, unprepare
+    from lightning_ncnnqat.qat.prepared import folded_float_model, quantized_layers
+    from lightning_ncnnqat.qat.prepare import unprepare
     from lightning_ncnnqat.start import prepare_qat
     from lightning_ncnnqat.qat.wrappers import unwrap
     from lightning_ncnnqat.verification.report import ExportReport

@@ -16,7 +16,7 @@ import lightning.pytorch as L  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_ncnnqat import QATCallback  # noqa: E402
-from lightning_ncnnqat.qat.prepare import input_quantizers  # noqa: E402
+from lightning_ncnnqat.qat.prepared import input_quantizers
 from lit_models import make_data, make_module  # noqa: E402
 
 

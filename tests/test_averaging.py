@@ -26,7 +26,7 @@ from lightning_ncnnqat.qat.bn_fold import is_folded
 from lightning_ncnnqat.qat.modules import QATConv2d
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.plan_state import PLAN_KEY, same_plan
-from lightning_ncnnqat.qat.prepare import input_quantizers, quantized_layers
+from lightning_ncnnqat.qat.prepared import input_quantizers, quantized_layers
 from lit_models import NetLit, digits, digits_cnn, quiet_trainer
 
 torch.set_num_threads(1)

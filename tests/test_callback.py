@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from lightning_ncnnqat import QATCallback, restore_from_checkpoint
 from lightning_ncnnqat.qat.modules import QATConv2d
 from lightning_ncnnqat.ops import reference
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, prepare_qat
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
+from lightning_ncnnqat.start import prepare_qat
 from lit_models import loader, make_data, make_module
 
 

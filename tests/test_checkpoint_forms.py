@@ -21,7 +21,9 @@ from lightning_ncnnqat.__main__ import main
 from lightning_ncnnqat.qat.checkpoint import CheckpointMismatchError
 from lightning_ncnnqat.cli_inputs import build_model, load_checkpoint
 from lightning_ncnnqat.qat.plan_state import PLAN_KEY, PlanMismatchError, checkpoint_plan, same_plan
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, unprepare
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
+from lightning_ncnnqat.qat.prepare import unprepare
 from lit_models import LitMixed, loader, make_data
 
 HERE = Path(__file__).resolve().parent

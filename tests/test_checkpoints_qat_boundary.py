@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lightning_ncnnqat import QATCallback, restore_from_checkpoint
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
 from lit_models import loader, make_data, make_module
 
 

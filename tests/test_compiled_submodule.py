@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ncnnqat import QATCallback, prepare_qat, quantized_layers
 from lightning_ncnnqat.export import export
 from lightning_ncnnqat.qat.modules import QATConv2d
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
 from lightning_ncnnqat.qat.wrappers import compiled_submodules, eager_compiled
 from lit_models import NetLit, quiet_trainer
 

@@ -28,7 +28,7 @@ from lightning_ncnnqat.ncnn.param import NcnnParam, bin_layout
 from lightning_ncnnqat.ncnn.runtime import NcnnNet
 from lightning_ncnnqat.conversion.onnx import onnx2ncnn_name
 from lightning_ncnnqat.ncnn.table import parse_table
-from lightning_ncnnqat.qat.prepare import quantized_layers
+from lightning_ncnnqat.qat.prepared import quantized_layers
 from lit_models import LitMixed, loader, make_data
 from models import MixedNet
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.errors import ConfigError
-from lightning_ncnnqat.qat.prepare import get_plan
+from lightning_ncnnqat.qat.plan import get_plan
 from test_precision import LitTiny, TinyNet, _loaders, _trainer
 
 

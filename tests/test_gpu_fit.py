@@ -8,7 +8,7 @@ import torch
 
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.ops import STATUS
-from lightning_ncnnqat.qat.prepare import input_quantizers
+from lightning_ncnnqat.qat.prepared import input_quantizers
 from lit_models import LitMixed, loader, make_data
 
 pytestmark = [

@@ -21,7 +21,8 @@ from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.qat.bn_fold import stats_live
 from lightning_ncnnqat.callbacks._computed_watch import ComputedWatch
 from lightning_ncnnqat.ops import fake_quantize_per_channel
-from lightning_ncnnqat.qat.prepare import folded_float_model, unprepare
+from lightning_ncnnqat.qat.prepared import folded_float_model
+from lightning_ncnnqat.qat.prepare import unprepare
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

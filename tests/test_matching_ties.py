@@ -27,7 +27,7 @@ from lightning_ncnnqat.conversion.graph_match import Wiring
 from lightning_ncnnqat.ncnn.isolated import run_ncnn
 from lightning_ncnnqat.conversion.matching import WeightOwner, match_owners
 from lightning_ncnnqat.ncnn.param import NcnnParam
-from lightning_ncnnqat.qat.prepare import input_quantizers, quantized_layers
+from lightning_ncnnqat.qat.prepared import input_quantizers, quantized_layers
 
 torch.set_num_threads(1)
 
@@ -170,7 +170,7 @@ def _export_and_check(model: nn.Module, tmp_path: Path, shape=(3, 8, 8), merged:
     bottoms = {t: param.layer(n).bottoms[0] for t, n in names.items()}
     res = run_ncnn(tmp_path / "model.ncnn.param", tmp_path / "model.ncnn.bin", {"in0": x[:2].numpy()},
                    sorted(set(bottoms.values())), {"num_threads": 1, "use_fp16_storage": False}, light_mode=False)
-    from lightning_ncnnqat.qat.prepare import folded_float_model
+    from lightning_ncnnqat.qat.prepared import folded_float_model
 
     want = _torch_inputs(folded_float_model(model), list(infos), x[:2])
     for t, b in bottoms.items():

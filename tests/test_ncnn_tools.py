@@ -27,7 +27,7 @@ from lightning_ncnnqat.export import export
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.ncnn.runtime import NcnnNet
 from lightning_ncnnqat.ncnn.table import parse_table
-from lightning_ncnnqat.qat.prepare import quantized_layers
+from lightning_ncnnqat.qat.prepared import quantized_layers
 from lit_models import make_data
 from models import MixedNet
 

@@ -18,7 +18,8 @@ from torch.nn.utils import parametrizations, prune
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.export import export
 from lightning_ncnnqat.ops import fake_quantize_per_channel
-from lightning_ncnnqat.qat.prepare import folded_float_model, unprepare
+from lightning_ncnnqat.qat.prepared import folded_float_model
+from lightning_ncnnqat.qat.prepare import unprepare
 from lightning_ncnnqat.qat.prepared import deepcopy_model
 
 torch.set_num_threads(1)

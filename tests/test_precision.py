@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.modules import InputQuantizer
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, prepare_qat
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
+from lightning_ncnnqat.start import prepare_qat
 from lit_models import NetLit, quiet_trainer
 
 

@@ -11,7 +11,9 @@ from lightning_ncnnqat import QATConfig, folded_float_model, prepare_qat, quanti
 from lightning_ncnnqat.qat.graph import trace_dataflow
 from lightning_ncnnqat.qat.modules import FoldedBatchNorm, InputQuantizer, QATConv2d, QATLinear
 from lightning_ncnnqat.ops import reference
-from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, check_ranges, get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
+from lightning_ncnnqat.qat.prepare import apply_plan
+from lightning_ncnnqat.qat.prepared import check_ranges, input_quantizers
 from models import MixedNet, SharedOutputNet
 
 

@@ -20,7 +20,7 @@ from lightning_ncnnqat import QATCallback, QATConfig, prepare_qat
 from lightning_ncnnqat.errors import ExportError
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.plan_state import same_plan
-from lightning_ncnnqat.qat.prepare import input_quantizers
+from lightning_ncnnqat.qat.prepared import input_quantizers
 from lit_models import LitMixed, loader, make_data
 from test_measured_decisions import TwoGrouped
 from test_surgery_preflight import NoOnnx

@@ -13,7 +13,8 @@ from torch import nn
 
 from lightning_ncnnqat import QATCallback, QATConfig, calibrate, prepare_qat
 from lightning_ncnnqat.ncnn.table import parse_table
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
 
 from lit_models import loader, make_data, make_module
 from models import MixedNet

@@ -11,7 +11,8 @@ from lightning_ncnnqat import folded_float_model, prepare_qat
 from lightning_ncnnqat.qat.graph import trace_dataflow
 from lightning_ncnnqat.qat.plan_state import PLAN_KEY
 from lightning_ncnnqat.qat.modules import FoldedBatchNorm, FoldedFrozenBatchNorm, QATConv2d
-from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, get_plan, unprepare
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
+from lightning_ncnnqat.qat.prepare import apply_plan, unprepare
 
 
 class MyBN(nn.BatchNorm2d):

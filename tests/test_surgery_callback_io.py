@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_ncnnqat import QATCallback
 from lightning_ncnnqat.callbacks._held import held_batch
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
 
 
 class Pairs(Dataset):

@@ -8,7 +8,8 @@ from torch import nn
 
 from lightning_ncnnqat import prepare_qat
 from lightning_ncnnqat.qat.graph import trace_call
-from lightning_ncnnqat.qat.prepare import EVAL_ONLY, check_ranges
+from lightning_ncnnqat.qat.prepare import EVAL_ONLY
+from lightning_ncnnqat.qat.prepared import check_ranges
 
 
 class DetectLike(nn.Module):

@@ -12,7 +12,9 @@ from torch import nn
 
 from lightning_ncnnqat import folded_float_model, prepare_qat, quantized_layers, restore_from_checkpoint
 from lightning_ncnnqat.qat.modules import QATConv2d
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers, unprepare
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
+from lightning_ncnnqat.qat.prepare import unprepare
 from lightning_ncnnqat.qat.wrappers import unwrap
 from models import MixedNet
 

@@ -22,7 +22,9 @@ from lightning_ncnnqat.qat.batches import INPUT_KEYS, model_input, to_model
 from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.conversion.model_io import input_tensor
 from lightning_ncnnqat.ncnn.table import TableRow, format_table
-from lightning_ncnnqat.qat.prepare import QATPlan, apply_plan, folded_float_model, get_plan, plan_qat
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
+from lightning_ncnnqat.qat.prepare import apply_plan, plan_qat
+from lightning_ncnnqat.qat.prepared import folded_float_model
 from lightning_ncnnqat.qat.prepared import deepcopy_model
 from lightning_ncnnqat.calibration import eq as eq_search
 from lightning_ncnnqat.calibration.aciq import aciq_threshold

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_ncnnqat.qat.batches import as_call, from_call, map_tensors
 from lightning_ncnnqat.errors import ConfigError, config_error
-from lightning_ncnnqat.qat.prepare import get_plan
+from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.wrappers import unwrap
 from lightning_ncnnqat.callbacks._compat import rank_zero_info, rank_zero_warn
 

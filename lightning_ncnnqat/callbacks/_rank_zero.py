@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lightning_ncnnqat.qat.prepare import get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.prepared import input_quantizers
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ from torch import Tensor
 from lightning_ncnnqat.qat.batches import as_call, example_from_batch, from_call, map_tensors
 from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.preprocessing import find_preprocessing
-from lightning_ncnnqat.qat.prepare import QATPlan, check_ranges, check_skip, get_plan, input_quantizers
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
+from lightning_ncnnqat.qat.prepared import check_ranges, input_quantizers
+from lightning_ncnnqat.qat.prepare import check_skip
 from lightning_ncnnqat.qat.checkpoint import follow_checkpoint_plan
 from lightning_ncnnqat.start import start_qat
 from lightning_ncnnqat.qat.dtypes import float32_example, float32_model

@@ -38,7 +38,8 @@ from lightning_ncnnqat import ops
 from lightning_ncnnqat.qat.batches import positional_names, to_model
 from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
 from lightning_ncnnqat.qat.export_form import in_export_form
-from lightning_ncnnqat.qat.prepare import QuantLayerInfo, float_layers, folded_float_model, get_plan, input_quantizers, quantized_layers
+from lightning_ncnnqat.qat.plan import QuantLayerInfo, get_plan
+from lightning_ncnnqat.qat.prepared import float_layers, folded_float_model, input_quantizers, quantized_layers
 from lightning_ncnnqat.qat.prepared import deepcopy_model
 from lightning_ncnnqat.preprocessing import Preprocessing, find_preprocessing
 from lightning_ncnnqat.qat.wrappers import unwrap

@@ -49,11 +49,7 @@ from lightning_ncnnqat.qat.prepared import (
 )
 from lightning_ncnnqat.qat.wrappers import unwrap
 
-__all__ = [
-    "PLAN_VERSION", "LayerPlan", "QATPlan", "QuantLayerInfo", "plan_qat", "apply_plan", "plan_and_apply", "unprepare",
-    "get_plan", "input_quantizers", "check_ranges", "quantized_layers", "float_layers", "folded_float_model",
-    "strip_wrapper_prefixes", "measured_float_reasons", "replan_as_float",
-]
+__all__ = ["plan_qat", "apply_plan", "plan_and_apply", "unprepare", "measured_float_reasons", "replan_as_float"]
 
 log = logging.getLogger(__name__)
 
