@@ -55,6 +55,7 @@ from lightning_ncnnqat.conversion.model_io import FlatModel, ModelIO, held_input
 from lightning_ncnnqat.ncnn.param import INT8_TYPES, NcnnParam
 from lightning_ncnnqat.conversion.onnx import export_onnx, onnx_names, run_onnx
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
+from lightning_ncnnqat.conversion.activation_fold import fold_converted
 from lightning_ncnnqat.verification.report import ExportReport, LayerReport
 from lightning_ncnnqat.ncnn.isolated import HOST
 from lightning_ncnnqat.verification.runtime_checks import ModelFiles, blob_names, measure, measure_layers
@@ -252,6 +253,8 @@ def _ncnn_branch(
         pn = convert_with_pnnx(FlatModel(p.folded, p.io), x1)
         f_param = NcnnParam.parse(pn.param_text)
         in_blobs, out_blobs = blob_names(f_param, p.io)
+        pn = fold_converted(pn, out_blobs, report.notes)  # activations ncnn fuses, so int8 chains through them
+        f_param = NcnnParam.parse(pn.param_text)
         land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
     with _step("ncnn_table", verbose):
         owners = match_owners(p.infos, ncnn_weight_owners(f_param, pn.bin_bytes), "ncnn model (model.ncnn.param)",
