@@ -35,7 +35,7 @@ from lightning_ncnnqat.verification.output_floor import (
 from lightning_ncnnqat.verification.parity import agreement, cosine
 from lightning_ncnnqat.verification.report import ExportReport, OutputParity
 from lightning_ncnnqat.verification.runtime_checks import ModelFiles, approximation_gap, blob_names, measure
-from lightning_ncnnqat.verification.verdicts import judge
+from lightning_ncnnqat.verification.judging import judge
 from lightning_ncnnqat.qat.prepared import folded_float_model
 from models import MixedNet
 

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat.conversion.graph_match import Wiring
-from lightning_ncnnqat.ncnn.isolated import run_ncnn
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError, run_ncnn
 from lightning_ncnnqat.verification.layer_checks import ncnn_activation
 from lightning_ncnnqat.conversion.model_io import ModelIO, torch_outputs
 from lightning_ncnnqat.ncnn.param import NcnnParam
-from lightning_ncnnqat.verification.output_floor import MIN_OUTPUT_COSINE, Float32Floor, at_floor, output_failing
+from lightning_ncnnqat.policy import MIN_OUTPUT_COSINE, at_floor, conversion_departure, conversion_departs, output_failing
+from lightning_ncnnqat.verification.output_floor import Float32Floor
 from lightning_ncnnqat.verification.parity import agreement, cosine
 
 #: The float ncnn run the conversion is judged on: one thread, fp32 storage, no Winograd, unpacked
@@ -60,7 +61,7 @@ def _floors(folded: nn.Module, io: ModelIO, held: Sequence[torch.Tensor], ref: l
     try:
         got = torch_outputs(float64_copy(folded), io, [t.double() if t.is_floating_point() else t for t in held])
         return [cosine(r, g) for r, g in zip(ref, got)]
-    except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps the absolute bar
+    except Exception:  # noqa: BLE001 - the user's model run in float64 may raise anything; it then keeps the absolute bar
         return None
 
 
@@ -129,7 +130,7 @@ def locate_departure(
     ref64: dict[str, tuple] = {}
     try:
         ref64 = _capture(float64_copy(folded), order, io, [t.double() if t.is_floating_point() else t for t in xs])
-    except Exception:  # noqa: BLE001 - the absolute bar alone
+    except Exception:  # noqa: BLE001 - the user's model run in float64 may raise anything; the absolute bar alone
         pass
     extract = list(dict.fromkeys(b for t in order for b in (param.layer(anchors[t]).bottoms[0], param.layer(anchors[t]).tops[0])))
     feeds = {b: t.numpy() for b, t in zip(io.input_names, xs)}
@@ -212,22 +213,9 @@ def judge_conversion(
         confirmed = None if int8_failing is None else bool(int8_failing[i])
         outs.append({"blob": b, "cosine": c, "float32_floor": f if c < MIN_OUTPUT_COSINE else None,
                      "at_float32_floor": None if f is None else at_floor(c, f), "float_failing": failing,
-                     "int8_failing": confirmed, "departs": failing and confirmed is not False})
+                     "int8_failing": confirmed, "departs": conversion_departs(failing, confirmed)})
     return {"faithful": not any(o["departs"] for o in outs), "cosine": min(cos) if cos else None, "outputs": outs,
             "options": {k: v for k, v in options.items() if k != "num_threads"}}
-
-
-def float_arithmetic_note(verdict: Mapping[str, Any]) -> str | None:
-    """A note for outputs whose float figure fails while int8 matches the QAT model (None if none)."""
-    odd = [o for o in verdict.get("outputs", []) if o.get("float_failing") and o.get("int8_failing") is False]
-    if not odd:
-        return None
-    figs = ", ".join(f"{o['blob']} cosine {o['cosine']:.6f}" for o in odd)
-    return (
-        f"the float ncnn model differs from the folded PyTorch model beyond its float32 floor ({figs}) while the int8 "
-        "model (the same converted graph) matches the QAT model: ncnn's float32 summation on a poorly conditioned "
-        "model, not a conversion that changes the model's meaning"
-    )
 
 
 def _int8_failing(export_dir: Path, qmodel: nn.Module, io: ModelIO, held: Sequence[torch.Tensor],
@@ -264,20 +252,10 @@ def check_conversion(
 
 
 def conversion_message(verdict: Mapping[str, Any]) -> str | None:
-    """One line for a departing conversion (None when faithful or not judged)."""
-    if not verdict or verdict.get("faithful") is not False:
-        return None
-    bad = [o for o in verdict["outputs"] if o["departs"]]
-    figs = ", ".join(
-        f"{o['blob']} cosine {o['cosine']:.6f}" + ("" if o["float32_floor"] is None else f" (float32 floor {o['float32_floor']:.6f})")
-        for o in bad
-    )
-    where = verdict.get("first_departure", {}).get("message", "")
-    return (
-        f"the converter changed the model's meaning: the float ncnn model vs the folded PyTorch model gives {figs}, "
-        f"below {MIN_OUTPUT_COSINE} and not at the float32 floor; {where}. The int8 model inherits this; "
-        "keep that op out of the model, or rewrite it with ops the converter keeps"
-    )
+    """The warning of a departing conversion (:func:`lightning_ncnnqat.policy.conversion_departure`)
+    as one line; None when faithful or not judged."""
+    found = conversion_departure(verdict)
+    return found[0].message if found else None
 
 
 def preflight_conversion(
@@ -285,9 +263,10 @@ def preflight_conversion(
     anchors: Mapping[str, str], out_blobs: Sequence[str], wirings: tuple[Wiring, Wiring] | None = None,
     qmodel: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """:func:`check_conversion` for the preflight at QAT start; a run that fails is recorded
-    (``{"faithful": None, "error": ...}``), never raised: the conversion is judged again at export."""
+    """:func:`check_conversion` for the preflight at QAT start; an ncnn run that fails (crash,
+    timeout) is recorded (``{"faithful": None, "error": ...}``), not raised: the conversion is
+    judged again at export. Any other exception is a fault of ours and propagates."""
     try:
         return check_conversion(export_dir, param, folded, io, held, anchors, out_blobs, wirings, qmodel)
-    except Exception as e:  # noqa: BLE001
+    except NcnnRuntimeError as e:
         return {"faithful": None, "error": f"{type(e).__name__}: {e}"}

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat.ops import reference
-from lightning_ncnnqat.policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE, layer_ok  # noqa: F401  (bars re-exported)
 from lightning_ncnnqat.ncnn.param import NcnnLayer, NcnnParam
 from lightning_ncnnqat.verification.parity import agreement
 
@@ -87,7 +88,7 @@ def ncnn_activation(lay: NcnnLayer, y: torch.Tensor) -> torch.Tensor:
     if t == 6:
         alpha, beta = (p[0], p[1]) if len(p) >= 2 else (1 / 6, 0.5)
         return y * torch.clamp(y * alpha + beta, 0.0, 1.0)
-    raise ValueError(f"ncnn layer '{lay.name}': unknown fused activation type {t}")
+    raise LayerError(lay.name, f"ncnn layer '{lay.name}': unknown fused activation type {t}")
 
 
 def fake_quantize(y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,7 +132,7 @@ def isolated_reference(lay: NcnnLayer, x_in: np.ndarray, ref: QuantizedRef) -> t
         x4 = F.pad(x4, (left, right, top, bottom), value=float(lay.get_float(18, 0.0)))
         y = F.conv2d(x4, w.reshape(w.shape[0], -1, kh, kw), b, (sh, sw), 0, (dh, dw), groups)
     else:
-        raise ValueError(f"ncnn layer '{lay.name}' is {lay.type}, not an int8 layer")
+        raise LayerError(lay.name, f"ncnn layer '{lay.name}' is {lay.type}, not an int8 layer")
     return ncnn_activation(lay, y)
 
 
@@ -218,7 +219,7 @@ def check_layers(
         k = np.array(keep)
         if k.any():
             iso_a = agreement(np.stack(iso_ref)[k], g[k])
-            ok: bool | None = iso_a.cosine >= MIN_LAYER_COSINE and iso_a.max_rel_err <= MAX_LAYER_REL_ERR
+            ok: bool | None = layer_ok(iso_a.cosine, iso_a.max_rel_err)
             iso_cos, iso_rel = iso_a.cosine, iso_a.max_rel_err
         else:
             ok, iso_cos, iso_rel = None, float("nan"), float("nan")

@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat.qat.modules import QAT_CLASSES, InputQuantizer
+from lightning_ncnnqat import policy
 from lightning_ncnnqat.policy import (  # noqa: F401  (re-exported: the rules judge_output applies)
     FLOOR_FACTOR,
     FLOOR_MARGIN,
     MIN_DEFAULT_OPTIONS_COSINE,
     MIN_OUTPUT_COSINE,
+    Finding,
     at_floor,
     output_failing,
 )
@@ -42,6 +44,7 @@ from lightning_ncnnqat.qat.wrappers import unwrap
 from lightning_ncnnqat.conversion.model_io import ModelIO, torch_outputs
 from lightning_ncnnqat.verification.parity import cosine
 from lightning_ncnnqat.verification.report import ExportReport
+from lightning_ncnnqat.verification.verdicts import render
 
 def float64_outputs(qmodel: nn.Module, io: ModelIO, held: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Outputs of a float64 copy of ``qmodel`` on ``held``: ``[N, K]`` float64 per output blob.
@@ -92,64 +95,40 @@ class Float32Floor:
         return self._cos
 
 
-_STRICT = "with fp16 storage/arithmetic and packed kernels off"
-
-
-def judge_output(
+def output_verdict(
     report: ExportReport, floor: Float32Floor, i: int, cos: float, where: str, on: str = "", strict: float | None = None
-) -> dict | None:
-    """Warn, or note, for output ``i`` whose int8 cosine with the QAT model is ``cos``.
+) -> tuple[list[Finding], dict | None]:
+    """The findings and the recorded verdict of output ``i``, whose int8 cosine with the QAT model
+    is ``cos`` (``strict``: the same with the runtime's approximations off, emulated targets).
 
-    ``strict``: the same with the runtime's approximations off (emulated targets). The int8
-    model is judged on the better of the two (``best``) against the bar and the float32 floor: a
-    note at the floor, else a warning. When only the default options are lower, ``cos`` is also
-    judged on its own: below :data:`MIN_DEFAULT_OPTIONS_COSINE` and not at the floor, a warning
-    naming both figures. Nothing when neither applies. The floor is measured (once) when needed;
-    only for this machine (``on`` empty) it is recorded in ``report.outputs[i].float32_floor`` and
+    The rule is :func:`lightning_ncnnqat.policy.judge_output`; this measures the float32 floor it
+    needs (once per export, only when :func:`~lightning_ncnnqat.policy.needs_floor` says so) and
+    records it for this machine (``on`` empty) in ``report.outputs[i].float32_floor`` and
     ``report.float32_floor`` (an emulated target's goes to its ``runtime`` entry, by the caller).
     ``where`` names the output (empty for single-output models), ``on`` the target (``"on
-    arm64-a53, "``). Returns ``{"float32_floor", "at_float32_floor"}`` (the latter of ``best``),
-    plus ``"default_options_ok"`` when ``strict`` is given; None when nothing was judged.
+    arm64-a53, "``). Returns the findings (not yet rendered) and ``{"float32_floor",
+    "at_float32_floor"}`` (plus ``"default_options_ok"`` when ``strict`` is given), or ``([], None)``
+    when nothing was judged.
     """
-    best = cos if strict is None else max(cos, strict)
-    gap = strict is not None and strict > cos  # only the default options are lower
-    if best >= MIN_OUTPUT_COSINE and not (gap and cos < MIN_DEFAULT_OPTIONS_COSINE):
-        return None
+    if not policy.needs_floor(cos, strict):
+        return [], None
     floors = floor.cosines()
     f = None if floors is None else floors[i]
     if on == "" and f is not None and i < len(report.outputs):
         report.outputs[i].float32_floor = f
         report.float32_floor = min(o.float32_floor for o in report.outputs if o.float32_floor is not None)
-    if floor.error is not None and not any("float32 floor not measured" in n for n in report.notes):
-        report.notes.append(f"float32 floor not measured (the QAT model does not run in float64: {floor.error})")
-    best_ok = best >= MIN_OUTPUT_COSINE or (f is not None and at_floor(best, f))
-    default_ok = not gap or cos >= MIN_DEFAULT_OPTIONS_COSINE or (f is not None and at_floor(cos, f))
-    figure = f"{best:.6f}{where}" + (f" {_STRICT}" if gap else "")
-    err8 = 1.0 - best
-    if best < MIN_OUTPUT_COSINE and best_ok and f is not None:
-        tail = f"; under default options it is {cos:.6f}: the runtime's own approximation" if gap and default_ok else ""
-        report.notes.append(
-            f"{on}int8 output cosine with the QAT model is {figure}, below {MIN_OUTPUT_COSINE} but at the float32 "
-            f"floor: the QAT model itself reaches only cosine {f:.6f} between float32 and float64 arithmetic on the "
-            f"held batch (int8 error 1-cos {err8:.3g} <= {FLOOR_FACTOR:g} x the floor's {1.0 - f:.3g}); the model's "
-            f"own conditioning, not a quantization error{tail}"
-        )
-    elif best < MIN_OUTPUT_COSINE:
-        why = "" if f is None else (
-            f", beyond the QAT model's float32 floor {f:.6f} (int8 error 1-cos {err8:.3g} > {FLOOR_FACTOR:g} x the "
-            f"floor's {1.0 - f:.3g})"
-        )
-        tail = f"; {cos:.6f} under default options" if gap else ""
-        report.warnings.append(f"{on}int8 output cosine with the QAT model is only {figure}{why}{tail}")
-    if best_ok and not default_ok:
-        floor_txt = "" if f is None else f" and not at the float32 floor {f:.6f}"
-        report.warnings.append(
-            f"{on}int8 output cosine with the QAT model is only {cos:.6f}{where} under default options, {best:.6f} "
-            f"{_STRICT}: below {MIN_DEFAULT_OPTIONS_COSINE}{floor_txt}. The int8 model is right, but the runtime's "
-            "default options lose too much on this model: deploy with those options off (net.opt), or see the "
-            "per-layer checks for the layer"
-        )
-    verdict: dict = {"float32_floor": f, "at_float32_floor": None if f is None else at_floor(best, f)}
-    if strict is not None:
-        verdict["default_options_ok"] = default_ok
+    found = [] if floor.error is None else [policy.floor_not_measured(floor.error)]
+    verdict = policy.judge_output(cos, f, where=where, on=on, strict=strict)
+    if verdict is None:  # not reached: needs_floor held above
+        return found, None
+    return [*found, *verdict.findings], verdict.as_dict(strict is not None)
+
+
+def judge_output(
+    report: ExportReport, floor: Float32Floor, i: int, cos: float, where: str, on: str = "", strict: float | None = None
+) -> dict | None:
+    """:func:`output_verdict` with its findings rendered into ``report`` at once (notes and
+    warnings); returns the verdict (None when nothing was judged)."""
+    found, verdict = output_verdict(report, floor, i, cos, where, on, strict)
+    render(report, found)
     return verdict

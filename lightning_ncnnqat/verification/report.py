@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_ncnnqat.policy import output_failing
+from lightning_ncnnqat.policy import Finding, output_failing
 from lightning_ncnnqat.verification.layer_checks import LayerCheck
 from lightning_ncnnqat.verification.parity import Agreement
 
@@ -78,6 +78,9 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts that explain a figure, not problems
     failures: list[dict[str, str | None]] = field(default_factory=list)
+    # the structured form of notes and warnings that policy's rules returned (verdicts.render files
+    # both); not in report.json, whose notes and warnings carry the messages
+    findings: list[Finding] = field(default_factory=list, repr=False)
 
     @property
     def flagged_layers(self) -> list[str]:
@@ -99,13 +102,44 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["findings"]
         d["ok"] = self.ok
         d["flagged_layers"] = self.flagged_layers
         return jsonable(d)
 
     def summary(self) -> str:
-        """A short human-readable summary."""
+        """A short human-readable summary: the layer table, the figures per output and target,
+        sizes and timing, then every note and warning as rendered (``verdicts.render``)."""
         out = [f"ncnn export -> {self.export_dir}"]
+        out += self._layer_lines()
+        hb = self.held_batch
+        if hb:
+            out.append(f"  held batch: {hb.get('n')} samples ({hb.get('source')})")
+        out += self._output_lines()
+        out += self._target_lines()
+        if self.sizes.get("ratio"):
+            out.append(
+                f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
+                f"({self.sizes['ratio']:.2f}x smaller)"
+                + (f"; float layers' weights in {self.float_weights}" if self.float_weights else "")
+            )
+        if self.timing:
+            t = self.timing
+            out.append(
+                f"  ncnn time/image ({t['threads']} threads): fp32 {t['float32_ms']:.3f} ms, "
+                f"int8 {t['int8_ms']:.3f} ms (speed-up {t['speedup']:.2f}x)"
+            )
+        out += [f"  note: {msg}" for msg in self.notes]
+        out += [f"  WARNING: {msg}" for msg in self.warnings]
+        for f in self.failures:
+            where = f" layer '{f['layer']}'" if f.get("layer") else ""
+            out.append(f"  FAILED step '{f['step']}'{where}: {f['message']}")
+        out.extend(self._next_steps())
+        return "\n".join(out)
+
+    def _layer_lines(self) -> list[str]:
+        """The table of quantized layers with this machine's per-layer check, and the float ones."""
+        out = []
         if self.layers:
             w = max(len(r.torch_name) for r in self.layers)
             wn = max(len(r.ncnn_name or "-") for r in self.layers)
@@ -123,11 +157,12 @@ class ExportReport:
                     f"  {r.torch_name:<{w}}  {r.ncnn_name or '-':<{wn}}  {r.kind:<20} {r.weight_bits:>4}  "
                     f"{r.input_scale:<12.6g} {r.num_weight_scales:>6}  {verdict}"
                 )
-        for f in self.float_layers:
-            out.append(f"  float: {f['name']}: {f['reason']}")
-        hb = self.held_batch
-        if hb:
-            out.append(f"  held batch: {hb.get('n')} samples ({hb.get('source')})")
+        out += [f"  float: {f['name']}: {f['reason']}" for f in self.float_layers]
+        return out
+
+    def _output_lines(self) -> list[str]:
+        """This machine's figures per output (int8 vs QAT, float vs PyTorch) and the conversion."""
+        out = []
         for o in self.outputs:
             name = f" {o.blob} ({o.torch})" if len(self.outputs) > 1 else ""
             if o.int8_vs_qat:
@@ -151,6 +186,11 @@ class ExportReport:
             d = self.conversion.get("first_departure") or {}
             at = f": first {d['where']} layer '{d['torch_layer']}' (ncnn '{d['ncnn_layer']}')" if d.get("torch_layer") else ""
             out.append(f"  conversion: the float ncnn model DEPARTS from PyTorch{at}")
+        return out
+
+    def _target_lines(self) -> list[str]:
+        """One line per emulated target: its worst output, strict figure, floor, flagged layers."""
+        out = []
         for target, e in self.runtime.items():
             a = e.get("int8_vs_qat")
             if target == "x86" or not e.get("emulated"):
@@ -173,27 +213,7 @@ class ExportReport:
                 f"  ncnn int8 vs PyTorch QAT on {target} ({e.get('profile')}, emulated): top-1 {top1}, cosine "
                 f"{a['cosine']:.6f}{figures}; layers flagged: {', '.join(bad) if bad else 'none'}"
             )
-        if self.sizes.get("ratio"):
-            out.append(
-                f"  .bin size: fp32 {self.sizes['float32_bin']} B, int8 {self.sizes['int8_bin']} B "
-                f"({self.sizes['ratio']:.2f}x smaller)"
-                + (f"; float layers' weights in {self.float_weights}" if self.float_weights else "")
-            )
-        if self.timing:
-            t = self.timing
-            out.append(
-                f"  ncnn time/image ({t['threads']} threads): fp32 {t['float32_ms']:.3f} ms, "
-                f"int8 {t['int8_ms']:.3f} ms (speed-up {t['speedup']:.2f}x)"
-            )
-        for msg in self.notes:
-            out.append(f"  note: {msg}")
-        for msg in self.warnings:
-            out.append(f"  WARNING: {msg}")
-        for f in self.failures:
-            where = f" layer '{f['layer']}'" if f.get("layer") else ""
-            out.append(f"  FAILED step '{f['step']}'{where}: {f['message']}")
-        out.extend(self._next_steps())
-        return "\n".join(out)
+        return out
 
     def _next_steps(self) -> list[str]:
         """What to do with the files on disk: the deployment note, the runnable snippet, the report."""

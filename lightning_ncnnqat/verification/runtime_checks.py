@@ -2,7 +2,9 @@
 
 Every inference runs in a child process (:mod:`lightning_ncnnqat.ncnn.isolated`): a crash inside ncnn fails
 the ``parity`` step with the signal named and leaves the caller (``Trainer.fit``) alive. The
-verdicts on the measurements are :mod:`.verdicts`; an output's int8 cosine is judged against the
+rules on the measurements are :mod:`lightning_ncnnqat.policy`'s (this machine's applied by
+:mod:`lightning_ncnnqat.verification.judging`, an emulated target's here), their findings rendered by
+:func:`lightning_ncnnqat.verification.verdicts.render`; an output's int8 cosine is judged against the
 QAT model's own float32 floor (:mod:`lightning_ncnnqat.verification.output_floor`), measured only where it misses the bar.
 """
 
@@ -19,17 +21,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_ncnnqat.policy import MIN_NOTED_GAP, approximation_gap  # noqa: F401  (MIN_NOTED_GAP re-exported)
-from lightning_ncnnqat.verification.float_conversion import FLOAT_OPTIONS, conversion_message, float_arithmetic_note, judge_conversion, locate_departure
+from lightning_ncnnqat import policy
 from lightning_ncnnqat.conversion.graph_match import Wiring
-from lightning_ncnnqat.ncnn.isolated import HOST, NcnnRuntimeError, RunResult, run_ncnn
-from lightning_ncnnqat.verification.layer_checks import MIN_LAYER_COSINE, QuantizedRef, blobs_to_extract, capture_outputs, check_layers
 from lightning_ncnnqat.conversion.model_io import ModelIO, torch_outputs
+from lightning_ncnnqat.ncnn.isolated import HOST, NcnnRuntimeError, RunResult, run_ncnn
 from lightning_ncnnqat.ncnn.param import NcnnParam
-from lightning_ncnnqat.verification.output_floor import MIN_OUTPUT_COSINE, Float32Floor, judge_output, output_failing
+from lightning_ncnnqat.ncnn.targets import PROFILES, TargetUnavailable
+from lightning_ncnnqat.policy import MIN_NOTED_GAP, Finding, approximation_gap  # noqa: F401  (re-exported)
+from lightning_ncnnqat.verification.float_conversion import FLOAT_OPTIONS, judge_conversion, locate_departure
+from lightning_ncnnqat.verification.judging import judge
+from lightning_ncnnqat.verification.layer_checks import QuantizedRef, blobs_to_extract, capture_outputs, check_layers
+from lightning_ncnnqat.verification.output_floor import Float32Floor, output_verdict
 from lightning_ncnnqat.verification.parity import agreement
 from lightning_ncnnqat.verification.report import ExportReport, OutputParity
-from lightning_ncnnqat.verification.verdicts import approximation_notes, judge
+from lightning_ncnnqat.verification.verdicts import render
 
 #: One thread for parity: the same numbers on every machine, and no OpenMP oversubscription.
 PARITY_OPTIONS = {"num_threads": 1}
@@ -41,21 +46,15 @@ STRICT_OPTIONS = FLOAT_OPTIONS
 
 def _strict_parity(
     report: ExportReport, files: ModelFiles, target: str, feeds: dict[str, np.ndarray], q_ref: list[np.ndarray], default_cos: float
-) -> list[float]:
+) -> tuple[list[float], list[Finding]]:
     """int8 parity with the runtime's approximations off, to tell them apart from real errors;
-    returns the strict cosine of every output."""
+    returns the strict cosine of every output and the approximation-gap finding, if any."""
     rs = files.run("int8", feeds, files.output_blobs, target=target, options=STRICT_OPTIONS)
     per_out = [agreement(q_ref[i], rs.outputs[b], i in files.class_outputs) for i, b in enumerate(files.output_blobs)]
     strict = min(per_out, key=lambda a: a.cosine)
     report.runtime[target]["int8_vs_qat_strict"] = asdict(strict)
     report.runtime[target]["strict_options"] = {k: v for k, v in STRICT_OPTIONS.items() if k != "num_threads"}
-    if approximation_gap(default_cos, strict.cosine):
-        report.notes.append(
-            f"on {target}, int8 vs QAT cosine is {default_cos:.6f} under default options and {strict.cosine:.6f} with "
-            "fp16 storage/arithmetic and packed kernels off: the difference is the runtime's own approximation "
-            "(float layers in fp16, approximate requantize), not a quantization error"
-        )
-    return [a.cosine for a in per_out]
+    return [a.cosine for a in per_out], policy.judge_approximation_gap(target, default_cos, strict.cosine)
 
 
 @dataclass
@@ -175,7 +174,7 @@ def measure(
     report.float_vs_torch = worst.float_vs_torch
     report.float_vs_torch_fp32_storage = worst.float_vs_torch_fp32_storage
     report.runtime = {HOST: {**r8.info, "profile": "this machine", "int8_vs_qat": asdict(worst.int8_vs_qat)}}
-    _strict_parity(report, files, HOST, feeds, q_ref, worst.int8_vs_qat.cosine)
+    render(report, _strict_parity(report, files, HOST, feeds, q_ref, worst.int8_vs_qat.cosine)[1])
 
     chain = _chain(qmodel, io, held, refs, layer_check_samples) if refs else None
     if refs:
@@ -198,7 +197,7 @@ def _judge_conversion(
     """``report.conversion`` from the fp32-storage float run, or where that misses, from a run with
     the runtime's approximations off too (Winograd's transforms alone lose ~1e-3 in cosine on a
     cancelling model: not the converter's doing); a departure is located and warned of."""
-    int8_failing = [output_failing(o.int8_vs_qat.cosine, o.float32_floor) for o in report.outputs]
+    int8_failing = [policy.output_failing(o.int8_vs_qat.cosine, o.float32_floor) for o in report.outputs]
     report.conversion = judge_conversion(folded, io, held, f_ref, rf32.outputs, files.output_blobs,
                                          {**PARITY_OPTIONS, "use_fp16_storage": False}, int8_failing)
     if any(o["float_failing"] for o in report.conversion["outputs"]):
@@ -206,9 +205,7 @@ def _judge_conversion(
         strict = files.run("ncnn", feeds, files.output_blobs, options=FLOAT_OPTIONS)
         report.conversion = judge_conversion(folded, io, held, f_ref, strict.outputs, files.output_blobs,
                                              int8_failing=int8_failing)
-    note = float_arithmetic_note(report.conversion)
-    if note:
-        report.notes.append(note)
+    render(report, policy.float_arithmetic_note(report.conversion["outputs"]))
     if report.conversion["faithful"] or float_param is None:
         return
     anchors = {r.torch_name: r.ncnn_name for r in refs}
@@ -217,9 +214,9 @@ def _judge_conversion(
             float_param, files.path("ncnn", "param"), files.path("ncnn", "bin"), folded, io, held, anchors,
             files.output_blobs, wirings,
         )
-    except Exception as e:  # noqa: BLE001 - the verdict stands; only its place is unknown
+    except NcnnRuntimeError as e:  # the ncnn run that locates it failed: the verdict stands, its place is unknown
         report.conversion["first_departure"] = {"message": f"its first departing layer was not located ({type(e).__name__}: {e})"}
-    report.warnings.append(conversion_message(report.conversion))
+    render(report, policy.conversion_departure(report.conversion))
 
 
 def measure_layers(
@@ -235,8 +232,6 @@ def measure_layers(
     """Per-layer checks only, on every target that can run: ``{target: {torch name: isolated
     cosine}}`` of the layers the int8 runtime computes wrongly there (default options). Targets
     that are not set up are left out."""
-    from lightning_ncnnqat.ncnn.targets import TargetUnavailable
-
     if not refs:
         return {}
     chain = _chain(qmodel, io, held, refs, samples)
@@ -265,51 +260,59 @@ def _target_parity(
     out_scales: dict[str, float],
     floor: Float32Floor,
 ) -> None:
-    """int8 parity and per-layer checks on an emulated target, with its default options."""
-    from lightning_ncnnqat.ncnn.targets import PROFILES
-
+    """int8 parity and per-layer checks on an emulated target, with its default options, judged
+    and rendered into ``report``. A target that is not set up, or whose ncnn run crashes, times
+    out or fails, becomes a report entry (``runtime[target]["error"]`` and a note or warning);
+    any other exception is a fault of ours and propagates (the ``parity`` step names it)."""
     prof = PROFILES.get(target)
     entry: dict = {"profile": prof.description if prof else target, "emulated": True}
     report.runtime[target] = entry
+    found: list[Finding] = []
     try:
-        r8 = files.run("int8", feeds, files.output_blobs, target=target, options=PARITY_OPTIONS)
-        entry.update(r8.info)
-        entry.pop("time_ms", None)  # emulated: says nothing about the device's speed
-        per_out = [agreement(q_ref[i], r8.outputs[b], i in files.class_outputs) for i, b in enumerate(files.output_blobs)]
-        entry["outputs"] = [{"blob": b, "int8_vs_qat": asdict(a)} for b, a in zip(files.output_blobs, per_out)]
-        worst = min(per_out, key=lambda a: a.cosine)
-        entry["int8_vs_qat"] = asdict(worst)
-        strict = _strict_parity(report, files, target, feeds, q_ref, worst.cosine)
-        if refs and chain is not None:
-            checks = _layer_checks(files, target, held, refs, chain, out_scales)
-            entry["layer_checks"] = [c.to_dict() for c in checks]
-            approximation_notes(report, target, checks)
-            entry["flagged_layers"] = [c.torch_name for c in checks if c.ok is False]
-            for c in checks:
-                if c.ok is False:
-                    report.warnings.append(
-                        f"layer '{c.torch_name}' (ncnn '{c.ncnn_name}') is computed wrongly by the ncnn int8 runtime on "
-                        f"{target} ({entry['profile']}) under default options (cosine {c.isolated_cosine:.4f})"
-                    )
-        # judged on the better of default and strict options (a gap that only the default options
-        # have is the runtime's own approximation, noted by _strict_parity), and the default
-        # options on their own against MIN_DEFAULT_OPTIONS_COSINE (see output_floor.judge_output)
-        for i, (b, a) in enumerate(zip(files.output_blobs, per_out)):
-            where = f" (output {b})" if len(per_out) > 1 else ""
-            verdict = judge_output(report, floor, i, a.cosine, where, on=f"on {target}, ", strict=strict[i])
-            if verdict is not None:
-                entry["outputs"][i].update(verdict)
-        measured = [o["float32_floor"] for o in entry["outputs"] if o.get("float32_floor") is not None]
-        if measured:
-            entry["float32_floor"] = min(measured)
-    except Exception as e:  # noqa: BLE001 - a missing environment or an emulation failure is a finding, not a crash
-        from lightning_ncnnqat.ncnn.targets import TargetUnavailable
-
+        _target_runs(report, entry, files, target, feeds, q_ref, held, refs, chain, out_scales, floor, found)
+    except TargetUnavailable as e:  # not set up: the error names the set-up command
         entry["error"] = str(e)
-        if isinstance(e, TargetUnavailable):
-            report.notes.append(f"{target} not checked: {e}")
-        else:
-            report.warnings.append(f"{target}: {type(e).__name__}: {e}")
+        found.append(policy.target_not_checked(target, str(e), unavailable=True))
+    except NcnnRuntimeError as e:  # the emulated ncnn run crashed, timed out or failed
+        entry["error"] = str(e)
+        found.append(policy.target_not_checked(target, f"{type(e).__name__}: {e}", unavailable=False))
+    render(report, found)
+
+
+def _target_runs(
+    report: ExportReport, entry: dict, files: ModelFiles, target: str, feeds: dict[str, np.ndarray], q_ref: list[np.ndarray],
+    held: list[torch.Tensor], refs: list[QuantizedRef], chain: dict[str, list[torch.Tensor]] | None,
+    out_scales: dict[str, float], floor: Float32Floor, found: list[Finding],
+) -> None:
+    """The runs of :func:`_target_parity`: figures into ``entry`` (``report.runtime[target]``),
+    findings appended to ``found`` as they are made (kept when a later run fails)."""
+    r8 = files.run("int8", feeds, files.output_blobs, target=target, options=PARITY_OPTIONS)
+    entry.update(r8.info)
+    entry.pop("time_ms", None)  # emulated: says nothing about the device's speed
+    per_out = [agreement(q_ref[i], r8.outputs[b], i in files.class_outputs) for i, b in enumerate(files.output_blobs)]
+    entry["outputs"] = [{"blob": b, "int8_vs_qat": asdict(a)} for b, a in zip(files.output_blobs, per_out)]
+    worst = min(per_out, key=lambda a: a.cosine)
+    entry["int8_vs_qat"] = asdict(worst)
+    strict, gap = _strict_parity(report, files, target, feeds, q_ref, worst.cosine)
+    found += gap
+    if refs and chain is not None:
+        checks = _layer_checks(files, target, held, refs, chain, out_scales)
+        entry["layer_checks"] = [c.to_dict() for c in checks]
+        entry["flagged_layers"] = [c.torch_name for c in checks if c.ok is False]
+        found += policy.approximation_notes(target, checks)
+        found += policy.target_layer_findings(target, entry["profile"], checks)
+    # judged on the better of default and strict options (a gap that only the default options
+    # have is the runtime's own approximation, noted above), and the default options on their
+    # own against MIN_DEFAULT_OPTIONS_COSINE (see policy.judge_output)
+    for i, (b, a) in enumerate(zip(files.output_blobs, per_out)):
+        where = f" (output {b})" if len(per_out) > 1 else ""
+        judged, verdict = output_verdict(report, floor, i, a.cosine, where, on=f"on {target}, ", strict=strict[i])
+        found += judged
+        if verdict is not None:
+            entry["outputs"][i].update(verdict)
+    measured = [o["float32_floor"] for o in entry["outputs"] if o.get("float32_floor") is not None]
+    if measured:
+        entry["float32_floor"] = min(measured)
 
 
 def _chain(
@@ -360,7 +363,7 @@ def _layer_checks(
             c.int8_step_mismatch_without_packing = again[c.torch_name].int8_step_mismatch
     # a layer whose shape of output is right (cosine passes) but whose max error does not, and that
     # is right with the runtime's approximations off, is not computed wrongly: say what it is
-    close = [c for c in flagged if c.isolated_cosine >= MIN_LAYER_COSINE and not c.ok_without_packing]
+    close = [c for c in flagged if policy.layer_cosine_ok(c.isolated_cosine) and not c.ok_without_packing]
     if close:
         strict = files.run("int8", feeds, extract, target=target, options=STRICT_OPTIONS, light_mode=False)
         again = {c.torch_name: c for c in check_layers(param, refs, strict.outputs, chain, out_scales)}

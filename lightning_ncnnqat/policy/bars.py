@@ -1,9 +1,8 @@
-"""Policy: every pass/fail threshold of the package and the pure rules that apply them.
+"""Every pass/fail threshold of the package and the numeric rules that apply them.
 
-Measurements live elsewhere (``export.runtime_checks``, ``export.parity``, ``export.layer_checks``,
-``export.output_floor``); what a figure MEANS is decided here, from numbers only. This module
-imports nothing from the package and nothing but the standard library, so every room may use it
-and a threshold has exactly one home. Each constant says where its value comes from.
+A threshold has exactly one home: here. Each constant says where its value comes from. The rules
+take numbers and return booleans; the rules that return :class:`~.findings.Finding` objects
+(:mod:`.outputs`, :mod:`.layers`, :mod:`.steps`) are built on them. Standard library only.
 """
 
 from __future__ import annotations
@@ -46,6 +45,16 @@ MIN_LAYER_COSINE = 0.999
 MAX_LAYER_REL_ERR = 0.05
 
 
+def needs_floor(cos: float, strict: float | None = None) -> bool:
+    """Whether judging an output cosine ``cos`` (``strict``: the same with the runtime's
+    approximations off, emulated targets) needs the model's float32 floor: the better figure misses
+    :data:`MIN_OUTPUT_COSINE`, or only the default options are lower and below
+    :data:`MIN_DEFAULT_OPTIONS_COSINE`. The floor (a float64 run of the model) is measured only then."""
+    best = cos if strict is None else max(cos, strict)
+    gap = strict is not None and strict > cos
+    return best < MIN_OUTPUT_COSINE or (gap and cos < MIN_DEFAULT_OPTIONS_COSINE)
+
+
 def at_floor(cos: float, floor: float) -> bool:
     """Whether an int8 cosine ``cos`` is as close to the QAT model as float32 can be (``floor``:
     the cosine of the QAT model in float32 vs float64 on the same inputs)."""
@@ -65,6 +74,42 @@ def approximation_gap(default_cos: float, strict_cos: float) -> bool:
     if strict_cos - default_cos < MIN_NOTED_GAP:
         return False
     return default_cos < MIN_OUTPUT_COSINE <= strict_cos or (1 - default_cos) > 2 * (1 - strict_cos)
+
+
+def layer_ok(cosine: float, max_rel_err: float) -> bool:
+    """Whether one int8 layer on ncnn's own input is right: cosine at least :data:`MIN_LAYER_COSINE`
+    and max error at most :data:`MAX_LAYER_REL_ERR` of its output's absmax."""
+    return cosine >= MIN_LAYER_COSINE and max_rel_err <= MAX_LAYER_REL_ERR
+
+
+def layer_cosine_ok(cosine: float) -> bool:
+    """Whether a flagged layer's output has the right shape (cosine passes) and only its max error
+    fails: then it is rerun with the runtime's approximations off before it is called wrong."""
+    return cosine >= MIN_LAYER_COSINE
+
+
+# ---- the float conversion (model.ncnn.* vs the folded PyTorch model) ----------------------
+
+
+def conversion_departs(float_failing: bool, int8_failing: bool | None) -> bool:
+    """Whether an output of the float ncnn model departs from PyTorch: its float figure fails
+    (:func:`output_failing` with the folded model's own floor) and the int8 model's does too, or
+    was not measured (None). int8 accumulates exactly, so an int8 model at its QAT floor shows the
+    converted graph means what PyTorch's does, and a float gap there is ncnn's float32 summation."""
+    return float_failing and int8_failing is not False
+
+
+# ---- model.onnx vs PyTorch float (onnxruntime) ---------------------------------------------
+
+#: model.onnx may differ from the folded PyTorch model (one sample, float32) by this fraction of the
+#: larger of 1 and the outputs' absmax: onnxsim's constant folding and onnxruntime's kernels only
+#: reorder float32 sums, a wrong op moves an output by a large part of its range.
+MAX_ONNX_REL_ERR = 1e-3
+
+
+def onnx_bar(ref_absmax: float) -> float:
+    """The largest absolute error of model.onnx that passes, for outputs of absmax ``ref_absmax``."""
+    return MAX_ONNX_REL_ERR * max(1.0, ref_absmax)
 
 
 # ---- QAT start at the user's learning rate -------------------------------------------------
