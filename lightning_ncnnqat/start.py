@@ -36,6 +36,7 @@ from lightning_ncnnqat.qat.prepare import measured_float_reasons, plan_and_apply
 from lightning_ncnnqat.calibration.start import calibrated_thresholds
 from lightning_ncnnqat.qat.ranges import check_one_input, set_thresholds
 from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.speed.chains import ChainStart
 
 __all__ = ["start_qat", "preflight_measure", "prepare_qat"]
 
@@ -126,12 +127,14 @@ def start_qat(
             f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
         )
     check_one_input(model, config, who)
-    plan = plan_and_apply(model, example_input, config)
+    chains = ChainStart.begin(model, example_input, config.chain_activations)  # swaps; counts int8 chains
     try:
+        plan = plan_and_apply(model, example_input, config)
         if config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
             _calibrate(model, config, calibration, run_once, log, warn)
         if measure is None:
             follow_inner_copies(model)  # an EMA held inside the model takes the plan too
+            chains.note(plan, log)
             return plan
         wrong = run_once("export preflight", lambda: measure(model, example_input))
         reasons = measured_float_reasons(model, wrong)
@@ -143,10 +146,12 @@ def start_qat(
                 _calibrate(model, config, calibration, run_once, log, warn)
     except BaseException:
         unprepare(model)  # a failed start leaves the float model as it was
+        chains.undo()
         raise
     final = get_plan(model)
     assert final is not None
     follow_inner_copies(model)
+    chains.note(final, log)
     return final
 
 

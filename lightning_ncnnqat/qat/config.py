@@ -15,6 +15,9 @@ RANGE_INITS = ("first_batch", "absmax", "kl", "aciq")
 RANGE_MODES = ("moving_average", "fixed", "learned")
 """How input thresholds move during QAT (``QATConfig.ranges``)."""
 
+CHAIN_ACTIVATIONS = ("off", "relu", "relu6", "leaky_relu", "hardswish")
+"""What SiLU / GELU / Hardswish modules become at QAT start (``QATConfig.chain_activations``)."""
+
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
@@ -48,6 +51,13 @@ class QATConfig:
             ``range_init`` put them; ``"learned"``: trained by gradient descent (TQT-style:
             the natural log of each threshold is a trained value, Adam with ``range_lr``).
         range_lr: learning rate of the thresholds' log under ``ranges="learned"`` (> 0).
+        chain_activations: ``"off"`` (default) or the activation that SiLU, GELU and Hardswish
+            MODULES become when QAT starts (``"relu"``, ``"relu6"``, ``"leaky_relu"``,
+            ``"hardswish"``; a Hardswish stays under ``"hardswish"``), so ncnn's int8 convs hand
+            their output to the next conv as int8 (requantize) instead of dequantizing around
+            each SiLU; the QAT epochs fine-tune the network to it. The summary counts the convs
+            that chain before and after. Opt-in: it changes the model's function (the plan
+            re-applies it on restore). See ``docs/speed.md``.
         freeze_bn_after: epochs after QAT starts during which the folded BatchNorms' statistics
             keep training (batch statistics in training steps, running statistics updated, as
             torch.ao's ConvBn before ``freeze_bn_stats``); 0 (default) freezes them when QAT
@@ -65,6 +75,7 @@ class QATConfig:
     calibration_batches: int = 16
     ranges: str = "moving_average"
     range_lr: float = 1e-3
+    chain_activations: str = "off"
     freeze_bn_after: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +106,9 @@ class QATConfig:
         if not isinstance(skip, Sequence) or not all(isinstance(s, str) and s for s in skip):
             raise ConfigTypeError(f"`skip` must be a list of non-empty module names or patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
+        if not isinstance(self.chain_activations, str) or self.chain_activations not in CHAIN_ACTIVATIONS:
+            raise ConfigError(f"`chain_activations` must be one of {CHAIN_ACTIVATIONS}, got {self.chain_activations!r}",
+                              argument="chain_activations", value=self.chain_activations)
 
     @property
     def calibrated_start(self) -> bool:

@@ -47,6 +47,7 @@ from lightning_ncnnqat.qat.prepared import (
     quantized_layers,
     strip_wrapper_prefixes,
 )
+from lightning_ncnnqat.qat.activation_swap import apply_chain_activations
 from lightning_ncnnqat.qat.wrappers import unwrap
 
 __all__ = ["plan_qat", "apply_plan", "plan_and_apply", "unprepare", "measured_float_reasons", "replan_as_float"]
@@ -258,6 +259,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
     model = unwrap(model)
     if get_plan(model) is not None:
         return
+    apply_chain_activations(model, plan.config.chain_activations)  # the activations the plan trains with
     modules = dict(model.named_modules())
     missing = [n for n in list(plan.layers) + [p.bn for p in plan.layers.values() if p.bn] if n not in modules]
     if missing:

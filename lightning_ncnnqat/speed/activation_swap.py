@@ -1,179 +1,25 @@
 """Swap activations that break ncnn's int8 chains for ones it chains (opt-in, before QAT).
 
-Why: ncnn hands an int8 conv's output on as int8 (requantize, ``int8_scale_term`` + 100) only
-when the next layer reading it is an int8 conv (``tools/quantize/ncnn2int8.cpp``,
-``NetQuantize::fuse_requantize``: the producer's top must be the consumer's bottom). An
-activation between them survives that only if the converter folded it into the conv's
-``activation_type`` (param 9); pnnx folds ReLU / LeakyReLU (1, 2), Clip = ReLU6 / Hardtanh (3),
-Sigmoid (4) and Mish (5) (``tools/pnnx/src/pass_ncnn/fuse_convolution_activation.cpp``), and
-the x86/ARM requantize applies types 1-6 (``src/layer/x86/requantize_x86.cpp``,
-``x86_activation.h``). SiLU (ncnn ``Swish``), GELU and HardSwish stay layers of their own, so
-every conv before them dequantizes to float and every conv after them quantizes again.
-
-:func:`swap_activations` replaces such activation MODULES in place, before ``prepare_qat`` /
-QAT start, so the QAT epochs fine-tune the network to its new activations. Activations called
-as functions (``F.silu(x)``, ``x * torch.sigmoid(x)``) cannot be swapped by module surgery; they
-are counted (``SwapReport.functional``) from one traced forward and named, never changed.
+The surgery lives in the QAT core (:mod:`lightning_ncnnqat.qat.activation_swap`): a plan made
+with ``QATConfig(chain_activations=...)`` re-applies the swap wherever it is applied (a restored
+checkpoint, an averaged copy), and the core may not import this room. This module is the
+speed-facing name of the same functions; see ``docs/speed.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from lightning_ncnnqat.qat.activation_swap import (
+    CHAIN_TARGETS,
+    CHAINED,
+    DEFAULT_SWAPS,
+    SwapReport,
+    apply_chain_activations,
+    chain_swaps,
+    functional_breakers,
+    swap_activations,
+)
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
-
-from lightning_ncnnqat.qat.batches import as_call
-
-#: Module activations that break int8 chains in ncnn -> the chained activation they become.
-DEFAULT_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.SiLU: nn.ReLU,
-    nn.GELU: nn.ReLU,
-    nn.Hardswish: nn.ReLU,
-}
-
-#: Activations ncnn chains: pnnx folds them into the conv (activation_type 1-5).
-CHAINED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid, nn.Mish)
-
-#: Functional activations that break chains (counted, not swapped).
-_FUNCTIONAL_BREAKERS: dict[Callable, str] = {F.silu: "F.silu", F.gelu: "F.gelu", F.hardswish: "F.hardswish"}
-
-
-@dataclass
-class SwapReport:
-    """What :func:`swap_activations` changed: module name -> (old class, new class)."""
-
-    swapped: dict[str, tuple[str, str]] = field(default_factory=dict)
-    not_inplace: list[str] = field(default_factory=list)  # in-place modules after a swap, set inplace=False
-    functional: dict[str, int] = field(default_factory=dict)  # functional breakers seen in a forward -> calls
-
-    def summary(self) -> str:
-        lines = [f"swapped {len(self.swapped)} activation module(s)"]
-        by_kind: dict[tuple[str, str], int] = {}
-        for pair in self.swapped.values():
-            by_kind[pair] = by_kind.get(pair, 0) + 1
-        lines += [f"  {old} -> {new}: {n}" for (old, new), n in sorted(by_kind.items())]
-        if self.not_inplace:
-            lines.append(f"set inplace=False (they would overwrite a swapped activation's output): {', '.join(self.not_inplace)}")
-        if self.functional:
-            calls = ", ".join(f"{k} x{v}" for k, v in sorted(self.functional.items()))
-            lines.append(f"not swapped (functional calls in forward; replace them in the code): {calls}")
-        return "\n".join(lines)
-
-
-def _check_swaps(swaps: Mapping[Any, Any]) -> None:
-    for old, new in swaps.items():
-        for what, cls in (("key", old), ("value", new)):
-            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-                raise TypeError(f"swap_activations: every {what} of `swaps` must be an nn.Module class, got {cls!r}")
-        try:
-            new()
-        except TypeError as e:
-            raise TypeError(f"swap_activations: {new.__name__} must be constructible without arguments ({e})") from e
-
-
-class _CountFunctional(TorchFunctionMode):
-    """Counts breaker calls made outside activation modules (``inside`` > 0: within one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
-        self.inside = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        name = _FUNCTIONAL_BREAKERS.get(func)
-        if name is not None and self.inside == 0:
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-_ACTIVATION_MODULES = (nn.SiLU, nn.GELU, nn.Hardswish)
-
-
-def functional_breakers(model: nn.Module, example_input: Any) -> dict[str, int]:
-    """Calls of chain-breaking functional activations (F.silu, F.gelu, F.hardswish) made in one
-    eval forward of ``model`` on ``example_input`` outside SiLU/GELU/Hardswish modules (no grad;
-    the model's training flag is restored)."""
-    was_training = model.training
-    mode = _CountFunctional()
-
-    def enter(*_: Any) -> None:
-        mode.inside += 1
-
-    def leave(*_: Any) -> None:
-        mode.inside -= 1
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, _ACTIVATION_MODULES):
-            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-    try:
-        model.eval()
-        with torch.no_grad(), mode:
-            args, kwargs = as_call(example_input)
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return mode.calls
-
-
-def _no_inplace_after(parent: nn.Module, child_name: str, parent_name: str, report: SwapReport) -> None:
-    """In a Sequential, the module after a swapped activation must not overwrite its output in
-    place: ReLU's backward reads its OUTPUT (torch saves the result for threshold_backward),
-    where SiLU/GELU/Hardswish read their input, so e.g. torchvision MobileNetV3's
-    ``Hardswish -> Dropout(inplace=True)`` would fail in backward after the swap."""
-    if not isinstance(parent, nn.Sequential):
-        return
-    names = list(parent._modules)
-    i = names.index(child_name)
-    if i + 1 < len(names):
-        nxt = parent._modules[names[i + 1]]
-        if getattr(nxt, "inplace", False) is True:
-            nxt.inplace = False
-            report.not_inplace.append(f"{parent_name}.{names[i + 1]}" if parent_name else names[i + 1])
-
-
-def swap_activations(
-    model: nn.Module, swaps: Mapping[type[nn.Module], type[nn.Module]] | None = None, example_input: Any = None
-) -> SwapReport:
-    """Replace activation modules of ``model`` in place: ``swaps`` maps an exact class to the
-    class put in its place (default :data:`DEFAULT_SWAPS`: SiLU, GELU, Hardswish -> ReLU).
-
-    Matching is by exact class (a subclass of SiLU is left alone). A module instance used at
-    several places is replaced by one new instance everywhere. Call it before ``prepare_qat``
-    (or QAT start) so the QAT fine-tuning trains the network with its new activations; the
-    float accuracy drops until it has. ``example_input`` (optional) also counts functional
-    breakers (``SwapReport.functional``), which are NOT swapped. A module with ``inplace=True``
-    right after a swapped activation in a Sequential is set to ``inplace=False``
-    (``SwapReport.not_inplace``); in-place ops in a forward's code cannot be seen here.
-
-    Raises TypeError when ``model`` is not an nn.Module or ``swaps`` holds non-module classes.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"swap_activations: `model` must be an nn.Module, got {type(model).__name__}")
-    swaps = dict(DEFAULT_SWAPS if swaps is None else swaps)
-    _check_swaps(swaps)
-    report = SwapReport()
-    replaced: dict[int, nn.Module] = {}
-    for parent_name, parent in list(model.named_modules()):
-        # _modules, not named_children(): the latter hides a second name of the same child
-        for child_name, child in list(parent._modules.items()):
-            if child is None or type(child) not in swaps:
-                continue
-            new = replaced.get(id(child))
-            if new is None:
-                new = swaps[type(child)]()
-                replaced[id(child)] = new
-            setattr(parent, child_name, new)
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            report.swapped[full] = (type(child).__name__, type(new).__name__)
-            _no_inplace_after(parent, child_name, parent_name, report)
-    if example_input is not None:
-        report.functional = functional_breakers(model, example_input)
-    return report
+__all__ = [
+    "CHAIN_TARGETS", "CHAINED", "DEFAULT_SWAPS", "SwapReport", "apply_chain_activations", "chain_swaps",
+    "functional_breakers", "swap_activations",
+]

@@ -1,0 +1,163 @@
+"""Int8 chains counted at QAT start, before and after ``QATConfig.chain_activations``'s swap.
+
+An int8 conv hands its output to the next conv as int8 (requantize) only where ncnn2int8's
+``fuse_requantize`` finds the next layers reading it to be int8 convs (directly, or through a
+Split whose every output goes to one); see ``ncnn.int8_writer.fuse_by_index``. Between them the
+converted model may hold the conv's folded BatchNorm and ONE activation that the export folds
+into the conv (ReLU, ReLU6 / Hardtanh / clamp, LeakyReLU, Sigmoid, Mish, HardSwish:
+``conversion.activation_fold``); pnnx drops Identity and Dropout. Any other layer (SiLU, GELU,
+an add, a pooling) leaves the conv dequantizing to float.
+
+:func:`predict_chains` applies that rule to the traced data flow of the float model
+(``qat.graph``) and the QAT plan (which convs are int8), so the count needs no export; the
+tests check it against the exported int8 model's ``int8_scale_term`` (``speed.plan.count_chains``).
+:class:`ChainStart` is what ``start.start_qat`` calls: it traces the model, applies the swap,
+undoes it if the start fails, and puts the counts in the plan's notes (its summary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_ncnnqat.qat.activation_swap import CHAINED, SwapReport, apply_chain_activations
+from lightning_ncnnqat.qat.batches import as_call
+from lightning_ncnnqat.qat.bn_fold import is_bn_like
+from lightning_ncnnqat.qat.graph import DataFlow, Node, trace_call
+from lightning_ncnnqat.qat.plan import QATPlan
+from lightning_ncnnqat.qat.wrappers import unwrap
+
+CONV_KINDS = ("Convolution", "ConvolutionDepthWise")
+
+#: Functions the export folds into the conv before them (torch function names as traced).
+FUSED_FUNCTIONS = frozenset({"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_",
+                             "sigmoid", "mish", "hardswish", "hardswish_", "clamp", "clamp_", "clip"})
+_CHAINED_BY_NAME = {c.__name__: c for c in CHAINED}
+_PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
+
+NOTE_KEY = "int8 chains"
+
+
+@dataclass
+class PredictedChains:
+    """Int8 convs of a plan and how many would requantize into the next conv."""
+
+    int8_convs: int
+    requantized: int
+    breakers: dict[str, int] = field(default_factory=dict)  # activation between two int8 convs -> count
+
+
+def _activation(module: nn.Module | None, name: str, renamed: Mapping[str, str]) -> str | None:
+    """``"fused"``, the class name of a chain-breaking activation, or None (not an activation)."""
+    cls_name = renamed.get(name, type(module).__name__ if module is not None else "")
+    if cls_name in _CHAINED_BY_NAME or (name not in renamed and isinstance(module, CHAINED)):
+        return "fused"
+    if cls_name in ("SiLU", "GELU", "Hardswish", "Mish", "ELU", "SELU", "PReLU", "Hardsigmoid", "Tanh", "Softplus"):
+        return cls_name
+    return None
+
+
+def _step(node: Node, conv: str, plan: QATPlan, renamed: Mapping[str, str]) -> str | None:
+    """What one reader of a conv's output is to the chain rule: ``"pass"`` (folded BN, Identity,
+    Dropout), ``"fused"``, a breaker's name, or None (anything else)."""
+    m = node.module
+    if m is None:
+        if node.target in FUSED_FUNCTIONS:
+            return "fused"
+        return {"silu": "SiLU", "gelu": "GELU", "hardswish": "Hardswish"}.get(node.target)
+    if isinstance(m, _PASS_THROUGH):
+        return "pass"
+    if is_bn_like(m) and plan.layers[conv].bn == node.target:
+        tails = [_activation(m.get_submodule(t), f"{node.target}.{t}", renamed) for t in plan.layers[conv].bn_tail]
+        tails = [t for t in tails if t is not None]
+        return tails[0] if tails else "pass"
+    return _activation(m, node.target, renamed)
+
+
+def predict_chains(flow: DataFlow, plan: QATPlan, renamed: Mapping[str, str] | None = None) -> PredictedChains:
+    """Count the plan's int8 convs that would requantize into the next conv (module doc's rule)
+    in the traced ``flow``; ``renamed`` maps swapped activation modules to their new class name."""
+    renamed = renamed or {}
+    convs = {n for n, p in plan.layers.items() if p.kind in CONV_KINDS and len(flow.calls.get(n, [])) == 1}
+    out = PredictedChains(len(convs), 0)
+    for name in sorted(convs):
+        v = flow.module_calls(name)[0].outputs[0]
+        seen_act: str | None = None
+        for _ in range(4):  # BN, Identity/Dropout and one activation at most
+            readers = flow.consumers.get(v, [])
+            if len(readers) != 1:
+                break
+            node = flow.nodes[readers[0]]
+            what = _step(node, name, plan, renamed)
+            if what is None or (what != "pass" and seen_act is not None) or len(node.outputs) != 1:
+                break
+            seen_act = seen_act if what == "pass" else what
+            v = node.outputs[0]
+        readers = flow.consumers.get(v, [])
+        if not readers or v in flow.outputs:
+            continue
+        if all(flow.nodes[r].target in convs and flow.nodes[r].inputs[:1] == [v] for r in readers):
+            if seen_act in (None, "fused"):
+                out.requantized += 1
+            else:
+                out.breakers[seen_act] = out.breakers.get(seen_act, 0) + 1
+    return out
+
+
+@dataclass
+class ChainStart:
+    """The QAT start's part in int8 chains: the float model's data flow, the swap it made."""
+
+    flow: DataFlow | None
+    swap: SwapReport | None
+    chain_activations: str = "off"
+
+    @classmethod
+    def begin(cls, model: nn.Module, example_input: Any, chain_activations: str) -> ChainStart:
+        """Trace ``model`` (for the count; a model that cannot be traced is counted as nothing),
+        then swap its activations as ``chain_activations`` says."""
+        try:
+            args, kwargs = as_call(example_input)
+            flow = trace_call(unwrap(model), args, kwargs)
+        except Exception:  # noqa: BLE001 - a count must never stop a QAT start; the plan's own trace reports errors
+            flow = None
+        return cls(flow, apply_chain_activations(model, chain_activations, example_input), chain_activations)
+
+    def undo(self) -> None:
+        """Put the swapped activations back (the start failed: the model is float as it was)."""
+        if self.swap is not None:
+            self.swap.restore()
+
+    def note(self, plan: QATPlan, log: Callable[[str], None]) -> None:
+        """Put the chain counts into ``plan.notes`` (the summary) and ``log`` them."""
+        if self.flow is None:
+            return
+        before = predict_chains(self.flow, plan)
+        if before.int8_convs == 0:
+            return
+        text = f"{before.requantized} of {before.int8_convs} int8 convs hand their output on in int8 (requantize)"
+        if self.swap is not None and self.swap.swapped:
+            renamed = {n: new for n, (_, new) in self.swap.swapped.items()}
+            after = predict_chains(self.flow, plan, renamed)
+            kinds: dict[str, int] = {}
+            for pair in self.swap.swapped.values():
+                kinds["%s -> %s" % pair] = kinds.get("%s -> %s" % pair, 0) + 1
+            swapped = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+            text = (f"{before.requantized} -> {after.requantized} of {before.int8_convs} int8 convs hand their output on "
+                    f"in int8 (requantize) after chain_activations={self.chain_activations!r} swapped {swapped}")
+            if after.breakers:
+                text += f"; still broken by {_names(after.breakers)}"
+        elif before.breakers:
+            text += (f"; {_names(before.breakers)} break chains: QATConfig(chain_activations='relu' or 'hardswish') "
+                     "swaps them at QAT start (docs/speed.md)")
+        if self.swap is not None and self.swap.functional:
+            text += f"; functional calls not swapped: {', '.join(f'{k} x{v}' for k, v in sorted(self.swap.functional.items()))}"
+        plan.notes[NOTE_KEY] = text
+        log(f"int8 chains: {text}")
+
+
+def _names(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
