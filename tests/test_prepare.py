@@ -78,7 +78,7 @@ def test_skip_patterns_and_linear_rank() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.proj = nn.Linear(6, 6)  # applied to a rank-3 tensor: float in ncnn
+            self.proj = nn.Linear(6, 6)  # applied to a rank-3 tensor: ncnn's int8 Gemm (qat/gemm.py)
             self.head = nn.Linear(24, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_skip_patterns_and_linear_rank() -> None:
     m = Seq()
     plan = prepare_qat(m, torch.randn(2, 3, 8, 8), QATConfig(skip=["he*"]))
     assert set(plan.layers) == {"conv"}
-    assert "rank 3" in plan.float_layers["proj"]
+    assert plan.gemm_layers == {"proj": 3} and "proj" not in plan.float_layers
     assert "skip" in plan.float_layers["head"]
 
 

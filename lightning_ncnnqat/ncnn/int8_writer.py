@@ -49,6 +49,7 @@ import numpy as np
 
 from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.ncnn.bin_layout import BinEntry, locate
+from lightning_ncnnqat.ncnn.int8_gemm import GemmSpec, check_gemm_specs, ncnn2int8_gemm_chunks, write_gemm_int8
 from lightning_ncnnqat.ncnn.model_writer import modelwriter_param_text
 from lightning_ncnnqat.ncnn.param import (
     CONV_TYPES,
@@ -108,28 +109,6 @@ def _flush_denormals(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float32, copy=True)
     a[(np.abs(a) < 1e-30) & (a != 0)] = 0.0
     return a
-
-
-def _ncnn_quantize(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """int8 of ``w`` [rows, cols] with ncnn's own ``quantize_to_int8`` (what ncnn2int8 calls)."""
-    import ncnn
-
-    src = np.ascontiguousarray(w, dtype=np.float32)
-    sc = np.ascontiguousarray(scales, dtype=np.float32)
-    m_src, m_sc, out = ncnn.Mat(src), ncnn.Mat(sc), ncnn.Mat()  # Mats borrow: arrays stay referenced
-    opt = ncnn.Option()
-    opt.use_packing_layout = False
-    opt.num_threads = 1
-    ncnn.quantize_to_int8(m_src, out, m_sc, opt)
-    q = np.array(out, copy=True).astype(np.int8).ravel()
-    del m_src, m_sc, out
-    return q
-
-
-def _absmax_scale(v: np.ndarray) -> np.float32:
-    """``absmax == 0 ? 1 : 127 / absmax`` in float32 (ncnn2int8's quantize_gemm)."""
-    m = np.float32(np.max(np.abs(v))) if v.size else np.float32(0)
-    return np.float32(1) if m == 0 else np.float32(127) / m
 
 
 def _fp16_scalar(a: np.ndarray) -> np.ndarray:
@@ -272,50 +251,6 @@ def _float_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes, float_we
     return out
 
 
-def _gemm_chunks(
-    lay: NcnnLayer, entries: list[BinEntry], data: bytes, float_weights: str = "fp16"
-) -> tuple[list[bytes], dict[str, object]]:
-    """ncnn2int8's quantize_gemm on one layer (``lay`` params are updated in place)."""
-    g = lay.get_int
-    if g(18, 0):
-        return _float_chunks(lay, entries, data, float_weights), {}
-    m, n, k = g(7, 0), g(8, 0), g(9, 0)
-    es = {e.role: e for e in entries}
-    chunks: list[bytes] = []
-    info: dict[str, object] = {}
-    a_scales = b_scale = None
-    for e in entries:
-        if e.tagged and e.tag == TAG_INT8:
-            raise LayerError(None, f"ncnn layer '{lay.name}' (Gemm) already holds int8 data")
-    if "A" in es:
-        a = es["A"].values(data)
-        a = a.reshape(k, m).T if g(2, 0) == 1 else a.reshape(m, k)
-        a_scales = np.array([_absmax_scale(row) for row in a], dtype=np.float32)
-        chunks.append(tagged(TAG_INT8, _ncnn_quantize(a, a_scales).tobytes()))
-        lay.set_int(2, 0)
-        info["A_scales"] = a_scales
-    if "B" in es:
-        b = es["B"].values(data)
-        if g(3, 0) == 0:
-            b = b.reshape(k, n).T
-            b_scale = _absmax_scale(b)
-        else:
-            b = b.reshape(n, k)
-            b_scale = _absmax_scale(b[:1])  # ncnn2int8 reads B_data.w = K values: the first row
-        chunks.append(tagged(TAG_INT8, _ncnn_quantize(b.reshape(1, -1), np.array([b_scale])).tobytes()))
-        lay.set_int(3, 1)
-        info["B_scale"] = float(b_scale)
-        info["B_clipped"] = int(np.count_nonzero(np.abs(b * b_scale) > 127.5))
-    if "C" in es:
-        chunks += _float_chunks(lay, [es["C"]], data, float_weights)
-    if a_scales is not None:
-        chunks.append(raw_f32(a_scales))
-    if b_scale is not None:
-        chunks.append(raw_f32(np.array([b_scale], dtype=np.float32)))
-    lay.set_int(18, 2)
-    return chunks, info
-
-
 def _quantized_chunks(lay: NcnnLayer, entries: list[BinEntry], data: bytes, spec: Int8Spec) -> list[bytes]:
     chunks = []
     for e in entries:
@@ -356,6 +291,7 @@ def write_int8(
     *,
     quantize_gemm: bool = True,
     float_weights: str = "fp16",
+    gemm_specs: dict[str, GemmSpec] | None = None,
 ) -> Int8Result:
     """The int8 .param text and .bin bytes ncnn2int8 writes from ``param``/``bin_bytes`` and a
     table holding ``specs`` (ncnn layer name -> its scales); see the module docstring.
@@ -371,8 +307,14 @@ def write_int8(
     Raises LayerError (naming the torch layer) when a spec does not fit its ncnn layer or when
     consumers of one requantized blob have different input scales; NcnnFormatError when the
     .bin does not match the .param.
+
+    ``gemm_specs`` (ncnn Gemm name -> :class:`~lightning_ncnnqat.ncnn.int8_gemm.GemmSpec`): Gemms
+    QAT trained as int8, written by :func:`~lightning_ncnnqat.ncnn.int8_gemm.write_gemm_int8` with
+    the weight scale of the whole B (not ncnn2int8's first-row scale) whatever ``quantize_gemm``
+    says; ``Int8Result.gemm_int8`` says what was written and what the tool would have written.
     """
     check_float_weights(float_weights)
+    gemm = check_gemm_specs(param, gemm_specs)
     layout = locate(param.layers, bin_bytes)
     quant = _check_specs(param, specs)
     fused = fuse_by_index(param.layers, set(quant))
@@ -403,8 +345,13 @@ def write_int8(
                 first = fused[i][0]
                 chunks.append(raw_f32(np.asarray([quant[first].input_scale], dtype=np.float32)))
                 result.requantize[lay.name] = (names[first], quant[first].input_scale)
+        elif lay.type == "Gemm" and lay.name in gemm:  # QAT-trained int8 Gemm (ncnn/int8_gemm.py)
+            gem, result.gemm_int8[lay.name] = write_gemm_int8(out_lay, entries, bin_bytes, gemm[lay.name])
+            chunks += gem
         elif lay.type == "Gemm" and quantize_gemm:
-            gem, info = _gemm_chunks(out_lay, entries, bin_bytes, float_weights)
+            gem, info = ncnn2int8_gemm_chunks(
+                out_lay, entries, bin_bytes, lambda la, es: _float_chunks(la, es, bin_bytes, float_weights)
+            )
             chunks += gem
             if info:
                 result.gemm_int8[lay.name] = info

@@ -36,7 +36,7 @@ from torch import Tensor
 from lightning_ncnnqat.ops import _registry, reference  # noqa: F401  (registers the ops)
 from lightning_ncnnqat.ops._registry import STATUS
 
-__all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "STATUS", "reference"]
+__all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "fake_quantize_gemm", "STATUS", "reference"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -101,3 +101,33 @@ def fake_quantize_per_tensor(
             raise ValueError(f"{op}: `momentum` must be a float in (0, 1], got {momentum!r}")
         torch.ops.ncnnqat.update_absmax_(x.detach(), running_absmax, float(momentum))
     return torch.ops.ncnnqat.fake_quantize_per_tensor(x, running_absmax, bits)
+
+
+def fake_quantize_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """What ncnn's int8 ``Gemm`` computes for ``nn.Linear`` on a 3-D/4-D input (pnnx's Gemm).
+
+    ``x [..., K]`` is quantized at run time, one scale ``127 / absmax`` per row (the last dim),
+    ``weight [N, K]`` with one scale ``127 / absmax`` for the whole tensor; the int8 products are
+    summed exactly (int32 in ncnn), dequantized per row and ``bias [N]`` is added in float32.
+    Returns ``[..., N]`` in ``x``'s dtype (see :func:`reference.fake_quantize_gemm`: bit-exact with
+    ncnn's x86 and aarch64 kernels). Gradients are straight-through for ``x``, ``weight``, ``bias``.
+
+    Raises TypeError for a non-tensor or a dtype other than float32/16/bf16, ValueError naming the
+    argument for shapes that do not fit (``weight`` not 2-D, ``x.shape[-1] != K``, ``bias`` not
+    ``[N]``) or tensors on different devices.
+    """
+    op = "fake_quantize_gemm"
+    _check_common(op, x, "x", 8)
+    _check_common(op, weight, "weight", 8)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: `weight` must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: `x` must end with K={weight.shape[1]} features, got shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_common(op, bias, "bias", 8)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: `bias` must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
+    return torch.ops.ncnnqat.fake_quantize_gemm(x, weight, bias)

@@ -35,6 +35,8 @@ SCHEMAS = {
         "fold_fake_quantize_weight_backward(Tensor grad_weight_fq, Tensor grad_bias, Tensor weight, Tensor? bias, "
         "Tensor? bn_weight, Tensor bn_mean, Tensor bn_inv_std) -> (Tensor, Tensor)"
     ),
+    # ncnn's int8 Gemm (Linear on 3-D/4-D input): dynamic per-row A, per-tensor B; reference kernel only
+    "fake_quantize_gemm": "fake_quantize_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -189,3 +191,29 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::threshold_f
     torch.library.register_autograd(
         f"{NAMESPACE}::threshold_from_log", _threshold_from_log_backward, setup_context=_threshold_from_log_setup
     )
+
+
+# --- Gemm int8 (Linear on 3-D/4-D input): the reference is its only kernel (CPU and CUDA) -------
+_lib.impl("fake_quantize_gemm", reference.fake_quantize_gemm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fake_quantize_gemm")
+def _fake_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _gemm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _gemm_backward(ctx, grad: Tensor):  # noqa: ANN001
+    # straight-through: the levels are recomputed from the saved float inputs (reference)
+    x, weight = ctx.saved_tensors
+    gx, gw, gb = reference.fake_quantize_gemm_backward(grad, x, weight, ctx.has_bias)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None), (gw if need[1] else None), (gb if need[2] else None)
+
+
+torch.library.register_autograd(f"{NAMESPACE}::fake_quantize_gemm", _gemm_backward, setup_context=_gemm_setup)

@@ -216,3 +216,83 @@ def fold_fake_quantize_weight_backward(
     grad_s = (g * w).sum(dim=1) + gb * centred
     vecs = torch.stack([gb * s, grad_s * bn_inv_std.float(), gb])
     return grad_weight, vecs.contiguous()
+
+
+# --- Gemm int8 (Linear on 3-D/4-D input, pnnx's ``Gemm``) ---------------------------------------
+#: ncnn's Gemm int8 is 8-bit only (src/layer/gemm.cpp: ``127 / absmax`` for A rows and for B).
+GEMM_QMAX = 127.0
+#: Largest K whose int8 dot products stay exact in a float32 accumulator (K * 127 * 127 < 2**24).
+_GEMM_F32_EXACT_K = int(2**24 // (GEMM_QMAX * GEMM_QMAX))
+
+
+def gemm_int8_levels(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The integer levels and scales of ncnn's int8 Gemm with a constant B (float32 tensors).
+
+    ``x`` ``[..., K]`` is A: each row (the last dim) is quantized at run time with its own
+    scale ``127 / absmax(row)`` (1 for an all-zero row), as ``Gemm::forward_int8`` does; the
+    weight ``[N, K]`` is B, one scale ``127 / absmax(B)`` for the whole tensor (what this
+    package writes: ncnn2int8 takes the absmax of B's first row only, see ``ncnn/int8_gemm.py``).
+    Returns ``(qa [M, K], a_absmax [M], qb [N, K], b_scale [])`` with ``M = x.numel() // K``.
+    Rounding is half away from zero, clamped to +-127 (``float2int8``); absmax ignores non-finite
+    values, as every range of this package does.
+    """
+    k = weight.shape[-1]
+    rows = x.contiguous().float().reshape(-1, k)
+    a_abs = finite_absmax(rows, dim=1)
+    a_scale = scale_from_absmax(a_abs, 8)
+    qa = round_half_away(torch.clamp(rows * a_scale[:, None], -GEMM_QMAX, GEMM_QMAX))
+    w = weight.contiguous().float()
+    b_scale = scale_from_absmax(finite_absmax(w), 8)
+    qb = round_half_away(torch.clamp(w * b_scale, -GEMM_QMAX, GEMM_QMAX))
+    return qa, a_abs, qb, b_scale
+
+
+def _int_matmul(qa: Tensor, qb: Tensor) -> Tensor:
+    """``qa @ qb.T`` of integer-valued float32 matrices, exact (ncnn accumulates in int32).
+
+    float32 is exact while ``K * 127**2 < 2**24``, whatever the summation order (also TF32 and
+    bf16 inputs: |q| <= 127 is exact there); beyond that float64. Autocast is off: it would
+    round the products' sums to 16 bits."""
+    with torch.autocast(qa.device.type, enabled=False):
+        if qa.shape[1] <= _GEMM_F32_EXACT_K:
+            return qa @ qb.T
+        return (qa.double() @ qb.double().T).float()
+
+
+def fake_quantize_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """What ncnn's int8 ``Gemm`` (constant B = ``weight``, C = ``bias``, 18=2) computes for ``x``.
+
+    ``x [..., K]`` (float32/16/bf16), ``weight [N, K]``, ``bias [N]`` or None; returns
+    ``[..., N]`` in ``x``'s dtype. With the levels of :func:`gemm_int8_levels`:
+    ``acc = qa @ qb.T`` exactly (int32 in ncnn), ``y = acc * (absmax_row * ((1 / 127) / b_scale))
+    + bias``, each step one float32 rounding. The descale is ncnn's x86 and aarch64 kernels'
+    (``compute_A_tile_fp32_int8_scales``: ``absmax / (127 * B_scale)`` in the source, which the
+    pip wheels' optimised build evaluates as ``absmax * ((1 / 127) / B_scale)``: the form that
+    reproduces ncnn 1.0.20261020 bit for bit on x86 and the emulated Cortex-A53/A76 with fp16
+    storage off, where the source's form is 1-2 ulp off; see docs/export.md).
+    """
+    qa, a_abs, qb, b_scale = gemm_int8_levels(x, weight)
+    inv_qmax = torch.ones_like(b_scale) / torch.full_like(b_scale, GEMM_QMAX)  # tensor / tensor: IEEE float32
+    descale = a_abs * (inv_qmax / b_scale)
+    y = _int_matmul(qa, qb) * descale[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype).contiguous()
+
+
+def fake_quantize_gemm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Straight-through gradients of :func:`fake_quantize_gemm`: the forward as
+    ``x_fq @ w_fq.T + bias`` with the rounding skipped (absmax scales never clip, so there is
+    no clipped region): ``grad_x = grad @ w_fq``, ``grad_w = grad.T @ x_fq``, ``grad_bias =
+    sum(grad)``; float32 math, each in its input's dtype (``grad_bias`` in ``weight``'s)."""
+    qa, a_abs, qb, b_scale = gemm_int8_levels(x, weight)
+    x_fq = qa / scale_from_absmax(a_abs, 8)[:, None]
+    w_fq = qb / b_scale
+    g = grad.contiguous().float().reshape(-1, weight.shape[0])
+    with torch.autocast(g.device.type, enabled=False):
+        grad_x = (g @ w_fq).reshape(x.shape).to(x.dtype).contiguous()
+        grad_w = (g.T @ x_fq).to(weight.dtype).contiguous()
+    grad_b = g.sum(0).to(weight.dtype).contiguous() if has_bias else None
+    return grad_x, grad_w, grad_b

@@ -317,7 +317,7 @@ class QATLinear(_QATLayer, nn.Linear):
 
 __all__ = [
     "InputQuantizer", "QATConv2d", "QATLinear", "FoldedBatchNorm", "FoldedFrozenBatchNorm", "QAT_CLASSES", "ORIG_CLASS",
-    "qat_class_for",
+    "qat_class_for", "QATGemmLinear",
 ]
 
 ORIG_CLASS = "_ncnnqat_orig_class"
@@ -347,3 +347,19 @@ def qat_class_for(m: nn.Module, base: type[nn.Module]) -> type[nn.Module]:
         own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", "__module__", "__doc__")}
         _PARAMETRIZED_QAT[cls] = type(f"QAT{cls.__name__}", (qat,), {**own, "__module__": __name__})
     return _PARAMETRIZED_QAT[cls]
+
+
+_GEMM = torch.ops.ncnnqat.fake_quantize_gemm.default
+
+
+class QATGemmLinear(nn.Linear):
+    """nn.Linear on a 3-D/4-D input, computed as ncnn's int8 ``Gemm`` (pnnx writes it so).
+
+    No input range and no table row: ncnn quantizes every row of the input at run time
+    (``127 / absmax`` per row) and the weight with one scale for the whole tensor
+    (``ops.fake_quantize_gemm``, bit-exact with ncnn's kernels). Swapped in by class like the
+    other QAT layers (``qat/gemm.py``), so the Parameters stay the same objects.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _GEMM(x, self.weight, self.bias)

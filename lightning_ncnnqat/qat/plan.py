@@ -39,15 +39,21 @@ class QATPlan:
     config: QATConfig
     version: int = PLAN_VERSION
     notes: dict[str, str] = field(default_factory=dict)  # other modules worth a line (name -> what)
+    # Linear layers on a 3-D/4-D input, run as ncnn's int8 Gemm (name -> input rank): no input
+    # range, no table row; activations quantized per row at run time (qat/gemm.py)
+    gemm_layers: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "layers": {k: asdict(v) for k, v in self.layers.items()},
             "float_layers": dict(self.float_layers),
             "config": self.config.to_dict(),
             "notes": dict(self.notes),
         }
+        if self.gemm_layers:  # plans without Gemm layers keep their earlier form
+            d["gemm_layers"] = dict(self.gemm_layers)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QATPlan:
@@ -59,12 +65,14 @@ class QATPlan:
             float_layers=dict(d["float_layers"]),
             config=QATConfig.from_dict(d["config"]),
             notes=dict(d.get("notes", {})),
+            gemm_layers={k: int(v) for k, v in d.get("gemm_layers", {}).items()},
         )
 
     def summary(self) -> str:
         """A human-readable table of what runs in int8, what stays in float and why."""
-        lines = [f"ncnn QAT: {len(self.layers)} layers in int8, {len(self.float_layers)} kept in float"]
-        names = list(self.layers) + list(self.float_layers) + list(self.notes)
+        n8 = len(self.layers) + len(self.gemm_layers)
+        lines = [f"ncnn QAT: {n8} layers in int8, {len(self.float_layers)} kept in float"]
+        names = list(self.layers) + list(self.gemm_layers) + list(self.float_layers) + list(self.notes)
         w = max([len(n) for n in names] + [5])
         lines.append(f"  {'layer':<{w}}  {'ncnn type':<20} {'w-bits':>6} {'scales':>6}  notes")
         for name, p in self.layers.items():
@@ -74,6 +82,9 @@ class QATPlan:
             if p.input_owner != name:
                 notes.append(f"input range shared with {p.input_owner}")
             lines.append(f"  {name:<{w}}  {p.kind:<20} {p.weight_bits:>6} {p.num_groups:>6}  {'; '.join(notes)}")
+        for name, rank in self.gemm_layers.items():
+            what = f"{rank}-D input: weight per tensor, input per row at run time"
+            lines.append(f"  {name:<{w}}  {'Gemm':<20} {8:>6} {1:>6}  {what}")
         for name, reason in self.float_layers.items():
             lines.append(f"  {name:<{w}}  {'float':<20} {'-':>6} {'-':>6}  {reason}")
         for name, note in self.notes.items():

@@ -35,6 +35,7 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.qat.export_form import drop_unexported, export_form
+from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, gemm_layer_plan, split_gemm, unprepare_gemm
 from lightning_ncnnqat.qat.graph import DataFlow, trace_call
 from lightning_ncnnqat.qat.modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
 from lightning_ncnnqat.qat.plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
@@ -110,6 +111,8 @@ def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tup
         return None, f"called {len(calls)} times per forward (shared weights); kept in float"
     shape = calls[0].input_shapes[0] if calls[0].input_shapes else ()
     if is_linear:
+        if len(shape) in GEMM_RANKS:  # pnnx's Gemm: int8 with per-row dynamic input (qat/gemm.py)
+            return gemm_layer_plan(name), None
         if len(shape) != 2:
             return None, f"input of rank {len(shape)}: ncnn runs only 2-D InnerProduct in int8"
         return LayerPlan("InnerProduct", 8, m.out_features, name), None
@@ -234,6 +237,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
         elif reason is not None:
             floats[name] = reason
     drop_unexported(flow, layers, floats)  # dead in the export form: the converters drop them
+    gemm = split_gemm(layers, floats, modules, flow)  # no input range, no BN fold: a plan of their own
     for name in list(layers):
         bn, match, reason = _find_bn(name, modules[name], flow)
         if reason is not None:
@@ -251,7 +255,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):
         (call,) = flow.module_calls(name)
         layers[name].input_owner = owner_of_value.setdefault(call.inputs[0], name)
-    return QATPlan(layers, floats, config, notes=notes)
+    return QATPlan(layers, floats, config, notes=notes, gemm_layers=gemm)
 
 
 def apply_plan(model: nn.Module, plan: QATPlan) -> None:
@@ -261,7 +265,8 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
         return
     apply_chain_activations(model, plan.config.chain_activations)  # the activations the plan trains with
     modules = dict(model.named_modules())
-    missing = [n for n in list(plan.layers) + [p.bn for p in plan.layers.values() if p.bn] if n not in modules]
+    missing = [n for n in list(plan.layers) + [p.bn for p in plan.layers.values() if p.bn] + list(plan.gemm_layers)
+               if n not in modules]
     if missing:
         raise ValueError(f"the QAT plan names modules this model does not have: {missing}")
     quantizers: dict[str, InputQuantizer] = {}
@@ -287,6 +292,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             eps = p.bn_eps if p.bn_eps is not None else float(getattr(bn, "eps", 1e-5))
             m.__dict__["_ncnnqat_folded_bn"] = fold_bn(bn, BNMatch(eps, tuple(p.bn_tail)))
             set_stats_live(bn, plan.config.freeze_bn_after > 0)  # statistics train until frozen
+    apply_gemm(modules, plan)
     model.__dict__[PLAN_ATTR] = plan
     install_plan_hooks(model)
 
@@ -325,6 +331,7 @@ def unprepare(model: nn.Module) -> nn.Module:
             m.__dict__.pop(attr, None)
         if p.bn:
             unfold_bn(modules[p.bn], inner.training)
+    unprepare_gemm(modules, plan)
     del inner.__dict__[PLAN_ATTR]
     return model
 
@@ -348,7 +355,7 @@ def measured_float_reasons(model: nn.Module, wrong: dict[str, dict[str, float]])
     where: dict[str, list[str]] = {}
     for target, layers in wrong.items():
         for name, cos in layers.items():
-            if name not in forced and name in plan.layers:
+            if name not in forced and (name in plan.layers or name in plan.gemm_layers):
                 where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
     return {
         name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"

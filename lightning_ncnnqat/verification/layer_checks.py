@@ -31,6 +31,7 @@ from lightning_ncnnqat.ops import reference
 from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE, layer_ok  # noqa: F401  (bars re-exported)
 from lightning_ncnnqat.ncnn.param import NcnnLayer, NcnnParam
+from lightning_ncnnqat.verification import gemm_checks
 from lightning_ncnnqat.verification.parity import agreement
 
 
@@ -71,6 +72,8 @@ class QuantizedRef:
 
 def ncnn_activation(lay: NcnnLayer, y: torch.Tensor) -> torch.Tensor:
     """Apply the activation fused into ``lay`` (param 9, params in 10) as ncnn does."""
+    if lay.type == "Gemm":  # no fused activation (its param 9 is K)
+        return y
     t = lay.get_int(9, 0)
     p = lay.get_array(10)
     if t == 0:
@@ -115,6 +118,8 @@ def _conv_pads(lay: NcnnLayer, h: int, w: int, kh: int, kw: int, sh: int, sw: in
 
 def isolated_reference(lay: NcnnLayer, x_in: np.ndarray, ref: QuantizedRef) -> torch.Tensor:
     """The QAT math of ncnn layer ``lay`` applied to ncnn's own input blob ``x_in`` (float units)."""
+    if lay.type == "Gemm":  # dynamic per-row input quantization: verification/gemm_checks.py
+        return gemm_checks.gemm_isolated_reference(lay, x_in, ref)
     x = fake_quantize(torch.from_numpy(np.ascontiguousarray(x_in, dtype=np.float32)), ref.input_scale)
     w, b = ref.weight_fq.float(), None if ref.bias is None else ref.bias.float()
     if lay.type == "InnerProduct":
