@@ -102,7 +102,7 @@ def export_onnx(
         raise LayerError(None, f"the ONNX graph has inputs {extra} besides {list(input_names)}: a forward argument was not frozen")
     try:
         simplified, ok = onnxsim.simplify(proto)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - onnxsim (not ours) raises anything; re-raised naming it
         raise LayerError(None, f"onnxsim failed: {type(e).__name__}: {e}") from e
     if not ok:
         raise LayerError(None, "onnxsim could not validate the simplified model")

@@ -109,7 +109,7 @@ def _weight_block_quantized(term: int) -> bool:
 def _gemm(lay, g) -> list[BinEntry]:
     term = g(18, 0)
     if _weight_block_quantized(term):
-        raise NcnnFormatError(f"layer '{lay.name}': Gemm with weight-block quantization (18={term}) is not handled")
+        raise NcnnFormatError(f"layer '{lay.name}': Gemm with weight-block quantization (18={term}) is not handled", layer=lay.name)
     m, n, k = g(7, 0), g(8, 0), g(9, 0)
     out = []
     if g(4, 0):
@@ -120,7 +120,7 @@ def _gemm(lay, g) -> list[BinEntry]:
     if g(6, 0) and bt != -1:
         sizes = {0: 1, 1: m, 2: m, 3: n * m, 4: n}
         if bt not in sizes:
-            raise NcnnFormatError(f"layer '{lay.name}': Gemm constant_broadcast_type_C={bt} is invalid")
+            raise NcnnFormatError(f"layer '{lay.name}': Gemm constant_broadcast_type_C={bt} is invalid", layer=lay.name)
         out.append(_t("C", sizes[bt]))
     if term:
         out += ([_r("A_scales", m)] if g(4, 0) else []) + ([_r("B_scale", 1)] if g(5, 0) else [])
@@ -135,7 +135,7 @@ def _mha(lay, g) -> list[BinEntry]:
         )
     e = g(0, 0)
     if e <= 0:
-        raise NcnnFormatError(f"layer '{lay.name}': MultiHeadAttention embed_dim (0={e}) must be positive")
+        raise NcnnFormatError(f"layer '{lay.name}': MultiHeadAttention embed_dim (0={e}) must be positive", layer=lay.name)
     qdim, kdim, vdim = g(2, 0) // e, g(3, e), g(4, e)
     out = [
         _t("q_weight", e * qdim), _r("q_bias", e), _t("k_weight", e * kdim), _r("k_bias", e),
@@ -151,7 +151,7 @@ def _recurrent(lay, g) -> list[BinEntry]:
     hidden = g(3, no) if t == "LSTM" else no
     gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[t]
     if no <= 0 or hidden <= 0:
-        raise NcnnFormatError(f"layer '{lay.name}': {t} num_output (0={no}) must be positive")
+        raise NcnnFormatError(f"layer '{lay.name}': {t} num_output (0={no}) must be positive", layer=lay.name)
     size = g(1, 0) // nd // hidden // gates
     out = [
         _t("weight_xc", size * hidden * gates * nd),
@@ -235,7 +235,7 @@ def layer_entries(lay) -> list[BinEntry]:
     entries = rule(lay, lay.get_int)
     for e in entries:
         if e.count < 0:
-            raise NcnnFormatError(f"layer '{lay.name}' ({lay.type}): negative size {e.count} for its {e.role}")
+            raise NcnnFormatError(f"layer '{lay.name}' ({lay.type}): negative size {e.count} for its {e.role}", layer=lay.name)
     return entries
 
 
@@ -253,7 +253,7 @@ def locate(layers, data: bytes) -> list[list[BinEntry]]:
             e.offset = pos
             if e.tagged:
                 if pos + 4 > len(data):
-                    raise NcnnFormatError(f"layer '{lay.name}': .bin ends inside its {e.role}")
+                    raise NcnnFormatError(f"layer '{lay.name}': .bin ends inside its {e.role}", layer=lay.name)
                 (e.tag,) = struct.unpack_from("<I", data, pos)
                 if e.tag == TAG_FP32:
                     e.nbytes = 4 + 4 * e.count
@@ -270,7 +270,7 @@ def locate(layers, data: bytes) -> list[list[BinEntry]]:
                 e.nbytes = 4 * e.count
             pos += e.nbytes
             if pos > len(data):
-                raise NcnnFormatError(f"layer '{lay.name}': .bin ends inside its {e.role} ({pos} > {len(data)} bytes)")
+                raise NcnnFormatError(f"layer '{lay.name}': .bin ends inside its {e.role} ({pos} > {len(data)} bytes)", layer=lay.name)
         out.append(entries)
     if pos != len(data):
         raise NcnnFormatError(f".bin has {len(data) - pos} bytes after the last layer's data: layout mismatch")

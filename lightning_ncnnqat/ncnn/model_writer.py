@@ -378,6 +378,6 @@ def modelwriter_param_text(param, keep_read_params: bool = True) -> str:
         try:
             params = modelwriter_params(lay.type, lay.params, len(lay.tops), keep_read_params)
         except (NcnnFormatError, ValueError, KeyError) as e:
-            raise NcnnFormatError(f"layer '{lay.name}' ({lay.type}): {e}") from e
+            raise NcnnFormatError(f"layer '{lay.name}' ({lay.type}): {e}", layer=lay.name) from e
         out.append(head + blobs + params)
     return "\n".join(out) + "\n"

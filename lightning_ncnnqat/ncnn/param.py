@@ -71,10 +71,10 @@ class NcnnLayer:
             return default
         i, is_array = hit
         if is_array or "," in self.params[i][1]:
-            raise NcnnFormatError(f"layer '{self.name}': param {pid} is an array, expected an int")
+            raise NcnnFormatError(f"layer '{self.name}': param {pid} is an array, expected an int", layer=self.name)
         text = self.params[i][1]
         if _is_float_text(text):
-            raise NcnnFormatError(f"layer '{self.name}': param {pid} is {text!r}, expected an int")
+            raise NcnnFormatError(f"layer '{self.name}': param {pid} is {text!r}, expected an int", layer=self.name)
         return int(text)
 
     def get_float(self, pid: int, default: float) -> float:
@@ -92,7 +92,7 @@ class NcnnLayer:
             n = int(parts[0])
             vals = parts[1:]
             if len(vals) != n:
-                raise NcnnFormatError(f"layer '{self.name}': array param {pid} declares {n} values, has {len(vals)}")
+                raise NcnnFormatError(f"layer '{self.name}': array param {pid} declares {n} values, has {len(vals)}", layer=self.name)
         else:
             vals = parts
         return [float(v) for v in vals]
@@ -144,12 +144,12 @@ class NcnnParam:
             nb, nt = int(tok[2]), int(tok[3])
             blobs = tok[4 : 4 + nb + nt]
             if len(blobs) != nb + nt:
-                raise NcnnFormatError(f"layer '{name}': declares {nb} inputs and {nt} outputs, lists {len(blobs)}")
+                raise NcnnFormatError(f"layer '{name}': declares {nb} inputs and {nt} outputs, lists {len(blobs)}", layer=name)
             params = []
             for p in tok[4 + nb + nt :]:
                 k, sep, v = p.partition("=")
                 if not sep or not k.lstrip("-").isdigit():
-                    raise NcnnFormatError(f"layer '{name}': malformed param {p!r}")
+                    raise NcnnFormatError(f"layer '{name}': malformed param {p!r}", layer=name)
                 params.append((k, v))
             layers.append(NcnnLayer(typ, name, blobs[:nb], blobs[nb:], params))
         if len(layers) != layer_count:

@@ -126,7 +126,7 @@ def match_bn(m: nn.Module, input_shape: tuple[int, ...]) -> tuple[BNMatch | None
         with torch.no_grad():
             try:
                 y = m(x)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - the user's module on a probe input may raise anything: not BN math
                 return None, f"its eval forward failed on a probe input ({type(exc).__name__}: {exc})"
             if not isinstance(y, Tensor) or y.shape != x.shape:
                 return None, "its eval output is not one tensor of its input's shape"

@@ -104,7 +104,7 @@ def switch_plan(model: nn.Module, plan: QATPlan | None, state: Mapping[str, Any]
             apply_plan(inner, plan)
         follow_inner_copies(inner)  # an EMA inside the model: its QAT buffers are in the state too
         problem = fit_problem(inner, state, strict)
-    except BaseException:
+    except BaseException:  # undo, then re-raise: nothing is swallowed
         back()
         raise
     if problem is not None:

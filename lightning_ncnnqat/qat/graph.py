@@ -167,7 +167,7 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict | None = None, traini
             try:
                 with rec:
                     out = model(*args, **kwargs)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the user's forward: re-raised in eval; in training retried at batch 2
                 if not training:
                     raise
                 doubled = _with_batch_two(args, kwargs)

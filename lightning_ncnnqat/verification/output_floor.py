@@ -90,7 +90,7 @@ class Float32Floor:
             try:
                 got = float64_outputs(*self._args)
                 self._cos = [cosine(r, g) for r, g in zip(self._q_ref, got)]
-            except Exception as e:  # noqa: BLE001 - a model that cannot run in float64 keeps the absolute rule
+            except Exception as e:  # noqa: BLE001 - the user's model run in float64 may raise anything: a note, the bar alone
                 self.error = f"{type(e).__name__}: {e}"
         return self._cos
 
