@@ -2,7 +2,12 @@
 
     python -m lightning_ncnnqat export CHECKPOINT --model pkg.module:ClassName --export-dir DIR
         [--datamodule pkg.module:ClassName | --held-batch FILE] [--held-batch-size N]
-        [--input-shape 1,3,32,32] [--preprocessing JSON_OR_FILE] [--quiet]
+        [--input-shape 1,3,32,32] [--preprocessing JSON_OR_FILE] [--targets x86,arm64-a53]
+        [--float-weights fp16] [--timing-runs N] ... [--quiet]
+
+Every field of :class:`~lightning_ncnnqat.ExportConfig` (the settings ``export()`` and
+``QATCallback(export=...)`` take) is a flag: ``dir`` is ``--export-dir``, ``float_weights``
+``--float-weights`` and so on; ExportConfig checks the values.
 
 Rebuilds the model from a Lightning checkpoint (its ``hyper_parameters`` are passed to the
 class), re-applies the QAT plan the checkpoint carries (full and weights-only checkpoints and a
@@ -14,8 +19,8 @@ model) comes from ``--held-batch FILE`` (``.npy``, ``.npz`` or ``torch.save``'d 
 inputs after normalisation, ``[N, ...]``, or an ``(inputs, targets)`` batch; for a model with
 several inputs, an ``.npz`` with arrays named after forward's parameters or a ``.pt`` tuple/dict
 batch), or from the validation loader of ``--datamodule`` (built from the checkpoint's
-datamodule hyper-parameters), ``--held-batch-size`` samples (default 64). Without either, parity is measured on the one example
-input, which the report calls weak evidence.
+datamodule hyper-parameters), ``--held-batch-size`` samples (default 64). Without either,
+parity is measured on the one example input, which the report calls weak evidence.
 
 Mistakes in the arguments end in one line ``error: ...`` and exit code 2; an export whose
 report flags a layer exits with 1.
@@ -31,20 +36,24 @@ from typing import Any
 import torch
 
 from lightning_ncnnqat.cli_inputs import (
-    DEFAULT_HELD_BATCH_SIZE,
     UsageError,
+    add_export_flags,
     batch_size_of,
     build_datamodule,
     build_model,
     check_export_dir,
     checkpoint_preprocessing,
+    export_config_from_flags,
     first_samples,
     held_from_datamodule,
     load_checkpoint,
     load_held_batch,
-    parse_preprocessing,
 )
-from lightning_ncnnqat.preprocessing import Preprocessing, find_preprocessing
+from lightning_ncnnqat.errors import ExportError
+from lightning_ncnnqat.export.api import export
+from lightning_ncnnqat.export.config import ExportConfig
+from lightning_ncnnqat.ncnn.targets import main as targets_main
+from lightning_ncnnqat.preprocessing import find_preprocessing
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -57,50 +66,33 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--held-batch-size must be an int >= 1, got {text!r}")
-    return n
-
-
 # ---- the command
 
 
 def export_checkpoint(
     checkpoint: str | Path,
     model_spec: str,
-    export_dir: str | Path,
+    config: ExportConfig,
+    *,
     input_shape: tuple[int, ...] | None = None,
     held_batch: str | Path | None = None,
-    verbose: bool = True,
-    *,
     datamodule: str | None = None,
-    held_batch_size: int | None = None,
-    preprocessing: Preprocessing | dict[str, Any] | None = None,
-    targets: str | list[str] = "auto",
-    float_weights: str = "fp32",
+    whole_held_file: bool = True,
+    verbose: bool = True,
 ) -> Any:
-    """Rebuild ``model_spec`` from ``checkpoint`` and export it (what the CLI runs).
+    """Rebuild ``model_spec`` from ``checkpoint`` and export it with ``config`` (what the CLI runs;
+    ``export()`` and ``QATCallback(export=...)`` take the same :class:`ExportConfig`).
+
+    The held batch: the first ``config.held_batch_size`` inputs of ``datamodule``'s validation
+    loader, or the inputs of the ``held_batch`` file (all of them with ``whole_held_file``).
 
     Raises:
         UsageError: a missing/foreign/float checkpoint, a class that does not fit it, an
             unreadable held batch or datamodule, an unwritable export dir, no input shape.
         ExportError: an export step failed.
     """
-    from lightning_ncnnqat.export import export
-
-    from lightning_ncnnqat.export.api import resolve_targets
-
     if held_batch is not None and datamodule is not None:
         raise UsageError("give --held-batch or --datamodule, not both")
-    try:
-        resolve_targets(targets)
-    except ValueError as e:
-        raise UsageError(f"--targets: {e}") from e
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, model_spec)
     if input_shape is not None:
@@ -111,12 +103,12 @@ def export_checkpoint(
     held, source = None, "held batch"
     if held_batch is not None:
         held = load_held_batch(held_batch, model, example)
-        if held_batch_size is not None:
-            held = first_samples(held, held_batch_size)
+        if not whole_held_file:
+            held = first_samples(held, config.held_batch_size)
         source = f"{batch_size_of(held)} inputs from {held_batch}"
     elif datamodule is not None:
         dm = build_datamodule(datamodule, ckpt)
-        held = held_from_datamodule(dm, datamodule, held_batch_size or DEFAULT_HELD_BATCH_SIZE, model, example)
+        held = held_from_datamodule(dm, datamodule, config.held_batch_size, model, example)
         source = f"first {batch_size_of(held)} inputs of {datamodule}.val_dataloader()"
     if example is None:
         if held is None:
@@ -125,8 +117,8 @@ def export_checkpoint(
                 "1,3,32,32), or a held batch (--held-batch / --datamodule) whose first sample is used"
             )
         example = first_samples(held, 1)
-    pre = find_preprocessing(preprocessing, dm, model) or checkpoint_preprocessing(ckpt)
-    out = check_export_dir(export_dir)
+    pre = find_preprocessing(config.preprocessing, dm, model) or checkpoint_preprocessing(ckpt)
+    out = check_export_dir(config.dir)
     if held is None and verbose:
         print(
             "note: no held batch: parity is measured on the example input only; pass --datamodule "
@@ -135,19 +127,14 @@ def export_checkpoint(
         )
     try:
         return export(
-            model, out, example_input=example, held_batch=held, held_batch_source=source, verbose=verbose,
-            targets=targets, preprocessing=pre, float_weights=float_weights,
+            model, out, example_input=example, held_batch=held, held_batch_source=source, config=config,
+            verbose=verbose, preprocessing=pre,
         )
     except (TypeError, ValueError) as e:  # argument checks of export() (held batch shape, targets, ...)
         raise UsageError(str(e)) from e
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["setup-arm"]:  # the emulated ARM targets' set-up (lightning_ncnnqat.ncnn.targets)
-        from lightning_ncnnqat.ncnn.targets import main as targets_main
-
-        return targets_main(["setup", *argv[1:]])
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_ncnnqat",
         description=__doc__.splitlines()[0],
@@ -167,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint", help="Lightning checkpoint (.ckpt, full or weights-only) saved after QAT started"
     )
     ex.add_argument("--model", required=True, help="the LightningModule class, 'package.module:ClassName'")
-    ex.add_argument("--export-dir", required=True, help="directory to write the export into (created)")
     ex.add_argument(
         "--input-shape", type=_shape, default=None,
         help="trace input shape with batch, e.g. 1,3,32,32 (default: the model's example_input_array, "
@@ -185,26 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         help="'package.module:ClassName' of the LightningDataModule: built from the checkpoint's datamodule "
         "hyper-parameters; its validation loader gives the held batch (and its `preprocessing` the deploy note's)",
     )
-    ex.add_argument(
-        "--held-batch-size", type=_positive, default=None,
-        help=f"samples of the held batch to compare on (default {DEFAULT_HELD_BATCH_SIZE} from --datamodule; "
-        "all of --held-batch)",
-    )
-    ex.add_argument(
-        "--preprocessing", default=None,
-        help='input normalisation for DEPLOY.md, JSON or a .json file: {"mean": [...], "std": [...], '
-        '"input_range": 1.0, "channel_order": "RGB"} (default: the datamodule\'s `preprocessing`)',
-    )
-    ex.add_argument(
-        "--targets", default="auto", type=lambda t: t if t == "auto" else [x for x in t.split(",") if x],
-        help="where parity runs: 'auto' (this machine + every emulated ARM profile that is set up) or a "
-        "comma-separated list of x86, arm64-a53, arm64-a76",
-    )
-    ex.add_argument(
-        "--float-weights", default="fp32", choices=["fp32", "fp16"],
-        help="how model.int8.bin stores the weights of layers kept in float: fp32 (as trained) or fp16 "
-        "(byte-identical to ncnn2int8)",
-    )
+    add_export_flags(ex)  # --export-dir, --targets, --float-weights ...: the fields of ExportConfig
     ex.add_argument("--quiet", action="store_true", help="do not print progress and the summary")
     sub.add_parser(
         "setup-arm",
@@ -212,21 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         "same as `python -m lightning_ncnnqat.ncnn.targets setup`",
         add_help=False,
     )
-    args = parser.parse_args(argv)
-    from lightning_ncnnqat.export import ExportError
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["setup-arm"]:  # the emulated ARM targets' set-up (lightning_ncnnqat.ncnn.targets)
+        return targets_main(["setup", *argv[1:]])
+    args = _parser().parse_args(argv)
     try:
-        pre = None if args.preprocessing is None else parse_preprocessing(args.preprocessing)
         report = export_checkpoint(
-            args.checkpoint, args.model, args.export_dir, args.input_shape, args.held_batch, not args.quiet,
-            datamodule=args.datamodule, held_batch_size=args.held_batch_size, preprocessing=pre,
-            targets=args.targets, float_weights=args.float_weights,
+            args.checkpoint, args.model, export_config_from_flags(args), input_shape=args.input_shape,
+            held_batch=args.held_batch, datamodule=args.datamodule,
+            whole_held_file=not hasattr(args, "export_held_batch_size"), verbose=not args.quiet,
         )
     except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

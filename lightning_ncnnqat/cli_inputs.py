@@ -4,6 +4,7 @@ argument and the value (the command prints it and exits with 2)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -26,11 +27,11 @@ from lightning_ncnnqat.qat.batches import (
 )
 from lightning_ncnnqat.qat.checkpoint import CheckpointMismatchError, restore_from_checkpoint
 from lightning_ncnnqat.errors import NcnnQatError
+from lightning_ncnnqat.export.config import ExportConfig, field_docs
+from lightning_ncnnqat.ncnn.int8_writer import FLOAT_WEIGHTS
 from lightning_ncnnqat.qat.plan_state import checkpoint_plan, plan_key_in, state_of, without_plan
 from lightning_ncnnqat.qat.prepared import strip_wrapper_prefixes
 from lightning_ncnnqat.preprocessing import Preprocessing
-
-DEFAULT_HELD_BATCH_SIZE = 64
 
 
 class UsageError(NcnnQatError, ValueError):
@@ -304,3 +305,87 @@ def check_export_dir(path: str | Path) -> Path:
     except OSError as e:
         raise UsageError(f"--export-dir '{p}' cannot be created or written: {e.strerror or e}") from e
     return p
+
+
+# ---- the export's settings: one flag per ExportConfig field
+
+#: ExportConfig fields the command takes, in --help order (``preflight`` is the callback's alone).
+EXPORT_FLAGS = (
+    "dir", "targets", "float_weights", "preprocessing", "held_batch_size", "layer_check_samples", "timing_runs",
+    "timing_threads", "check_onnx", "opset", "target_time_limit_s",
+)
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of an ExportConfig field (``dir`` is ``--export-dir``)."""
+    return "--export-dir" if field == "dir" else "--" + field.replace("_", "-")
+
+
+def _number(kind: type, none_ok: bool) -> Any:
+    def parse(text: str) -> Any:
+        if none_ok and text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            return text  # ExportConfig names the flag's field and the value
+    return parse
+
+
+_PARSE: dict[str, Any] = {
+    "targets": lambda t: t if t == "auto" else [x for x in t.split(",") if x],
+    "held_batch_size": _number(int, False),
+    "layer_check_samples": _number(int, False),
+    "timing_runs": _number(int, False),
+    "timing_threads": _number(int, True),
+    "opset": _number(int, False),
+    "target_time_limit_s": _number(float, True),
+}
+
+_EXTRA_HELP = {
+    "dir": "",
+    "targets": " Comma-separated, e.g. x86,arm64-a53.",
+    "timing_threads": " 'none': ncnn's default.",
+    "target_time_limit_s": " 'none': no limit.",
+    "preprocessing": ' JSON or a .json file: {"mean": [...], "std": [...], "input_range": 1.0, '
+                     '"channel_order": "RGB"}; default here: the datamodule\'s or the checkpoint\'s.',
+    "held_batch_size": " Default: 64 from --datamodule, all of --held-batch.",
+}
+
+
+def add_export_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ExportConfig field the command takes, its help the field's documentation
+    (written once, in ExportConfig's docstring). Values are parsed here and checked by
+    ExportConfig when :func:`export_config_from_flags` makes it."""
+    docs = field_docs(ExportConfig)
+    defaults = ExportConfig()
+    for field in EXPORT_FLAGS:
+        text = docs[field] + _EXTRA_HELP.get(field, f" Default: {getattr(defaults, field)}.")
+        kw: dict[str, Any] = {"dest": f"export_{field}", "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if field != "check_onnx":
+            kw["metavar"] = field.upper()
+        if field == "dir":
+            kw["required"] = True
+        elif field == "check_onnx":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif field == "float_weights":
+            kw["choices"] = list(FLOAT_WEIGHTS)
+        elif field in _PARSE:
+            kw["type"] = _PARSE[field]
+        parser.add_argument(flag_of(field), **kw)
+
+
+def export_config_from_flags(args: argparse.Namespace) -> ExportConfig:
+    """The ExportConfig the flags give (an absent flag: the field's default).
+
+    Raises:
+        UsageError: a value ExportConfig refuses, named by its flag.
+    """
+    values = {f: getattr(args, f"export_{f}") for f in EXPORT_FLAGS if hasattr(args, f"export_{f}")}
+    if "preprocessing" in values:
+        values["preprocessing"] = parse_preprocessing(values["preprocessing"])
+    try:
+        return ExportConfig(**values)
+    except NcnnQatError as e:
+        flag = flag_of(e.argument) if e.argument in EXPORT_FLAGS else "error"
+        raise UsageError(f"{flag}: {e}") from e

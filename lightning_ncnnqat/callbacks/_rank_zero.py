@@ -43,3 +43,20 @@ def on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
             raise RuntimeError(f"QATCallback: the {what} failed on global rank 0: {msg}")
     if error is not None:
         raise error
+
+def rank_zero_once(trainer: Any, pl_module: Any) -> Callable[[str, Callable[[], Any]], Any]:
+    """The QAT start's ``run_once``: ``fn`` on global rank 0 alone (ranges not all-reduced), its
+    result broadcast so every rank starts from the same thresholds and plan."""
+
+    def run_once(what: str, fn: Callable[[], Any]) -> Any:
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            with ranges_unsynced(pl_module):
+                box["result"] = fn()
+
+        on_rank_zero(trainer, what, run)
+        result = box.get("result")
+        return trainer.strategy.broadcast(result, src=0) if trainer.world_size > 1 else result
+
+    return run_once

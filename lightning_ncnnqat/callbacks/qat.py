@@ -6,23 +6,21 @@ Lightning hooks only; the surgery lives in :mod:`lightning_ncnnqat.qat.prepare`,
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
 from lightning_ncnnqat.qat.batches import as_call, example_from_batch, from_call, map_tensors
 from lightning_ncnnqat.qat.config import QATConfig
-from lightning_ncnnqat.preprocessing import find_preprocessing
 from lightning_ncnnqat.qat.plan import QATPlan, get_plan
 from lightning_ncnnqat.qat.prepared import check_ranges, input_quantizers
 from lightning_ncnnqat.qat.prepare import check_skip
-from lightning_ncnnqat.qat.checkpoint import follow_checkpoint_plan
 from lightning_ncnnqat.start import start_qat
-from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
-from lightning_ncnnqat.errors import ConfigError
+from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
+from lightning_ncnnqat.export.config import ExportConfig
+from lightning_ncnnqat.callbacks._settings import export_config, qat_config, split_old
+from lightning_ncnnqat.callbacks._export import export_at_fit_end, export_path, preflight_measure
+from lightning_ncnnqat.callbacks._restore import install_restore_hook
 from lightning_ncnnqat.callbacks._compat import CALLBACK_BASES, override, rank_zero_info, rank_zero_warn
 from lightning_ncnnqat.callbacks._fit_start import (
     check_example_runs, check_max_epochs, check_precision, check_start_reachable, debug_run, model_example,
@@ -32,162 +30,88 @@ from lightning_ncnnqat.callbacks._averaging import AveragedCopies, averaging_win
 from lightning_ncnnqat.callbacks._bn_stats import freeze_if_due
 from lightning_ncnnqat.callbacks._computed_watch import ComputedWatch
 from lightning_ncnnqat.callbacks._watch import CollapseWatch, divergence_hint, note_collapse
-from lightning_ncnnqat.callbacks._held import check_held_batch, held_batch, model_probe
-from lightning_ncnnqat.callbacks._rank_zero import on_rank_zero, ranges_unsynced
+from lightning_ncnnqat.callbacks._held import check_held_batch
+from lightning_ncnnqat.callbacks._rank_zero import on_rank_zero, rank_zero_once
 from lightning_ncnnqat.callbacks._rng import user_rng_untouched
 from lightning_ncnnqat.callbacks._train_batches import train_inputs
+
 
 class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Quantization-aware training for ncnn int8, from epoch ``start_epoch`` to the end of fit.
 
-    At the start of epoch ``start_epoch`` it folds every BatchNorm-like module (any
-    ``_BatchNorm`` subclass, SyncBatchNorm, BN + activation modules such as timm's
-    ``BatchNormAct2d``, frozen BNs) whose eval math is BN and that alone reads a Conv2d/Linear
-    output into that layer (statistics frozen); a layer feeding a BN-like module that cannot be
-    folded stays float. It fake-quantizes every layer ncnn runs in int8: weights per output
-    channel (per group for depthwise convs), 6-bit for 3x3 stride-1 convs, inputs per tensor
-    from a moving-average range shared by all readers of a tensor. Layers that run only in
-    eval mode (no training step gives them a range) stay float. Ranges move only in training
-    steps. At the end of fit (global rank 0) it exports the ONNX model, the ncnn tables, a
-    ready-to-run int8 ncnn model and a parity report.
+    At the start of epoch ``start_epoch`` it folds the BatchNorm-like modules into the layers
+    they follow and fake-quantizes every layer ncnn runs in int8, as ncnn2table and ncnn2int8
+    would (``config``); at the end of fit (global rank 0) it exports the int8 ncnn model with a
+    parity report measured in ncnn (``export``). What and why: ``docs/manual.md``.
 
     Args:
         start_epoch: epoch at which QAT starts (0 = from the first epoch). Fine-tuning a
             trained float model for a few epochs is the usual recipe.
-        momentum: weight of the newest batch in each input range's moving average, in (0, 1].
-        six_bit_3x3: 6-bit weights for 3x3 stride-1 dilation-1 convs, as ncnn2table does.
-        skip: module names or fnmatch patterns of layers to keep in float.
-        quantize_grouped_convs: grouped convs (1 < groups < channels) in int8: ``"auto"``
-            (default) runs them in int8 except where the preflight measures that a target
-            computes them wrongly (kept in float before training, named per target); ``True``
-            int8 without that; ``False`` float.
-        sync_ranges: all-reduce input ranges across processes under DDP.
-        export_dir: where ``on_fit_end`` writes the export; relative paths are resolved
-            against ``trainer.default_root_dir``. ``None`` turns export off.
+        config: what QAT quantizes and how (:class:`~lightning_ncnnqat.QATConfig`, or a dict of
+            its fields); None: its defaults.
+        export: the export at the end of fit (:class:`~lightning_ncnnqat.ExportConfig`: where,
+            on which targets, the preflight at QAT start, ...; or a dict of its fields); True:
+            its defaults (into ``ncnn_export`` under ``trainer.default_root_dir``); False or
+            None: no export and no preflight.
         example_input: input used to trace the model and export it; defaults to the
             LightningModule's ``example_input_array``, then to the first training batch (its
             first k elements, or its values under forward's names for a dict batch, where k is
             the number of forward's required positional parameters).
-        held_batch_size: number of validation inputs the parity report compares on.
         log_every_n_steps: how often input ranges and clipped fractions are logged (0 = never).
         verbose: print the QAT summary and the export summary.
-        preflight: when ``export_dir`` is set, check when fit starts that it can be written,
-            and right after QAT starts run the export chain (ONNX, pnnx, layer matching, int8
-            writer) on the just-prepared model, so a model that cannot export fails within
-            seconds of QAT start, naming the step and layer, not after the last epoch; it also
-            runs every int8 layer once on each target and keeps in float, before training, the
-            layers a target computes wrongly.
-        targets: where the export (and the preflight) checks the int8 model: ``"auto"`` (this
-            machine plus the emulated ARM profiles that are set up: ``python -m
-            lightning_ncnnqat setup-arm``), or a list of ``"x86"``, ``"arm64-a53"``, ``"arm64-a76"``.
-        preprocessing: the input normalisation, for the deployment note (``{"mean": [...],
-            "std": [...]}`` or a :class:`~lightning_ncnnqat.Preprocessing`); default: the
-            datamodule's or the LightningModule's ``preprocessing`` attribute.
-        range_init: where each input threshold starts: ``"first_batch"`` (the first QAT batch's
-            absmax), or ncnn2table's calibration ``"absmax"``, ``"kl"``, ``"aciq"`` on the
-            BN-folded float model over the first ``calibration_batches`` training batches
-            (run at QAT start on global rank 0, broadcast to every rank).
-        calibration_batches: training batches the calibrated start reads.
-        ranges: how thresholds move during QAT: ``"moving_average"`` (with ``momentum``),
-            ``"fixed"`` (where ``range_init`` put them) or ``"learned"`` (trained: Adam on
-            ``log(threshold)`` with ``range_lr``, stepped with the first optimizer, gradients
-            un-scaled under AMP and averaged over DDP ranks; its state is in the checkpoint).
-        range_lr: learning rate of the learned thresholds' log.
-        float_weights: how model.int8.bin stores the weights of layers kept in float:
-            ``"fp32"`` (the float32 weights QAT trained; parity at the float32 floor) or
-            ``"fp16"`` (what ncnn2int8 writes, byte-identical to the tool; smaller).
-        freeze_bn_after: epochs after QAT starts during which the folded BatchNorms' statistics
-            keep training (batch statistics in training steps, as torch.ao's ConvBn before
-            ``freeze_bn_stats``); 0 (default): frozen when QAT starts.
+        **deprecated: the keyword arguments of release 0.1 (``momentum=``, ``export_dir=``,
+            ``targets=`` ...) still work for one release: each warns with a DeprecationWarning
+            naming its place in ``config`` or ``export``; one given beside ``config`` /
+            ``export`` with another value raises ConfigError.
 
-    ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor (one
-    input), a tuple/list (positional inputs, ``model(*x)``) or a dict (keyword inputs,
-    ``model(**x)``). A required ``forward`` parameter it does not supply raises when QAT starts.
+    In LightningCLI YAML the two objects nest under the callback's ``init_args``::
 
-    Checkpoints cross the QAT boundary both ways (``fit``/``validate``/``test``/``predict`` with
-    ``ckpt_path``): a checkpoint saved during QAT re-applies its plan to a float model before
-    the weights load, and a float checkpoint loaded into a QAT-prepared model first returns the
-    model to float (same Parameters; QAT starts again at ``start_epoch``).
+        - class_path: lightning_ncnnqat.QATCallback
+          init_args:
+            start_epoch: 7
+            config: {range_init: kl, calibration_batches: 8}
+            export: {dir: runs/export, targets: [x86, arm64-a53]}
 
-    Fit-start rules (:mod:`._fit_start`): ``precision`` "32-true", "*-mixed" and "bf16-true" /
-    "16-true" train with QAT (thresholds stay float32; the export and its preflight run on a
-    float32 copy); "64-true", Transformer Engine and bitsandbytes are refused in ``setup``. A
-    ``start_epoch`` that ``max_epochs`` or ``max_steps`` never reaches is refused before the
-    first training step; ``max_time`` warns. Under ``fast_dev_run`` QAT starts at once and the
-    export runs in a temporary directory (``export_dir`` is not touched).
+    ``example_input`` follows Lightning's ``example_input_array`` convention: a Tensor, a
+    tuple/list (``model(*x)``) or a dict (``model(**x)``). Checkpoints cross the QAT boundary both
+    ways (a QAT checkpoint's plan is re-applied before its weights load; a float one returns the
+    model to float). What can be known at fit start is checked then (:mod:`._fit_start`:
+    precision, a reachable ``start_epoch``, ``fast_dev_run`` exporting into a temporary directory).
+
+    Raises:
+        ConfigError / ConfigTypeError: a setting's value or type is wrong (named, with the value).
     """
 
     def __init__(
         self,
         start_epoch: int = 0,
-        momentum: float = 0.1,
-        six_bit_3x3: bool = True,
-        skip: Optional[list[str]] = None,
-        quantize_grouped_convs: Union[bool, str] = "auto",
-        sync_ranges: bool = True,
-        export_dir: Optional[str] = "ncnn_export",
+        config: Optional[QATConfig] = None,
+        export: Union[ExportConfig, bool, None] = True,
         example_input: Any = None,
-        held_batch_size: int = 64,
         log_every_n_steps: int = 50,
         verbose: bool = True,
-        preflight: bool = True,
-        targets: Union[str, list[str]] = "auto",
-        preprocessing: Any = None,
-        range_init: Literal["first_batch", "absmax", "kl", "aciq"] = "first_batch",
-        calibration_batches: int = 16,
-        ranges: Literal["moving_average", "fixed", "learned"] = "moving_average",
-        range_lr: float = 1e-3,
-        float_weights: Literal["fp32", "fp16"] = "fp32",
-        freeze_bn_after: int = 0,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("start_epoch", start_epoch, 0),
-            ("held_batch_size", held_batch_size, 1),
-            ("log_every_n_steps", log_every_n_steps, 0),
-        ):
+        for name, value, low in (("start_epoch", start_epoch, 0), ("log_every_n_steps", log_every_n_steps, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
-            raise TypeError(f"`export_dir` must be a path or None, got {export_dir!r}")
+                raise ConfigError(f"`{name}` must be an int >= {low}, got {value!r}", argument=name, value=value)
         if example_input is not None:
             try:
                 args, kwargs = as_call(example_input)
             except TypeError as exc:
-                raise TypeError(f"`example_input`: {exc}") from None
+                raise ConfigTypeError(f"`example_input`: {exc}", argument="example_input") from None
             if not any(isinstance(v, Tensor) for v in (*args, *kwargs.values())):
-                raise TypeError(f"`example_input` holds no Tensor: {example_input!r}")
-        for name, flag in (("verbose", verbose), ("preflight", preflight)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        self.config = QATConfig(
-            momentum=momentum,
-            six_bit_3x3=six_bit_3x3,
-            skip=tuple(skip or ()),
-            quantize_grouped_convs=quantize_grouped_convs,
-            sync_ranges=sync_ranges,
-            range_init=range_init,
-            calibration_batches=calibration_batches,
-            ranges=ranges,
-            range_lr=range_lr,
-            freeze_bn_after=freeze_bn_after,
-        )
+                raise ConfigTypeError(f"`example_input` holds no Tensor: {example_input!r}", argument="example_input")
+        if not isinstance(verbose, bool):
+            raise ConfigTypeError(f"`verbose` must be a bool, got {verbose!r}", argument="verbose", value=verbose)
+        old_qat, old_export = split_old(deprecated)
+        self.config = qat_config(config, old_qat)
+        self.export_config = export_config(export, old_export)  # None: no export
         self.start_epoch = start_epoch
-        self.export_dir = None if export_dir is None else os.fspath(export_dir)
         self.example_input = example_input
-        self.held_batch_size = held_batch_size
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
-        self.preflight = preflight
-        from lightning_ncnnqat.export.api import resolve_targets
-        from lightning_ncnnqat.preprocessing import Preprocessing
-
-        resolve_targets(targets)  # raises naming an unknown target
-        self.targets = targets if isinstance(targets, str) else list(targets)
-        self.preprocessing = None if preprocessing is None else Preprocessing.from_dict(preprocessing)
-        from lightning_ncnnqat.ncnn.int8_writer import check_float_weights
-
-        self.float_weights = check_float_weights(float_weights)
         self.plan: QATPlan | None = None
         self.export_report: Any = None
         self._traced_example: Any = None
@@ -207,6 +131,31 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def active(self) -> bool:
         """Whether the model is being trained with fake quantization."""
         return self.plan is not None
+
+    # read-only views of ``export_config`` (None when there is no export)
+    @property
+    def export_dir(self) -> str | None:
+        return None if self.export_config is None else self.export_config.dir
+
+    @property
+    def preflight(self) -> bool:
+        return self.export_config is not None and self.export_config.preflight
+
+    @property
+    def targets(self) -> Any:
+        return (self.export_config or ExportConfig()).targets
+
+    @property
+    def float_weights(self) -> str:
+        return (self.export_config or ExportConfig()).float_weights
+
+    @property
+    def held_batch_size(self) -> int:
+        return (self.export_config or ExportConfig()).held_batch_size
+
+    @property
+    def preprocessing(self) -> Any:
+        return None if self.export_config is None else self.export_config.preprocessing
 
     # ---- set-up and resume ------------------------------------------------------------
 
@@ -243,34 +192,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             on_rank_zero(trainer, "export_dir check", check)
 
     def _install_restore_hook(self, pl_module: Any) -> None:
-        """Re-apply the checkpoint's QAT plan before Lightning loads the state dict into the model.
-
-        Lightning calls ``LightningModule.on_load_checkpoint`` with the loaded checkpoint just
-        before loading the weights; the callbacks' own hook comes only after, too late to add the
-        quantizer buffers and fold the BatchNorms the checkpoint's state dict expects.
-        """
-        if "on_load_checkpoint" in pl_module.__dict__:
-            return
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            # the plan of any checkpoint form (weights-only too); atomic: a checkpoint that does
-            # not fit raises here and leaves the model as it was (lightning_ncnnqat.qat.checkpoint)
-            before = get_plan(pl_module)
-            follow_checkpoint_plan(pl_module, checkpoint, strict=pl_module.strict_loading)
-            if pl_module._trainer is not None:  # averaging copies take the plan before their callbacks load
-                self._copies.follow(pl_module._trainer, pl_module, self, sync=False)
-            self.plan = get_plan(pl_module)
-            if before is not None and self.plan is None:
-                rank_zero_info(
-                    "QATCallback: the checkpoint was saved before QAT started; the model is returned to float "
-                    "to load it (QAT starts again at `start_epoch`)"
-                )
-            elif before is not None and self.plan is not before:
-                rank_zero_info("QATCallback: the checkpoint was saved with another QAT plan; the model takes its plan")
-            return original(checkpoint)
-
-        pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+        install_restore_hook(self, pl_module)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -361,15 +283,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.export_dir is not None and self.example_input is None and pl_module.example_input_array is None:
             self._check_held(trainer, pl_module, example)  # traced on the first batch: not checked at train start
         self._traced_example = example
-        measure = None
-        if self.preflight and self.export_dir is not None:
-
-            def measure(model: Any, ex: Any) -> dict[str, dict[str, float]]:
-                from lightning_ncnnqat.export.preflight import preflight
-
-                held, _ = held_batch(trainer, pl_module, ex, self.held_batch_size, model_probe(trainer, pl_module))
-                return preflight(model, ex, verbose=self.verbose, targets=self.targets,  # ranges set from `held`
-                                 float_weights=self.float_weights, held_batch=held)
+        measure = preflight_measure(trainer, pl_module, self.export_config, self.verbose)  # None: no preflight
 
         def log(line: str) -> None:
             if self.verbose:
@@ -378,7 +292,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         with user_rng_untouched():  # calibration and the preflight read the user's loaders
             self.plan = start_qat(
                 pl_module, example, self.config, calibration=lambda n: train_inputs(trainer, pl_module, n),
-                measure=measure, run_once=self._run_once(trainer, pl_module), log=log,
+                measure=measure, run_once=rank_zero_once(trainer, pl_module), log=log,
                 warn=lambda line: rank_zero_warn(f"QATCallback: {line}"), who="QATCallback",
             )
         if self.verbose:
@@ -389,24 +303,6 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         copies = self._copies.follow(trainer, pl_module, self, sync=True)
         if copies and self.verbose:
             rank_zero_info(f"QATCallback: model copies follow the QAT plan: {', '.join(copies)}")
-
-    @staticmethod
-    def _run_once(trainer: Any, pl_module: Any) -> Any:
-        """The QAT start's ``run_once``: ``fn`` on global rank 0 alone (ranges not all-reduced),
-        its result broadcast so every rank starts from the same thresholds and plan."""
-
-        def run_once(what: str, fn: Any) -> Any:
-            box: dict[str, Any] = {}
-
-            def run() -> None:
-                with ranges_unsynced(pl_module):
-                    box["result"] = fn()
-
-            on_rank_zero(trainer, what, run)
-            result = box.get("result")
-            return trainer.strategy.broadcast(result, src=0) if trainer.world_size > 1 else result
-
-        return run_once
 
     # ---- learned ranges ---------------------------------------------------------------
 
@@ -481,42 +377,11 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             raise error
 
     def _export_path(self, trainer: Any) -> str:
-        assert self.export_dir is not None
-        if os.path.isabs(self.export_dir):
-            return self.export_dir
-        return os.path.join(trainer.default_root_dir, self.export_dir)
-
-    def _example(self, pl_module: Any) -> Any:
-        example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        return self._traced_example if example is None else example  # else: traced on the first batch
+        assert self.export_config is not None
+        return export_path(self.export_config, trainer)
 
     def _export(self, trainer: Any, pl_module: Any) -> Any:
-        from lightning_ncnnqat.export import export
-
-        example = float32_example(self._example(pl_module))
-        held, source = held_batch(trainer, pl_module, example, self.held_batch_size, model_probe(trainer, pl_module))
-        with contextlib.ExitStack() as stack:
-            export_dir = self._export_path(trainer)
-            if debug_run(trainer):  # Lightning's fast_dev_run writes nothing: a debug run never overwrites an export
-                export_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ncnnqat_fast_dev_run_"))
-            stack.enter_context(ranges_unsynced(pl_module))
-            model = stack.enter_context(float32_model(pl_module))  # the float32 copy under a *-true precision
-            debug = debug_run(trainer)
-            report = export(
-                model,
-                export_dir,
-                example_input=example,
-                held_batch=held,
-                held_batch_source=source,
-                verbose=self.verbose and not debug,  # its summary would name files about to be removed
-                targets=self.targets,
-                preprocessing=find_preprocessing(self.preprocessing, getattr(trainer, "datamodule", None), pl_module),
-                float_weights=self.float_weights,
-            )
-            if debug and self.verbose:
-                rank_zero_info(
-                    f"QATCallback: fast_dev_run: the export chain ran in a temporary directory, now removed "
-                    f"(ok={report.ok}; {len(report.warnings)} warning(s)); a run without fast_dev_run writes "
-                    f"{self._export_path(trainer)!r}"
-                )
-            return report
+        assert self.export_config is not None
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        example = self._traced_example if example is None else example  # else: traced on the first batch
+        return export_at_fit_end(trainer, pl_module, self.export_config, example, self.verbose)

@@ -7,7 +7,8 @@ writer, parity checks, the isolated ncnn runtime) are usable on their own from t
 from __future__ import annotations
 
 from lightning_ncnnqat.export.api import export, validate_layers
+from lightning_ncnnqat.export.config import ExportConfig
 from lightning_ncnnqat.errors import ExportError, LayerError
 from lightning_ncnnqat.verification.report import ExportReport, LayerReport, OutputParity
 
-__all__ = ["export", "ExportReport", "LayerReport", "OutputParity", "ExportError", "LayerError", "validate_layers"]
+__all__ = ["export", "ExportConfig", "ExportReport", "LayerReport", "OutputParity", "ExportError", "LayerError", "validate_layers"]

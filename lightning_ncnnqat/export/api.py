@@ -41,10 +41,11 @@ from lightning_ncnnqat.qat.export_form import in_export_form
 from lightning_ncnnqat.qat.plan import QuantLayerInfo, get_plan
 from lightning_ncnnqat.qat.prepared import float_layers, folded_float_model, input_quantizers, quantized_layers
 from lightning_ncnnqat.qat.prepared import deepcopy_model
-from lightning_ncnnqat.preprocessing import Preprocessing, find_preprocessing
+from lightning_ncnnqat.preprocessing import find_preprocessing
 from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.export.config import ExportConfig, resolve_targets
 from lightning_ncnnqat.export.deploy_kit import write_deploy_kit
-from lightning_ncnnqat.errors import ExportError, LayerError
+from lightning_ncnnqat.errors import ConfigTypeError, ExportError, LayerError
 from lightning_ncnnqat.files import OUTPUT_NAMES, remove_stale_outputs, write_files_atomically
 from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, check_float_weights, write_int8
 from lightning_ncnnqat.verification.layer_checks import QuantizedRef
@@ -319,29 +320,16 @@ def _ncnn_branch(
                 float_param=f_param, wirings=wirings, say=(lambda m: print(m, flush=True)) if verbose else None)
 
 
-def _check_time_limit(v: float | None) -> float | None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-        raise ValueError(f"`target_time_limit_s` must be a number of seconds > 0 or None, got {v!r}")
-    return None if v is None else float(v)
-
-
 def export(
     model: nn.Module,
-    export_dir: str | Path,
+    export_dir: str | Path | None = None,
     example_input: Any = None,
     held_batch: Any = None,
     held_batch_source: str = "held batch",
     *,
+    config: ExportConfig | None = None,
     verbose: bool = True,
-    layer_check_samples: int = 4,
-    timing_runs: int = 30,
-    timing_threads: int | None = 1,
-    check_onnx: bool = True,
-    opset: int = 17,
-    targets: str | Sequence[str] = "auto",
-    preprocessing: Preprocessing | dict | None = None,
-    float_weights: str = "fp32",
-    target_time_limit_s: float | None = 1800.0,
+    **settings: Any,
 ) -> ExportReport:
     """Export a QAT-prepared model (nn.Module, LightningModule, or one wrapped by DataParallel,
     DDP, torch.compile or Fabric) for ncnn; see the module doc for the steps and files.
@@ -350,7 +338,8 @@ def export(
         model: the QAT model (prepared by ``prepare_qat`` / ``QATCallback``). Input ranges that
             no training step set (layers that run only in eval mode) are set from the held batch
             on a copy, with a warning in the report.
-        export_dir: directory to write into (created; earlier outputs of an export are replaced).
+        export_dir: directory to write into (created; earlier outputs of an export are
+            replaced); default: ``config.dir``.
         example_input: one input for tracing, in Lightning's ``example_input_array`` form (Tensor,
             tuple of positional inputs, dict of keyword inputs); the first sample of each tensor
             is used. Defaults to ``model.example_input_array``.
@@ -358,72 +347,41 @@ def export(
             tensors) or as a dataloader batch holding them (``(inputs, targets)``, dict); defaults
             to the example input, which the report then says.
         held_batch_source: where the held batch came from, for the report.
+        config: the export's settings (:class:`~lightning_ncnnqat.ExportConfig`: targets, float
+            weights, preprocessing, timing ...), the object ``QATCallback(export=...)`` and the
+            export command take; default: ``ExportConfig()``. Its ``preprocessing`` defaults to
+            ``model.preprocessing`` if the model has one.
         verbose: print a line per step and the summary at the end.
-        layer_check_samples: samples of the held batch used for the per-layer check.
-        timing_runs: timed inferences per model (median reported); 0 skips timing.
-        timing_threads: ncnn threads for the timing (None: ncnn's default). One thread by default:
-            stable numbers on a shared or busy machine.
-        check_onnx: also run model.onnx with onnxruntime and compare with PyTorch (warning only).
-        opset: ONNX opset.
-        targets: where parity and the per-layer checks run: ``"x86"`` (this machine's ncnn) and
-            the emulated ARM profiles ``"arm64-a53"`` / ``"arm64-a76"`` (the real aarch64 ncnn
-            under qemu with its default options; set up once with ``python -m lightning_ncnnqat
-            setup-arm``). ``"auto"``: this machine plus every ARM profile that is set up; an
-            absent one is named in the report's notes with the set-up command, never a failure.
-        preprocessing: the input normalisation (:class:`~lightning_ncnnqat.Preprocessing` or its
-            dict form), written into ``DEPLOY.md`` and ``run_int8.py`` in ncnn's terms
-            (``mean_vals``/``norm_vals``); defaults to ``model.preprocessing`` if the model has one.
-        float_weights: how model.int8.bin stores the weights of layers kept in float: ``"fp32"``
-            (default) the float32 weights QAT trained, which ncnn computes exactly so on x86 and
-            ARMv8.0 (ARMv8.2's default fp16 storage converts them at load); ``"fp16"`` what
-            ncnn2int8 writes (byte-identical to the tool, smaller, but rounded weights QAT never
-            saw). ``report.json`` records it (``float_weights``).
-        target_time_limit_s: wall seconds all ncnn runs on ONE emulated ARM target may take
-            (qemu runs a large model's checks slowly); once spent, that target's remaining
-            checks are skipped with a warning naming it. ``None``: no limit. x86 has none.
+        **settings: :class:`~lightning_ncnnqat.ExportConfig` fields by name, over ``config``'s
+            (``targets=["x86"]``, ``timing_runs=0``, ``float_weights="fp16"`` ...).
 
     Returns:
         The :class:`ExportReport` (also written to ``report.json``).
 
     Raises:
+        ConfigError / ConfigTypeError: a setting's value (or an unknown setting), named.
         ExportError: a step failed (``step``/``layer`` name it; every failed step is listed and
             ``report.json`` records them). The files of the steps that succeeded stay.
         ValueError: no example input.
     """
+    if export_dir is not None and "dir" in settings:
+        raise ConfigTypeError("export() got the directory twice: `export_dir` and `dir`", argument="dir")
+    if export_dir is not None:
+        settings["dir"] = export_dir
+    cfg = ExportConfig.coerce(config, "config").replace("export()", **settings)
     measure_kw = {
-        "layer_check_samples": layer_check_samples,
-        "timing_runs": timing_runs,
-        "timing_threads": timing_threads,
-        "targets": resolve_targets(targets),
-        "target_time_limit_s": _check_time_limit(target_time_limit_s),
+        "layer_check_samples": cfg.layer_check_samples,
+        "timing_runs": cfg.timing_runs,
+        "timing_threads": cfg.timing_threads,
+        "targets": resolve_targets(cfg.targets),
+        "target_time_limit_s": cfg.target_time_limit_s,
     }
     with float32_model(model) as model32:  # a float16/bfloat16 QAT model exports in float32, as in the callback
         return _export(
-            model32, export_dir, float32_example(example_input), held_batch, held_batch_source,
-            verbose=verbose, check_onnx=check_onnx, opset=opset, measure_kw=measure_kw,
-            preprocessing=find_preprocessing(preprocessing, unwrap(model)), float_weights=check_float_weights(float_weights),
+            model32, cfg.dir, float32_example(example_input), held_batch, held_batch_source,
+            verbose=verbose, check_onnx=cfg.check_onnx, opset=cfg.opset, measure_kw=measure_kw,
+            preprocessing=find_preprocessing(cfg.preprocessing, unwrap(model)), float_weights=cfg.float_weights,
         )
-
-
-def resolve_targets(targets: str | Sequence[str]) -> list[str]:
-    """The targets ``export(targets=...)`` means; raises ValueError naming an unknown one."""
-    from lightning_ncnnqat.ncnn.targets import PROFILES, available_targets
-
-    if targets == "auto":
-        wanted = [HOST, *PROFILES]
-    elif isinstance(targets, str):
-        wanted = [targets]
-    else:
-        wanted = list(targets)
-    known = [HOST, *PROFILES]
-    bad = [t for t in wanted if t not in known]
-    if bad:
-        raise ValueError(f"`targets` has unknown target(s) {bad}; known: {known} or 'auto'")
-    if targets == "auto":
-        ready = set(available_targets())
-        # absent profiles are still listed: the report names them with the set-up command
-        return [HOST] + [t for t in PROFILES if t in ready] + [t for t in PROFILES if t not in ready]
-    return wanted if HOST in wanted else [HOST, *wanted]
 
 
 @in_export_form  # every trace and reference forward of the export in the form it deploys
