@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.speed.decide import SpeedCheck, keep_slow_layers_float, speed_check
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.export.api import resolve_targets
 from lightning_ncnnqat.export.preflight import preflight
@@ -93,6 +94,7 @@ def start_qat(
     *,
     calibration: Any = None,
     measure: Measure | None = None,
+    speed: SpeedCheck | None = None,
     run_once: RunOnce = _here,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -109,6 +111,9 @@ def start_qat(
         measure: ``measure(model, example_input) -> {target: {layer: cosine}}``, the export
             preflight of step 3 (:func:`preflight_measure`; the callback wraps it for its
             precision and held batch); None skips steps 3 and 4.
+        speed: where int8 may be timed against float after step 4 (:func:`speed.decide.speed_check`
+            of the caller's targets): under ``config.prefer="speed"`` the int8 layers that lose
+            here are kept float before training (:func:`speed.decide.keep_slow_layers_float`).
         run_once: ``run_once(what, fn)`` runs ``fn`` once and gives every process its result
             (the callback: on global rank 0, then broadcast).
         log / warn: where progress lines and calibration warnings go.
@@ -142,9 +147,10 @@ def start_qat(
             replan_as_float(model, example_input, reasons)
             kept = "; ".join(f"{n}: {r}" for n, r in reasons.items())
             log(f"measured at QAT start, kept in float before training: {kept}")
-            if config.calibrated_start:  # a new plan may have new range owners
-                _calibrate(model, config, calibration, run_once, log, warn)
-    except BaseException:
+        reasons.update(keep_slow_layers_float(model, example_input, speed, run_once, log, warn))  # int8 that pays
+        if reasons and config.calibrated_start:  # a new plan may have new range owners
+            _calibrate(model, config, calibration, run_once, log, warn)
+    except BaseException:  # undo, then re-raise: nothing is swallowed
         unprepare(model)  # a failed start leaves the float model as it was
         chains.undo()
         raise
@@ -189,7 +195,7 @@ def prepare_qat(
     measure = None if targets is None else preflight_measure(targets, float_weights, verbose=verbose)
     plan = start_qat(
         model, example_input, config or QATConfig(), calibration=calibration_data, measure=measure,
-        log=print if verbose else None,
+        speed=None if targets is None else speed_check(targets), log=print if verbose else None,
     )
     if verbose:
         print(plan.summary())

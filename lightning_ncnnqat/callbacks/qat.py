@@ -16,6 +16,7 @@ from lightning_ncnnqat.qat.plan import QATPlan, get_plan
 from lightning_ncnnqat.qat.prepared import check_ranges, input_quantizers
 from lightning_ncnnqat.qat.prepare import check_skip
 from lightning_ncnnqat.start import start_qat
+from lightning_ncnnqat.speed.decide import speed_check
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
 from lightning_ncnnqat.export.config import ExportConfig
 from lightning_ncnnqat.callbacks._settings import export_config, qat_config, split_old
@@ -293,6 +294,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.plan = start_qat(
                 pl_module, example, self.config, calibration=lambda n: train_inputs(trainer, pl_module, n),
                 measure=measure, run_once=rank_zero_once(trainer, pl_module), log=log,
+                speed=None if measure is None else speed_check(self.targets),  # int8 that pays (speed.decide)
                 warn=lambda line: rank_zero_warn(f"QATCallback: {line}"), who="QATCallback",
             )
         if self.verbose:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_ncnnqat.verification.speed import speed_lines
 from lightning_ncnnqat.preprocessing import Preprocessing
 from lightning_ncnnqat.export.deploy_snippets import Shape, cpp_source, python_script
 from lightning_ncnnqat.files import write_files_atomically
@@ -278,6 +279,7 @@ def deploy_note(
         "Each target ran the model with its own ncnn build; a CPU not listed runs other kernels (ARM",
         "NEON, fp16 arithmetic on ARMv8.2) and computes slightly differently.",
         "",
+        *speed_lines(report),  # int8 vs float per timed target, plainly when int8 does not pay
         "## Python",
         "",
         "```bash",

@@ -9,6 +9,7 @@ never takes the caller down, and so the timing process holds no torch threads.
 
     {"models": [{"name": str, "param": path, "bin": path,
                  "inputs": {blob: [c, h, w] or [w] ...},   (random normal data, seed 0)
+                 "data": {blob: path.npy} (optional: one sample fed instead),
                  "extract": [blob, ...],
                  "options": {ncnn.Option attribute: value}}, ...],
      "runs": int, "warmup": int,
@@ -57,8 +58,11 @@ def _load(spec: dict) -> ncnn.Net:
 
 
 def _inputs(spec: dict) -> dict[str, ncnn.Mat]:
+    """One sample per input blob: the .npy of ``spec["data"][blob]`` where given (the export's
+    held sample; int32 ids stay ids), else random normal values of ``spec["inputs"][blob]``."""
     rng = np.random.default_rng(0)
-    return {name: _worker.owned_mat(rng.standard_normal(shape).astype(np.float32))
+    data = spec.get("data") or {}
+    return {name: _worker.owned_mat(np.load(data[name]) if name in data else rng.standard_normal(shape).astype(np.float32))
             for name, shape in spec["inputs"].items()}
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
+from lightning_ncnnqat.policy.speed import PREFERS
 
 
 RANGE_INITS = ("first_batch", "absmax", "kl", "aciq")
@@ -64,6 +65,13 @@ class QATConfig:
             starts. QATCallback freezes them at the start of epoch ``start + freeze_bn_after``;
             without a Trainer, ``prepare_qat`` leaves them training until
             ``lightning_ncnnqat.qat.bn_fold.set_bn_stats_frozen(model)`` is called.
+        prefer: what the int8 model is for, where the QAT start can time it (this machine,
+            ``"x86"``, when the export targets include it). ``"speed"`` (default): int8 layers
+            that are slower than float here (timed alone, then confirmed on the whole model) are
+            kept float before training, named in the summary with their timings, so the int8
+            model is not slower than the float one on the measured target; ``"int8"``: every
+            layer int8 anyway (timed and reported); ``"size"``: every layer int8, nothing timed
+            (the smallest file). See :mod:`lightning_ncnnqat.speed.decide`.
     """
 
     momentum: float = 0.1
@@ -77,8 +85,12 @@ class QATConfig:
     range_lr: float = 1e-3
     chain_activations: str = "off"
     freeze_bn_after: int = 0
+    prefer: str = "speed"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefer, str) or self.prefer not in PREFERS:
+            raise ConfigError(f"`prefer` must be one of {PREFERS}, got {self.prefer!r}", argument="prefer",
+                              value=self.prefer)
         m = self.momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 1.0:
             raise ConfigError(f"`momentum` must be a float in (0, 1], got {m!r}")

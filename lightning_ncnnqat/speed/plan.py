@@ -13,106 +13,31 @@ default options except ``num_threads``.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import statistics
-import subprocess
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning_ncnnqat.ncnn as _ncnn_layer
 from lightning_ncnnqat.export.api import export
 from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError
 from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.ncnn.param import CONV_TYPES, INT8_TYPES, NcnnLayer, NcnnParam
+from lightning_ncnnqat.ncnn.timing import (  # noqa: F401 - the timing primitives, importable from here too
+    WORKER,
+    ModelToTime,
+    Timing,
+    blob_shapes,
+    paired_speedup,
+    time_models,
+)
+from lightning_ncnnqat.policy.speed import SPEED_TIE_TOLERANCE
 
-WORKER = Path(_ncnn_layer.__file__).with_name("speed_worker.py")
+#: A ratio of medians within this fraction of 1 is a tie (the one value: ``policy.speed``).
+TIE_TOLERANCE = SPEED_TIE_TOLERANCE
 
-#: A ratio of medians within this fraction of 1 is a tie: this machine's run-to-run noise.
-TIE_TOLERANCE = 0.03
-PREFERS = ("speed", "int8")
-
-
-@dataclass
-class Timing:
-    """Milliseconds per inference over ``runs`` interleaved runs: wall clock, and process CPU
-    time (``cpu_*``: not inflated by preemption on a busy machine; summed over threads)."""
-
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    runs: int
-    cpu_median_ms: float | None = None
-    cpu_min_ms: float | None = None
-    cpu_max_ms: float | None = None
-
-    @classmethod
-    def of(cls, times: Sequence[float], cpu: Sequence[float] | None = None) -> Timing:
-        if not times:
-            raise ValueError("Timing.of: no times")
-        c = (statistics.median(cpu), min(cpu), max(cpu)) if cpu else (None, None, None)
-        return cls(statistics.median(times), min(times), max(times), len(times), *c)
-
-    def ms(self, on: str = "wall") -> float:
-        """The median of ``on`` ("wall" or "cpu"; "cpu" falls back to wall where not measured)."""
-        if on not in ("wall", "cpu"):
-            raise ValueError(f"Timing.ms: `on` must be 'wall' or 'cpu', got {on!r}")
-        return self.cpu_median_ms if on == "cpu" and self.cpu_median_ms is not None else self.median_ms
-
-
-@dataclass
-class ModelToTime:
-    """One ncnn model for :func:`time_models`; ``inputs``: blob -> shape ([c, h, w] etc.)."""
-
-    name: str
-    param: str
-    bin: str
-    inputs: dict[str, list[int]]
-    extract: list[str]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def _run_worker(job: dict, timeout_s: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="ncnnqat_speed_") as tmp:
-        job = {**job, "result": str(Path(tmp) / "result.json")}
-        (Path(tmp) / "job.json").write_text(json.dumps(job), encoding="utf-8")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        try:
-            proc = subprocess.run([sys.executable, str(WORKER), str(Path(tmp) / "job.json")],
-                                  capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp)
-        except subprocess.TimeoutExpired as e:
-            raise NcnnRuntimeError(f"ncnn timing did not finish within {timeout_s:.0f} s") from e
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise NcnnRuntimeError(f"ncnn timing failed (exit status {proc.returncode}): {tail}")
-        return json.loads((Path(tmp) / "result.json").read_text(encoding="utf-8"))
-
-
-def time_models(models: Sequence[ModelToTime], runs: int = 30, warmup: int = 5, timeout_s: float = 900.0) -> dict[str, Timing]:
-    """Time ``models`` interleaved in one child process; name -> :class:`Timing`.
-
-    Raises ValueError for runs < 1, duplicate names or no model; NcnnRuntimeError when the child
-    crashes, times out or reports an error (message from the child).
-    """
-    if not models:
-        raise ValueError("time_models: `models` is empty")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"time_models: `runs` must be an int >= 1, got {runs!r}")
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"time_models: model names must be unique, got {names}")
-    res = _run_worker({"models": [asdict(m) for m in models], "runs": runs, "warmup": int(warmup)}, timeout_s)
-    cpu = res.get("cpu_ms", {})
-    return {k: Timing.of(v, cpu.get(k)) for k, v in res["times_ms"].items()}
-
-
-def blob_shapes(model: ModelToTime, blobs: Sequence[str], timeout_s: float = 300.0) -> dict[str, list[int]]:
-    """Shapes ncnn gives ``blobs`` of ``model`` on its input shapes ([c, h, w], [h, w] or [w])."""
-    return _run_worker({"models": [asdict(model)], "runs": 1, "shapes": list(blobs)}, timeout_s)["shapes"]
+PREFERS = ("speed", "int8")  # plan_speed's; QATConfig.prefer adds "size" (policy.speed.PREFERS)
 
 
 def judge(int8: Timing, fp: Timing, tolerance: float = TIE_TOLERANCE, on: str = "wall") -> str:
@@ -211,9 +136,9 @@ class LayerTiming:
         return self.float.ms("cpu") / self.int8.ms("cpu")
 
 
-def _export_files(export_dir: Path) -> tuple[dict[str, list[int]], list[str]]:
-    report = json.loads((export_dir / "report.json").read_text(encoding="utf-8"))
-    io = report.get("io", {})
+def _export_files(export_dir: Path, io: Mapping[str, Any] | None = None) -> tuple[dict[str, list[int]], list[str]]:
+    if io is None:
+        io = json.loads((export_dir / "report.json").read_text(encoding="utf-8")).get("io", {})
     inputs = {i["blob"]: list(i["shape"]) for i in io.get("inputs", [])}
     outputs = [o["blob"] for o in io.get("outputs", [])]
     if not inputs or not outputs:
@@ -221,31 +146,40 @@ def _export_files(export_dir: Path) -> tuple[dict[str, list[int]], list[str]]:
     return inputs, outputs
 
 
-def whole_models(export_dir: str | Path, threads: int | None = 1) -> tuple[ModelToTime, ModelToTime]:
+def whole_models(
+    export_dir: str | Path, threads: int | None = 1, io: Mapping[str, Any] | None = None
+) -> tuple[ModelToTime, ModelToTime]:
     """The float (``model.ncnn.*``) and int8 (``model.int8.*``) models of an export, to time.
 
-    ``threads=None`` keeps ncnn's default thread count. Raises FileNotFoundError naming a
+    ``threads=None`` keeps ncnn's default thread count. ``io``: the report's ``io`` (input and
+    output blobs), read from ``report.json`` when None. Raises FileNotFoundError naming a
     missing file.
     """
     d = Path(export_dir).resolve()
-    for f in ("model.ncnn.param", "model.ncnn.bin", "model.int8.param", "model.int8.bin", "report.json"):
+    needed = ("model.ncnn.param", "model.ncnn.bin", "model.int8.param", "model.int8.bin") + ("report.json",) * (io is None)
+    for f in needed:
         if not (d / f).is_file():
             raise FileNotFoundError(f"{d}: no {f} (an export directory written by lightning_ncnnqat.export)")
-    inputs, outputs = _export_files(d)
+    inputs, outputs = _export_files(d, io)
     opts = {} if threads is None else {"num_threads": int(threads)}
     return (ModelToTime("float", str(d / "model.ncnn.param"), str(d / "model.ncnn.bin"), inputs, outputs, opts),
             ModelToTime("int8", str(d / "model.int8.param"), str(d / "model.int8.bin"), inputs, outputs, opts))
 
 
-def measure_layers(export_dir: str | Path, threads: int = 1, runs: int = 20, warmup: int = 3) -> list[LayerTiming]:
+def measure_layers(
+    export_dir: str | Path, threads: int = 1, runs: int = 20, warmup: int = 3, io: Mapping[str, Any] | None = None,
+    quantize: bool = True,
+) -> list[LayerTiming]:
     """Time every int8 layer of an export alone, int8 against the same layer of the float model.
 
     Each layer is cut out (:func:`single_layer_model`) of ``model.int8.*`` and ``model.ncnn.*``
     and fed a random input of the shape ncnn gives its input blob; all of them are timed in one
-    interleaved child process. Returns one :class:`LayerTiming` per int8 layer, in .param order.
+    interleaved child process. ``quantize``: also time an ncnn Quantize of each layer's input
+    (what its int8 time spends converting). ``io``: as :func:`whole_models`. Returns one
+    :class:`LayerTiming` per int8 layer, in .param order.
     """
     d = Path(export_dir).resolve()
-    fp_model, q_model = whole_models(d, threads)
+    fp_model, q_model = whole_models(d, threads, io)
     fparam = NcnnParam.parse((d / "model.ncnn.param").read_text(encoding="utf-8"))
     qparam = NcnnParam.parse((d / "model.int8.param").read_text(encoding="utf-8"))
     fbin, qbin = (d / "model.ncnn.bin").read_bytes(), (d / "model.int8.bin").read_bytes()
@@ -261,7 +195,7 @@ def measure_layers(export_dir: str | Path, threads: int = 1, runs: int = 20, war
             fi = fparam.index(lay.name)
             for tag, param, data, k in (("int8", qparam, qbin, i), ("float", fparam, fbin, fi), ("quant", None, b"", i)):
                 if tag == "quant":
-                    if len(lay.bottoms) != 1:
+                    if len(lay.bottoms) != 1 or not quantize:
                         continue
                     text, blob = quantize_model(lay.bottoms[0], shapes[lay.bottoms[0]])
                 else:

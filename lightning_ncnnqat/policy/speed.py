@@ -1,0 +1,75 @@
+"""Int8 speed against float: the thresholds and the rules that judge a timing (issue 20).
+
+Timings are made in :mod:`lightning_ncnnqat.speed` (one child process, float and int8
+interleaved, ncnn's default options; at one thread on process CPU time, which a busy machine's
+preemption does not inflate); what a ratio MEANS is decided here. Standard library only.
+"""
+
+from __future__ import annotations
+
+from .findings import Finding, note, warning
+
+#: A ratio of medians (float / int8) within this fraction of 1 is a tie: the run-to-run noise of
+#: one interleaved CPU-time timing on this machine (repeat runs of one export moved by 1-3%).
+SPEED_TIE_TOLERANCE = 0.03
+#: An int8 layer timed alone is a candidate to keep float when float / int8 is below
+#: ``1 - SPEED_LAYER_MARGIN`` by the medians and by the fastest runs. Alone it pays the quantize
+#: of its input and the dequantize of its output, and a tiny layer's ratio moves between runs (at
+#: load 8 here a 3x3 conv near the margin read 0.81-1.12x by medians over four runs, 0.92-1.08x by
+#: fastest runs), so ratios just under 1 are noise or chain effects; the losers this is for are far
+#: below (3x3 depthwise 0.42-0.78x, ResNet's 1x1 downsample 0.73-0.80x on this AMD EPYC,
+#: docs/speed.md). The whole-model timing decides after.
+SPEED_LAYER_MARGIN = 0.10
+#: Interleaved timed runs per single layer and per whole model at QAT start (after warm-up).
+SPEED_LAYER_RUNS = 30
+SPEED_MODEL_RUNS = 40
+#: ``QATConfig.prefer``: "speed" keeps float the int8 layers that lose on the measured target;
+#: "int8" measures and reports but keeps every layer int8; "size" times nothing (every layer int8).
+PREFERS = ("speed", "int8", "size")
+
+
+def speed_verdict(speedup: float) -> str:
+    """``"faster"``, ``"slower"`` or ``"tie"``: int8 against float by ``speedup`` (float time /
+    int8 time: a ratio of medians, or the median of per-round ratios of an interleaved timing);
+    within :data:`SPEED_TIE_TOLERANCE` of 1 a tie. Raises ValueError for a speed-up that is not > 0."""
+    if not speedup > 0:
+        raise ValueError(f"speed_verdict: a speed-up must be > 0, got {speedup!r}")
+    if speedup >= 1 + SPEED_TIE_TOLERANCE:
+        return "faster"
+    if speedup <= 1 - SPEED_TIE_TOLERANCE:
+        return "slower"
+    return "tie"
+
+
+def int8_layer_loses(float_ms: float, int8_ms: float) -> bool:
+    """Whether an int8 layer timed alone loses clearly to its float twin (beyond the margin)."""
+    return int8_ms > 0 and float_ms / int8_ms < 1 - SPEED_LAYER_MARGIN
+
+
+def clearly_faster(speedup: float) -> bool:
+    """Whether a model ``speedup`` times as fast as another beats it by more than the tie
+    tolerance: a change worth making (on a tie the simpler model stays)."""
+    return speedup >= 1 + SPEED_TIE_TOLERANCE
+
+
+def judge_speed(target: str, speedup: float, figures: str) -> list[Finding]:
+    """The export's int8 vs float timing on ``target`` (``speedup``: float time / int8 time): int8
+    slower is a warning that says plainly that int8 does not pay there; a tie a note (size only);
+    faster a note with the figures. ``figures``: how it was timed, for the message."""
+    verdict = speed_verdict(speedup)
+    if verdict == "slower":
+        return [warning(
+            "int8_slower_than_float",
+            f"int8 does NOT pay on {target}: the int8 model is SLOWER than the float model ({figures}); deploy "
+            "model.ncnn.* there, or run QAT with prefer='speed' (the default) so the layers that lose stay float",
+            value=speedup, bar=1 - SPEED_TIE_TOLERANCE)]
+    if verdict == "tie":
+        return [note("int8_ties_float", f"int8 ties with float on {target} ({figures}): it pays in size, not speed, there",
+                     value=speedup, bar=1 - SPEED_TIE_TOLERANCE)]
+    return [note("int8_faster", f"int8 is faster than float on {target} ({figures})", value=speedup,
+                 bar=1 + SPEED_TIE_TOLERANCE)]
+
+
+def speed_not_measured(error: str) -> Finding:
+    """The export's int8 vs float timing failed (``error`` named): a note; the files stand."""
+    return note("speed_not_measured", f"int8 vs float speed not measured on this machine: {error}")
