@@ -28,7 +28,7 @@ from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.ncnn.targets import environment_problem
 from lightning_ncnnqat.ops import fake_quantize_gemm
 from lightning_ncnnqat.qat.modules import QATGemmLinear
-from lightning_ncnnqat.qat.plan import QATPlan
+from lightning_ncnnqat.qat.plan import QATPlan, get_plan
 from lightning_ncnnqat.qat.prepare import apply_plan, measured_float_reasons, replan_as_float, unprepare
 
 _ARM = environment_problem()
@@ -209,3 +209,36 @@ def test_whole_weight_scale_departs_from_ncnn2int8(tmp_path: Path) -> None:
         out = run_ncnn(tmp_path / f"{name}.param", tmp_path / f"{name}.bin", {"in0": x.numpy()}, ["out0"]).outputs["out0"]
         errs[name] = float(np.abs(np.asarray(out, np.float32).reshape(want.shape) - want).max())
     assert errs["ours"] == 0.0 and errs["tool"] > 0.1 * np.abs(want).max(), errs
+
+
+def test_qat_callback_trains_and_exports_gemms(tmp_path: Path) -> None:
+    """The main job's path: QATCallback plans the Gemms at fit start (with the export preflight
+    measuring them on x86), trains them and exports them int8 with no layer flagged."""
+    from lightning_ncnnqat import QATCallback
+    from lightning_ncnnqat.export.config import ExportConfig
+    from lit_models import NetLit, loader, make_data, quiet_trainer
+
+    torch.manual_seed(6)
+    ds = make_data(32, 16, seed=6)
+    lit = NetLit(Tokens(), lr=0.02, example=ds.tensors[0][:1])
+    cb = QATCallback(start_epoch=0, export=ExportConfig(dir=str(tmp_path), targets=("x86",)))
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(lit, loader(ds), loader(ds))
+    assert get_plan(lit).gemm_layers == {"net.fc1": 3, "net.fc2": 3}
+    report = cb.export_report
+    assert {r.torch_name.rsplit(".", 1)[-1] for r in report.layers if r.kind == "Gemm"} == {"fc1", "fc2"}
+    assert report.flagged_layers == []
+    param = NcnnParam.parse((tmp_path / "model.int8.param").read_text())
+    assert [lay.get_int(18, 0) for lay in param.layers if lay.type == "Gemm"] == [2, 2]
+
+
+def test_averaged_copy_of_a_submodule_follows_the_gemm_plan() -> None:
+    """An EMA of a submodule gets the plan with names relative to it (qat/model_copies.sub_plan)."""
+    from lightning_ncnnqat.qat.model_copies import follow, sub_plan
+
+    outer = nn.Sequential()
+    outer.add_module("net", Tokens())
+    plan = prepare_qat(outer, torch.randn(1, 3, 16, 16))
+    assert plan.gemm_layers == {"net.fc1": 3, "net.fc2": 3}
+    ema = Tokens()
+    follow(ema, sub_plan(plan, "net"), whole=False)
+    assert isinstance(ema.fc1, QATGemmLinear) and get_plan(ema).gemm_layers == {"fc1": 3, "fc2": 3}

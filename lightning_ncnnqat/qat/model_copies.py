@@ -80,7 +80,8 @@ def sub_plan(plan: QATPlan, prefix: str) -> QATPlan:
     }
     floats = {cut(n): r for n, r in plan.float_layers.items() if n.startswith(head)}
     notes = {cut(n): r for n, r in plan.notes.items() if n.startswith(head)}
-    return replace(plan, layers=layers, float_layers=floats, notes=notes)
+    gemm = {cut(n): r for n, r in plan.gemm_layers.items() if n.startswith(head)}  # int8 Gemm layers (qat/gemm.py)
+    return replace(plan, layers=layers, float_layers=floats, notes=notes, gemm_layers=gemm)
 
 
 def follow(copy: nn.Module, plan: QATPlan | None, whole: bool = True) -> None:
