@@ -1,14 +1,15 @@
-"""Can ncnn requantize through HardSwish? Fold it into the conv before ncnn2int8 and measure.
+"""HardSwish folded into the conv: pnnx's conversion vs the export's, through the real ncnn2int8.
 
     python benchmarks/hardswish_fold.py [--width 32 --size 32 --runs 40]
 
 pnnx leaves ``HardSwish`` as a layer of its own (its ncnn pass fuse_convolution_activation folds
 only ReLU/LeakyReLU, Clip, Sigmoid, Mish), so ncnn2int8 finds no conv -> conv edge behind it and
-fuses no requantize. ncnn's legacy ``ncnnoptimize`` folds HardSwish into the conv as
-``activation_type`` 6 (``-23310=2,alpha,beta``), and the x86 requantize applies activation types
-1-6 (``src/layer/x86/requantize_x86.cpp`` -> ``x86_activation.h``). This script does that fold
-on an export's float model, runs the REAL ncnn2int8 (``../shared/ncnn-tools``) on both, and
-reports requantized convs, int8 output agreement (folded vs unfolded) and speed side by side.
+fuses no requantize. The export folds it into the conv as ``activation_type`` 6
+(``lightning_ncnnqat/conversion/activation_fold.py``; ncnn's legacy ``ncnnoptimize`` does the
+same), and the x86/ARM requantize applies activation types 1-6. This script converts the same
+QAT model's float form with pnnx alone (unfolded) next to the export's ``model.ncnn.*``
+(folded), runs the REAL ncnn2int8 (``../shared/ncnn-tools``) on both with the export's table,
+and reports requantized convs, int8 output agreement and speed side by side.
 """
 
 from __future__ import annotations
@@ -31,25 +32,11 @@ from deploy_speed import machine  # noqa: E402
 from lightning_ncnnqat import export, prepare_qat  # noqa: E402
 from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8  # noqa: E402
 from lightning_ncnnqat.ncnn.isolated import run_ncnn  # noqa: E402
-from lightning_ncnnqat.ncnn.param import CONV_TYPES, NcnnParam  # noqa: E402
+from lightning_ncnnqat.conversion.model_io import FlatModel, model_io  # noqa: E402
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx  # noqa: E402
+from lightning_ncnnqat.ncnn.param import NcnnParam  # noqa: E402
+from lightning_ncnnqat.qat.prepared import folded_float_model  # noqa: E402
 from lightning_ncnnqat.speed.plan import ModelToTime, count_chains, time_models  # noqa: E402
-
-
-def fold_hardswish(param: NcnnParam) -> int:
-    """Fold every HardSwish whose input is a conv output read by nothing else into that conv
-    (param 9 = 6, 10 = [alpha, beta]; ncnn HardSwish defaults 1/6 and 0.5); returns how many."""
-    n = 0
-    for hs in [lay for lay in param.layers if lay.type == "HardSwish"]:
-        prod = param.producer(hs.bottoms[0])
-        if prod is None or prod.type not in CONV_TYPES or prod.get_int(9, 0) != 0 or len(param.consumers(hs.bottoms[0])) != 1:
-            continue
-        alpha, beta = hs.get_float(0, 1.0 / 6), hs.get_float(1, 0.5)
-        prod.set_int(9, 6)
-        prod.params.append(("-23310", f"2,{alpha:.9e},{beta:.9e}"))
-        prod.tops = list(hs.tops)
-        param.layers.remove(hs)
-        n += 1
-    return n
 
 
 def net(width: int) -> nn.Module:
@@ -84,29 +71,33 @@ def main() -> int:
     d = Path(a.work)
     rep = export(m, d, x[:1], x, verbose=False, targets=["x86"], timing_runs=0, check_onnx=False, layer_check_samples=1)
     assert not rep.failures, rep.failures
-    param = NcnnParam.parse((d / "model.ncnn.param").read_text())
-    folded = fold_hardswish(param)
-    (d / "folded.param").write_text(param.to_text())
-    for stem, src in (("tool", "model.ncnn.param"), ("tool_folded", "folded.param")):
-        run_ncnn2int8(tools, d / src, d / "model.ncnn.bin", d / "model.ncnn.table", d / f"{stem}.int8.param",
+    # pnnx's own conversion of the same float model: what the export had before its fold
+    raw = convert_with_pnnx(FlatModel(folded_float_model(m).eval(), model_io(m, x[:1])), [x[:1]])
+    (d / "unfolded.param").write_text(raw.param_text)
+    (d / "unfolded.bin").write_bytes(raw.bin_bytes)
+    param = NcnnParam.parse(raw.param_text)
+    hs = [sum(lay.type == "HardSwish" for lay in NcnnParam.parse(t).layers)
+          for t in (raw.param_text, (d / "model.ncnn.param").read_text())]
+    folded = hs[0] - hs[1]
+    for stem, src in (("tool", "unfolded"), ("tool_folded", "model.ncnn")):
+        run_ncnn2int8(tools, d / f"{src}.param", d / f"{src}.bin", d / "model.ncnn.table", d / f"{stem}.int8.param",
                       d / f"{stem}.int8.bin")
     xs = {"in0": x.numpy()}
     # the features before global pooling (the head's output is mostly its bias on random weights)
     feat = next(lay.bottoms[0] for lay in param.layers if lay.type == "Pooling")
-    (d / "folded.bin").write_bytes((d / "model.ncnn.bin").read_bytes())
     outs = {k: run_ncnn(d / f"{k}.param", d / f"{k}.bin", xs, [feat]).outputs[feat].reshape(len(x), -1)
-            for k in ("model.ncnn", "tool.int8", "tool_folded.int8", "folded")}
+            for k in ("unfolded", "tool.int8", "tool_folded.int8", "model.ncnn")}
 
     def cos(u: np.ndarray, v: np.ndarray) -> float:
         return float((u * v).sum() / np.sqrt((u * u).sum() * (v * v).sum()))
 
     print(f"folded {folded} HardSwish layers into their convs")
-    print(f"features before pooling ({feat}): float folded vs float: max |diff| {np.abs(outs['folded'] - outs['model.ncnn']).max():.2e}")
+    print(f"features before pooling ({feat}): float folded (model.ncnn) vs unfolded: max |diff| {np.abs(outs['model.ncnn'] - outs['unfolded']).max():.2e}")
     print(f"int8 folded vs int8 unfolded (both ncnn2int8): cosine {cos(outs['tool_folded.int8'], outs['tool.int8']):.8f}; "
-          f"vs float: {cos(outs['tool_folded.int8'], outs['model.ncnn']):.8f} (unfolded {cos(outs['tool.int8'], outs['model.ncnn']):.8f})")
+          f"vs float: {cos(outs['tool_folded.int8'], outs['unfolded']):.8f} (unfolded {cos(outs['tool.int8'], outs['unfolded']):.8f})")
     shape = {"in0": [3, a.size, a.size]}
     models = [ModelToTime(k, str(d / f"{k}.param"), str(d / f"{k}.bin"), shape, ["out0"], {"num_threads": 1})
-              for k in ("model.ncnn", "tool.int8", "tool_folded.int8")]
+              for k in ("unfolded", "model.ncnn", "tool.int8", "tool_folded.int8")]
     t = time_models(models, runs=a.runs)
     mi = machine()
     print(f"\n1 thread, {a.runs} interleaved runs; {mi['cpu']}, load {mi['load_1min']:.1f}, ncnn {mi['ncnn']}")
@@ -115,7 +106,7 @@ def main() -> int:
         c = count_chains((d / f"{k}.param").read_text()) if "int8" in k else None
         ch = f"{c.requantized} / {c.int8_convs}" if c else "-"
         print(f"| {k} | {v.cpu_median_ms:.3f} [{v.cpu_min_ms:.3f}-{v.cpu_max_ms:.3f}] | "
-              f"{t['model.ncnn'].ms('cpu') / v.ms('cpu'):.2f}x | {ch} |")
+              f"{t['unfolded'].ms('cpu') / v.ms('cpu'):.2f}x | {ch} |")
     return 0
 
 

@@ -8,6 +8,7 @@ and that predicted count is what the exported int8 model holds.
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,56 @@ def test_restored_checkpoint_runs_the_swapped_activations() -> None:
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_callback_swaps_at_its_start_epoch() -> None:
+    """QATCallback(config=QATConfig(chain_activations=...)): epoch 0 trains the SiLU model, QAT
+    starts at epoch 1 with the swap, and the plan's note counts the chains."""
+    from lightning_ncnnqat import QATCallback
+    from lightning_ncnnqat.qat.plan import get_plan
+    from lit_models import NetLit, loader, make_data, quiet_trainer
+
+    seen: dict[int, list[str]] = {}
+
+    class Spy(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            seen[trainer.current_epoch] = _activations(pl_module)
+
+    torch.manual_seed(0)
+    lit = NetLit(ChainNet(nn.SiLU(), nn.SiLU(), nn.GELU()), example=X1)
+    cb = QATCallback(start_epoch=1, config=QATConfig(chain_activations="hardswish"), export=False, log_every_n_steps=0,
+                     verbose=False)
+    ds = make_data(32)
+    quiet_trainer(max_epochs=2, callbacks=[cb, Spy()], limit_val_batches=0).fit(lit, loader(ds), loader(ds))
+    assert seen == {0: ["SiLU", "SiLU", "SiLU", "GELU"], 1: ["Hardswish"] * 4}
+    assert get_plan(lit).notes[NOTE_KEY].startswith("0 -> 2 of 3 int8 convs")
+
+
+class SplitNet(nn.Module):
+    """c1's output goes to two convs (pnnx: a Split) and to a shape-only ``new_full`` (folded to a
+    constant by pnnx): it still chains. c2 -> SiLU -> c4 does not until swapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c4, self.c5, self.act = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.c1(x))
+        scale = y.new_full((1, 8, 1, 1), 0.5)
+        return self.c4(self.act(self.c2(y))) + self.c5(self.c3(y) * scale)
+
+
+@pytest.mark.parametrize("value, before, after", [("off", 1, None), ("relu6", 1, 2)])
+def test_predicted_count_is_the_exported_one(value: str, before: int, after: int | None, tmp_path) -> None:
+    torch.manual_seed(4)
+    model = SplitNet()
+    plan = prepare_qat(model, X1, QATConfig(chain_activations=value))
+    note = plan.notes[NOTE_KEY]
+    want = after if after is not None else before
+    assert note.startswith(f"{before} of 5" if after is None else f"{before} -> {after} of 5"), note
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 16, 16))
+    export(model.eval(), tmp_path, X1, verbose=False, timing_runs=0, layer_check_samples=1, targets=["x86"],
+           check_onnx=False)
+    assert count_chains((tmp_path / "model.int8.param").read_text()).requantized == want

@@ -26,6 +26,7 @@ from torch import nn
 from lightning_ncnnqat.qat.activation_swap import CHAINED, SwapReport, apply_chain_activations
 from lightning_ncnnqat.qat.batches import as_call
 from lightning_ncnnqat.qat.bn_fold import is_bn_like
+from lightning_ncnnqat.qat.export_form import export_form
 from lightning_ncnnqat.qat.graph import DataFlow, Node, trace_call
 from lightning_ncnnqat.qat.plan import QATPlan
 from lightning_ncnnqat.qat.wrappers import unwrap
@@ -37,6 +38,10 @@ FUSED_FUNCTIONS = frozenset({"relu", "relu_", "relu6", "leaky_relu", "leaky_relu
                              "sigmoid", "mish", "hardswish", "hardswish_", "clamp", "clamp_", "clip"})
 _CHAINED_BY_NAME = {c.__name__: c for c in CHAINED}
 _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
+#: Functions that read a tensor's shape or dtype only (anchors made from a feature map's size):
+#: pnnx folds them to constants, so they are no reader in the converted model.
+_METADATA_READERS = frozenset({"new_full", "new_zeros", "new_ones", "new_empty", "new_tensor", "zeros_like",
+                               "ones_like", "full_like", "empty_like", "size", "dim"})
 
 NOTE_KEY = "int8 chains"
 
@@ -96,7 +101,7 @@ def predict_chains(flow: DataFlow, plan: QATPlan, renamed: Mapping[str, str] | N
                 break
             seen_act = seen_act if what == "pass" else what
             v = node.outputs[0]
-        readers = flow.consumers.get(v, [])
+        readers = [r for r in flow.consumers.get(v, []) if not _metadata_only(flow.nodes[r], v)]
         if not readers or v in flow.outputs:
             continue
         if all(flow.nodes[r].target in convs and flow.nodes[r].inputs[:1] == [v] for r in readers):
@@ -105,6 +110,13 @@ def predict_chains(flow: DataFlow, plan: QATPlan, renamed: Mapping[str, str] | N
             else:
                 out.breakers[seen_act] = out.breakers.get(seen_act, 0) + 1
     return out
+
+
+def _metadata_only(node: Node, v: int) -> bool:
+    """Whether ``node`` reads value ``v`` for its shape or dtype only (``x.type_as(v)``, ``v.new_full(...)``)."""
+    if node.target == "type_as":
+        return node.inputs.index(v) > 0
+    return node.module is None and node.target in _METADATA_READERS
 
 
 @dataclass
@@ -121,7 +133,9 @@ class ChainStart:
         then swap its activations as ``chain_activations`` says."""
         try:
             args, kwargs = as_call(example_input)
-            flow = trace_call(unwrap(model), args, kwargs)
+            inner = unwrap(model)
+            with export_form(inner):  # what the export converts (an ultralytics head's decoded outputs)
+                flow = trace_call(inner, args, kwargs)
         except Exception:  # noqa: BLE001 - a count must never stop a QAT start; the plan's own trace reports errors
             flow = None
         return cls(flow, apply_chain_activations(model, chain_activations, example_input), chain_activations)
