@@ -23,6 +23,7 @@ from lightning_ncnnqat.export import export
 from lightning_ncnnqat.conversion.model_io import model_io, torch_outputs
 from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.fp32_blobs import strip_fp32_blobs
 from lightning_ncnnqat.verification.output_floor import (
     FLOOR_FACTOR,
     MIN_DEFAULT_OPTIONS_COSINE,
@@ -322,10 +323,14 @@ def test_near_ties_are_no_excuse_for_a_failing_output(cancelling) -> None:
 
 
 @pytest.mark.skipif(not _arm("arm64-a76"), reason="arm64-a76 emulation not set up (python -m lightning_ncnnqat.ncnn.targets setup-arm)")
-def test_a76_default_options_far_below_the_floor_is_warned(cancelling) -> None:
+def test_a76_default_options_far_below_the_floor_is_warned(cancelling, tmp_path) -> None:
     """Cortex-A76 stores the conv outputs (~3e4) in fp16: the cancellation is lost under default
-    options while the strict run sits at the floor."""
-    report, entry = _measured_on(cancelling, "arm64-a76")
+    options while the strict run sits at the floor. (The export's float32-blob feature mask,
+    ncnn/fp32_blobs.py, prevents that: it is stripped here to reach the default-options verdict.)"""
+    model, x, out, rep = cancelling
+    shutil.copytree(out, tmp_path / "fp16")
+    (tmp_path / "fp16" / "model.int8.param").write_text(strip_fp32_blobs((out / "model.int8.param").read_text()))
+    report, entry = _measured_on((model, x, tmp_path / "fp16", rep), "arm64-a76")
     d, s, f = entry["int8_vs_qat"]["cosine"], entry["int8_vs_qat_strict"]["cosine"], entry["float32_floor"]
     assert d < MIN_DEFAULT_OPTIONS_COSINE and at_floor(s, f) and not at_floor(d, f)
     assert entry["outputs"][0]["at_float32_floor"] and not entry["outputs"][0]["default_options_ok"]
