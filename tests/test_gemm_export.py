@@ -200,7 +200,8 @@ def test_whole_weight_scale_departs_from_ncnn2int8(tmp_path: Path) -> None:
     ours = write_int8(param, conv.bin_bytes, {}, quantize_gemm=False,
                       gemm_specs={gemm: GemmSpec(gemm, "lin", float(b_scale_of(w.numpy())))})
     tool = write_int8(param, conv.bin_bytes, {})  # ncnn2int8's own form, byte for byte
-    assert tool.gemm_int8[gemm]["B_clipped"] > 0 and ours.gemm_int8[gemm]["ncnn2int8_B_clipped"] == tool.gemm_int8[gemm]["B_clipped"]
+    clipped = tool.gemm_int8[gemm]["B_clipped"]
+    assert clipped > 0 and ours.gemm_int8[gemm]["ncnn2int8_B_clipped"] == clipped
     want = fake_quantize_gemm(x[0], w, lin.bias.detach()).numpy()
     errs = {}
     for name, res in (("ours", ours), ("tool", tool)):

@@ -57,7 +57,9 @@ def _float_reason(name: str, m: nn.Module, flow: DataFlow) -> str | None:
     return None
 
 
-def split_gemm(layers: dict[str, LayerPlan], floats: dict[str, str], modules: dict[str, nn.Module], flow: DataFlow) -> dict[str, int]:
+def split_gemm(
+    layers: dict[str, LayerPlan], floats: dict[str, str], modules: dict[str, nn.Module], flow: DataFlow
+) -> dict[str, int]:
     """Move the ``Gemm`` entries out of ``layers`` (in place): ``{name: input rank}`` of those QAT
     runs as int8 Gemm; the others go to ``floats`` with their reason."""
     gemm: dict[str, int] = {}
