@@ -2,10 +2,9 @@
 
     Trainer(callbacks=[QATCallback(start_epoch=5)])
 
-Public API: :class:`QATCallback`, :class:`QATConfig`, :class:`ExportConfig` (the settings of
-the callback's QAT and export), :func:`prepare_qat` (surgery without a Trainer), :func:`export`
-(ONNX + ncnn tables + int8 ncnn model + parity report) and the fake-quant ops in
-:mod:`lightning_ncnnqat.ops`.
+Public API: :class:`QATCallback`, :class:`QATConfig`, :func:`prepare_qat` (surgery without a
+Trainer), :func:`export` (ONNX + ncnn tables + int8 ncnn model + parity report) and the
+fake-quant ops in :mod:`lightning_ncnnqat.ops`.
 
 The names below load on first use, so the torch-free ncnn layer (:mod:`lightning_ncnnqat.ncnn`,
 the ARM target tools, the worker scripts) imports without torch.
@@ -14,6 +13,7 @@ the ARM target tools, the worker scripts) imports without torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,6 @@ sys.modules[__name__].__class__ = _Package
 _LAZY: dict[str, str] = {
     "QATCallback": "lightning_ncnnqat.callbacks",
     "QATConfig": "lightning_ncnnqat.qat.config",
-    "ExportConfig": "lightning_ncnnqat.export.config",
     "ExportError": "lightning_ncnnqat.errors",
     "ExportReport": "lightning_ncnnqat.verification.report",
     "Preprocessing": "lightning_ncnnqat.preprocessing",
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
     from lightning_ncnnqat.callbacks import QATCallback
     from lightning_ncnnqat.errors import ExportError
     from lightning_ncnnqat.export.api import export
-    from lightning_ncnnqat.export.config import ExportConfig
     from lightning_ncnnqat.preprocessing import Preprocessing
     from lightning_ncnnqat.qat.checkpoint import load_from_checkpoint, restore_from_checkpoint
     from lightning_ncnnqat.qat.config import QATConfig
@@ -83,6 +81,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule used as an attribute (`lightning_ncnnqat.qat.plan`), loaded on first use;
+        # a module path of release 0.1 forwards with its DeprecationWarning (`_moved`)
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lightning_ncnnqat' has no attribute {name!r}")
 
 
@@ -93,7 +95,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "QATCallback",
     "QATConfig",
-    "ExportConfig",
     "NcnnQatError",
     "ConfigError",
     "Preprocessing",

@@ -169,3 +169,31 @@ def test_rooms_import_only_rooms_below_them() -> None:
         if a in room and d in room and ROOMS.index(room[d]) > ROOMS.index(room[a])
     ]
     assert upward == [], upward
+
+
+def test_submodules_load_as_attributes_and_old_ones_forward() -> None:
+    """A room used as an attribute after ``import lightning_ncnnqat`` loads on first use
+    (``lq.qat``), and a release-0.1 module used as an attribute forwards with its warning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\n"
+        "import lightning_ncnnqat as lq\n"
+        "import types\n"
+        "assert isinstance(lq.qat, types.ModuleType) and isinstance(lq.ncnn, types.ModuleType) and callable(lq.export)\n"
+        "import lightning_ncnnqat.qat.plan\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert lq.prepare.get_plan is lq.qat.plan.get_plan\n"
+        "assert any('lightning_ncnnqat.qat.prepare' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "try:\n"
+        "    lq.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
