@@ -185,9 +185,16 @@ def test_export_writes_the_mask_and_says_so(qat_export) -> None:
     assert "31=" not in (out / "model.ncnn.param").read_text()  # the float model keeps ARMv8.2's fp16
 
 
+_RUNS: dict[tuple[str, str], np.ndarray] = {}  # an emulated run costs seconds: each is made once
+
+
 def _int8(out: Path, held: np.ndarray, target: str, param: Path | None = None) -> np.ndarray:
-    return run_ncnn(param or out / "model.int8.param", out / "model.int8.bin", {"in0": held}, ["out0"],
-                    options={"num_threads": 1}, target=target).outputs["out0"]  # fmt: skip
+    param = param or out / "model.int8.param"
+    key = (str(param), target)
+    if key not in _RUNS:
+        _RUNS[key] = run_ncnn(param, out / "model.int8.bin", {"in0": held}, ["out0"], options={"num_threads": 1},
+                              target=target).outputs["out0"]  # fmt: skip
+    return _RUNS[key]
 
 
 @needs_arm
