@@ -19,7 +19,7 @@ from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.export.gemm_export import check_gemm_owners, gemm_notes, gemm_specs_and_refs
 from lightning_ncnnqat.export.inputs import Prepared, table_rows
 from lightning_ncnnqat.export.onnx_branch import Land
-from lightning_ncnnqat.export.steps import FULL, LAYERS, NONE, Checks, step
+from lightning_ncnnqat.export.steps import FULL, LAYERS, NONE, Checks, noted, step
 from lightning_ncnnqat.ncnn.fp32_blobs import fp32_blobs_note, mask_fp32_blobs
 from lightning_ncnnqat.ncnn.int8_writer import Int8Result, Int8Spec, write_int8
 from lightning_ncnnqat.ncnn.param import NcnnParam
@@ -54,7 +54,8 @@ def ncnn_branch(
     with step("pnnx", verbose):
         pn = convert_with_pnnx(FlatModel(p.folded, p.io), [t[:1] for t in p.held])
         in_blobs, out_blobs = blob_names(NcnnParam.parse(pn.param_text), p.io)
-        pn = fold_converted(pn, out_blobs, report.notes)  # activations ncnn fuses, so int8 chains through them
+        with noted(report, "activation_fold") as notes:  # activations ncnn fuses, so int8 chains through them
+            pn = fold_converted(pn, out_blobs, notes)
         nc = _Ncnn(NcnnParam.parse(pn.param_text), pn.bin_bytes, in_blobs, out_blobs)
         land({"model.ncnn.param": pn.param_text, "model.ncnn.bin": pn.bin_bytes})
     with step("ncnn_table", verbose):
@@ -76,9 +77,10 @@ def _match_layers(p: Prepared, report: ExportReport, nc: _Ncnn) -> dict[str, str
     """``{torch layer: ncnn layer}`` of every quantized layer (and int8 Gemm), the report's layer
     table filled; raises LayerError for a layer converted to a type that takes no table rows."""
     by_torch = {r.torch_name: r for r in report.layers}
-    owners = match_owners([*p.infos, *p.gemms], ncnn_weight_owners(nc.param, nc.bin_bytes), "ncnn model (model.ncnn.param)",
-                          graphs=None if p.wiring is None else (p.wiring, ncnn_wiring(nc.param, nc.in_blobs, nc.out_blobs)),
-                          notes=report.notes)
+    with noted(report, "layer_matching") as notes:
+        owners = match_owners([*p.infos, *p.gemms], ncnn_weight_owners(nc.param, nc.bin_bytes), "ncnn model (model.ncnn.param)",
+                              graphs=None if p.wiring is None else (p.wiring, ncnn_wiring(nc.param, nc.in_blobs, nc.out_blobs)),
+                              notes=notes)
     gemm_names = check_gemm_owners(p.gemms, owners)
     for t, o in owners.items():
         if t not in gemm_names and converted_int8_kind(o.kind) != "table":
@@ -107,9 +109,9 @@ def _write_int8(p: Prepared, report: ExportReport, nc: _Ncnn, float_weights: str
     gemm_specs, gemm_refs = gemm_specs_and_refs(p.gemms, nc.names)
     refs += gemm_refs
     res = write_int8(nc.param, nc.bin_bytes, specs, quantize_gemm=False, float_weights=float_weights, gemm_specs=gemm_specs)
-    report.notes += gemm_notes(res.gemm_int8, gemm_specs)
+    render(report, policy.facts("gemm_int8", gemm_notes(res.gemm_int8, gemm_specs)))
     res.param_text, masked = mask_fp32_blobs(res.param_text)  # float32 blobs on ARMv8.2 too
-    report.notes.append(fp32_blobs_note(masked))
+    render(report, policy.facts("fp32_blobs", [fp32_blobs_note(masked)]))
     report.float_weights = float_weights
     float_gemms = [lay.name for lay in nc.param.layers if lay.type == "Gemm" and lay.name not in gemm_specs]
     render(report, policy.gemm_kept_float(float_gemms, float_weights))

@@ -13,7 +13,7 @@ from lightning_ncnnqat import policy
 from lightning_ncnnqat.conversion.model_io import FlatModel, torch_outputs
 from lightning_ncnnqat.conversion.onnx import export_onnx, onnx_names, run_onnx
 from lightning_ncnnqat.export.inputs import Prepared, table_rows
-from lightning_ncnnqat.export.steps import step
+from lightning_ncnnqat.export.steps import noted, step
 from lightning_ncnnqat.ncnn.table import format_table
 from lightning_ncnnqat.verification.report import ExportReport
 from lightning_ncnnqat.verification.verdicts import render
@@ -33,7 +33,8 @@ def onnx_branch(p: Prepared, report: ExportReport, land: Land, verbose: bool, ch
     if check_onnx:
         _check_onnx(res.model_bytes, p, x1, report)
     with step("onnx_table", verbose):
-        names, factors = onnx_names(res.model_bytes, p.infos, p.wiring, report.notes)
+        with noted(report, "onnx_names") as notes:
+            names, factors = onnx_names(res.model_bytes, p.infos, p.wiring, notes)
         for t, n in names.items():
             by_torch[t].onnx_name = n
         render(report, policy.onnx_folded_scales(factors))

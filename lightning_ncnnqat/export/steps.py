@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from lightning_ncnnqat import policy
 from lightning_ncnnqat.errors import ExportError, LayerError, NcnnQatError
 from lightning_ncnnqat.ncnn.isolated import HOST
+from lightning_ncnnqat.verification.report import ExportReport
+from lightning_ncnnqat.verification.verdicts import render
 
 STEP_TITLES = {
     "inputs": "model inputs and outputs",
@@ -53,6 +56,17 @@ def step(name: str, verbose: bool = False) -> Iterator[None]:
         raise ExportError(name, e.layer, f"{type(e).__name__}: {e}") from e
     except Exception as e:  # noqa: BLE001 - not swallowed: re-raised naming the step, and report.json records it
         raise ExportError(name, None, f"{type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def noted(report: ExportReport, code: str) -> Iterator[list[str]]:
+    """A list for the notes a conversion or writer function appends as sentences; on leaving (a
+    failure included) they are rendered into ``report`` as ``code`` facts (:func:`policy.facts`)."""
+    notes: list[str] = []
+    try:
+        yield notes
+    finally:
+        render(report, policy.facts(code, notes))
 
 
 #: :attr:`Checks.mode` values.

@@ -51,6 +51,7 @@ from .outputs import (
     judge_top1,
 )
 from .steps import (
+    facts,
     gemm_kept_float,
     grouped_conv_rows,
     judge_onnx,
@@ -67,7 +68,7 @@ __all__ = [
     "MAX_LAYER_REL_ERR", "MAX_ONNX_REL_ERR", "MIN_DEFAULT_OPTIONS_COSINE", "MIN_LAYER_COSINE", "MIN_NOTED_GAP",
     "MIN_OUTPUT_COSINE", "MIN_TOP1_AGREEMENT", "NEAR_TIE_SIGMAS", "NOTE", "QAT_LR_FACTOR", "WARNING", "Finding",
     "OutputVerdict", "Severity", "approximation_gap", "approximation_notes", "at_floor", "collapsed",
-    "conversion_departs", "conversion_departure", "float_arithmetic_note", "floor_not_measured", "gemm_kept_float",
+    "conversion_departs", "conversion_departure", "facts", "float_arithmetic_note", "floor_not_measured", "gemm_kept_float",
     "grouped_conv_rows", "host_layer_findings", "judge_approximation_gap", "judge_onnx", "judge_output",
     "judge_top1", "layer_cosine_ok", "layer_ok", "needs_floor", "onnx_bar", "onnx_folded_scales",
     "onnx_not_checked", "output_failing", "parity_on_example_input", "ranges_from_held_batch",

@@ -90,6 +90,12 @@ def wiring_not_traced(error: str) -> Finding:
     )
 
 
+def facts(code: str, messages: Sequence[str]) -> list[Finding]:
+    """Notes another room wrote as sentences (layer matching, activation folding, the int8 writer's
+    Gemms and float32 blobs): facts that explain the files, no rule to apply; empty ones dropped."""
+    return [note(code, m) for m in messages if m]
+
+
 def target_not_checked(target: str, error: str, unavailable: bool) -> Finding:
     """An emulated target's runs failed: a note when it is not set up (``unavailable``; the error
     names the set-up command), a warning when its ncnn run crashed, timed out or failed."""
