@@ -3,13 +3,17 @@
     python benchmarks/deploy_speed.py --models cifar10-resnet18 results-mobilenetv2 silu-cnn
     python benchmarks/deploy_speed.py --export-dir runs/export            # an existing export
     python benchmarks/deploy_speed.py --models silu-cnn --swap --layers   # + swapped variant, per layer
+    python benchmarks/deploy_speed.py --models main-resnet18 cifar10-mobilenetv2 --start   # QAT start's decision
     .venv-zoo/bin/python benchmarks/deploy_speed.py --zoo mobilenet_v2 resnet18
 
 Per built model: random init (seed 0), ``prepare_qat``, a few QAT steps on random data, export
 (x86 only). Then for every thread count the float (``model.ncnn.*``) and int8 (``model.int8.*``)
 models are timed in ONE child process, alternating (A B B A ...), with ncnn's default options
 except ``num_threads``: median ms with min/max, the speed-up float/int8 and a verdict
-(``faster``/``slower`` beyond 3%, else ``tie``). The machine is named (CPU model, load, ncnn
+(``faster``/``slower`` beyond 3%, else ``tie``). ``--start``: also the model prepared the way the
+QAT start does it (``prepare_qat(targets=["x86"])``, ``QATConfig(prefer="speed")``: the int8
+layers that lose here kept float), exported and timed beside the others, with the seconds the
+QAT start took and the layers it kept float. The machine is named (CPU model, load, ncnn
 version). Random weights: the speed of a layer does not depend on its values.
 """
 
@@ -20,6 +24,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,9 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from lightning_ncnnqat import QATConfig, export, prepare_qat  # noqa: E402
+from lightning_ncnnqat.ncnn.machine import machine_info  # noqa: E402
+from lightning_ncnnqat.ncnn.timing import paired_speedup  # noqa: E402
+from lightning_ncnnqat.policy.speed import speed_verdict  # noqa: E402
 from lightning_ncnnqat.speed.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
 from lightning_ncnnqat.speed.plan import (  # noqa: E402
     count_chains,
@@ -65,10 +73,11 @@ class SiLUCNN(nn.Module):
 
 def build(name: str) -> tuple[nn.Module, int]:
     """A model by name and its input size (square, 3 channels)."""
-    if name in ("cifar10-resnet18", "results-resnet18", "results-mobilenetv2", "cifar10-mobilenetv2"):
+    if name in ("cifar10-resnet18", "results-resnet18", "results-mobilenetv2", "cifar10-mobilenetv2", "main-resnet18"):
         from examples.cifar10 import build_backbone
 
         return {
+            "main-resnet18": lambda: (build_backbone("resnet18", 10, width=16), 32),  # examples/qat.yaml
             "cifar10-resnet18": lambda: (build_backbone("resnet18", 10, width=64), 32),
             "cifar10-mobilenetv2": lambda: (build_backbone("mobilenetv2", 10, width_mult=1.0), 32),
             "results-resnet18": lambda: (build_backbone("resnet18", 10, width=8), 16),
@@ -89,9 +98,10 @@ def build(name: str) -> tuple[nn.Module, int]:
 
 
 def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap: bool,
-                       skip: list[str] | None = None) -> dict[str, Any]:
-    """Swap (optional), prepare (``skip``: layers kept float), a few QAT steps on random data,
-    export to ``out``; facts."""
+                       skip: list[str] | None = None, prefer: str | None = None) -> dict[str, Any]:
+    """Swap (optional), prepare (``skip``: layers kept float; ``prefer``: the QAT start's speed
+    decision on this machine, else every layer int8), a few QAT steps on random data, export to
+    ``out``; facts."""
     torch.manual_seed(0)
     info: dict[str, Any] = {}
     x = torch.randn(8, 3, size, size)
@@ -99,7 +109,15 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
         info["swap"] = swap_activations(model, example_input=x[:1]).summary()
         _warm_bn(model, x)  # BN statistics of the new activations (random-init nets diverge otherwise)
     model.train()
-    prepare_qat(model, x[:1], QATConfig(skip=tuple(skip or ())))
+    if prefer is None:
+        prepare_qat(model, x[:1], QATConfig(skip=tuple(skip or ())))
+    else:
+        t0 = time.perf_counter()
+        plan = prepare_qat(model, x[:1], QATConfig(prefer=prefer), targets=["x86"])
+        info["start_s"] = time.perf_counter() - t0
+        info["kept_float"] = {n: r for n, r in plan.float_layers.items() if "for speed" in r}
+        info["speed_note"] = plan.notes.get("(speed on x86)")
+        model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     for _ in range(steps):
         out_t = model(x)
@@ -131,21 +149,8 @@ def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and features (/proc/cpuinfo), cores, load, ncnn version."""
-    import ncnn
-
-    cpu, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    feats = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "f16c") if f in flags]
-    return {"cpu": cpu, "features": feats, "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
-            "ncnn": getattr(ncnn, "__version__", "unknown"), "torch": torch.__version__}
+    """CPU model and features (/proc/cpuinfo), cores, load, ncnn and torch versions."""
+    return {**machine_info(), "torch": torch.__version__}
 
 
 def planned(name: str, steps: int, out: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -186,7 +191,11 @@ def time_export(d: Path, threads: list[int | None], runs: int, warmup: int, plan
                      "speedup_cpu": t["float"].ms("cpu") / t["int8"].ms("cpu"),
                      "verdict": f"{judge(t['int8'], t['float'], on=on)} ({on})",
                      "chains": asdict(chains), "load_1min": os.getloadavg()[0]})
+        rows[-1]["paired"] = paired_speedup(t["float"], t["int8"], on)  # per round, float_r / int8_r
+        rows[-1]["on"] = on
         if extra:
+            rows[-1]["paired_planned"] = paired_speedup(t["float"], t["int8_planned"], on)
+            rows[-1]["verdict_planned"] = speed_verdict(rows[-1]["paired_planned"])
             rows[-1]["int8_planned"] = asdict(t["int8_planned"])
             rows[-1]["speedup_planned_cpu"] = t["float"].ms("cpu") / t["int8_planned"].ms("cpu")
             rows[-1]["chains_planned"] = asdict(count_chains((plan_dir / "model.int8.param").read_text()))
@@ -195,6 +204,28 @@ def time_export(d: Path, threads: list[int | None], runs: int, warmup: int, plan
 
 def _ms(t: dict[str, Any]) -> str:
     return f"{t['median_ms']:.3f} [{t['min_ms']:.3f}-{t['max_ms']:.3f}]"
+
+
+def _on(t: dict[str, Any], on: str) -> str:
+    if on == "cpu" and t.get("cpu_median_ms") is not None:
+        return f"{t['cpu_median_ms']:.3f} [{t['cpu_min_ms']:.3f}-{t['cpu_max_ms']:.3f}]"
+    return _ms(t)
+
+
+def start_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: float, every layer int8, and int8 as the QAT start planned it (prefer='speed')."""
+    out = ["| model | threads | clock | float ms median [min-max] | int8 (all) | float/int8 | int8 (QAT start, "
+           "prefer='speed') | float/int8 | verdict | kept float | start s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        st = r.get("start")
+        for row in r["rows"]:
+            if st is None or "int8_planned" not in row:
+                continue
+            on = row["on"]
+            out.append(f"| {r['model']} | {row['threads']} | {on} | {_on(row['float'], on)} | {_on(row['int8'], on)} | "
+                       f"{row['paired']:.2f}x | {_on(row['int8_planned'], on)} | {row['paired_planned']:.2f}x | "
+                       f"{row['verdict_planned']} | {len(st['kept_float'])} | {st['start_s']:.1f} |")
+    return "\n".join(out)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -243,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", action="store_true", help="also time every int8 layer alone (int8 vs float)")
     p.add_argument("--plan", action="store_true", help="also export each built model with the layers "
                    "plan_speed(prefer='speed') keeps float, timed beside the others")
+    p.add_argument("--start", action="store_true", help="also export each built model prepared as the QAT start "
+                   "does (prefer='speed' on x86), timed beside the others")
     p.add_argument("--work", default="deploy_speed_out", help="where exports go")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     a = p.parse_args(argv)
@@ -289,6 +322,10 @@ def _one(label: str, d: Path | None, swap: bool, a: argparse.Namespace, threads:
     if a.plan and not Path(label).exists():
         plan_dir, pinfo = planned(label.split(" +")[0], a.qat_steps, work / (d.name + "_planned"))
         info["plan"] = {"keep_float": pinfo["keep_float"], "layers": pinfo["plan_layers"]}
+    elif a.start and not Path(label).exists() and not swap:
+        model, size = build(label)
+        plan_dir = work / (d.name + "_start")
+        info["start"] = prepare_and_export(model, size, plan_dir, a.qat_steps, False, prefer="speed")
     res = {"model": label, "export_dir": str(d), **info, "rows": time_export(d, threads, a.runs, a.warmup, plan_dir)}
     if a.layers:
         res["layers_md"] = layer_table(d, max(10, a.runs // 2))
@@ -300,6 +337,9 @@ def _print_all(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
     print(f"\nmachine: {m['cpu']} ({', '.join(m['features'])}), {m['cpus']} cpus, load {m['load_1min']:.2f}, "
           f"ncnn {m['ncnn']}; {a.runs} interleaved runs per model, ncnn default options except num_threads\n")
     print(table(results))
+    if any("start" in r for r in results):
+        print("\nfloat/int8: median of per-round ratios (each int8 run against the float run beside it)\n")
+        print(start_table(results))
     for r in results:
         if "swap" in r:
             print(f"\n{r['model']}: {r['swap']}")
@@ -313,6 +353,14 @@ def _print_all(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
                           f"{row['speedup_planned_cpu']:.2f}x (int8-planned CPU {q['cpu_median_ms']:.3f} ms "
                           f"[{q['cpu_min_ms']:.3f}-{q['cpu_max_ms']:.3f}], requantized "
                           f"{row['chains_planned']['requantized']} / {row['chains_planned']['int8_convs']})")
+        if "start" in r:
+            st = r["start"]
+            print(f"\n{r['model']}: QAT start (prefer='speed', x86) took {st['start_s']:.1f} s, kept float "
+                  f"{len(st['kept_float'])}: {', '.join(st['kept_float']) or '-'}; {st['speed_note']}")
+            for row in r["rows"]:
+                if "int8_planned" in row:
+                    print(f"  {row['threads']} thread(s): float/int8 {row['speedup_cpu']:.2f}x, float/int8 as the QAT start "
+                          f"planned {row['speedup_planned_cpu']:.2f}x (CPU time medians)")
         if "layers_md" in r:
             print(f"\n{r['model']} per layer, alone, 1 thread:\n{r['layers_md']}")
         if "error" in r:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ncnnqat import ExportConfig, QATCallback, QATConfig, export, prepare_qat
+from lightning_ncnnqat import QATCallback, QATConfig, export, prepare_qat
+from lightning_ncnnqat.export.config import ExportConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.policy import speed as policy
 from lightning_ncnnqat.speed.decide import (
