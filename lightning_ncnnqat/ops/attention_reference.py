@@ -1,0 +1,160 @@
+"""What ncnn's int8 MultiHeadAttention and SDPA compute, in PyTorch (the test oracle).
+
+ncnn 1.0.20261020 runs both layers, on x86 and aarch64, as a chain of int8 ``Gemm`` layers
+(``src/layer/{x86,arm}/multiheadattention_*.cpp``, ``sdpa_*.cpp``; the reference layers
+``multiheadattention.cpp`` / ``sdpa.cpp`` ``forward_int8`` do the same math). Every activation
+is quantized at run time, symmetric, ``q = clamp(round_half_away(x * s), -127, 127)`` with
+``s = 127 / absmax`` (1 when absmax is 0), over:
+
+* MHA input projections: the input tensor (one scale per sample: ncnn has no batch) against
+  the weight quantized per output row (scales from the .bin, ``ncnn/int8_attention.py``);
+  ``q = (acc / (w_s[j] * x_s) + b[j]) * scale``, k and v the same without ``scale``;
+* Q K^T, per head: each query row (over the head dim) against the head's whole K;
+  ``+ attn_mask``, softmax in float32;
+* P V, per head: each row of P against the head's whole V;
+* MHA output projection: each token row of the concatenated heads (over embed_dim) against the
+  output weight with ONE scale; ``+ out_bias``.
+
+SDPA is the middle two steps on ``[heads, L, d]`` blobs (K, V may have fewer heads: groups),
+``qk = acc * descale * scale`` (``scale`` 0 meaning ``1/sqrt(d)``).
+
+The descale of a row-quantized operand is ``absmax * ((1 / 127) / b_scale)``, the form of
+ncnn's x86/arm Gemm kernels (``compute_A_tile_fp32_int8_scales``, the same as
+``reference.fake_quantize_gemm``); with a constant A (MHA's q/k/v weights) it is
+``1 / (a_scale * b_scale)`` (``gemm_AT_*_int8``). Softmax uses ncnn's vectorised ``exp``
+approximation there, so the reference matches ncnn to float32 rounding, not bit for bit: a
+row's int8 level may move by one step (see docs/export.md, "Attention in int8").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_ncnnqat.ops.reference import finite_absmax, round_half_away, scale_from_absmax
+
+QMAX = 127.0
+
+
+def _levels(x: Tensor, scale: Tensor) -> Tensor:
+    """int8 levels of float32 ``x`` with ``scale`` broadcast against it (float32 values)."""
+    return round_half_away(torch.clamp(x * scale, -QMAX, QMAX))
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of integer-valued float32 tensors, exact (ncnn accumulates in int32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.double() @ b.double()).float()
+
+
+def _row_dequant(acc: Tensor, row_absmax: Tensor, b_scale: Tensor) -> Tensor:
+    """``acc * (absmax_row * ((1/127) / b_scale))`` in float32 (ncnn's dynamic-A descale)."""
+    inv = torch.ones_like(b_scale) / torch.full_like(b_scale, QMAX)
+    return acc * (row_absmax * (inv / b_scale)).unsqueeze(-1)
+
+
+def _per_sample_absmax(x: Tensor, dims: int) -> Tensor:
+    """absmax of each sample (the last ``dims`` dims), shaped to broadcast back on ``x``."""
+    a = finite_absmax(x.flatten(-dims), dim=-1)
+    return a.reshape(*a.shape, *([1] * dims))
+
+
+def weight_row_scales(w: Tensor) -> Tensor:
+    """``127 / absmax`` of each row of ``w [rows, cols]`` (ncnn2table's weight rule)."""
+    return scale_from_absmax(finite_absmax(w.float(), dim=1), 8)
+
+
+def _projection(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """A constant-weight int8 projection (ncnn Gemm with constant A = ``w``, row scales
+    ``w_scale``; B = ``x [..., L, K]`` one scale per sample): ``acc / (w_s[j] * x_s) + b[j]``."""
+    x_scale = scale_from_absmax(_per_sample_absmax(x, 2), 8)
+    wq = _levels(w.float(), w_scale.reshape(-1, 1))
+    acc = _matmul(_levels(x, x_scale), wq.T)
+    descale = torch.ones_like(acc) / (w_scale * x_scale)
+    y = acc * descale
+    return y if bias is None else y + bias.float()
+
+
+def _row_by_tensor(a: Tensor, b: Tensor, b_transposed: bool) -> Tensor:
+    """Dynamic int8 ``a @ b.T`` (or ``a @ b`` when not ``b_transposed``) of ``[..., M, K]`` and a
+    per-matrix-quantized ``b``: rows of ``a`` with their own scales, ``b`` with one per matrix."""
+    a_abs = finite_absmax(a, dim=-1)
+    qa = _levels(a, scale_from_absmax(a_abs, 8).unsqueeze(-1))
+    b_scale = scale_from_absmax(_per_sample_absmax(b, 2), 8)
+    qb = _levels(b, b_scale)
+    acc = _matmul(qa, qb.transpose(-1, -2) if b_transposed else qb)
+    return _row_dequant(acc, a_abs, b_scale.squeeze(-1))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, mask: Tensor | None) -> Tensor:
+    """int8 attention core on ``q [..., H, L, d]``, ``k/v [..., H, S, d]`` (heads aligned).
+    ``scale`` None: it was already applied to q (MHA); else ``qk * scale`` (SDPA)."""
+    qk = _row_by_tensor(q, k, True)
+    if scale is not None:
+        qk = qk * torch.tensor(scale, dtype=torch.float32, device=qk.device)
+    if mask is not None:
+        qk = qk + mask.float()
+    p = torch.softmax(qk, dim=-1)
+    return _row_by_tensor(p, v, False)
+
+
+def mha_int8(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    weights: dict[str, Tensor],
+    num_heads: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """ncnn's int8 MultiHeadAttention on ``query [B, L, qdim]``, ``key [B, S, kdim]``,
+    ``value [B, S, vdim]`` (batch-first; each sample quantized alone, as ncnn runs it).
+
+    ``weights``: ``q_weight [E, qdim]``, ``k_weight``, ``v_weight``, ``out_weight [qdim, E]`` and
+    the four ``*_bias`` (``nn.MultiheadAttention``'s ``in_proj_weight`` split in three).
+    ``scale`` defaults to ``1/sqrt(E/num_heads)``; ``attn_mask`` is additive float
+    ``[L, S]`` or ``[num_heads, L, S]``. Returns ``[B, L, qdim]`` float32.
+    ValueError when E is not a multiple of ``num_heads``.
+    """
+    w = {k: t.float() for k, t in weights.items()}
+    e = w["q_weight"].shape[0]
+    if num_heads <= 0 or e % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={e}")
+    d = e // num_heads
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    alpha = torch.tensor(s, dtype=torch.float32)
+    q = _projection(query.float(), w["q_weight"], weight_row_scales(w["q_weight"]), w.get("q_bias")) * alpha
+    k = _projection(key.float(), w["k_weight"], weight_row_scales(w["k_weight"]), w.get("k_bias"))
+    v = _projection(value.float(), w["v_weight"], weight_row_scales(w["v_weight"]), w.get("v_bias"))
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:-1], num_heads, d).transpose(-2, -3)  # [B, H, L, d]
+
+    o = _attend(heads(q), heads(k), heads(v), None, attn_mask)
+    o = o.transpose(-2, -3).reshape(*query.shape[:-1], e)  # [B, L, E]
+    o_abs = finite_absmax(o, dim=-1)
+    out_w = w["out_weight"]
+    out_scale = scale_from_absmax(finite_absmax(out_w), 8)
+    acc = _matmul(_levels(o, scale_from_absmax(o_abs, 8).unsqueeze(-1)), _levels(out_w, out_scale).T)
+    y = _row_dequant(acc, o_abs, out_scale)
+    return y + w["out_bias"] if "out_bias" in w else y
+
+
+def sdpa_int8(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """ncnn's int8 SDPA on ``query [B, H, L, d]``, ``key [B, G, S, d]``, ``value [B, G, S, dv]``
+    (G divides H: grouped heads share K/V, head h reads group ``h // (H // G)``), as
+    ``F.scaled_dot_product_attention`` takes them. ``attn_mask`` additive float ``[L, S]`` or
+    ``[H, L, S]``; ``scale`` None or 0 means ``1/sqrt(d)``. Returns ``[B, H, L, dv]`` float32.
+    ValueError when G does not divide H."""
+    h, g = query.shape[-3], key.shape[-3]
+    if g <= 0 or h % g:
+        raise ValueError(f"key/value heads ({g}) do not divide query heads ({h})")
+    if g != h:
+        key = key.repeat_interleave(h // g, dim=-3)
+        value = value.repeat_interleave(h // g, dim=-3)
+    s = 1.0 / math.sqrt(query.shape[-1]) if not scale else float(scale)
+    return _attend(query.float(), key.float(), value.float(), s, attn_mask)
