@@ -18,7 +18,8 @@ import math
 import os
 from typing import Any
 
-from lightning_ncnnqat.policy import QAT_LR_FACTOR, collapsed
+from lightning_ncnnqat.policy import QAT_LR_FACTOR, collapsed, validation_collapsed
+from lightning_ncnnqat.verification.verdicts import render
 
 _HIGHER = ("acc", "top", "f1", "map", "auc", "iou", "dice", "precision", "recall", "psnr", "ssim", "score")
 _LOWER = ("loss", "err", "mse", "mae", "nll", "ppl", "perplexity", "cer", "wer")
@@ -136,11 +137,7 @@ def note_collapse(report: Any, watch: CollapseWatch) -> None:
     (the issue's run: 100% int8 vs QAT top-1 at validation accuracy 0.098)."""
     if not watch.collapse or report is None:
         return
-    what = ", ".join(f"`{k}` {b:.4g} -> {a:.4g}" for k, (b, a) in watch.collapse.items())
-    report.warnings.append(
-        f"training: validation collapsed when QAT started ({what}); the int8 model follows this QAT model "
-        "faithfully, but the QAT model itself lost its accuracy (see the training warning for the fix)"
-    )
+    render(report, [validation_collapsed(watch.collapse)])
     path = os.path.join(str(report.export_dir), "report.json")
     if os.path.isfile(path):
         with open(path, "w") as f:

@@ -60,6 +60,7 @@ from .steps import (
     parity_on_example_input,
     ranges_from_held_batch,
     target_not_checked,
+    validation_collapsed,
     wiring_not_traced,
 )
 
@@ -72,5 +73,5 @@ __all__ = [
     "grouped_conv_rows", "host_layer_findings", "judge_approximation_gap", "judge_onnx", "judge_output",
     "judge_top1", "layer_cosine_ok", "layer_ok", "needs_floor", "onnx_bar", "onnx_folded_scales",
     "onnx_not_checked", "output_failing", "parity_on_example_input", "ranges_from_held_batch",
-    "target_layer_findings", "target_not_checked", "wiring_not_traced",
+    "target_layer_findings", "target_not_checked", "validation_collapsed", "wiring_not_traced",
 ]

@@ -90,6 +90,18 @@ def wiring_not_traced(error: str) -> Finding:
     )
 
 
+def validation_collapsed(collapse: Mapping[str, tuple[float, float]]) -> Finding:
+    """The export's warning for a validation metric that collapsed when QAT started
+    (``{key: (last float value, first QAT value)}``, judged by :func:`~.bars.collapsed`): int8
+    follows the QAT model faithfully, so nothing else in the report says so."""
+    what = ", ".join(f"`{k}` {b:.4g} -> {a:.4g}" for k, (b, a) in collapse.items())
+    return warning(
+        "validation_collapsed",
+        f"training: validation collapsed when QAT started ({what}); the int8 model follows this QAT model "
+        "faithfully, but the QAT model itself lost its accuracy (see the training warning for the fix)",
+    )
+
+
 def facts(code: str, messages: Sequence[str]) -> list[Finding]:
     """Notes another room wrote as sentences (layer matching, activation folding, the int8 writer's
     Gemms and float32 blobs): facts that explain the files, no rule to apply; empty ones dropped."""
