@@ -3,7 +3,8 @@
 The oracle is ncnn itself: float Gemm layers (as pnnx writes them, and one with B stored
 untransposed) go through the int8 writer (``gemm_specs``) and run in the ncnn runtime on x86 and
 on the emulated Cortex-A53/A76; the op on ncnn's own input blob of each layer must give the same
-bits with fp16 storage off, and stay within fp16's rounding under ARM's default options.
+bits with fp16 storage off (on x86 up to the rare one-step roundings of its AVX-512 kernels, see
+``_assert_x86_exact_but_one_steps``), and stay within fp16's rounding under ARM's default options.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def test_op_equals_ncnn_int8_gemm(target: str, tmp_path: Path) -> None:
     param, binp, layers = _gemm_chain(tmp_path, gen)
     x = torch.randn(3, 6, 16, generator=gen) * 4
     x[1, 2] = 0.0  # an all-zero row: scale 1, output = bias
-    x[2, 0] = torch.round(x[2, 0] * 2) / 2  # ties at x * scale are rare; these rows hold halves
+    x[2, 0] = (torch.round(x[2, 0] * 4).clamp(-126, 125) + 0.5) / 64  # (n + 0.5) / 64: with absmax 127 / 64
+    x[2, 0, 0] = 127.0 / 64  # the scale is 64, x * scale = n + 0.5 exactly: every value a tie (half away from 0)
     blobs = ["in0"] + [t for t, _, _ in layers]
     for opts, exact in ((STRICT, True), ({"num_threads": 1}, target == "x86")):
         got = run_ncnn(param, binp, {"in0": x.numpy()}, blobs, opts, target=target).outputs
@@ -76,10 +78,24 @@ def test_op_equals_ncnn_int8_gemm(target: str, tmp_path: Path) -> None:
             a = torch.from_numpy(np.asarray(got[bottom], dtype=np.float32))
             want = ops.fake_quantize_gemm(a, w, b).numpy()
             y = np.asarray(got[top], dtype=np.float32).reshape(want.shape)
-            if exact:
-                assert np.array_equal(y, want), (target, top, opts, float(np.abs(y - want).max()))
-            else:  # ARM default options: the blobs in fp16 storage
+            if not exact:  # ARM default options: the blobs in fp16 storage
                 assert cosine(want, y) > 0.99999, (target, top, cosine(want, y))
+            elif target == "x86":
+                _assert_x86_exact_but_one_steps(a.reshape(-1, w.shape[1]), w, y.reshape(-1, w.shape[0]),
+                                                want.reshape(-1, w.shape[0]), (top, opts))
+            else:
+                assert np.array_equal(y, want), (target, top, opts, float(np.abs(y - want).max()))
+
+
+def _assert_x86_exact_but_one_steps(a: torch.Tensor, w: torch.Tensor, y: np.ndarray, want: np.ndarray, what) -> None:
+    """x86: equal bits, except where the wheel's AVX-512 kernels (``x * scale`` and the +-0.5 of
+    their rounding contracted into one FMA) round one A value one step the other way, which is
+    rare (a product within an ulp of k + 0.5): at most one A step in a row's output, in < 0.1 %."""
+    bad = y != want
+    assert bad.mean() < 1e-3, (what, int(bad.sum()))
+    qa, a_abs, qb, b_scale = R.gemm_int8_levels(a, w)
+    step = (a_abs / 127.0 / b_scale * 127.0).numpy()[:, None] * 1.0001  # one A level times max |qb|
+    assert (np.abs(y - want) <= np.where(bad, step, 0.0)).all(), (what, float(np.abs(y - want).max()))
 
 
 def test_op_levels_scales_and_rows() -> None:

@@ -60,13 +60,17 @@ def gemm_notes(written: Mapping[str, Mapping[str, object]], specs: Mapping[str, 
     if not ours:
         return []
     clipped = {n: int(info["ncnn2int8_B_clipped"]) for n, info in ours.items() if info.get("ncnn2int8_B_clipped")}
+    names = sorted(ours)
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     line = (
-        f"Gemm layers {sorted(ours)} are int8 (18=2): input rows quantized at run time, the weight with one scale "
-        "from all of it, as QAT trained them"
+        f"{len(names)} Gemm layer(s) ({shown}) are int8 (18=2): input rows quantized at run time, the weight with "
+        "one scale from all of it, as QAT trained them"
     )
     if clipped:
+        worst = sorted(clipped, key=lambda n: -clipped[n])[:3]
         line += (
             "; ncnn2int8 would take that scale from the weight's first row only and clip "
-            + ", ".join(f"{n}: {c} values" for n, c in clipped.items())
+            f"{sum(clipped.values())} weight values in {len(clipped)} of them (most: "
+            + ", ".join(f"{n}: {clipped[n]}" for n in worst) + ")"
         )
     return [line]
