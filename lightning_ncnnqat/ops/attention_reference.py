@@ -114,7 +114,8 @@ def mha_int8(
 
     ``weights``: ``q_weight [E, qdim]``, ``k_weight``, ``v_weight``, ``out_weight [qdim, E]`` and
     the four ``*_bias`` (``nn.MultiheadAttention``'s ``in_proj_weight`` split in three).
-    ``scale`` defaults to ``1/sqrt(E/num_heads)``; ``attn_mask`` is additive float
+    ``scale`` defaults to ncnn's ``1.f / sqrtf(E / num_heads)`` (float32 throughout: 1 ulp off
+    the double-rounded value for head dims such as 6, 7, 24); ``attn_mask`` is additive float
     ``[L, S]`` or ``[num_heads, L, S]``. Returns ``[B, L, qdim]`` float32.
     ValueError when E is not a multiple of ``num_heads``.
     """
@@ -123,8 +124,10 @@ def mha_int8(
     if num_heads <= 0 or e % num_heads:
         raise ValueError(f"num_heads={num_heads} does not divide embed_dim={e}")
     d = e // num_heads
-    s = 1.0 / math.sqrt(d) if scale is None else scale
-    alpha = torch.tensor(s, dtype=torch.float32)
+    if scale is None:  # ncnn's default: 1.f / sqrtf(embed_dim / num_heads), all float32
+        alpha = torch.ones((), dtype=torch.float32) / torch.sqrt(torch.tensor(float(d), dtype=torch.float32))
+    else:
+        alpha = torch.tensor(scale, dtype=torch.float32)
     q = _projection(query.float(), w["q_weight"], weight_row_scales(w["q_weight"]), w.get("q_bias")) * alpha
     k = _projection(key.float(), w["k_weight"], weight_row_scales(w["k_weight"]), w.get("k_bias"))
     v = _projection(value.float(), w["v_weight"], weight_row_scales(w["v_weight"]), w.get("v_bias"))
@@ -148,7 +151,8 @@ def sdpa_int8(
     """ncnn's int8 SDPA on ``query [B, H, L, d]``, ``key [B, G, S, d]``, ``value [B, G, S, dv]``
     (G divides H: grouped heads share K/V, head h reads group ``h // (H // G)``), as
     ``F.scaled_dot_product_attention`` takes them. ``attn_mask`` additive float ``[L, S]`` or
-    ``[H, L, S]``; ``scale`` None or 0 means ``1/sqrt(d)``. Returns ``[B, H, L, dv]`` float32.
+    ``[H, L, S]``; ``scale`` None or 0 means ``1/sqrt(d)`` rounded once to float32 (ncnn's
+    ``1.f / sqrt(embed_dim)``: a double square root). Returns ``[B, H, L, dv]`` float32.
     ValueError when G does not divide H."""
     h, g = query.shape[-3], key.shape[-3]
     if g <= 0 or h % g:
