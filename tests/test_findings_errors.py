@@ -24,7 +24,8 @@ from lightning_ncnnqat.ncnn.bin_layout import NcnnFormatError
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.verification.output_floor import Float32Floor
 from lightning_ncnnqat.verification.report import ExportReport
-from lightning_ncnnqat.verification.runtime_checks import ModelFiles, _target_parity, blob_names
+from lightning_ncnnqat.verification.runtime_checks import ModelFiles, blob_names
+from lightning_ncnnqat.verification.targets import target_parity
 
 
 def _raised_in_step(exc: BaseException) -> ExportError:
@@ -110,7 +111,7 @@ def _target_run(model: nn.Module, x: torch.Tensor, d: Path, q_ref: list) -> Expo
     param = NcnnParam.parse((d / "model.int8.param").read_text())
     files = ModelFiles(d, param, *blob_names(param, io))
     report = ExportReport(str(d))
-    _target_parity(report, files, "x86", {b: t.numpy() for b, t in zip(files.input_blobs, [x])}, q_ref, [x], [], None, {},
+    target_parity(report, files, "x86", {b: t.numpy() for b, t in zip(files.input_blobs, [x])}, q_ref, [x], [], None, {},
                    Float32Floor(model, io, [x], q_ref))
     return report
 
