@@ -243,3 +243,23 @@ def test_averaged_copy_of_a_submodule_follows_the_gemm_plan() -> None:
     ema = Tokens()
     follow(ema, sub_plan(plan, "net"), whole=False)
     assert isinstance(ema.fc1, QATGemmLinear) and get_plan(ema).gemm_layers == {"fc1": 3, "fc2": 3}
+
+
+def test_a_model_of_gemms_only_is_prepared_and_exported(tmp_path: Path) -> None:
+    """Tokens in, tokens out: every int8 layer is a Gemm (no table row at all)."""
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.relu(self.a(x)))
+
+    torch.manual_seed(7)
+    m, x = Mlp(), torch.randn(4, 5, 8)
+    plan = _trained(m, x)
+    assert plan.layers == {} and plan.gemm_layers == {"a": 3, "b": 3}
+    report = export(m, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False)
+    assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 1 - 1e-9
+    assert "" == (tmp_path / "model.ncnn.table").read_text().strip()

@@ -48,7 +48,7 @@ from lightning_ncnnqat.qat.prepared import (
     quantized_layers,
     strip_wrapper_prefixes,
 )
-from lightning_ncnnqat.qat.activation_swap import apply_chain_activations
+from lightning_ncnnqat.qat.activation_swap import apply_chain_activations, restore_chain_activations
 from lightning_ncnnqat.qat.wrappers import unwrap
 
 __all__ = ["plan_qat", "apply_plan", "plan_and_apply", "unprepare", "measured_float_reasons", "replan_as_float"]
@@ -301,11 +301,11 @@ def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> Q
     """:func:`plan_qat` then :func:`apply_plan`; ValueError naming what was found if nothing can
     run in int8. The thresholds are left unset (the caller starts them)."""
     plan = plan_qat(model, example_input, config)
-    if not plan.layers:
+    if not plan.layers and not plan.gemm_layers:
         found = "; ".join(f"{n}: {r}" for n, r in plan.float_layers.items()) or "no Conv2d or Linear at all"
         raise ValueError(
             f"{type(unwrap(model)).__name__} has no layer ncnn can run in int8 (Conv2d, depthwise Conv2d, or "
-            f"Linear on 2-D input called once per forward); found: {found}"
+            f"Linear called once per forward on a 2-D, 3-D or 4-D input); found: {found}"
         )
     apply_plan(model, plan)
     return plan
@@ -318,6 +318,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     training them; the quantizer ranges are dropped. A model that is not prepared is returned as is.
     """
     inner = unwrap(model)
+    restore_chain_activations(inner)  # the activations QATConfig.chain_activations swapped
     plan = get_plan(inner)
     if plan is None:
         return model
