@@ -73,8 +73,9 @@ def test_prefer_defaults_to_speed_and_round_trips() -> None:
 
 def _measurement(ratios: dict[str, float], models: dict[str, tuple[float, list[str]]]) -> SpeedMeasurement:
     layers = {n: LayerSpeed(n, 1.0, r) for n, r in ratios.items()}
+    f = models["float"][0]
     return SpeedMeasurement("x86", "test", 1, "cpu", layers,
-                            {k: ModelSpeed(ms, ms, ms, fl) for k, (ms, fl) in models.items()})
+                            {k: ModelSpeed(ms, ms, ms, fl, f / ms) for k, (ms, fl) in models.items()})
 
 
 def test_candidates_keep_one_layer_int8_and_choose_needs_a_clear_gain() -> None:
@@ -83,10 +84,14 @@ def test_candidates_keep_one_layer_int8_and_choose_needs_a_clear_gain() -> None:
     assert _candidates({n: LayerSpeed(n, 1.0, r) for n, r in {"a": 0.5, "b": 0.95}.items()}) == [["a"]]
     # a layer that loses by its median but not by its fastest runs is noise, not a loser
     assert _candidates({"a": LayerSpeed("a", 1.0, 0.5), "b": LayerSpeed("b", 1.0, 0.8, "", 0.5, 0.6)}) == [["a"]]
-    clear = 1.0 / (1 + 2 * policy.SPEED_TIE_TOLERANCE)
-    near = 1.0 / (1 + policy.SPEED_TIE_TOLERANCE / 2)
-    assert choose(_measurement(ratios, {"float": (0.9, []), "int8": (1.0, []), "int8-2f": (clear, ["a", "c"])})) == "int8-2f"
-    assert choose(_measurement(ratios, {"float": (0.9, []), "int8": (1.0, []), "int8-2f": (near, ["a", "c"])})) == "int8"
+    big = 1.0 / (1 + 2 * policy.SPEED_KEEP_FLOAT_GAIN)  # the candidate's ms against all-int8's 1.0
+    small = 1.0 / (1 + (policy.SPEED_KEEP_FLOAT_GAIN + policy.SPEED_TIE_TOLERANCE) / 2)
+    two = ["a", "c"]
+    assert choose(_measurement(ratios, {"float": (1.2, []), "int8": (1.0, []), "int8-2f": (big, two)})) == "int8-2f"
+    # int8 already faster than float: a gain within the noise keeps every layer int8
+    assert choose(_measurement(ratios, {"float": (1.2, []), "int8": (1.0, []), "int8-2f": (small, two)})) == "int8"
+    # int8 slower than float: the same gain is taken (int8 must not lose to float)
+    assert choose(_measurement(ratios, {"float": (0.9, []), "int8": (1.0, []), "int8-2f": (small, two)})) == "int8-2f"
 
 
 # ------------------------------------------------------------ measured: decide_speed / prepare_qat
@@ -151,7 +156,8 @@ def test_size_and_arm_only_targets_time_nothing() -> None:
 
 
 def test_callback_takes_the_same_path_as_prepare_qat(tmp_path: Path) -> None:
-    """QATCallback's QAT start keeps the same layers float for speed as prepare_qat(targets=...)."""
+    """QATCallback's QAT start keeps the same layers float for speed as prepare_qat(targets=...)
+    (both run start_qat's speed step), and its export judges its own timing."""
 
     class Lit(L.LightningModule):
         def __init__(self) -> None:
@@ -170,8 +176,6 @@ def test_callback_takes_the_same_path_as_prepare_qat(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     lit = Lit()
-    twin = DepthwiseNet()
-    twin.load_state_dict(lit.net.state_dict())
     data = DataLoader(TensorDataset(torch.randn(4, 48, 16, 16), torch.zeros(4)), batch_size=2)
     cb = QATCallback(start_epoch=0, config=QATConfig(prefer="speed"),
                      export=ExportConfig(dir=str(tmp_path / "export"), targets=["x86"], timing_runs=20,
@@ -179,9 +183,11 @@ def test_callback_takes_the_same_path_as_prepare_qat(tmp_path: Path) -> None:
     trainer = L.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(lit, data)
-    plan = prepare_qat(twin, _x(), QATConfig(prefer="speed"), targets=["x86"])
-    kept = {n for n, r in cb.plan.float_layers.items() if "kept float for speed" in r}
-    assert {n.removeprefix("net.") for n in kept} == {n for n, r in plan.float_layers.items() if "for speed" in r} == DEPTHWISE
+    # the decision prepare_qat(targets=...) makes on this model (test above), with the same figures
+    kept = {n: r for n, r in cb.plan.float_layers.items() if "kept float for speed" in r}
+    assert {n.removeprefix("net.") for n in kept} == DEPTHWISE, cb.plan.summary()
+    assert all("int8 slower than float on x86 (alone, 1 thread, cpu time: int8 " in r for r in kept.values())
+    assert "int8 as planned" in cb.plan.notes["(speed on x86)"]
     # the export at fit end judged its own timing, and DEPLOY.md says it per target
     rep = json.loads((tmp_path / "export" / "report.json").read_text())
     t = rep["timing"]

@@ -18,7 +18,7 @@ machine (``"x86"``):
 3. int8 models with those layers float are written from the same float model and table (no
    second export: :func:`ncnn.int8_writer.write_int8`), and the whole float, all-int8 and
    candidate models are timed side by side; a candidate is chosen only when it beats all-int8
-   by more than the tie tolerance (:func:`policy.clearly_faster`), so the whole model decides,
+   by :data:`policy.SPEED_KEEP_FLOAT_GAIN` (:func:`policy.keep_float_pays`), so the whole model decides,
    not the single layers.
 
 ``QATConfig.prefer``: ``"speed"`` keeps the chosen layers float; ``"int8"`` measures and reports
@@ -289,11 +289,11 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> Spe
 
 
 def choose(m: SpeedMeasurement) -> str:
-    """The int8 model to deploy: all-int8 unless a candidate with layers float beats it by more
-    than the tie tolerance (fewer float layers first: on a tie the smaller, simpler model)."""
+    """The int8 model to deploy: all-int8 unless a candidate with layers float beats it clearly
+    (:func:`policy.keep_float_pays`; fewer float layers first: on a tie the smaller model)."""
     chosen = "int8"
     for key in sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers)):
-        if policy.clearly_faster(_faster(m.models[chosen], m.models[key])):
+        if policy.keep_float_pays(_faster(m.models[chosen], m.models[key]), m.models[chosen].speedup):
             chosen = key
     return chosen
 
