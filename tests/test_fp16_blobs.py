@@ -157,7 +157,7 @@ def qat_export(request, tmp_path_factory):
     cls, cfg = CASES[request.param]
     x, y = _digits16()
     model = cls()
-    prepare_qat(model, x[:1], cfg, targets=["x86"])
+    prepare_qat(model, x[:1], cfg)  # no preflight: these cases keep no layer int8 that a target gets wrong
     opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     model.train()
     for i in range(0, 1400, 64):
@@ -169,7 +169,7 @@ def qat_export(request, tmp_path_factory):
     model.eval()
     held = x[1400:1656]
     out = tmp_path_factory.mktemp(f"fp16_{request.param}")
-    report = export(model, out, held[:1], held, verbose=False, timing_runs=0, layer_check_samples=1, targets="x86")
+    report = export(model, out, held[:1], held, verbose=False, timing_runs=0, layer_check_samples=1, targets="x86", check_onnx=False)
     with torch.no_grad():
         ref = model(held).numpy()
     return request.param, out, held.numpy(), ref, report

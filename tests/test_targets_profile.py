@@ -68,7 +68,7 @@ def exported(request, tmp_path_factory) -> Path:
             model(x)
     model.eval()
     out = tmp_path_factory.mktemp(f"profile_{request.param}")
-    export(model, out, x[:1], x, verbose=False, timing_runs=0, layer_check_samples=1, targets="x86")
+    export(model, out, x[:1], x, verbose=False, timing_runs=0, layer_check_samples=1, targets="x86", check_onnx=False)
     return out
 
 
