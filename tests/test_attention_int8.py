@@ -14,6 +14,7 @@ from torch import nn
 from attention_int8_cases import (
     MhaCase,
     SdpaCase,
+    agreement,
     assert_matches,
     mha_inputs,
     mha_reference,
@@ -183,3 +184,21 @@ def test_float_reference_is_ncnn_float(tmp_path: Path) -> None:
     want = float_reference(mha, sdpa, x)
     for blob in ("a", "s"):
         assert np.abs(got[blob] - want[blob]).max() <= 1e-5 * np.abs(want[blob]).max(), blob
+
+
+def test_zero_rows_follow_ncnns_guard(tmp_path: Path) -> None:
+    """An all-zero row / head / input quantizes with scale 1 (ncnn's guard): finite, as ncnn."""
+    rng = np.random.default_rng(6)
+    mha = MhaCase(embed=16, heads=2, seq_q=4, seq_k=4)
+    sdpa = SdpaCase(heads=2, groups=2, seq_q=4, seq_k=5, dim=8, dim_v=8)
+    _, _, ip, ib = write_model(tmp_path, mha, sdpa, rng)
+    x = {**mha_inputs(mha, rng, 2, "a"), **sdpa_inputs(sdpa, rng, 2, "s")}
+    x["aq"][0, 2] = 0.0  # one token row
+    x["aq"][1] = 0.0  # a whole MHA input
+    x["sq"][0, 0, 1] = 0.0  # one query row
+    x["sv"][1, 1] = 0.0  # one V head
+    got = run_ncnn(ip, ib, x, ["a", "s"], {}, target="x86").outputs
+    for blob, ref in (("a", mha_reference(mha, x, "a")), ("s", sdpa_reference(sdpa, x, "s"))):
+        assert np.isfinite(ref).all() and np.isfinite(got[blob]).all(), blob
+        a = agreement(got[blob], ref)
+        assert a["cosine"] >= 1 - 1e-8 and a["max_steps"] < 1.0, (blob, a)

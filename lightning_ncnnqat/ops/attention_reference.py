@@ -162,3 +162,70 @@ def sdpa_int8(
         value = value.repeat_interleave(h // g, dim=-3)
     s = 1.0 / math.sqrt(query.shape[-1]) if not scale else float(scale)
     return _attend(query.float(), key.float(), value.float(), s, attn_mask)
+
+
+def mha_float(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    weights: dict[str, Tensor],
+    num_heads: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """The float32 computation :func:`mha_int8` quantizes (same arguments, same order of steps:
+    ``nn.MultiheadAttention``'s forward with its weights split as in ``weights``)."""
+    w = {k: t.float() for k, t in weights.items()}
+    e = w["q_weight"].shape[0]
+    if num_heads <= 0 or e % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={e}")
+    d = e // num_heads
+    alpha = 1.0 / math.sqrt(d) if scale is None else scale
+
+    def proj(x: Tensor, p: str) -> Tensor:
+        y = x.float() @ w[p + "_weight"].T
+        return y + w[p + "_bias"] if p + "_bias" in w else y
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:-1], num_heads, d).transpose(-2, -3)
+
+    q, k, v = heads(proj(query, "q") * alpha), heads(proj(key, "k")), heads(proj(value, "v"))
+    qk = q @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        qk = qk + attn_mask.float()
+    o = (torch.softmax(qk, dim=-1) @ v).transpose(-2, -3).reshape(*query.shape[:-1], e)
+    return proj(o, "out")
+
+
+def mha_int8_ste(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    weights: dict[str, Tensor],
+    num_heads: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`mha_int8`'s values with :func:`mha_float`'s gradients (straight-through around the
+    whole layer: every rounding is dynamic absmax, which never clips, so no gradient is masked).
+    A QAT forward for ``nn.MultiheadAttention``; costs one int8 and one float forward."""
+    f = mha_float(query, key, value, weights, num_heads, scale, attn_mask)
+    with torch.no_grad():
+        y = mha_int8(query, key, value, weights, num_heads, scale, attn_mask)
+    return y + (f - f.detach())  # exactly y (f - f is 0), the gradient of f
+
+
+def sdpa_int8_ste(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """:func:`sdpa_int8`'s values with ``F.scaled_dot_product_attention``'s gradients (K/V heads
+    repeated for groups), straight-through as :func:`mha_int8_ste`."""
+    with torch.no_grad():
+        y = sdpa_int8(query, key, value, attn_mask, scale)  # checks the head counts first
+    h, g = query.shape[-3], key.shape[-3]
+    k, v = (key, value) if g == h else (key.repeat_interleave(h // g, dim=-3), value.repeat_interleave(h // g, dim=-3))
+    mask = None if attn_mask is None else attn_mask.float()
+    f = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), k.float(), v.float(), attn_mask=mask, scale=scale or None
+    )
+    return y + (f - f.detach())  # exactly y (f - f is 0), the gradient of f
