@@ -2,9 +2,10 @@
 
     Trainer(callbacks=[QATCallback(start_epoch=5)])
 
-Public API: :class:`QATCallback`, :class:`QATConfig`, :func:`prepare_qat` (surgery without a
-Trainer), :func:`export` (ONNX + ncnn tables + int8 ncnn model + parity report) and the
-fake-quant ops in :mod:`lightning_ncnnqat.ops`.
+Public API: :class:`QATCallback`, :class:`QATConfig`, :class:`ExportConfig` (the settings of
+the callback's QAT and export), :func:`prepare_qat` (surgery without a Trainer), :func:`export`
+(ONNX + ncnn tables + int8 ncnn model + parity report) and the fake-quant ops in
+:mod:`lightning_ncnnqat.ops`.
 
 The names below load on first use, so the torch-free ncnn layer (:mod:`lightning_ncnnqat.ncnn`,
 the ARM target tools, the worker scripts) imports without torch.
@@ -40,6 +41,7 @@ sys.modules[__name__].__class__ = _Package
 _LAZY: dict[str, str] = {
     "QATCallback": "lightning_ncnnqat.callbacks",
     "QATConfig": "lightning_ncnnqat.qat.config",
+    "ExportConfig": "lightning_ncnnqat.export.config",
     "ExportError": "lightning_ncnnqat.errors",
     "ExportReport": "lightning_ncnnqat.verification.report",
     "Preprocessing": "lightning_ncnnqat.preprocessing",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from lightning_ncnnqat.callbacks import QATCallback
     from lightning_ncnnqat.errors import ExportError
     from lightning_ncnnqat.export.api import export
+    from lightning_ncnnqat.export.config import ExportConfig
     from lightning_ncnnqat.preprocessing import Preprocessing
     from lightning_ncnnqat.qat.checkpoint import load_from_checkpoint, restore_from_checkpoint
     from lightning_ncnnqat.qat.config import QATConfig
@@ -95,6 +98,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "QATCallback",
     "QATConfig",
+    "ExportConfig",
     "NcnnQatError",
     "ConfigError",
     "Preprocessing",
