@@ -106,5 +106,7 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
     others = [k for k, v in (report.get("runtime") or {}).items() if isinstance(v, dict) and v.get("emulated")]
     if others:
         out.append(f"- {', '.join(others)}: checked emulated, not timed (emulated times are not speeds); time "
-                   "int8 against float on the device before choosing.")
+                   "int8 against float on the device before choosing: `python board_profile.py EXPORT_DIR -o board.json` there "
+                   "(lightning_ncnnqat/ncnn/targets/board_profile.py runs alone with ncnn + numpy), then `python -m "
+                   "lightning_ncnnqat.ncnn.targets attach EXPORT_DIR board.json` here (docs/targets.md).")
     return out + [""]
