@@ -121,7 +121,7 @@ def device_info() -> dict:
         "cpu_names": names, "cpu_max_mhz": freqs, "cpu_count": os.cpu_count(),
         "ncnn_cpu_count": _call(ncnn, "get_cpu_count"), "ncnn_big_cpu_count": _call(ncnn, "get_big_cpu_count"),
         "ncnn_version": getattr(ncnn, "__version__", "unknown"), "cpu_features": feats,
-        "python": platform.python_version(), "numpy": np.__version__,
+        "python": platform.python_version(), "numpy": np.__version__, "powersave": _call(ncnn, "get_cpu_powersave"),
     }  # fmt: skip
 
 
@@ -310,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,0", help="thread counts, comma separated; 0: all big cores")
     ap.add_argument("--no-layers", action="store_true", help="whole models only")
     ap.add_argument("--label", default="", help="a name for the board (e.g. 'RK3588 A76 cores')")
+    ap.add_argument("--big-cores", action="store_true",
+                    help="bind ncnn's threads to the big cores (ncnn.set_cpu_powersave(2)) on a big.LITTLE board; "
+                         "default: ncnn's default (all cores), as a deployment runs unless it sets this")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.big_cores and getattr(ncnn, "set_cpu_powersave", None) is not None:
+        ncnn.set_cpu_powersave(2)
     if a.runs < 1 or a.warmup < 0:
         ap.error(f"--runs must be >= 1 and --warmup >= 0, got {a.runs} and {a.warmup}")
     try:
