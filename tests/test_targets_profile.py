@@ -8,6 +8,7 @@ call speeds). The emulated tests skip without ``bash scripts/setup_arm.sh``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -206,3 +207,30 @@ def test_attach_refuses_a_profile_of_another_model(exported: Path, tmp_path: Pat
     f.write_text(json.dumps(d))
     with pytest.raises(ProfileError, match="models.int8.sha256.*another int8"):
         attach_profile(exported, f)
+
+
+def test_attach_shows_board_speed_and_says_when_int8_does_not_pay(exported: Path, tmp_path: Path) -> None:
+    """A real-device profile of this export (int8 slower than float at 4 threads): DEPLOY.md and
+    report.json show it; attaching again replaces the section instead of adding a second."""
+    d = _valid(tmp_path)
+    d["label"] = "RK3588 (A76 cores)"
+    d["threads"] = [1, 4]
+    d["results"]["4"] = {"float": {"model_ms": 0.8, "layers": {}}, "int8": {"model_ms": 1.2, "layers": {}},
+                         "int8_fp16_blobs": {"model_ms": 1.1, "layers": {}}}  # fmt: skip
+    d["models"] = {"int8": {"sha256": hashlib.sha256((exported / "model.int8.param").read_bytes()).hexdigest()}}
+    f = tmp_path / "rk3588.json"
+    f.write_text(json.dumps(d))
+    for _ in range(2):
+        summary = attach_profile(exported, f)
+    assert summary["threads"]["4"]["speedup"] == pytest.approx(0.8 / 1.2)
+    deploy = (exported / "DEPLOY.md").read_text()
+    assert deploy.count("<!-- board-profiles -->") == 1
+    section = deploy[deploy.index("<!-- board-profiles -->"):]
+    line1 = next(ln for ln in section.splitlines() if "RK3588" in ln and "1 thread" in ln)
+    line4 = next(ln for ln in section.splitlines() if "RK3588" in ln and "4 thread" in ln)
+    assert "float 2.000 ms, int8 1.000 ms (2.00x)" in line1 and "does not pay" not in line1
+    assert "float 0.800 ms, int8 1.200 ms (0.67x)" in line4 and "int8 does not pay on this board" in line4
+    assert "fp16 blobs (feature mask removed) 1.100 ms" in line4
+    boards = json.loads((exported / "report.json").read_text())["board_profiles"]
+    assert any(b["device"].startswith("RK3588") and not b["emulated"] for b in boards)
+    assert (exported / "profiles" / "rk3588.json").is_file()
