@@ -99,7 +99,8 @@ def test_candidates_keep_one_layer_int8_and_choose_needs_a_clear_gain() -> None:
 
 def test_speed_keeps_losing_depthwise_float_and_int8_does_not() -> None:
     """prefer='speed': the depthwise layers are kept float with their figures, the wide convs stay
-    int8, and the int8 model so planned is not slower than float; prefer='int8': every layer int8."""
+    int8, and the int8 model so planned is not slower than float; prefer='int8': every layer int8,
+    and the start says plainly that this int8 model is slower than float here."""
     torch.manual_seed(0)
     fast, full = DepthwiseNet(), DepthwiseNet()
     full.load_state_dict(fast.state_dict())
@@ -113,8 +114,10 @@ def test_speed_keeps_losing_depthwise_float_and_int8_does_not() -> None:
     assert all(n in summary for n in DEPTHWISE) and "(speed on x86)" in summary
     assert "int8 as planned" in plan.notes["(speed on x86)"] and ", slower)" not in plan.notes["(speed on x86)"]
 
-    plan8 = prepare_qat(full, _x(), QATConfig(prefer="int8"), targets=["x86"])
+    with pytest.warns(UserWarning, match="int8 does NOT pay on x86 for this model"):  # said plainly, QAT goes on
+        plan8 = prepare_qat(full, _x(), QATConfig(prefer="int8"), targets=["x86"])
     assert DEPTHWISE <= set(plan8.layers) and not plan8.float_layers
+    assert "0 layer(s) kept float" in plan8.notes["(speed on x86)"] and ", slower)" in plan8.notes["(speed on x86)"]
 
 
 def test_decision_is_stable_across_runs() -> None:
