@@ -234,3 +234,25 @@ def test_attach_shows_board_speed_and_says_when_int8_does_not_pay(exported: Path
     boards = json.loads((exported / "report.json").read_text())["board_profiles"]
     assert any(b["device"].startswith("RK3588") and not b["emulated"] for b in boards)
     assert (exported / "profiles" / "rk3588.json").is_file()
+
+
+def test_board_layer_speeds_feed_the_keep_float_rule(tmp_path: Path) -> None:
+    from lightning_ncnnqat.speed.board import board_layer_speeds
+    from lightning_ncnnqat.speed.decide import layers_to_keep_float
+
+    d = _valid(tmp_path)
+    d["results"]["1"]["float"]["layers"]["dw"] = {"type": "ConvolutionDepthWise", "ms": 0.2}
+    d["results"]["1"]["int8"]["layers"]["dw"] = {"type": "ConvolutionDepthWise", "ms": 0.6}  # int8 3x slower
+    f = tmp_path / "board.json"
+    f.write_text(json.dumps(d))
+    speeds = board_layer_speeds(f, {"features.0": "conv", "features.1": "dw", "head": "not_timed"})
+    assert list(speeds) == ["features.0", "features.1"]
+    assert (speeds["features.1"].int8_ms, speeds["features.1"].float_ms, speeds["features.1"].kind) == (0.6, 0.2, "ConvolutionDepthWise")
+    assert layers_to_keep_float(speeds) == ["features.1"]
+    with pytest.raises(ProfileError, match="none of the model's int8 layers") as e:
+        board_layer_speeds(f, {"x": "other_conv"})
+    assert str(f) in str(e.value)
+    d["emulated"], d["emulation_evidence"] = True, ["environment variable QEMU_CPU is set"]
+    f.write_text(json.dumps(d))
+    with pytest.raises(EmulatedProfileError, match="QEMU_CPU"):
+        board_layer_speeds(f, {"features.0": "conv"})
