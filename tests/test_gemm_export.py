@@ -263,3 +263,40 @@ def test_a_model_of_gemms_only_is_prepared_and_exported(tmp_path: Path) -> None:
     report = export(m, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False)
     assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 1 - 1e-9
     assert "" == (tmp_path / "model.ncnn.table").read_text().strip()
+
+
+def test_one_row_per_sample_stays_float(tmp_path: Path) -> None:
+    """A Linear on (B, 1, C) (a class token): pnnx writes an InnerProduct or a Gemm depending on
+    the graph (an InnerProduct for a model that is only that Linear on a (1, 1, C) input, a Gemm
+    in these two graphs), which quantize differently: QAT keeps it float, says why, and the export
+    writes it float whatever it became."""
+
+    class ClsHead(nn.Module):
+        def __init__(self, sliced: bool) -> None:
+            super().__init__()
+            self.sliced = sliced
+            self.stem = nn.Conv2d(3, 8, 4, 4)
+            self.mix = nn.Linear(8, 8)
+            self.cls = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+            t = self.mix(self.stem(x).flatten(2).transpose(1, 2))  # (B, 16, 8): a Gemm
+            first = t[:, :1] if self.sliced else token  # (B, 1, 8): one row per sample
+            return self.cls(first) + t.mean(1, keepdim=True)[..., :5]
+
+    for sliced in (True, False):  # a slice of a token tensor, or a model input of one token
+        torch.manual_seed(8)
+        m, x, token = ClsHead(sliced), torch.randn(4, 3, 16, 16), torch.randn(4, 1, 8)
+        torch.manual_seed(0)
+        plan = prepare_qat(m, (x[:1], token[:1]))
+        m.train()
+        m(x, token)
+        m.eval()
+        assert plan.gemm_layers == {"mix": 3} and "one row per sample" in plan.float_layers["cls"]
+        report = export(m, tmp_path / str(sliced), (x[:1], token[:1]), (x, token), targets=["x86"], verbose=False,
+                        timing_runs=0, check_onnx=False)
+        assert "cls" not in {r.torch_name for r in report.layers} and report.flagged_layers == []
+        param = NcnnParam.parse((tmp_path / str(sliced) / "model.int8.param").read_text())
+        kinds = sorted((lay.type, lay.get_int(18 if lay.type == "Gemm" else 8, 0)) for lay in param.layers
+                       if lay.type in ("Gemm", "InnerProduct"))
+        assert ("Gemm", 2) in kinds and (("Gemm", 0) in kinds or ("InnerProduct", 0) in kinds), (sliced, kinds)

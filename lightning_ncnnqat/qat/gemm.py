@@ -36,9 +36,21 @@ GEMM_KIND = "Gemm"
 GEMM_RANKS = (3, 4)
 
 
-def gemm_layer_plan(name: str) -> LayerPlan:
-    """The provisional plan entry of a Linear on a 3-D/4-D input, moved out by :func:`split_gemm`."""
-    return LayerPlan(GEMM_KIND, 8, 1, name)
+def classify_gemm(name: str, shape: tuple[int, ...]) -> tuple[LayerPlan | None, str | None]:
+    """A Linear on a 3-D/4-D input of traced ``shape``: ``(provisional Gemm entry, None)``, moved
+    out of the layers by :func:`split_gemm`; or ``(None, reason)`` when each sample holds ONE row
+    (``prod(shape[1:-1]) == 1``, e.g. a class token ``(B, 1, C)``): pnnx 20261020 then writes an
+    InnerProduct or a Gemm depending on how the graph reached it (checked: an input ``(1, 1, C)``
+    gives an InnerProduct, a slice ``t[:, :1]`` a Gemm), and the two quantize differently."""
+    rows = 1
+    for d in shape[1:-1]:
+        rows *= int(d)
+    if rows == 1:
+        return None, (
+            f"Linear on a {len(shape)}-D input of one row per sample {tuple(shape)}: the converter writes it as an "
+            "InnerProduct or a Gemm depending on the graph, which quantize differently; kept in float"
+        )
+    return LayerPlan(GEMM_KIND, 8, 1, name), None
 
 
 def _float_reason(name: str, m: nn.Module, flow: DataFlow) -> str | None:

@@ -35,7 +35,7 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.qat.export_form import drop_unexported, export_form
-from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, gemm_layer_plan, split_gemm, unprepare_gemm
+from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, classify_gemm, split_gemm, unprepare_gemm
 from lightning_ncnnqat.qat.graph import DataFlow, trace_call
 from lightning_ncnnqat.qat.modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
 from lightning_ncnnqat.qat.plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
@@ -112,7 +112,7 @@ def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tup
     shape = calls[0].input_shapes[0] if calls[0].input_shapes else ()
     if is_linear:
         if len(shape) in GEMM_RANKS:  # pnnx's Gemm: int8 with per-row dynamic input (qat/gemm.py)
-            return gemm_layer_plan(name), None
+            return classify_gemm(name, shape)
         if len(shape) != 2:
             return None, f"input of rank {len(shape)}: ncnn runs only 2-D InnerProduct in int8"
         return LayerPlan("InnerProduct", 8, m.out_features, name), None
