@@ -132,14 +132,14 @@ def start_qat(
             f"ranges={config.ranges!r} (the thresholds start from a calibration pass over it)"
         )
     check_one_input(model, config, who)
-    chains = ChainStart.begin(model, example_input, config.chain_activations)  # swaps; counts int8 chains
+    chains = ChainStart.begin(model, example_input, config.chain_activations)  # counts int8 chains (apply_plan swaps)
     try:
         plan = plan_and_apply(model, example_input, config)
         if config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
             _calibrate(model, config, calibration, run_once, log, warn)
         if measure is None:
             follow_inner_copies(model)  # an EMA held inside the model takes the plan too
-            chains.note(plan, log)
+            chains.note(model, plan, log)
             return plan
         wrong = run_once("export preflight", lambda: measure(model, example_input))
         reasons = measured_float_reasons(model, wrong)
@@ -151,13 +151,12 @@ def start_qat(
         if reasons and config.calibrated_start:  # a new plan may have new range owners
             _calibrate(model, config, calibration, run_once, log, warn)
     except BaseException:  # undo, then re-raise: nothing is swallowed
-        unprepare(model)  # a failed start leaves the float model as it was
-        chains.undo()
+        unprepare(model)  # a failed start leaves the float model as it was (activations included)
         raise
     final = get_plan(model)
     assert final is not None
     follow_inner_copies(model)
-    chains.note(final, log)
+    chains.note(model, final, log)
     return final
 
 

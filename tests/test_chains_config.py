@@ -177,3 +177,17 @@ def test_predicted_count_is_the_exported_one(value: str, before: int, after: int
     export(model.eval(), tmp_path, X1, verbose=False, timing_runs=0, layer_check_samples=1, targets=["x86"],
            check_onnx=False)
     assert count_chains((tmp_path / "model.int8.param").read_text()).requantized == want
+
+
+def test_unprepare_puts_the_activations_back_and_replan_swaps_again() -> None:
+    from lightning_ncnnqat import unprepare
+
+    model = ChainNet(nn.SiLU(), nn.GELU(), nn.SiLU())
+    plan = prepare_qat(model, X1, QATConfig(chain_activations="relu"))
+    assert _activations(model) == ["ReLU"] * 4
+    unprepare(model)
+    assert _activations(model) == ["SiLU", "GELU", "SiLU", "SiLU"]
+    from lightning_ncnnqat.qat.prepare import apply_plan
+
+    apply_plan(model, plan)  # what a restored checkpoint or an averaged copy does
+    assert _activations(model) == ["ReLU"] * 4

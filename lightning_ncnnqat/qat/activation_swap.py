@@ -219,11 +219,33 @@ def chain_swaps(chain_activations: str) -> dict[type[nn.Module], type[nn.Module]
     return {old: target for old in DEFAULT_SWAPS if old is not target}
 
 
-def apply_chain_activations(model: nn.Module, chain_activations: str, example_input: Any = None) -> SwapReport | None:
+#: Where a model keeps the :class:`SwapReport` of the plan's swap (``restore_chain_activations`` reads it).
+SWAP_ATTR = "_ncnnqat_chain_swap"
+
+
+def apply_chain_activations(model: nn.Module, chain_activations: str) -> SwapReport | None:
     """Swap the chain-breaking activation modules of ``model`` (or the model inside its wrapper)
-    as ``chain_activations`` says; None for ``"off"``. Idempotent: a model swapped before holds no
-    breaker modules, so applying a plan again changes nothing."""
+    as ``chain_activations`` says (``qat.prepare.apply_plan`` calls it with the plan's config);
+    None for ``"off"``. What was swapped is kept on the model (:func:`chain_swap`) until
+    :func:`restore_chain_activations` (``unprepare``) puts it back. Idempotent: a swapped model
+    holds no breaker modules, so applying a plan again changes nothing."""
     swaps = chain_swaps(chain_activations)
     if not swaps:
         return None
-    return swap_activations(unwrap(model), swaps, example_input)
+    inner = unwrap(model)
+    report = swap_activations(inner, swaps)
+    if report.swapped:
+        inner.__dict__[SWAP_ATTR] = report
+    return report
+
+
+def chain_swap(model: nn.Module) -> SwapReport | None:
+    """The swap the model's plan made (None: none)."""
+    return unwrap(model).__dict__.get(SWAP_ATTR)
+
+
+def restore_chain_activations(model: nn.Module) -> None:
+    """Put back the activation modules the plan's swap replaced (``unprepare``: the user's model as it was)."""
+    report = unwrap(model).__dict__.pop(SWAP_ATTR, None)
+    if report is not None:
+        report.restore()

@@ -14,12 +14,13 @@ from lightning_ncnnqat.qat.activation_swap import (
     DEFAULT_SWAPS,
     SwapReport,
     apply_chain_activations,
+    chain_swap,
     chain_swaps,
     functional_breakers,
     swap_activations,
 )
 
 __all__ = [
-    "CHAIN_TARGETS", "CHAINED", "DEFAULT_SWAPS", "SwapReport", "apply_chain_activations", "chain_swaps",
+    "CHAIN_TARGETS", "CHAINED", "DEFAULT_SWAPS", "SwapReport", "apply_chain_activations", "chain_swap", "chain_swaps",
     "functional_breakers", "swap_activations",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_ncnnqat.qat.activation_swap import CHAINED, SwapReport, apply_chain_activations
+from lightning_ncnnqat.qat.activation_swap import CHAINED, chain_swap, chain_swaps
 from lightning_ncnnqat.qat.batches import as_call
 from lightning_ncnnqat.qat.bn_fold import is_bn_like
 from lightning_ncnnqat.qat.export_form import export_form
@@ -121,16 +121,17 @@ def _metadata_only(node: Node, v: int) -> bool:
 
 @dataclass
 class ChainStart:
-    """The QAT start's part in int8 chains: the float model's data flow, the swap it made."""
+    """The QAT start's part in int8 chains: the float model's data flow before the plan's swap
+    (``qat.prepare.apply_plan`` swaps; ``unprepare`` puts the modules back when a start fails)."""
 
     flow: DataFlow | None
-    swap: SwapReport | None
     chain_activations: str = "off"
 
     @classmethod
     def begin(cls, model: nn.Module, example_input: Any, chain_activations: str) -> ChainStart:
-        """Trace ``model`` (for the count; a model that cannot be traced is counted as nothing),
-        then swap its activations as ``chain_activations`` says."""
+        """Check ``chain_activations`` (ValueError naming it) and trace ``model`` in its export
+        form, for the count; a model that cannot be traced is counted as nothing."""
+        chain_swaps(chain_activations)
         try:
             args, kwargs = as_call(example_input)
             inner = unwrap(model)
@@ -138,14 +139,9 @@ class ChainStart:
                 flow = trace_call(inner, args, kwargs)
         except Exception:  # noqa: BLE001 - a count must never stop a QAT start; the plan's own trace reports errors
             flow = None
-        return cls(flow, apply_chain_activations(model, chain_activations, example_input), chain_activations)
+        return cls(flow, chain_activations)
 
-    def undo(self) -> None:
-        """Put the swapped activations back (the start failed: the model is float as it was)."""
-        if self.swap is not None:
-            self.swap.restore()
-
-    def note(self, plan: QATPlan, log: Callable[[str], None]) -> None:
+    def note(self, model: nn.Module, plan: QATPlan, log: Callable[[str], None]) -> None:
         """Put the chain counts into ``plan.notes`` (the summary) and ``log`` them."""
         if self.flow is None:
             return
@@ -153,24 +149,30 @@ class ChainStart:
         if before.int8_convs == 0:
             return
         text = f"{before.requantized} of {before.int8_convs} int8 convs hand their output on in int8 (requantize)"
-        if self.swap is not None and self.swap.swapped:
-            renamed = {n: new for n, (_, new) in self.swap.swapped.items()}
-            after = predict_chains(self.flow, plan, renamed)
+        swap = chain_swap(model)
+        if swap is not None and swap.swapped:
+            after = predict_chains(self.flow, plan, {n: new for n, (_, new) in swap.swapped.items()})
             kinds: dict[str, int] = {}
-            for pair in self.swap.swapped.values():
-                kinds["%s -> %s" % pair] = kinds.get("%s -> %s" % pair, 0) + 1
-            swapped = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+            for old, new in swap.swapped.values():
+                kinds[f"{old} -> {new}"] = kinds.get(f"{old} -> {new}", 0) + 1
             text = (f"{before.requantized} -> {after.requantized} of {before.int8_convs} int8 convs hand their output on "
-                    f"in int8 (requantize) after chain_activations={self.chain_activations!r} swapped {swapped}")
+                    f"in int8 (requantize) after chain_activations={self.chain_activations!r} swapped {_names(kinds)}")
             if after.breakers:
                 text += f"; still broken by {_names(after.breakers)}"
         elif before.breakers:
             text += (f"; {_names(before.breakers)} break chains: QATConfig(chain_activations='relu' or 'hardswish') "
                      "swaps them at QAT start (docs/speed.md)")
-        if self.swap is not None and self.swap.functional:
-            text += f"; functional calls not swapped: {', '.join(f'{k} x{v}' for k, v in sorted(self.swap.functional.items()))}"
+        functional = {f"F.{n.target}": 0 for n in self.flow.nodes if n.module is None and n.target in _FUNCTIONAL}
+        for n in self.flow.nodes:
+            if n.module is None and n.target in _FUNCTIONAL:
+                functional[f"F.{n.target}"] += 1
+        if functional and self.chain_activations != "off":
+            text += f"; functional calls not swapped: {_names(functional)}"
         plan.notes[NOTE_KEY] = text
         log(f"int8 chains: {text}")
+
+
+_FUNCTIONAL = ("silu", "gelu")  # F.hardswish is folded by the export: it chains
 
 
 def _names(counts: Mapping[str, int]) -> str:
