@@ -218,3 +218,15 @@ def test_export_says_plainly_when_int8_does_not_pay(tmp_path: Path) -> None:
     assert any("int8 does NOT pay on x86" in w for w in rep.warnings)
     deploy = (tmp_path / "DEPLOY.md").read_text()
     assert "int8 does not pay here" in deploy and f"{t['speedup']:.2f}x" in deploy
+
+
+@pytest.mark.parametrize(("speedup", "runs", "code", "severity"), [
+    (0.80, 30, "int8_slower_than_float", "warning"),
+    (1.00, 30, "int8_ties_float", "note"),
+    (1.40, 30, "int8_faster", "note"),
+    (0.50, 1, "speed_not_judged", "note"),  # one run is a smoke test of the timing, not a measurement
+])
+def test_the_export_timing_is_judged(speedup: float, runs: int, code: str, severity: str) -> None:
+    (f,) = policy.judge_speed("x86 (this machine)", speedup, "figures", runs)
+    assert (f.code, f.severity, f.value) == (code, severity, speedup)
+    assert "x86 (this machine)" in f.message and "figures" in f.message

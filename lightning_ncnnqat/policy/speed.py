@@ -28,6 +28,10 @@ SPEED_KEEP_FLOAT_GAIN = 0.05
 #: Interleaved timed runs per single layer and per whole model at QAT start (after warm-up).
 SPEED_LAYER_RUNS = 30
 SPEED_MODEL_RUNS = 40
+#: The export's timing is judged (faster / tie / slower) only from this many interleaved runs:
+#: the median of fewer per-round ratios is one or two rounds' noise (export(timing_runs=1) is a
+#: smoke test of the timing, not a measurement).
+SPEED_MIN_JUDGED_RUNS = 10
 #: ``QATConfig.prefer``: "speed" keeps float the int8 layers that lose on the measured target;
 #: "int8" measures and reports but keeps every layer int8; "size" times nothing (every layer int8).
 PREFERS = ("speed", "int8", "size")
@@ -61,10 +65,15 @@ def keep_float_pays(gain: float, current_speedup: float) -> bool:
     return speed_verdict(current_speedup) == "slower" and gain >= 1 + SPEED_TIE_TOLERANCE
 
 
-def judge_speed(target: str, speedup: float, figures: str) -> list[Finding]:
-    """The export's int8 vs float timing on ``target`` (``speedup``: float time / int8 time): int8
-    slower is a warning that says plainly that int8 does not pay there; a tie a note (size only);
-    faster a note with the figures. ``figures``: how it was timed, for the message."""
+def judge_speed(target: str, speedup: float, figures: str, runs: int = SPEED_MIN_JUDGED_RUNS) -> list[Finding]:
+    """The export's int8 vs float timing on ``target`` (``speedup``: float time / int8 time, over
+    ``runs`` interleaved runs): int8 slower is a warning that says plainly that int8 does not pay
+    there; a tie a note (size only); faster a note with the figures; fewer than
+    :data:`SPEED_MIN_JUDGED_RUNS` runs a note that the figure is not judged. ``figures``: how it
+    was timed, for the message."""
+    if runs < SPEED_MIN_JUDGED_RUNS:
+        return [note("speed_not_judged", f"int8 vs float on {target} not judged: {runs} run(s) ({figures}); "
+                     f"time with timing_runs >= {SPEED_MIN_JUDGED_RUNS} for a verdict", value=speedup)]
     verdict = speed_verdict(speedup)
     if verdict == "slower":
         return [warning(

@@ -68,7 +68,7 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
     f, q = t["float"], t["int8"]
     f_ms, q_ms = f.ms(clock), q.ms(clock)
     speedup = paired_speedup(f, q, clock)  # per round, each int8 run against the float run beside it
-    verdict = policy.speed_verdict(speedup)
+    verdict = policy.speed_verdict(speedup) if runs >= policy.SPEED_MIN_JUDGED_RUNS else "not judged"
     m = machine_info()
     report.timing = {
         "target": HOST, "clock": clock, "verdict": verdict,
@@ -82,7 +82,7 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
     }
     figures = (f"{clock} time, {report.timing['threads'] or 'default'} thread(s), medians of {runs} interleaved runs: "
                f"float {f_ms:.3f} ms, int8 {q_ms:.3f} ms ({speedup:.2f}x); {machine_line(m)}")
-    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures))
+    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures, runs))
 
 
 def speed_lines(report: dict[str, Any]) -> list[str]:
@@ -97,8 +97,10 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
         line = (f"- **{target}** ({t.get('machine', 'this machine')}): float {t['float32_ms']:.3f} ms, int8 "
                 f"{t['int8_ms']:.3f} ms per inference ({t['speedup']:.2f}x; {t.get('clock', 'wall')} time, "
                 f"{t.get('threads') or 'default'} thread(s), ncnn's default options).")
-        verdict = t.get("verdict") or policy.speed_verdict(t["speedup"])
-        if verdict == "slower":
+        verdict = t.get("verdict")
+        if verdict == "not judged":
+            line += f" Not judged: {t.get('runs')} run(s)."
+        elif verdict == "slower":
             line += f" **int8 does not pay here: it is slower than float; deploy model.ncnn.* on {target}.**"
         elif verdict == "tie":
             line += " int8 ties with float here: it pays in size only."
