@@ -8,9 +8,9 @@ input range and no folded BatchNorm: it is recorded in ``QATPlan.gemm_layers`` (
 rank) and swapped to :class:`~lightning_ncnnqat.qat.modules.QATGemmLinear`.
 
 A Linear on a 3-D/4-D input stays float (with the reason in the plan) when its weight is
-computed (a parametrization or a pre-hook: the class swap would drop it) or when a BatchNorm-like
+computed (a parametrization or a pre-hook: the class swap would drop it), when a BatchNorm-like
 module reads its output (a converter may fold it into the Gemm's weights, which would then not be
-the ones QAT trained). Everything else about it (``skip``, shared weights, eval-only layers,
+the ones QAT trained), or when each sample holds one row (:func:`classify_gemm`). Everything else about it (``skip``, shared weights, eval-only layers,
 dead layers) is decided as for the other layers, in ``prepare.plan_qat``.
 """
 
