@@ -2,7 +2,7 @@
 
 The export folds HardSwish (which pnnx leaves as a layer of its own) and any other activation
 ncnn's Convolution / ConvolutionDepthWise / InnerProduct fuse (``conversion.activation_fold``);
-ReLU6 (Clip) and LeakyReLU arrive folded by pnnx already. Checked on tiny QAT models with the
+ReLU6 (Clip), LeakyReLU and a one-slope PReLU arrive folded by pnnx already. Checked on tiny QAT models with the
 activation after a conv, after a depthwise conv and after a Linear: no fusable activation layer
 is left behind an int8 layer, the convs requantize into the next conv, the float model computes
 the same function, parity holds (x86 here; the emulated ARM targets in ``test_chains_arm.py``),
@@ -58,6 +58,7 @@ MODELS = {
     "hardswish": (nn.Hardswish(), nn.Hardswish(), nn.Hardswish()),
     "relu6_dw_hardswish": (nn.ReLU6(), nn.Hardswish(), nn.LeakyReLU(0.1)),
     "leaky_dw_relu6": (nn.LeakyReLU(0.1), nn.ReLU6(), nn.Hardswish()),
+    "prelu": (nn.PReLU(), nn.PReLU(init=-0.3), nn.PReLU(init=0.1)),  # one slope: pnnx folds it as LeakyReLU
 }
 
 
@@ -114,8 +115,9 @@ def test_fused_activations_leave_no_layer_and_convs_chain(exported) -> None:
     assert (chains.int8_convs, chains.requantized, chains.breakers) == (3, 2, {}), (name, chains)
     # the InnerProduct applies its activation itself too
     ips = [lay for lay in float_param.layers if lay.type == "InnerProduct"]
-    assert [lay.get_int(9, 0) for lay in ips] == [{"hardswish": 6, "relu6_dw_hardswish": 2, "leaky_dw_relu6": 6}[name], 0]
-    if "hardswish" in name:
+    assert [lay.get_int(9, 0) for lay in ips] == [{"hardswish": 6, "relu6_dw_hardswish": 2, "leaky_dw_relu6": 6,
+                                                   "prelu": 2}[name], 0]
+    if "hardswish" in name:  # pnnx folds the others itself
         assert any("HardSwish" in n for n in report.notes), report.notes
 
 
@@ -146,7 +148,7 @@ def test_int8_is_ncnn2int8s_and_chains_where_the_unfolded_model_does_not(exporte
     before = count_chains((tmp_path / "u.param").read_text())
     after = count_chains((out / "model.int8.param").read_text())
     # the requantized convs whose output pnnx left to a separate HardSwish
-    expected_before = {"hardswish": 0, "relu6_dw_hardswish": 1, "leaky_dw_relu6": 2}[name]
+    expected_before = {"hardswish": 0, "relu6_dw_hardswish": 1, "leaky_dw_relu6": 2, "prelu": 2}[name]
     assert (before.requantized, after.requantized) == (expected_before, 2), (name, before, after)
     if expected_before < 2:
         assert before.breakers == {"HardSwish": 2 - expected_before}, before
