@@ -175,7 +175,7 @@ def read_held_file(path: str | Path) -> Any:
             with np.load(p, allow_pickle=False) as z:
                 return {k: torch.from_numpy(z[k]) for k in z.files}
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - numpy / torch.load raise many types for a foreign file; re-raised naming it
         raise UsageError(f"--held-batch '{p}' cannot be read as .npy/.npz/.pt: {type(e).__name__}: {e}") from e
 
 
@@ -268,7 +268,7 @@ def held_from_datamodule(dm: Any, spec: str, n: int, model: Any, example: Any) -
                 break
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the user's datamodule may raise anything; re-raised naming it
         raise UsageError(f"--datamodule {spec}: val_dataloader() failed: {type(e).__name__}: {e}") from e
     if not calls:
         raise UsageError(f"--datamodule {spec}: the validation loader is empty")

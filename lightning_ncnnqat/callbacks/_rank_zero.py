@@ -34,7 +34,7 @@ def on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
     if trainer.is_global_zero:
         try:
             fn()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on every rank (none may wait in a collective)
             error = exc
     if trainer.world_size > 1:
         msg = None if error is None else f"{type(error).__name__}: {error}"
@@ -43,6 +43,7 @@ def on_rank_zero(trainer: Any, what: str, fn: Callable[[], None]) -> None:
             raise RuntimeError(f"QATCallback: the {what} failed on global rank 0: {msg}")
     if error is not None:
         raise error
+
 
 def rank_zero_once(trainer: Any, pl_module: Any) -> Callable[[str, Callable[[], Any]], Any]:
     """The QAT start's ``run_once``: ``fn`` on global rank 0 alone (ranges not all-reduced), its
