@@ -302,7 +302,8 @@ def test_cli_help_shows_model_data_and_callback_arguments() -> None:
         assert flag in r.stdout, flag
     r = run_cli("fit", "--trainer.callbacks.help", "lightning_ncnnqat.QATCallback")
     assert r.returncode == 0, r.stderr
-    for arg in ("start_epoch", "momentum", "six_bit_3x3", "skip", "quantize_grouped_convs", "export_dir"):
+    # QATConfig's and ExportConfig's fields nest under `config` and `export`
+    for arg in ("start_epoch", "config", "config.help", "export", "export.help", "example_input", "verbose"):
         assert f"--trainer.callbacks.{arg}" in r.stdout, arg
 
 
@@ -313,7 +314,7 @@ def test_cli_yaml_and_flag_forms_parse() -> None:
     (cb,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("QATCallback")]
     assert cb["class_path"] == "lightning_ncnnqat.QATCallback"
     assert 0 < cb["init_args"]["start_epoch"] < cfg["trainer"]["max_epochs"]
-    assert cb["init_args"]["export_dir"].startswith("runs/")
+    assert cb["init_args"]["export"]["dir"].startswith("runs/")
     assert cfg["data"]["dataset"] == "digits" and cfg["model"]["backbone"] in ex.BACKBONES
     assert cfg["trainer"]["enable_progress_bar"] is True
 
@@ -348,7 +349,7 @@ def test_cli_tiny_fit_with_qat_exports(tmp_path: Path) -> None:
         "--data.batch_size=16",
         "--trainer.callbacks+=lightning_ncnnqat.QATCallback",
         "--trainer.callbacks.start_epoch=1",
-        f"--trainer.callbacks.export_dir={export_dir}",
+        f"--trainer.callbacks.export.dir={export_dir}",
         cwd=tmp_path,  # nothing may be written to the repository or need it as cwd
         timeout=600,  # the export runs the ARM targets under emulation where they are set up
     )
