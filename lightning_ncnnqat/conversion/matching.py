@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.conversion.graph_match import Wiring, interchangeable, neighbours, resolve_by_place, same_rows
 
 #: ncnn types a table row quantizes (ncnn2int8's quantize_convolution/-depthwise/innerproduct).
@@ -65,8 +66,6 @@ def ncnn_weight_owners(param, data: bytes) -> list[WeightOwner]:
     """Candidates for matching in an ncnn model (``NcnnParam`` + .bin bytes): every
     Convolution / ConvolutionDepthWise / InnerProduct with its weight and bias, and every Gemm
     with a constant B (as ``[N, K]``, the torch Linear order) and its per-N constant C."""
-    from lightning_ncnnqat.ncnn.bin_layout import locate
-
     layout = locate(param.layers, data)
     owners = []
     for i, (lay, entries) in enumerate(zip(param.layers, layout)):

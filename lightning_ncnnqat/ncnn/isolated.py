@@ -25,6 +25,7 @@ import numpy as np
 
 from lightning_ncnnqat.errors import NcnnQatError
 from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.targets import worker_command  # the emulated ARM targets (stdlib only)
 
 WORKER = Path(__file__).with_name("worker.py")
 HOST = "x86"
@@ -51,8 +52,6 @@ def _target_command(target: str) -> tuple[list[str], dict[str, str]]:
     """argv prefix and extra environment that run a Python script on ``target``."""
     if target == HOST:
         return [sys.executable], {}
-    from lightning_ncnnqat.ncnn.targets import worker_command  # ARM emulation; raises TargetUnavailable with the fix
-
     return worker_command(target)
 
 

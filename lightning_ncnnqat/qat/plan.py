@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.qat.wrappers import unwrap
 
 PLAN_VERSION = 1
 
@@ -113,8 +114,6 @@ PLAN_ATTR = "_ncnnqat_plan"
 
 def get_plan(model: Any) -> QATPlan | None:
     """The plan applied to ``model`` (wrappers unwrapped), or None if it is not prepared for QAT."""
-    from lightning_ncnnqat.qat.wrappers import unwrap
-
     return unwrap(model).__dict__.get(PLAN_ATTR)
 
 

@@ -23,6 +23,8 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.prepared import input_quantizers
+from lightning_ncnnqat.qat.batches import required_positional
+from lightning_ncnnqat.qat.wrappers import unwrap
 
 CALIBRATION_METHODS = ("absmax", "kl", "aciq")
 
@@ -30,9 +32,6 @@ CALIBRATION_METHODS = ("absmax", "kl", "aciq")
 def check_one_input(model: nn.Module, config: QATConfig, who: str) -> None:
     """:class:`~lightning_ncnnqat.errors.ConfigError` (a ValueError) naming ``who``'s range arguments when ``config`` asks for a calibrated start and
     ``model.forward`` takes more than one input (the calibration reads one tensor per batch)."""
-    from lightning_ncnnqat.qat.batches import required_positional
-    from lightning_ncnnqat.qat.wrappers import unwrap
-
     if not config.calibrated_start:
         return
     required = required_positional(unwrap(model))
