@@ -24,7 +24,7 @@ from lit_models import LitMixed
 QAT_VALUES: dict[str, Any] = {
     "momentum": 0.25, "six_bit_3x3": False, "skip": ["net.fc", "head.*"], "quantize_grouped_convs": False,
     "sync_ranges": False, "range_init": "kl", "calibration_batches": 3, "ranges": "learned", "range_lr": 0.01,
-    "freeze_bn_after": 2, "prefer": "int8",
+    "freeze_bn_after": 2, "prefer": "int8", "chain_activations": "relu",
 }
 EXPORT_VALUES: dict[str, Any] = {
     "dir": "runs/e", "targets": ["x86", "arm64-a53"], "float_weights": "fp16",
