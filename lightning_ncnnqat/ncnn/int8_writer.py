@@ -18,7 +18,8 @@ what this module does, without the C++ tool:
   scale per row (127 / row absmax), a constant B ONE scale, 127 / absmax of what ncnn2int8
   reads as B's first row when B is stored transposed (``3=1``, pnnx's form: the other rows
   are clipped to +-127 with it) or of all of B otherwise; A/B are stored row-major
-  (``2=0``/``3=1``), param 18 = 2, and the scales follow the arrays. Every ``SDPA`` gets 18=2.
+  (``2=0``/``3=1``), param 18 = 2, and the scales follow the arrays. Every ``SDPA`` gets 18=2
+  (``sdpa_int8=False``, not ncnn2int8: none does, for a model QAT did not train so).
 * layers with rows-only int8 in ncnn2int8 (MultiHeadAttention, RNN, LSTM, GRU, Embed) stay
   float, as ncnn2int8 leaves them when the table has no row for them;
 * every other tagged array (float layers' weights) is written as float16 (``storage_type =
@@ -49,6 +50,7 @@ import numpy as np
 
 from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.ncnn.bin_layout import BinEntry, locate
+from lightning_ncnnqat.ncnn.int8_attention import write_mha_int8, write_sdpa_int8
 from lightning_ncnnqat.ncnn.int8_gemm import GemmSpec, check_gemm_specs, ncnn2int8_gemm_chunks, write_gemm_int8
 from lightning_ncnnqat.ncnn.model_writer import modelwriter_param_text
 from lightning_ncnnqat.ncnn.param import (
@@ -85,6 +87,7 @@ class Int8Result:
     requantize: dict[str, tuple[str, float]]  # producer -> (first consumer, output scale)
     gemm_int8: dict[str, dict[str, object]] = field(default_factory=dict)  # Gemm -> its dynamic scales
     float_types: dict[str, str] = field(default_factory=dict)  # data layers left in float -> their type
+    attention_int8: dict[str, str] = field(default_factory=dict)  # MultiHeadAttention / SDPA written int8 -> type
     # the .param exactly as ncnn2int8 writes it (param_text keeps what ncnn reads and
     # ncnn2int8 drops, e.g. Reshape 12/13: see ncnn_modelwriter)
     param_text_ncnn2int8: str = ""
@@ -292,6 +295,8 @@ def write_int8(
     quantize_gemm: bool = True,
     float_weights: str = "fp16",
     gemm_specs: dict[str, GemmSpec] | None = None,
+    mha_int8: frozenset[str] | set[str] = frozenset(),
+    sdpa_int8: bool = True,
 ) -> Int8Result:
     """The int8 .param text and .bin bytes ncnn2int8 writes from ``param``/``bin_bytes`` and a
     table holding ``specs`` (ncnn layer name -> its scales); see the module docstring.
@@ -312,6 +317,10 @@ def write_int8(
     QAT trained as int8, written by :func:`~lightning_ncnnqat.ncnn.int8_gemm.write_gemm_int8` with
     the weight scale of the whole B (not ncnn2int8's first-row scale) whatever ``quantize_gemm``
     says; ``Int8Result.gemm_int8`` says what was written and what the tool would have written.
+
+    ``mha_int8``: names of MultiHeadAttention layers QAT trained as int8, written by
+    ``int8_attention.write_mha_int8`` (ncnn2int8 needs table rows for them); ``sdpa_int8=False``
+    leaves every SDPA float, where ncnn2int8 (the default, True) sets 18=2 on all of them.
     """
     check_float_weights(float_weights)
     gemm = check_gemm_specs(param, gemm_specs)
@@ -355,9 +364,13 @@ def write_int8(
             chunks += gem
             if info:
                 result.gemm_int8[lay.name] = info
+        elif lay.type == "MultiHeadAttention" and lay.name in mha_int8:  # QAT-trained (ncnn/int8_attention.py)
+            chunks += write_mha_int8(out_lay, entries, bin_bytes)[0]
+            result.attention_int8[lay.name] = lay.type
         else:
-            if lay.type == "SDPA":
-                out_lay.set_int(18, 2)
+            if lay.type == "SDPA" and sdpa_int8:
+                write_sdpa_int8(out_lay)
+                result.attention_int8[lay.name] = lay.type
             if entries and not any(e.tagged and e.tag == TAG_INT8 for e in entries):
                 result.float_types[lay.name] = lay.type
             chunks += _float_chunks(lay, entries, bin_bytes, float_weights)

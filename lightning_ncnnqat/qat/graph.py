@@ -111,9 +111,10 @@ def _is_leaf(m: nn.Module) -> bool:
     """Modules traced as one node: no children (a parametrized module's only child, its
     ``parametrizations`` container, computes its weight and is not a layer of the network),
     BN-like (timm's BatchNormAct2d holds its activation as a child but computes batch_norm
-    itself) or already converted by QAT."""
+    itself), already converted by QAT, or ``nn.MultiheadAttention`` (ncnn's one layer; its
+    ``out_proj`` is read as a weight, never called)."""
     children = [n for n in m._modules if n != "parametrizations" or not isinstance(m._modules[n], nn.ModuleDict)]
-    return not children or is_bn_like(m) or "_ncnnqat_orig_class" in m.__dict__
+    return not children or is_bn_like(m) or "_ncnnqat_orig_class" in m.__dict__ or isinstance(m, nn.MultiheadAttention)
 
 
 def _rng_devices() -> list[int]:

@@ -81,7 +81,10 @@ def sub_plan(plan: QATPlan, prefix: str) -> QATPlan:
     floats = {cut(n): r for n, r in plan.float_layers.items() if n.startswith(head)}
     notes = {cut(n): r for n, r in plan.notes.items() if n.startswith(head)}
     gemm = {cut(n): r for n, r in plan.gemm_layers.items() if n.startswith(head)}  # int8 Gemm layers (qat/gemm.py)
-    return replace(plan, layers=layers, float_layers=floats, notes=notes, gemm_layers=gemm)
+    attention = {cut(n): k for n, k in plan.attention_layers.items() if n.startswith(head)}  # qat/attention_plan.py
+    sdpa = {cut(n): c for n, c in plan.sdpa_calls.items() if n.startswith(head)}
+    return replace(plan, layers=layers, float_layers=floats, notes=notes, gemm_layers=gemm, attention_layers=attention,
+                   sdpa_calls=sdpa)
 
 
 def follow(copy: nn.Module, plan: QATPlan | None, whole: bool = True) -> None:

@@ -43,6 +43,11 @@ class QATPlan:
     # Linear layers on a 3-D/4-D input, run as ncnn's int8 Gemm (name -> input rank): no input
     # range, no table row; activations quantized per row at run time (qat/gemm.py)
     gemm_layers: dict[str, int] = field(default_factory=dict)
+    # ncnn's dynamic-int8 attention (qat/attention_plan.py): nn.MultiheadAttention modules (name ->
+    # "MultiHeadAttention") and the modules whose F.scaled_dot_product_attention calls run as
+    # ncnn's int8 SDPA (innermost calling module -> calls per forward; "" is the model itself)
+    attention_layers: dict[str, str] = field(default_factory=dict)
+    sdpa_calls: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -54,6 +59,9 @@ class QATPlan:
         }
         if self.gemm_layers:  # plans without Gemm layers keep their earlier form
             d["gemm_layers"] = dict(self.gemm_layers)
+        for key in ("attention_layers", "sdpa_calls"):  # likewise: only when there are some
+            if getattr(self, key):
+                d[key] = dict(getattr(self, key))
         return d
 
     @classmethod
@@ -67,13 +75,15 @@ class QATPlan:
             config=QATConfig.from_dict(d["config"]),
             notes=dict(d.get("notes", {})),
             gemm_layers={k: int(v) for k, v in d.get("gemm_layers", {}).items()},
+            attention_layers={k: str(v) for k, v in d.get("attention_layers", {}).items()},
+            sdpa_calls={k: int(v) for k, v in d.get("sdpa_calls", {}).items()},
         )
 
     def summary(self) -> str:
         """A human-readable table of what runs in int8, what stays in float and why."""
-        n8 = len(self.layers) + len(self.gemm_layers)
+        n8 = len(self.layers) + len(self.gemm_layers) + len(self.attention_layers) + sum(self.sdpa_calls.values())
         lines = [f"ncnn QAT: {n8} layers in int8, {len(self.float_layers)} kept in float"]
-        names = list(self.layers) + list(self.gemm_layers) + list(self.float_layers) + list(self.notes)
+        names = [*self.layers, *self.gemm_layers, *self.attention_layers, *self.sdpa_calls, *self.float_layers, *self.notes]
         w = max([len(n) for n in names] + [5])
         lines.append(f"  {'layer':<{w}}  {'ncnn type':<20} {'w-bits':>6} {'scales':>6}  notes")
         for name, p in self.layers.items():
@@ -86,6 +96,10 @@ class QATPlan:
         for name, rank in self.gemm_layers.items():
             what = f"{rank}-D input: weight per tensor, input per row at run time"
             lines.append(f"  {name:<{w}}  {'Gemm':<20} {8:>6} {1:>6}  {what}")
+        for name, kind in self.attention_layers.items():
+            lines.append(f"  {name:<{w}}  {kind:<20} {8:>6} {'rows':>6}  activations per row/tensor at run time")
+        for name, n in self.sdpa_calls.items():
+            lines.append(f"  {name or '(model)':<{w}}  {'SDPA':<20} {'-':>6} {'-':>6}  {n} call(s), dynamic int8 at run time")
         for name, reason in self.float_layers.items():
             lines.append(f"  {name:<{w}}  {'float':<20} {'-':>6} {'-':>6}  {reason}")
         for name, note in self.notes.items():

@@ -35,8 +35,10 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.qat.export_form import drop_unexported, export_form
+from lightning_ncnnqat.qat.attention_plan import apply_attention, plan_attention, unprepare_attention
 from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, classify_gemm, split_gemm, unprepare_gemm
 from lightning_ncnnqat.qat.graph import DataFlow, trace_call
+from lightning_ncnnqat.qat.layer_forms import _computes_like, _is_plain
 from lightning_ncnnqat.qat.modules import ORIG_CLASS, QAT_CLASSES, InputQuantizer, qat_class_for
 from lightning_ncnnqat.qat.plan import PLAN_ATTR, PLAN_VERSION, LayerPlan, QATPlan, QuantLayerInfo, get_plan, require_plan
 from lightning_ncnnqat.qat.plan_state import install_plan_hooks
@@ -59,35 +61,6 @@ EVAL_ONLY = "runs only in eval mode: no training step gives it a range"
 TRAIN_ONLY = "not called in the traced forward (eval mode): runs only in training, so it is not exported"
 NOT_CALLED = "not called in the traced forward"
 _QAT_ATTRS = ("weight_bits", "weight_groups", "updates_range", "_ncnnqat_folded_bn", ORIG_CLASS)
-
-
-def _is_plain(m: nn.Module, base: type[nn.Module]) -> bool:
-    """An instance of ``base`` (or a subclass) that keeps ``base.forward``."""
-    return isinstance(m, base) and type(m).forward is base.forward
-
-
-def _computes_like(m: nn.Module, base: type[nn.Module], flow: DataFlow, name: str) -> bool:
-    """A ``base`` subclass overriding forward() whose eval output equals ``base.forward`` on a probe
-    input of its traced shape (timm's ``Linear``, kept for TorchScript, is plain F.linear)."""
-    if not isinstance(m, base) or type(m).forward is base.forward:
-        return False
-    calls = flow.module_calls(name)
-    if len(calls) != 1 or len(calls[0].input_shapes) != 1 or not calls[0].input_shapes[0]:
-        return False
-    shape = (2, *calls[0].input_shapes[0][1:])
-    w = next(m.parameters())  # its device and dtype (reading a computed weight could change state)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    modes = {mod: mod.training for mod in m.modules()}
-    try:
-        m.eval()
-        with torch.no_grad():
-            y, ref = m(x), base.forward(m, x)
-        return isinstance(y, torch.Tensor) and y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
-    except Exception:  # noqa: BLE001 - the user's module on a probe input may raise anything: then not this form
-        return False
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
 
 
 def _classify(name: str, m: nn.Module, flow: DataFlow, config: QATConfig) -> tuple[LayerPlan | None, str | None]:
@@ -238,6 +211,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
             floats[name] = reason
     drop_unexported(flow, layers, floats)  # dead in the export form: the converters drop them
     gemm = split_gemm(layers, floats, modules, flow)  # no input range, no BN fold: a plan of their own
+    attention, sdpa = plan_attention(model, args, kwargs, flow, config, floats)  # MHA / SDPA: qat/attention_plan.py
     for name in list(layers):
         bn, match, reason = _find_bn(name, modules[name], flow)
         if reason is not None:
@@ -255,7 +229,7 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):
         (call,) = flow.module_calls(name)
         layers[name].input_owner = owner_of_value.setdefault(call.inputs[0], name)
-    return QATPlan(layers, floats, config, notes=notes, gemm_layers=gemm)
+    return QATPlan(layers, floats, config, notes=notes, gemm_layers=gemm, attention_layers=attention, sdpa_calls=sdpa)
 
 
 def apply_plan(model: nn.Module, plan: QATPlan) -> None:
@@ -266,7 +240,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
     apply_chain_activations(model, plan.config.chain_activations)  # the activations the plan trains with
     modules = dict(model.named_modules())
     missing = [n for n in list(plan.layers) + [p.bn for p in plan.layers.values() if p.bn] + list(plan.gemm_layers)
-               if n not in modules]
+               + list(plan.attention_layers) + [n for n in plan.sdpa_calls if n] if n not in modules]
     if missing:
         raise ValueError(f"the QAT plan names modules this model does not have: {missing}")
     quantizers: dict[str, InputQuantizer] = {}
@@ -293,6 +267,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             m.__dict__["_ncnnqat_folded_bn"] = fold_bn(bn, BNMatch(eps, tuple(p.bn_tail)))
             set_stats_live(bn, plan.config.freeze_bn_after > 0)  # statistics train until frozen
     apply_gemm(modules, plan)
+    apply_attention(model, modules, plan)
     model.__dict__[PLAN_ATTR] = plan
     install_plan_hooks(model)
 
@@ -301,7 +276,7 @@ def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> Q
     """:func:`plan_qat` then :func:`apply_plan`; ValueError naming what was found if nothing can
     run in int8. The thresholds are left unset (the caller starts them)."""
     plan = plan_qat(model, example_input, config)
-    if not plan.layers and not plan.gemm_layers:
+    if not plan.layers and not plan.gemm_layers and not plan.attention_layers and not plan.sdpa_calls:
         found = "; ".join(f"{n}: {r}" for n, r in plan.float_layers.items()) or "no Conv2d or Linear at all"
         raise ValueError(
             f"{type(unwrap(model)).__name__} has no layer ncnn can run in int8 (Conv2d, depthwise Conv2d, or "
@@ -333,6 +308,7 @@ def unprepare(model: nn.Module) -> nn.Module:
         if p.bn:
             unfold_bn(modules[p.bn], inner.training)
     unprepare_gemm(modules, plan)
+    unprepare_attention(inner, modules, plan)
     del inner.__dict__[PLAN_ATTR]
     return model
 

@@ -15,6 +15,7 @@ from lightning_ncnnqat import ops
 from lightning_ncnnqat.qat.bn_fold import float_replacement
 from lightning_ncnnqat.errors import DivergedError
 from lightning_ncnnqat.qat.computed_weights import bake, deepcopy_memo, reading, strip
+from lightning_ncnnqat.qat.attention_plan import unprepare_attention
 from lightning_ncnnqat.qat.gemm import float_gemm
 from lightning_ncnnqat.qat.modules import ORIG_CLASS, InputQuantizer
 from lightning_ncnnqat.qat.plan import PLAN_ATTR, QuantLayerInfo, require_plan
@@ -147,6 +148,7 @@ def folded_float_model(model: nn.Module) -> nn.Module:
                 parent_name, _, child = p.bn.rpartition(".")
                 setattr(modules[parent_name] if parent_name else out, child, float_replacement(modules[p.bn]))
         float_gemm(modules, plan)  # int8 Gemm layers: plain nn.Linear, weights as trained
+        unprepare_attention(out, modules, plan)  # float MultiheadAttention and SDPA: what pnnx converts
     bake(out)  # layers kept in float (and any other module) with computed weights
     out.eval()
     for param in out.parameters():

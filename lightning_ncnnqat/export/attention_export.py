@@ -1,0 +1,88 @@
+"""The export's part for attention QAT trained as ncnn's dynamic int8 (``qat/attention_plan.py``).
+
+A planned ``nn.MultiheadAttention`` is found among pnnx's ``MultiHeadAttention`` layers by its
+weights (q/k/v/out equal to the trained ones, bit for bit: pnnx passes float32 weights through)
+and written int8 by ``ncnn/int8_attention.write_mha_int8``; its weight scales are then the ones
+the QAT forward used (both ``127 / absmax`` per row of the same float32 values). SDPA layers are
+written int8 (18=2, as ncnn2int8 does) only when QAT trained the model's SDPA calls in int8, and
+then only when pnnx wrote as many SDPA layers as the plan counted calls; otherwise they stay float
+(a model QAT trained with float SDPA) and the report says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_ncnnqat.errors import LayerError
+from lightning_ncnnqat.ncnn.bin_layout import locate
+from lightning_ncnnqat.ncnn.int8_attention import mha_weights
+from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.qat.attention import _weights as torch_mha_weights
+from lightning_ncnnqat.qat.attention_plan import MHA_KIND
+from lightning_ncnnqat.qat.plan import get_plan
+from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.verification.report import LayerReport
+
+_ROLES = ("q_weight", "k_weight", "v_weight", "out_weight")
+
+
+def _same(ncnn_w: dict[str, np.ndarray], torch_w: dict[str, torch.Tensor]) -> bool:
+    for r in _ROLES:
+        t = torch_w[r].detach().float().cpu().numpy()
+        if ncnn_w[r].shape != t.shape or not np.array_equal(ncnn_w[r], t):
+            return False
+    return True
+
+
+def match_mha(model: nn.Module, param: NcnnParam, bin_bytes: bytes) -> dict[str, str]:
+    """``{torch name: ncnn MultiHeadAttention name}`` of every MultiheadAttention the plan of
+    ``model`` runs in int8. Raises LayerError naming the layer when no ncnn layer, or more than
+    one, holds its weights (the converter wrote it as something else, or two layers share them)."""
+    plan = get_plan(model)
+    if plan is None or not plan.attention_layers:
+        return {}
+    modules = dict(unwrap(model).named_modules())
+    layout = locate(param.layers, bin_bytes)
+    ncnn = {lay.name: mha_weights(lay, layout[i], bin_bytes) for i, lay in enumerate(param.layers)
+            if lay.type == MHA_KIND}
+    out: dict[str, str] = {}
+    for name in plan.attention_layers:
+        tw = torch_mha_weights(modules[name])
+        hits = [n for n, w in ncnn.items() if _same(w, tw)]
+        if len(hits) != 1:
+            what = "no ncnn MultiHeadAttention holds its weights" if not hits else f"ncnn layers {hits} all hold its weights"
+            raise LayerError(
+                name, f"layer '{name}' (trained as ncnn's int8 MultiHeadAttention): {what}; keep it in float "
+                f"(QATCallback(skip=[{name!r}]) / QATConfig(skip=...))",
+            )
+        out[name] = hits[0]
+    return out
+
+
+def sdpa_int8(model: nn.Module, param: NcnnParam) -> tuple[bool, list[str]]:
+    """Whether the SDPA layers of ``param`` are written int8 (QAT trained the model's SDPA calls
+    so), and the report's note. Raises LayerError when the plan counted another number of calls
+    than pnnx wrote SDPA layers (some would run in a precision QAT did not train)."""
+    plan = get_plan(model)
+    trained = sum(plan.sdpa_calls.values()) if plan is not None else 0
+    layers = [lay.name for lay in param.layers if lay.type == "SDPA"]
+    if not layers:
+        return False, []
+    if not trained:
+        return False, [f"{len(layers)} SDPA layer(s) stay float: QAT did not train the model's scaled_dot_product_attention "
+                       "calls in int8 (ncnn2int8 would set 18=2 on them)"]
+    if trained != len(layers):
+        where = ", ".join(f"'{n or '(model)'}': {c}" for n, c in plan.sdpa_calls.items())
+        raise LayerError(
+            None, f"QAT trained {trained} scaled_dot_product_attention call(s) in int8 ({where}) but the converter wrote "
+            f"{len(layers)} SDPA layer(s) ({', '.join(layers[:6])}): they cannot be told apart",
+        )
+    return True, [f"{len(layers)} SDPA layer(s) are int8 (18=2): Q, QK^T per row and K, V per tensor quantized at "
+                  "run time, as QAT trained them"]
+
+
+def attention_layer_reports(mha: dict[str, str]) -> list[LayerReport]:
+    """One report line per int8 MultiHeadAttention (no input scale: activations quantized at run time)."""
+    return [LayerReport(t, None, n, MHA_KIND, 8, 0.0, 0, t) for t, n in mha.items()]

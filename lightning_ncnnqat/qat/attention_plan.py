@@ -1,0 +1,192 @@
+"""Attention QAT runs as ncnn's dynamic int8 MultiHeadAttention and SDPA: planned, applied, undone.
+
+pnnx writes ``nn.MultiheadAttention`` as one ``MultiHeadAttention`` layer and every
+``F.scaled_dot_product_attention`` call as one ``SDPA`` layer; the export writes both in int8
+(param 18=2: activations quantized at run time, no table row; docs/export.md "Attention in
+int8"). So QAT trains them as ncnn computes them:
+
+* an ``nn.MultiheadAttention`` called once per forward is swapped by class to
+  :class:`~lightning_ncnnqat.qat.attention.QATMultiheadAttention` (same Parameters); it stays
+  float, with the reason in the plan, when ncnn's layer cannot compute it
+  (:func:`~lightning_ncnnqat.qat.attention.attention_unsupported`), when it is called with a
+  ``key_padding_mask`` or its attention weights are read (neither is in ncnn's layer), or by ``skip``;
+* every ``F.scaled_dot_product_attention`` call of the traced forward runs
+  :func:`~lightning_ncnnqat.ops.attention_reference.sdpa_int8_ste` instead: the plan records the
+  innermost module making the calls (``QATPlan.sdpa_calls``), which gets a pair of forward hooks
+  that turn a ``TorchFunctionMode`` on for its forward. The calls are all int8 or all float (the
+  export tells ncnn's SDPA layers apart by nothing but their order); ``dropout_p`` is not applied
+  (ncnn has no dropout).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_ncnnqat.qat.attention import attention_unsupported, to_qat_attention
+from lightning_ncnnqat.qat.computed_weights import restore_class
+from lightning_ncnnqat.qat.config import QATConfig
+from lightning_ncnnqat.qat.export_form import export_form
+from lightning_ncnnqat.qat.graph import DataFlow
+from lightning_ncnnqat.qat.modules import ORIG_CLASS
+from lightning_ncnnqat.ops.attention_reference import sdpa_int8_ste
+
+MHA_KIND = "MultiHeadAttention"
+SDPA_FN = "scaled_dot_product_attention"
+_ON = "_ncnnqat_sdpa_int8"  # in a module's __dict__ while its SDPA calls run as ncnn's int8
+_HOOKED = "_ncnnqat_sdpa_hooks"
+_MODES = "_ncnnqat_sdpa_modes"
+
+
+def _mha_float_reason(name: str, m: nn.MultiheadAttention, flow: DataFlow, config: QATConfig, kpm: set[str]) -> str | None:
+    """Why the MultiheadAttention ``name`` stays float (None: it runs as ncnn's int8 layer)."""
+    if type(m).forward is not nn.MultiheadAttention.forward:
+        return f"{type(m).__name__} overrides forward() with other math than nn.MultiheadAttention's"
+    if any(fnmatch.fnmatchcase(name, pat) for pat in config.skip):
+        return "kept in float by `skip`"
+    calls = flow.module_calls(name)
+    if len(calls) != 1:
+        return "not called in the traced forward" if not calls else f"called {len(calls)} times per forward; kept in float"
+    if name in kpm:
+        return "called with a key_padding_mask, which ncnn's MultiHeadAttention lacks (fold it into attn_mask)"
+    if any(flow.consumers.get(v) for v in calls[0].outputs[1:]):
+        return "its attention weights are read (need_weights=True): ncnn's MultiHeadAttention has no such output"
+    return attention_unsupported(m)
+
+
+class _SdpaCounter(TorchFunctionMode):
+    """Counts the SDPA calls of one forward by the innermost module running (``stack``). A call made
+    inside another function with torch-function handling (``F.multi_head_attention_forward``) runs
+    with the mode off, so is not counted: pnnx writes that function as its own layer."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack, self.calls = stack, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if getattr(func, "__name__", None) == SDPA_FN:
+            where = self.stack[-1]
+            self.calls[where] = self.calls.get(where, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, int], set[str]]:
+    """One eval, no-grad forward: SDPA calls per innermost calling module, and the names of the
+    MultiheadAttention modules called with a ``key_padding_mask``."""
+    stack, kpm, handles = [""], set(), []
+
+    def pre(mod: nn.Module, a: tuple, kw: dict, name: str) -> None:
+        stack.append(name)
+        if isinstance(mod, nn.MultiheadAttention) and (kw.get("key_padding_mask") is not None or
+                                                        (len(a) > 3 and a[3] is not None)):
+            kpm.add(name)
+
+    for n, m in model.named_modules():
+        if n:
+            handles.append(m.register_forward_pre_hook(lambda mod, a, kw, n=n: pre(mod, a, kw, n), with_kwargs=True))
+            handles.append(m.register_forward_hook(lambda *_: None if stack.pop() else None, always_call=True))
+    counter = _SdpaCounter(stack)
+    was = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
+    return counter.calls, kpm
+
+
+def plan_attention(
+    model: nn.Module, args: tuple, kwargs: dict, flow: DataFlow, config: QATConfig, floats: dict[str, str]
+) -> tuple[dict[str, str], dict[str, int]]:
+    """``(attention_layers, sdpa_calls)`` of the plan (see the module doc); every
+    MultiheadAttention kept float goes to ``floats`` with its reason (in place), and its
+    ``out_proj`` (read as a weight, never called) leaves ``floats``. Runs one more eval forward
+    (in the deployed form, ``export_form``) only when the traced one holds attention."""
+    mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    if not mhas and not any(node.target == SDPA_FN for node in flow.nodes):
+        return {}, {}
+    with export_form(model):
+        sdpa, kpm = _count_forward(model, args, kwargs)
+    attention: dict[str, str] = {}
+    for name, m in mhas.items():
+        floats.pop(f"{name}.out_proj" if name else "out_proj", None)
+        why = _mha_float_reason(name, m, flow, config, kpm)
+        if why is None:
+            attention[name] = MHA_KIND
+        else:
+            floats[name] = why
+    return attention, sdpa
+
+
+def _sdpa_int8_call(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention``'s arguments, computed as ncnn's int8 SDPA (straight-through
+    gradients); a bool mask (True = attend) and ``is_causal`` become additive float masks."""
+    lq, lk = query.shape[-2], key.shape[-2]
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, device=query.device).masked_fill(~attn_mask, float("-inf"))
+    return sdpa_int8_ste(query, key, value, attn_mask, scale).to(query.dtype)
+
+
+class _Int8Sdpa(TorchFunctionMode):
+    """While on: ``F.scaled_dot_product_attention`` runs as ncnn's int8 SDPA; every other call as is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if getattr(func, "__name__", None) == SDPA_FN:
+            return _sdpa_int8_call(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _sdpa_on(module: nn.Module, args: Any) -> None:
+    if module.__dict__.get(_ON):
+        mode = _Int8Sdpa()
+        mode.__enter__()
+        module.__dict__.setdefault(_MODES, []).append(mode)
+
+
+def _sdpa_off(module: nn.Module, args: Any, output: Any) -> None:
+    modes = module.__dict__.get(_MODES)
+    if modes:
+        modes.pop().__exit__(None, None, None)
+
+
+def apply_attention(model: nn.Module, modules: dict[str, nn.Module], plan: Any) -> None:
+    """Swap the planned MultiheadAttention modules (LayerError naming one ncnn cannot compute,
+    TypeError for another class) and turn int8 SDPA on in the planned calling modules. The hooks
+    (``always_call``: a forward that raises still turns the mode off) stay after :func:`unprepare_attention`
+    and do nothing then."""
+    for name in plan.attention_layers:
+        m = modules[name]
+        if not isinstance(m, nn.MultiheadAttention):
+            raise TypeError(f"layer '{name}' is {type(m).__name__}; the QAT plan runs it as an nn.MultiheadAttention")
+        orig = type(m)
+        to_qat_attention(m, name).__dict__[ORIG_CLASS] = orig
+    for name in plan.sdpa_calls:
+        m = modules[name] if name else model
+        if not m.__dict__.get(_HOOKED):
+            m.register_forward_pre_hook(_sdpa_on)
+            m.register_forward_hook(_sdpa_off, always_call=True)
+            m.__dict__[_HOOKED] = True
+        m.__dict__[_ON] = True
+
+
+def unprepare_attention(model: nn.Module, modules: dict[str, nn.Module], plan: Any) -> None:
+    """Undo :func:`apply_attention`: the user's classes back, SDPA calls float again. Also used on
+    the float copy the converters trace (what ncnn's float layers are converted from)."""
+    for name in plan.attention_layers:
+        m = modules[name]
+        restore_class(m, m.__dict__.pop(ORIG_CLASS, nn.MultiheadAttention))
+    for name in plan.sdpa_calls:
+        (modules[name] if name else model).__dict__.pop(_ON, None)
