@@ -28,8 +28,8 @@ from lightning_ncnnqat.ncnn.fp32_blobs import (
     strip_fp32_blobs,
     unsafe_featmasks,
 )
-from lightning_ncnnqat.ncnn.isolated import run_ncnn
-from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError, run_ncnn
+from lightning_ncnnqat.ncnn.param import INT8_TYPES, NcnnParam
 from lightning_ncnnqat.ncnn.targets import SETUP_COMMAND, environment_problem
 from lightning_ncnnqat.qat.bn_fold import set_bn_stats_frozen
 from lightning_ncnnqat.verification.parity import agreement
@@ -216,3 +216,34 @@ def test_fp16_blobs_are_what_the_mask_closes_on_a76(qat_export, tmp_path: Path) 
     fp16 = agreement(ref, _int8(out, held, "arm64-a76", stripped))
     assert 1 - fp16.cosine > 3 * (1 - masked.cosine), (name, fp16.cosine, masked.cosine)
     assert fp16.noise_rms > 2 * masked.noise_rms, (name, fp16.noise_rms, masked.noise_rms)
+
+
+@needs_arm
+def test_the_crash_rule_matches_the_a76_runtime(qat_export, tmp_path: Path) -> None:
+    """What ``unsafe_featmasks`` refuses breaks ncnn on the emulated A76: a float layer masked
+    alone, fed by an unmasked one, crashes it (in a child process) or computes garbage (the rule
+    is conservative: an int8 layer or a Split masked alone happens to survive). A mask closed
+    under "producer of" that covers only the start of the model (a prefix in file order) runs
+    and agrees with the full mask. x86 and A53 take no fp16 path for blobs: only ARMv8.2 shows it."""
+    name, out, held, _, _ = qat_export
+    base = NcnnParam.parse(strip_fp32_blobs((out / "model.int8.param").read_text()))
+    order = [lay for lay in base.layers if lay.type != "Input"]
+    # the first layer kept float (no int8 param 8): a float kernel reads its input's bytes as float32
+    k = next(i for i, lay in enumerate(order) if i > 0 and lay.type in INT8_TYPES and not lay.get_int(8, 0))
+    unsafe = NcnnParam.parse(base.to_text())
+    unsafe.layer(order[k].name).set_int(31, 3)
+    prefix = NcnnParam.parse(base.to_text())
+    for lay in order[: k + 1]:
+        prefix.layer(lay.name).set_int(31, 3)
+    assert unsafe_featmasks(unsafe) and unsafe_featmasks(prefix) == []
+    x = held[:4]
+    full = _int8(out, held, "arm64-a76")[:4]
+    for tag, p in (("unsafe", unsafe), ("prefix", prefix)):
+        (tmp_path / f"{tag}.param").write_text(p.to_text())
+    try:
+        bad = run_ncnn(tmp_path / "unsafe.param", out / "model.int8.bin", {"in0": x}, ["out0"], target="arm64-a76")
+        assert agreement(full, bad.outputs["out0"]).cosine < 0.99, (name, "the unsafe mask ran and computed right")
+    except NcnnRuntimeError as e:
+        assert "crashed" in str(e), str(e)
+    ran = run_ncnn(tmp_path / "prefix.param", out / "model.int8.bin", {"in0": x}, ["out0"], target="arm64-a76")
+    assert agreement(full, ran.outputs["out0"]).cosine > 0.9999, name
