@@ -28,6 +28,11 @@ SPEED_KEEP_FLOAT_GAIN = 0.05
 #: Interleaved timed runs per single layer and per whole model at QAT start (after warm-up).
 SPEED_LAYER_RUNS = 30
 SPEED_MODEL_RUNS = 40
+#: A difference of less than this many ms per inference between int8 and float is a tie whatever
+#: the ratio: it is within the fixed cost of one ncnn Extractor run here (a Linear 64->10 alone
+#: times at 5-10 us), no application notices it, and on toy models (8x8 inputs, a few channels:
+#: tens of us in all) ratios of such differences move the plan from one run to the next.
+SPEED_MIN_DIFF_MS = 0.01
 #: The export's timing is judged (faster / tie / slower) only from this many interleaved runs:
 #: the median of fewer per-round ratios is one or two rounds' noise (export(timing_runs=1) is a
 #: smoke test of the timing, not a measurement).
@@ -37,12 +42,15 @@ SPEED_MIN_JUDGED_RUNS = 10
 PREFERS = ("speed", "int8", "size")
 
 
-def speed_verdict(speedup: float) -> str:
+def speed_verdict(speedup: float, diff_ms: float | None = None) -> str:
     """``"faster"``, ``"slower"`` or ``"tie"``: int8 against float by ``speedup`` (float time /
     int8 time: a ratio of medians, or the median of per-round ratios of an interleaved timing);
-    within :data:`SPEED_TIE_TOLERANCE` of 1 a tie. Raises ValueError for a speed-up that is not > 0."""
+    within :data:`SPEED_TIE_TOLERANCE` of 1, or ``diff_ms`` (float ms - int8 ms, where known)
+    under :data:`SPEED_MIN_DIFF_MS`, a tie. Raises ValueError for a speed-up that is not > 0."""
     if not speedup > 0:
         raise ValueError(f"speed_verdict: a speed-up must be > 0, got {speedup!r}")
+    if diff_ms is not None and abs(diff_ms) < SPEED_MIN_DIFF_MS:
+        return "tie"
     if speedup >= 1 + SPEED_TIE_TOLERANCE:
         return "faster"
     if speedup <= 1 - SPEED_TIE_TOLERANCE:
@@ -55,26 +63,33 @@ def int8_layer_loses(float_ms: float, int8_ms: float) -> bool:
     return int8_ms > 0 and float_ms / int8_ms < 1 - SPEED_LAYER_MARGIN
 
 
-def keep_float_pays(gain: float, current_speedup: float) -> bool:
+def keep_float_pays(gain: float, current_speedup: float, saved_ms: float, current_diff_ms: float | None = None) -> bool:
     """Whether an int8 model with more layers float should replace the current one: it runs
-    ``gain`` times as fast as the current one, which runs ``current_speedup`` times as fast as
-    float. It must gain :data:`SPEED_KEEP_FLOAT_GAIN` (beyond the noise, so two QAT starts decide
-    alike), or, where the current model is slower than float, beyond the tie tolerance."""
+    ``gain`` times as fast as the current one (``saved_ms`` less per inference), which runs
+    ``current_speedup`` times as fast as float (``current_diff_ms``: float ms - its ms). It must
+    save :data:`SPEED_MIN_DIFF_MS` and gain :data:`SPEED_KEEP_FLOAT_GAIN` (beyond the noise, so
+    two QAT starts decide alike), or, where the current model is slower than float, beyond the
+    tie tolerance."""
+    if saved_ms < SPEED_MIN_DIFF_MS:
+        return False
     if gain >= 1 + SPEED_KEEP_FLOAT_GAIN:
         return True
-    return speed_verdict(current_speedup) == "slower" and gain >= 1 + SPEED_TIE_TOLERANCE
+    return speed_verdict(current_speedup, current_diff_ms) == "slower" and gain >= 1 + SPEED_TIE_TOLERANCE
 
 
-def judge_speed(target: str, speedup: float, figures: str, runs: int = SPEED_MIN_JUDGED_RUNS) -> list[Finding]:
+def judge_speed(
+    target: str, speedup: float, figures: str, runs: int = SPEED_MIN_JUDGED_RUNS, diff_ms: float | None = None
+) -> list[Finding]:
     """The export's int8 vs float timing on ``target`` (``speedup``: float time / int8 time, over
     ``runs`` interleaved runs): int8 slower is a warning that says plainly that int8 does not pay
     there; a tie a note (size only); faster a note with the figures; fewer than
     :data:`SPEED_MIN_JUDGED_RUNS` runs a note that the figure is not judged. ``figures``: how it
-    was timed, for the message."""
+    was timed, for the message; ``diff_ms``: float ms - int8 ms (a smaller difference than
+    :data:`SPEED_MIN_DIFF_MS` is a tie)."""
     if runs < SPEED_MIN_JUDGED_RUNS:
         return [note("speed_not_judged", f"int8 vs float on {target} not judged: {runs} run(s) ({figures}); "
                      f"time with timing_runs >= {SPEED_MIN_JUDGED_RUNS} for a verdict", value=speedup)]
-    verdict = speed_verdict(speedup)
+    verdict = speed_verdict(speedup, diff_ms)
     if verdict == "slower":
         return [warning(
             "int8_slower_than_float",

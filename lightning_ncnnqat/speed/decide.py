@@ -141,7 +141,8 @@ class SpeedDecision:
         m = self.measurement
         if m is None:
             return None
-        return policy.speed_verdict(m.models[self.chosen].speedup)
+        f, s = m.models["float"], m.models[self.chosen]
+        return policy.speed_verdict(s.speedup, f.median_ms - s.median_ms)
 
     def reasons(self) -> dict[str, str]:
         """``{layer: reason}`` of the layers kept float, with their figures (for the QAT plan)."""
@@ -293,7 +294,9 @@ def choose(m: SpeedMeasurement) -> str:
     (:func:`policy.keep_float_pays`; fewer float layers first: on a tie the smaller model)."""
     chosen = "int8"
     for key in sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers)):
-        if policy.keep_float_pays(_faster(m.models[chosen], m.models[key]), m.models[chosen].speedup):
+        cur, cand = m.models[chosen], m.models[key]
+        if policy.keep_float_pays(_faster(cur, cand), cur.speedup, cur.median_ms - cand.median_ms,
+                                  m.models["float"].median_ms - cur.median_ms):
             chosen = key
     return chosen
 

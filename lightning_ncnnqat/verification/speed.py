@@ -68,7 +68,7 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
     f, q = t["float"], t["int8"]
     f_ms, q_ms = f.ms(clock), q.ms(clock)
     speedup = paired_speedup(f, q, clock)  # per round, each int8 run against the float run beside it
-    verdict = policy.speed_verdict(speedup) if runs >= policy.SPEED_MIN_JUDGED_RUNS else "not judged"
+    verdict = policy.speed_verdict(speedup, f_ms - q_ms) if runs >= policy.SPEED_MIN_JUDGED_RUNS else "not judged"
     m = machine_info()
     report.timing = {
         "target": HOST, "clock": clock, "verdict": verdict,
@@ -82,7 +82,7 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
     }
     figures = (f"{clock} time, {report.timing['threads'] or 'default'} thread(s), medians of {runs} interleaved runs: "
                f"float {f_ms:.3f} ms, int8 {q_ms:.3f} ms ({speedup:.2f}x); {machine_line(m)}")
-    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures, runs))
+    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures, runs, f_ms - q_ms))
 
 
 def speed_lines(report: dict[str, Any]) -> list[str]:
