@@ -17,6 +17,9 @@ the trace is dropped by ONNX but crashes pnnx 20260526 (exit -11).
 * every module that has a boolean ``export`` attribute (duck typing: the package never
   imports ultralytics), with the settings above where the module has the attribute, then its
   ``fuse()`` where it has one that takes no argument;
+* every fused-qkv self-attention module (timm's ``Attention`` form, duck-typed and checked
+  numerically): its forward without the 5-D ``qkv.unbind`` pnnx cannot convert
+  (``qat.attention_forms``);
 * every module that defines ``ncnn_export_form()`` (the user hook, for any model family): it
   returns a context manager, entered here and exited on restore. Such a module gets only its
   hook, not the duck-typed settings.
@@ -41,6 +44,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from lightning_ncnnqat.errors import UnsupportedModelError
+from lightning_ncnnqat.qat.attention_forms import enter_attention_form
 from lightning_ncnnqat.qat.graph import DataFlow
 from lightning_ncnnqat.qat.wrappers import eager_compiled
 
@@ -153,6 +157,9 @@ def export_form(model: nn.Module) -> Iterator[nn.Module]:
                     continue
                 hook = callable(getattr(m, HOOK, None))
                 if not hook and not is_export_head(m):
+                    if enter_attention_form(m, stack):  # fused-qkv attention without 5-D tensors
+                        touched.append((m, None))
+                        m.__dict__[_ACTIVE] = True
                     continue
                 # a hooked module restores itself (its context); a duck-typed one from a snapshot
                 touched.append((m, None if hook else _snapshot(m)))
