@@ -23,6 +23,7 @@ from lightning_ncnnqat.qat.attention import _weights as torch_mha_weights
 from lightning_ncnnqat.qat.attention_plan import MHA_KIND
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.wrappers import unwrap
+from lightning_ncnnqat.verification.attention_checks import AttentionRef
 from lightning_ncnnqat.verification.report import LayerReport
 
 _ROLES = ("q_weight", "k_weight", "v_weight", "out_weight")
@@ -83,6 +84,25 @@ def sdpa_int8(model: nn.Module, param: NcnnParam) -> tuple[bool, list[str]]:
                   "run time, as QAT trained them"]
 
 
-def attention_layer_reports(mha: dict[str, str]) -> list[LayerReport]:
-    """One report line per int8 MultiHeadAttention (no input scale: activations quantized at run time)."""
-    return [LayerReport(t, None, n, MHA_KIND, 8, 0.0, 0, t) for t, n in mha.items()]
+def attention_layer_reports(refs: list[AttentionRef], param: NcnnParam) -> list[LayerReport]:
+    """One report line per int8 MultiHeadAttention / SDPA (no input scale: activations are
+    quantized at run time; no weight scale for SDPA, which has no weights)."""
+    return [LayerReport(r.torch_name, None, r.ncnn_name, param.layer(r.ncnn_name).type, 8, 0.0, 0, r.torch_name)
+            for r in refs]
+
+
+def attention_refs(model: nn.Module, mha: dict[str, str], param: NcnnParam, sdpa: bool) -> list[AttentionRef]:
+    """The per-layer check entries of the attention layers written int8: each MultiheadAttention
+    with the weights QAT trained, each SDPA (in the order of the graph, named after the module
+    making the call: ``"<module>:sdpa<i>"``, which no module computes alone, so no chain figure)."""
+    modules = dict(unwrap(model).named_modules())
+    refs = []
+    for t, n in mha.items():
+        w = {k: v.detach().float().cpu().clone() for k, v in torch_mha_weights(modules[t]).items()}
+        refs.append(AttentionRef(t, n, w, modules[t].num_heads))
+    if sdpa:
+        plan = get_plan(model)
+        labels = [f"{m or '(model)'}:sdpa{i}" for m, c in plan.sdpa_calls.items() for i in range(c)]
+        layers = [lay.name for lay in param.layers if lay.type == "SDPA"]
+        refs += [AttentionRef(label, n) for label, n in zip(labels, layers)]
+    return refs

@@ -20,8 +20,11 @@ from .bars import (
     COLLAPSE_LOSS_MIN_RISE,
     FLOOR_FACTOR,
     FLOOR_MARGIN,
+    MAX_ATTENTION_REL_ERR,
     MAX_LAYER_REL_ERR,
     MAX_ONNX_REL_ERR,
+    MIN_ATTENTION_COSINE,
+    MIN_ATTENTION_COSINE_DEFAULTS,
     MIN_DEFAULT_OPTIONS_COSINE,
     MIN_LAYER_COSINE,
     MIN_NOTED_GAP,
@@ -31,6 +34,7 @@ from .bars import (
     QAT_LR_FACTOR,
     approximation_gap,
     at_floor,
+    attention_layer_ok,
     collapsed,
     conversion_departs,
     layer_cosine_ok,
@@ -66,6 +70,7 @@ from .steps import (
 
 __all__ = [
     "COLLAPSE_KEEP_FRACTION", "COLLAPSE_LOSS_FACTOR", "COLLAPSE_LOSS_MIN_RISE", "FLOOR_FACTOR", "FLOOR_MARGIN",
+    "MAX_ATTENTION_REL_ERR", "MIN_ATTENTION_COSINE", "MIN_ATTENTION_COSINE_DEFAULTS", "attention_layer_ok",
     "MAX_LAYER_REL_ERR", "MAX_ONNX_REL_ERR", "MIN_DEFAULT_OPTIONS_COSINE", "MIN_LAYER_COSINE", "MIN_NOTED_GAP",
     "MIN_OUTPUT_COSINE", "MIN_TOP1_AGREEMENT", "NEAR_TIE_SIGMAS", "NOTE", "QAT_LR_FACTOR", "WARNING", "Finding",
     "OutputVerdict", "Severity", "approximation_gap", "approximation_notes", "at_floor", "collapsed",

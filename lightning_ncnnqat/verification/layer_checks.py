@@ -29,9 +29,10 @@ from torch import nn
 
 from lightning_ncnnqat.ops import reference
 from lightning_ncnnqat.errors import LayerError
-from lightning_ncnnqat.policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE, layer_ok  # noqa: F401  (bars re-exported)
+from lightning_ncnnqat.policy import MAX_LAYER_REL_ERR, MIN_LAYER_COSINE, attention_layer_ok, layer_ok  # noqa: F401
 from lightning_ncnnqat.ncnn.param import NcnnLayer, NcnnParam
 from lightning_ncnnqat.verification import gemm_checks
+from lightning_ncnnqat.verification.attention_checks import ATTENTION_TYPES, attention_isolated_reference
 from lightning_ncnnqat.verification.parity import agreement
 
 
@@ -156,7 +157,7 @@ def blobs_to_extract(param: NcnnParam, ncnn_names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for n in ncnn_names:
         lay = param.layer(n)
-        out += [lay.bottoms[0], lay.tops[0]]
+        out += [*(lay.bottoms if lay.type in ATTENTION_TYPES else lay.bottoms[:1]), lay.tops[0]]
     return list(dict.fromkeys(out))
 
 
@@ -166,8 +167,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str], call) -> dict[str, t
     outs: dict[str, torch.Tensor] = {}
     handles = []
     mods = dict(model.named_modules())
-    for n in names:
+    for n in [n for n in names if n in mods]:  # an SDPA call has no module: no chain figure
         def hook(mod, args, out, n=n):  # noqa: ANN001
+            out = out[0] if isinstance(out, tuple) else out  # nn.MultiheadAttention: (output, weights)
             outs[n] = out.detach().float().cpu().clone()
 
         handles.append(mods[n].register_forward_hook(hook))
@@ -203,8 +205,12 @@ def check_layers(
         iso_ref, chain_ref, got, keep, steps = [], [], [], [], []
         for s in range(len(x_all)):
             x_in = x_all[s] / np.float32(s_in) if s_in is not None else x_all[s]
-            iso = isolated_reference(lay, x_in, ref)
-            ch = ncnn_activation(lay, chain[ref.torch_name][s])
+            if lay.type in ATTENTION_TYPES:  # several inputs, quantized at run time (attention_checks.py)
+                iso = attention_isolated_reference(lay, [blobs[b][s] for b in lay.bottoms], ref)
+            else:
+                iso = isolated_reference(lay, x_in, ref)
+            ch = chain[ref.torch_name][s]
+            ch = ncnn_activation(lay, ch) if ch is not None else torch.full(iso.shape, float("nan"))
             y = np.asarray(y_all[s], dtype=np.float32)
             if lay.name in out_scales:
                 so = out_scales[lay.name]
@@ -224,7 +230,7 @@ def check_layers(
         k = np.array(keep)
         if k.any():
             iso_a = agreement(np.stack(iso_ref)[k], g[k])
-            ok: bool | None = layer_ok(iso_a.cosine, iso_a.max_rel_err)
+            ok: bool | None = (attention_layer_ok if lay.type in ATTENTION_TYPES else layer_ok)(iso_a.cosine, iso_a.max_rel_err)
             iso_cos, iso_rel = iso_a.cosine, iso_a.max_rel_err
         else:
             ok, iso_cos, iso_rel = None, float("nan"), float("nan")
