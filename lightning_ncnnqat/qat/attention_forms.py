@@ -69,18 +69,26 @@ def is_fused_qkv_attention(m: nn.Module) -> bool:
 
 
 def fused_qkv_forward(m: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """timm ``Attention.forward`` without 5-D tensors: ``x [B, N, C]`` -> ``[B, N, C_out]``.
+    """timm ``Attention.forward`` without 5-D tensors: ``x [B, N, C]`` -> ``[B, N, C_out]``, or
+    ``x [B, P, N, C]`` (P independent token groups, e.g. MobileViT's patch pixels) -> ``[B, P, N, C_out]``.
 
     The qkv output's last dim holds q, k, v thirds (the original 5-D reshape's axis 2), each
     ``[heads, head_dim]`` row-major (its axes 3, 4): ``chunk(3, -1)`` and a 4-D reshape pick the
-    same elements. Dropout is not applied (the form runs in eval, for the export)."""
+    same elements. P groups become P * heads independent attention matrices
+    ``[B, heads * P, N, head_dim]`` (head-major), the same values: ncnn's int8 SDPA quantizes per
+    row and per matrix. Dropout is not applied (the form runs in eval, for the export)."""
     heads, head_dim = _heads(m)  # type: ignore[misc]  # checked by is_fused_qkv_attention
-    b, n, _ = x.shape
+    b, n = x.shape[0], x.shape[-2]
+    p = x.shape[1] if x.dim() == 4 else 1
     gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
-    q, k, v = (t.reshape(b, n, heads, head_dim).transpose(1, 2) for t in m.qkv(x).chunk(3, -1))
+
+    def split(t: Tensor) -> Tensor:  # [B, (P,) N, H*D] -> [B, H*P, N, D]
+        return t.reshape(b, p * n, heads, head_dim).transpose(1, 2).reshape(b, heads * p, n, head_dim)
+
+    q, k, v = (split(t) for t in m.qkv(x).chunk(3, -1))
     q, k = m.q_norm(q), m.k_norm(k)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-    y = y.transpose(1, 2).reshape(b, n, heads * head_dim)
+    y = y.reshape(b, heads, p * n, head_dim).transpose(1, 2).reshape(*x.shape[:-1], heads * head_dim)
     norm = getattr(m, "norm", None)
     if norm is not None:
         y = norm(y)
