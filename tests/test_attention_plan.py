@@ -188,3 +188,17 @@ def test_plan_travels_in_dict_and_state_dict() -> None:
     assert isinstance(fresh.attn, QATMultiheadAttention) and get_plan(fresh).attention_layers == {"attn": "MultiHeadAttention"}
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), mnet(x), rtol=0, atol=0)
+
+
+def test_attention_a_target_measured_wrong_is_replanned_float() -> None:
+    """The export preflight's measured re-plan covers MultiheadAttention as the other int8 layers."""
+    from lightning_ncnnqat.qat.prepare import measured_float_reasons, replan_as_float
+
+    torch.manual_seed(8)
+    net, x = MhaNet(2), torch.randn(2, 3, 8, 8)
+    plan_and_apply(net, x[:1], QATConfig())
+    reasons = measured_float_reasons(net, {"arm64-a53": {"attn": 0.42}})
+    assert "arm64-a53 (cosine 0.420)" in reasons["attn"]
+    new = replan_as_float(net, x[:1], reasons)
+    assert new.attention_layers == {} and new.float_layers["attn"] == reasons["attn"]
+    assert type(net.attn) is nn.MultiheadAttention
