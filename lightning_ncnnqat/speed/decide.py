@@ -176,7 +176,8 @@ class SpeedDecision:
         if self.prefer == "speed":
             keep = self.keep_float
             out.append(f"prefer='speed': {len(keep)} of {len(m.layers)} int8 layer(s) kept float"
-                       + (f" ({', '.join(keep)})" if keep else " (none loses enough, or keeping them float does not pay)"))
+                       + (f" ({', '.join(keep)})" if keep
+                          else " (none loses enough, or keeping them float does not pay)"))
         elif losers:
             out.append(f"prefer={self.prefer!r}: every layer stays int8; {len(losers)} lose alone: {', '.join(losers)}"
                        " (prefer='speed' keeps such layers float where the whole model gains)")
@@ -186,7 +187,8 @@ class SpeedDecision:
             out.append(f"int8 does NOT pay on {m.target} for this model: its int8 model is {s.speedup:.2f}x "
                        "the float model's speed; deploy the float model (model.ncnn.*) there, or measure on your board")
         elif v == "tie":
-            out.append(f"int8 ties with float on {m.target} (within {policy.SPEED_TIE_TOLERANCE:.0%}): it pays in size only")
+            out.append(f"int8 ties with float on {m.target} (within {policy.SPEED_TIE_TOLERANCE:.0%} or "
+                       f"{policy.SPEED_MIN_DIFF_MS * 1000:.0f} us): it pays in size only")
         return out
 
     def note(self) -> str | None:
@@ -243,7 +245,8 @@ def _variant(d: Path, keep: set[str], float_weights: str) -> tuple[str, bytes]:
     fparam = NcnnParam.parse((d / "model.ncnn.param").read_text(encoding="utf-8"))
     weights, inputs = parse_table((d / "model.ncnn.table").read_text(encoding="utf-8"))
     specs = {n: Int8Spec(n, n, np.asarray(w, dtype=np.float32), inputs[n]) for n, w in weights.items() if n not in keep}
-    res = write_int8(fparam, (d / "model.ncnn.bin").read_bytes(), specs, quantize_gemm=False, float_weights=float_weights)
+    res = write_int8(fparam, (d / "model.ncnn.bin").read_bytes(), specs, quantize_gemm=False,
+                     float_weights=float_weights)
     return res.param_text, res.bin_bytes
 
 
@@ -281,7 +284,8 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> Spe
             text, blob = _variant(d, {ncnn_of.get(n, n) for n in c}, report.float_weights or "fp32")
             (d / f"{key}.param").write_text(text, encoding="utf-8")
             (d / f"{key}.bin").write_bytes(blob)
-            models.append(ModelToTime(key, str(d / f"{key}.param"), str(d / f"{key}.bin"), q.inputs, q.extract, q.options))
+            models.append(ModelToTime(key, str(d / f"{key}.param"), str(d / f"{key}.bin"), q.inputs, q.extract,
+                                      q.options))
         timed = time_models(models, runs=policy.SPEED_MODEL_RUNS)
     tf = timed["float"]
     speeds = {"float": _model_speed(tf, tf, clock, []), "int8": _model_speed(timed["int8"], tf, clock, [])}
