@@ -15,6 +15,7 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.qat.plan import QATPlan, get_plan
 from lightning_ncnnqat.qat.prepared import check_ranges, input_quantizers
 from lightning_ncnnqat.qat.prepare import check_skip
+from lightning_ncnnqat.qat.ranges import LearnedRanges, check_one_input
 from lightning_ncnnqat.start import start_qat
 from lightning_ncnnqat.speed.decide import speed_check
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
@@ -175,8 +176,6 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         check_precision(trainer)
         if stage == "fit" and get_plan(pl_module) is None:
-            from lightning_ncnnqat.qat.ranges import check_one_input
-
             check_one_input(pl_module, self.config, "QATCallback")
         self.plan = get_plan(pl_module)
         self._install_restore_hook(pl_module)
@@ -315,8 +314,6 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.optimizers and optimizer is not trainer.optimizers[0]:
             return  # one threshold step per step of the first optimizer
         if self._learned is None:
-            from lightning_ncnnqat.qat.ranges import LearnedRanges
-
             self._learned = LearnedRanges(pl_module, self.plan.config.range_lr)
             self._learned.load_state_dict(self._learned_state)
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
