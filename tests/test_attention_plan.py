@@ -202,3 +202,25 @@ def test_attention_a_target_measured_wrong_is_replanned_float() -> None:
     new = replan_as_float(net, x[:1], reasons)
     assert new.attention_layers == {} and new.float_layers["attn"] == reasons["attn"]
     assert type(net.attn) is nn.MultiheadAttention
+
+
+def test_transformer_encoder_layer_eval_fast_path_stays_off() -> None:
+    """nn.TransformerEncoderLayer's eval fast path reads the attention weights itself; with the QAT
+    attention swapped in it must call it, so no-grad evaluation computes what training does."""
+    torch.manual_seed(9)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    net = nn.Sequential(nn.Linear(16, 16), layer)
+    x = torch.randn(2, 6, 16)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+    plan = plan_and_apply(net, x[:1], QATConfig())
+    assert plan.attention_layers == {"1.self_attn": "MultiHeadAttention"}
+    net.eval()
+    with torch.no_grad():
+        fast = net(x)
+    slow = net(x).detach()  # grad enabled: torch's fast path is off anyway
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    assert (fast - before).abs().max() > 1e-5
+    unprepare(net)
+    assert not net[1].self_attn._forward_pre_hooks

@@ -23,6 +23,7 @@ from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.conversion.graph_match import Wiring
 from lightning_ncnnqat.conversion.matching import WeightOwner, _same, match_by_weights
 from lightning_ncnnqat.conversion.tracing import traceable
+from lightning_ncnnqat.qat.fast_path import python_paths
 
 INPUT_NAME = "in0"
 OUTPUT_NAME = "out0"
@@ -50,14 +51,11 @@ def _export_bytes(
     outs = outs if isinstance(outs, tuple) else (outs,)
     dynamic.update({n: {0: "N"} for n, o in zip(output_names, outs) if o.dim() and o.shape[0] == 1})
     errors = []
-    fast = torch.backends.mha.get_fastpath_enabled()
     for dynamo in (False, True):
         buf = io.BytesIO()
         try:
-            # nn.MultiheadAttention's eval fast path (aten::_native_multi_head_attention) has no ONNX
-            # export; its other path has (torch/nn/modules/activation.py). Restored in finally.
-            torch.backends.mha.set_fastpath_enabled(False)
-            with traceable(model), torch.no_grad(), warnings.catch_warnings():
+            # python_paths: nn.MultiheadAttention's eval fast path (aten::_native_multi_head_attention) has no ONNX export
+            with traceable(model), python_paths(), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 kwargs = dict(
                     input_names=list(input_names),
@@ -72,8 +70,6 @@ def _export_bytes(
             return buf.getvalue(), ("dynamo" if dynamo else "torchscript")
         except Exception as e:  # noqa: BLE001  (try the other exporter, report both)
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {str(e)[:500]}")
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
     raise LayerError(None, "torch.onnx.export failed: " + " | ".join(errors))
 
 
