@@ -10,9 +10,9 @@ cannot convert it. Public reports of the op: pytorch/pytorch#143107, YvanYin/Goa
 ``to_onnx``). Found by the hunted cases ``tf_vit_encoder_layer`` / ``tf_lightning_transformer_callback``
 (/work/cases_extra/RESULTS.md, section C1).
 
-Both tests are marked ``xfail(strict=True)`` while the fault stands: the fix (turn the fast path off
-for QAT-prepared encoder layers, and around the pnnx trace as ``conversion/onnx.py`` already does
-for the ONNX export) makes them pass, and the strict marker then asks for its own removal.
+Fixed by ``qat/fast_path.py``: a prepared model's encoder layers take their Python path (a no-op
+pre-hook torch checks), and the pnnx trace runs with the fast path off, as the ONNX step does.
+More inputs of the kind: tests/test_fast_path.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import torch
 from torch import nn
 
 from lightning_ncnnqat import export, prepare_qat
-
-FAULT = "nn.TransformerEncoderLayer eval fast path bypasses the QAT modules (RESULTS.md C1)"
 
 
 class Encoder(nn.Module):
@@ -57,7 +55,6 @@ def _prepared(activation: str, norm_first: bool, seed: int) -> tuple[nn.Module, 
     return model.eval(), x
 
 
-@pytest.mark.xfail(strict=True, reason=FAULT)
 @pytest.mark.parametrize(("activation", "norm_first"), [("gelu", True), ("relu", False)])
 def test_eval_without_grad_runs_the_qat_layers(activation: str, norm_first: bool) -> None:
     """Validation's forward (eval, inference mode) equals the QAT forward with gradients on."""
@@ -71,7 +68,6 @@ def test_eval_without_grad_runs_the_qat_layers(activation: str, norm_first: bool
     )
 
 
-@pytest.mark.xfail(strict=True, reason=FAULT)
 def test_encoder_layer_exports_with_parity(tmp_path) -> None:
     """The export converts the layer (no aten::_transformer_encoder_layer_fwd in pnnx's trace) and
     the int8 model agrees with the QAT model."""
