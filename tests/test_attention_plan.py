@@ -143,6 +143,7 @@ def test_unsupported_attention_stays_float_with_its_reason() -> None:
     net, x = MhaNet(2, add_bias_kv=True), torch.randn(2, 3, 8, 8)
     plan = plan_and_apply(net, x[:1], QATConfig())
     assert plan.attention_layers == {} and "add_bias_kv" in plan.float_layers["attn"]
+    assert plan.sdpa_calls == {}  # the SDPA call inside a float MultiheadAttention is its own, not planned
     assert "add_bias_kv" in plan.summary() and type(net.attn) is nn.MultiheadAttention
     skipped = plan_and_apply(MhaNet(2), x[:1], QATConfig(skip=("attn",)))
     assert skipped.float_layers["attn"] == "kept in float by `skip`" and skipped.attention_layers == {}
