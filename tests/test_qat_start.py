@@ -6,6 +6,8 @@ does at ``start_epoch``; a failed start leaves the model float. Real export chai
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -153,8 +155,11 @@ def test_documented_dotted_paths_resolve() -> None:
     paths = {m for t in texts if t.exists() for m in re.findall(r"lightning_ncnnqat(?:\.\w+)+(?=\()", t.read_text())}
     assert paths
     for path in sorted(paths):
-        obj = lightning_ncnnqat
-        for part in path.split(".")[1:]:
+        parts = path.split(".")
+        # the longest importable module prefix (the docs' `import` line), then attributes
+        k = max(i for i in range(1, len(parts)) if importlib.util.find_spec(".".join(parts[:i])) is not None)
+        obj = importlib.import_module(".".join(parts[:k]))
+        for part in parts[k:]:
             assert hasattr(obj, part), f"{path}: {part!r} is not an attribute of {obj!r}"
             obj = getattr(obj, part)
         assert callable(obj), path
