@@ -225,3 +225,18 @@ def test_transformer_encoder_layer_eval_fast_path_stays_off() -> None:
     assert (fast - before).abs().max() > 1e-5
     unprepare(net)
     assert not net[1].self_attn._forward_pre_hooks
+
+
+def test_skip_naming_an_sdpa_module_keeps_every_sdpa_call_float() -> None:
+    torch.manual_seed(10)
+    net, x = SdpaNet(), torch.randn(2, 3, 8, 8)
+    plan = plan_and_apply(net, x[:1], QATConfig(skip=("block",)))
+    assert plan.sdpa_calls == {} and "all together" in plan.float_layers["block:sdpa"]
+    assert plan.gemm_layers == {"block.qkv": 3, "block.proj": 3}  # `skip` names the module, not its children
+    t = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        q, k, v = net.block.qkv_heads(t)
+        o = F.scaled_dot_product_attention(q, k, v)  # float SDPA between the int8 Gemms
+        want = net.block.proj(o.transpose(1, 2).reshape(t.shape))
+        torch.testing.assert_close(net.block(t), want, rtol=0, atol=0)
+        assert (sdpa_int8(q, k, v) - o).abs().max() > 1e-6  # the int8 call would differ

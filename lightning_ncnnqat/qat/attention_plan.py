@@ -14,8 +14,8 @@ int8"). So QAT trains them as ncnn computes them:
   :func:`~lightning_ncnnqat.ops.attention_reference.sdpa_int8_ste` instead: the plan records the
   innermost module making the calls (``QATPlan.sdpa_calls``), which gets a pair of forward hooks
   that turn a ``TorchFunctionMode`` on for its forward. The calls are all int8 or all float (the
-  export tells ncnn's SDPA layers apart by nothing but their order); ``dropout_p`` is not applied
-  (ncnn has no dropout).
+  export tells ncnn's SDPA layers apart by nothing but their order): ``skip`` naming a calling
+  module keeps them all float; ``dropout_p`` is not applied (ncnn has no dropout).
 """
 
 from __future__ import annotations
@@ -115,6 +115,11 @@ def plan_attention(
         return {}, {}
     with export_form(model):
         sdpa, kpm = _count_forward(model, args, kwargs)
+    skipped = [n for n in sdpa if any(fnmatch.fnmatchcase(n, pat) for pat in config.skip)]
+    if skipped:  # ncnn's SDPA layers are told apart by order only: all int8 or all float
+        why = f"kept in float by `skip` ({', '.join(skipped)}); a model's SDPA calls are int8 all together or not at all"
+        floats.update({f"{n or '(model)'}:sdpa": why for n in sdpa})
+        sdpa = {}
     attention: dict[str, str] = {}
     for name, m in mhas.items():
         floats.pop(f"{name}.out_proj" if name else "out_proj", None)
