@@ -11,9 +11,13 @@ the x86/ARM requantize applies types 1-6 (``src/layer/x86/requantize_x86.cpp``,
 every conv before them dequantizes to float and every conv after them quantizes again.
 
 :func:`swap_activations` replaces such activation MODULES in place, before ``prepare_qat`` /
-QAT start, so the QAT epochs fine-tune the network to its new activations. Activations called
-as functions (``F.silu(x)``, ``x * torch.sigmoid(x)``) cannot be swapped by module surgery; they
-are counted (``SwapReport.functional``) from one traced forward and named, never changed.
+QAT start, so the QAT epochs fine-tune the network to its new activations. A module is matched
+by what it computes (``qat.activation_kinds.activation_kind``: yolov5's ``x * torch.sigmoid(x)``
+module, an ``nn.SiLU`` subclass, a Swish with ``beta`` = 1, a tanh-form GELU), not by its class
+name. Activations computed inline in a bigger forward (``F.silu(x)``, ``x * torch.sigmoid(x)``)
+cannot be swapped by module surgery; they are found in one traced forward
+(``activation_kinds.functional_forms``), counted (``SwapReport.functional``) and named with
+their source line (``SwapReport.where``), never changed.
 
 ``QATConfig(chain_activations=...)`` is the one switch for QAT: :func:`apply_chain_activations`
 swaps at QAT start and wherever the plan is applied again (a checkpoint restored into a fresh
@@ -24,16 +28,15 @@ and ncnn's requantize applies it (activation_type 6).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from lightning_ncnnqat.qat.activation_kinds import BREAKING_KINDS, KIND_CLASS, activation_kind, functional_forms
 from lightning_ncnnqat.qat.batches import as_call
+from lightning_ncnnqat.qat.graph import trace_call
 from lightning_ncnnqat.qat.wrappers import unwrap
 
 #: Module activations that break int8 chains in ncnn -> the chained activation they become.
@@ -52,8 +55,6 @@ CHAIN_TARGETS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU, "hardswish": nn.Hardswish,
 }
 
-#: Functional activations that break chains (counted, not swapped).
-_FUNCTIONAL_BREAKERS: dict[Callable, str] = {F.silu: "F.silu", F.gelu: "F.gelu", F.hardswish: "F.hardswish"}
 
 
 @dataclass
@@ -62,7 +63,9 @@ class SwapReport:
 
     swapped: dict[str, tuple[str, str]] = field(default_factory=dict)
     not_inplace: list[str] = field(default_factory=list)  # in-place modules after a swap, set inplace=False
-    functional: dict[str, int] = field(default_factory=dict)  # functional breakers seen in a forward -> calls
+    functional: dict[str, int] = field(default_factory=dict)  # inline breaker form ("F.silu", "x * sigmoid(x)") -> calls
+    where: dict[str, list[str]] = field(default_factory=dict)  # the same forms -> their source lines
+    kept: dict[str, str] = field(default_factory=dict)  # breaker modules not swapped (no target for their kind) -> kind
     # (parent, attribute, module it held) for every replaced slot and (module, old inplace) flags: what restore() puts back
     _undo: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list, repr=False)
     _inplace: list[tuple[nn.Module, bool]] = field(default_factory=list, repr=False)
@@ -78,14 +81,18 @@ class SwapReport:
 
     def summary(self) -> str:
         lines = [f"swapped {len(self.swapped)} activation module(s)"]
-        by_kind: dict[tuple[str, str], int] = {}
-        for pair in self.swapped.values():
-            by_kind[pair] = by_kind.get(pair, 0) + 1
-        lines += [f"  {old} -> {new}: {n}" for (old, new), n in sorted(by_kind.items())]
+        by_kind: dict[tuple[str, str], list[str]] = {}
+        for name, pair in self.swapped.items():
+            by_kind.setdefault(pair, []).append(name)
+        lines += [f"  {old} -> {new}: {len(ns)} ({', '.join(ns[:6])}{', ...' if len(ns) > 6 else ''})"
+                  for (old, new), ns in sorted(by_kind.items())]
         if self.not_inplace:
             lines.append(f"set inplace=False (they would overwrite a swapped activation's output): {', '.join(self.not_inplace)}")
+        if self.kept:
+            lines.append("not swapped (no swap for their kind): " + ", ".join(f"{n} ({k})" for n, k in self.kept.items()))
         if self.functional:
-            calls = ", ".join(f"{k} x{v}" for k, v in sorted(self.functional.items()))
+            calls = ", ".join(f"{k} x{v}" + (f" ({'; '.join(self.where[k])})" if self.where.get(k) else "")
+                              for k, v in sorted(self.functional.items()))
             lines.append(f"not swapped (functional calls in forward; replace them in the code): {calls}")
         return "\n".join(lines)
 
@@ -101,51 +108,20 @@ def _check_swaps(swaps: Mapping[Any, Any]) -> None:
             raise TypeError(f"swap_activations: {new.__name__} must be constructible without arguments ({e})") from e
 
 
-class _CountFunctional(TorchFunctionMode):
-    """Counts breaker calls made outside activation modules (``inside`` > 0: within one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
-        self.inside = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        name = _FUNCTIONAL_BREAKERS.get(func)
-        if name is not None and self.inside == 0:
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-_ACTIVATION_MODULES = (nn.SiLU, nn.GELU, nn.Hardswish)
-
-
 def functional_breakers(model: nn.Module, example_input: Any) -> dict[str, int]:
-    """Calls of chain-breaking functional activations (F.silu, F.gelu, F.hardswish) made in one
-    eval forward of ``model`` on ``example_input`` outside SiLU/GELU/Hardswish modules (no grad;
-    the model's training flag is restored)."""
-    was_training = model.training
-    mode = _CountFunctional()
+    """Chain-breaking activations computed inline (``F.silu``, ``F.gelu``, ``x * sigmoid(x)``...)
+    in one eval forward of ``model`` on ``example_input``, outside activation modules: form ->
+    count (no grad; the model's training flag is restored). See :func:`functional_breaker_lines`."""
+    return {k: len(v) for k, v in functional_breaker_lines(model, example_input).items()}
 
-    def enter(*_: Any) -> None:
-        mode.inside += 1
 
-    def leave(*_: Any) -> None:
-        mode.inside -= 1
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, _ACTIVATION_MODULES):
-            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-    try:
-        model.eval()
-        with torch.no_grad(), mode:
-            args, kwargs = as_call(example_input)
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return mode.calls
+def functional_breaker_lines(model: nn.Module, example_input: Any) -> dict[str, list[str]]:
+    """As :func:`functional_breakers`, each form -> the source line of every call."""
+    args, kwargs = as_call(example_input)
+    out: dict[str, list[str]] = {}
+    for form in functional_forms(trace_call(model, args, kwargs, training=False)):
+        out.setdefault(form.form, []).append(form.where)
+    return out
 
 
 def _no_inplace_after(parent: nn.Module, child_name: str, parent_name: str, report: SwapReport) -> None:
@@ -171,11 +147,14 @@ def swap_activations(
     """Replace activation modules of ``model`` in place: ``swaps`` maps an exact class to the
     class put in its place (default :data:`DEFAULT_SWAPS`: SiLU, GELU, Hardswish -> ReLU).
 
-    Matching is by exact class (a subclass of SiLU is left alone). A module instance used at
+    A module is matched by exact class, or else by what it computes
+    (:func:`~lightning_ncnnqat.qat.activation_kinds.activation_kind`): a module computing SiLU
+    takes the ``nn.SiLU`` entry's target, GELU ``nn.GELU``'s, HardSwish ``nn.Hardswish``'s; a
+    SiLU / GELU module with no target is named in ``SwapReport.kept``. A module instance used at
     several places is replaced by one new instance everywhere. Call it before ``prepare_qat``
     (or QAT start) so the QAT fine-tuning trains the network with its new activations; the
     float accuracy drops until it has. ``example_input`` (optional) also counts functional
-    breakers (``SwapReport.functional``), which are NOT swapped. A module with ``inplace=True``
+    breakers (``SwapReport.functional``, lines in ``SwapReport.where``), which are NOT swapped. A module with ``inplace=True``
     right after a swapped activation in a Sequential is set to ``inplace=False``
     (``SwapReport.not_inplace``); in-place ops in a forward's code cannot be seen here.
 
@@ -187,23 +166,41 @@ def swap_activations(
     _check_swaps(swaps)
     report = SwapReport()
     replaced: dict[int, nn.Module] = {}
+    kinds: dict[int, str | None] = {}  # id(module) -> activation_kind, probed once per instance
     for parent_name, parent in list(model.named_modules()):
         # _modules, not named_children(): the latter hides a second name of the same child
         for child_name, child in list(parent._modules.items()):
-            if child is None or type(child) not in swaps:
+            if child is None:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            target = _target(child, swaps, kinds)
+            if target is None or type(child) is target:
+                if kinds.get(id(child)) in BREAKING_KINDS and type(child) is not target:
+                    report.kept[full] = kinds[id(child)]
                 continue
             new = replaced.get(id(child))
             if new is None:
-                new = swaps[type(child)]()
+                new = target()
                 replaced[id(child)] = new
             report._undo.append((parent, child_name, child))
             setattr(parent, child_name, new)
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
             report.swapped[full] = (type(child).__name__, type(new).__name__)
             _no_inplace_after(parent, child_name, parent_name, report)
     if example_input is not None:
-        report.functional = functional_breakers(model, example_input)
+        report.where = functional_breaker_lines(model, example_input)
+        report.functional = {k: len(v) for k, v in report.where.items()}
     return report
+
+
+def _target(child: nn.Module, swaps: Mapping[type[nn.Module], type[nn.Module]],
+            kinds: dict[int, str | None]) -> type[nn.Module] | None:
+    """The class ``child`` becomes: its exact class's entry, else its computed kind's class's entry."""
+    if type(child) in swaps:
+        return swaps[type(child)]
+    if id(child) not in kinds:
+        kinds[id(child)] = activation_kind(child)
+    kind = kinds[id(child)]
+    return swaps.get(KIND_CLASS[kind]) if kind is not None else None
 
 
 def chain_swaps(chain_activations: str) -> dict[type[nn.Module], type[nn.Module]]:

@@ -10,6 +10,8 @@ are traced too. Tensors are identified by object and version (an in-place op mak
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ class Node:
     inputs: list[int] = field(default_factory=list)  # value ids
     outputs: list[int] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    where: str = ""  # a function call's source line in the user's code ("file.py:12 in forward")
 
 
 @dataclass
@@ -103,8 +106,17 @@ class _Recorder(TorchFunctionMode):
             outs = _tensors(out)
             if outs:  # shape/size/dim queries produce no tensor and are not data flow
                 node = self.begin(getattr(func, "__name__", str(func)), None, _tensors((args, kwargs)))
+                node.where = _caller()
                 self.end(node, outs)
         return out
+
+
+def _caller() -> str:
+    """``file.py:line in function`` of the first frame outside torch and this module (the user's forward)."""
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename == __file__ or f"{os.sep}torch{os.sep}" in f.f_code.co_filename):
+        f = f.f_back
+    return "" if f is None else f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} in {f.f_code.co_name}"
 
 
 def _is_leaf(m: nn.Module) -> bool:

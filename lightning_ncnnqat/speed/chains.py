@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_ncnnqat.qat.activation_kinds import BREAKING_KINDS, activation_kind, functional_forms
 from lightning_ncnnqat.qat.activation_swap import CHAINED, chain_swap, chain_swaps
 from lightning_ncnnqat.qat.batches import as_call
 from lightning_ncnnqat.qat.bn_fold import is_bn_like
@@ -56,11 +57,18 @@ class PredictedChains:
 
 
 def _activation(module: nn.Module | None, name: str, renamed: Mapping[str, str]) -> str | None:
-    """``"fused"``, the class name of a chain-breaking activation, or None (not an activation)."""
-    cls_name = renamed.get(name, type(module).__name__ if module is not None else "")
-    if cls_name in _CHAINED_BY_NAME or (name not in renamed and isinstance(module, CHAINED)):
+    """``"fused"``, the kind of a chain-breaking activation, or None (not an activation). A
+    module is judged by what it computes (``activation_kind``: a yolov5 ``x * sigmoid(x)``
+    module is SiLU, a HardSwish form is folded), else by its class."""
+    if name in renamed:
+        return "fused" if renamed[name] in _CHAINED_BY_NAME else renamed[name]
+    kind = activation_kind(module)
+    if kind is not None:
+        return kind if kind in BREAKING_KINDS else "fused"
+    if isinstance(module, CHAINED):
         return "fused"
-    if cls_name in ("SiLU", "GELU", "Hardswish", "Mish", "ELU", "SELU", "PReLU", "Hardsigmoid", "Tanh", "Softplus"):
+    cls_name = type(module).__name__ if module is not None else ""
+    if cls_name in ("Mish", "ELU", "SELU", "PReLU", "Hardsigmoid", "Tanh", "Softplus"):
         return cls_name
     return None
 
@@ -159,20 +167,30 @@ class ChainStart:
                     f"in int8 (requantize) after chain_activations={self.chain_activations!r} swapped {_names(kinds)}")
             if after.breakers:
                 text += f"; still broken by {_names(after.breakers)}"
-        elif before.breakers:
-            text += (f"; {_names(before.breakers)} break chains: QATConfig(chain_activations='relu' or 'hardswish') "
-                     "swaps them at QAT start (docs/speed.md)")
-        functional = {f"F.{n.target}": 0 for n in self.flow.nodes if n.module is None and n.target in _FUNCTIONAL}
-        for n in self.flow.nodes:
-            if n.module is None and n.target in _FUNCTIONAL:
-                functional[f"F.{n.target}"] += 1
-        if functional and self.chain_activations != "off":
-            text += f"; functional calls not swapped: {_names(functional)}"
+        elif self.chain_activations == "off":
+            found = before.breakers or self._module_breakers()
+            if found:
+                text += (f"; {_names(found)} break chains: QATConfig(chain_activations='relu' or 'hardswish') "
+                         "swaps them at QAT start (docs/speed.md)")
+        forms = functional_forms(self.flow)
+        if forms:
+            lines: dict[str, list[str]] = {}
+            for f in forms:
+                lines.setdefault(f"{f.form} [{f.kind}]" if f.form[:2] != "F." else f.form, []).append(f.where)
+            named = ", ".join(f"{k} x{len(w)} at {'; '.join(sorted(set(w)))}" for k, w in sorted(lines.items()))
+            text += f"; functional calls not swapped (replace them in the code): {named}"
         plan.notes[NOTE_KEY] = text
         log(f"int8 chains: {text}")
 
-
-_FUNCTIONAL = ("silu", "gelu")  # F.hardswish is folded by the export: it chains
+    def _module_breakers(self) -> dict[str, int]:
+        """Chain-breaking activation modules anywhere in the traced forward (by kind, each module once)."""
+        assert self.flow is not None
+        found: dict[str, int] = {}
+        for name in self.flow.calls:
+            kind = activation_kind(self.flow.module_calls(name)[0].module)
+            if kind in BREAKING_KINDS:
+                found[kind] = found.get(kind, 0) + 1
+        return found
 
 
 def _names(counts: Mapping[str, int]) -> str:
