@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ncnnqat import prepare_qat
+from lightning_ncnnqat import export, prepare_qat
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
 from lightning_ncnnqat.qat.fast_path import block_fast_paths, python_paths
 from lightning_ncnnqat.qat.prepare import unprepare
 
@@ -162,3 +163,36 @@ def test_lightning_validate_runs_the_qat_layers() -> None:
     trained_form = module(x).detach()
     assert validated.shape == (8, 10)
     assert torch.equal(validated, trained_form), float((validated - trained_form).abs().max())
+
+
+def test_whole_model_pickle_keeps_the_python_path(tmp_path) -> None:
+    """``torch.save`` of the whole prepared model (the pre-hook is a module-level function) loads
+    back with its encoder layers still on the Python path and the same eval output."""
+    model, x = _prepared("encoder_two_layers", seed=6)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False).eval()
+    assert _fused_ops(loaded, x) == set()
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_encoder_stack_exports_with_parity(tmp_path) -> None:
+    """A 2-layer nn.TransformerEncoder with a final norm converts (the pnnx trace of the float copy
+    has no fused op) and its int8 model agrees with the QAT model."""
+    model, x = _prepared("encoder_two_layers", seed=7)
+    report = export(model, tmp_path, x[:1], x, targets="x86", verbose=False, timing_runs=0)
+    assert report.ok, report.failures
+    assert report.int8_vs_qat is not None and report.int8_vs_qat.cosine > 0.999
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_pnnx_converts_a_float_encoder_layer_without_hooks() -> None:
+    """The pnnx step traces with the fast path off: a plain float encoder layer (no pre-hook, as in
+    any float copy) converts to ncnn's MultiHeadAttention, Gemm and LayerNorm layers (without the
+    switch the trace holds aten::_transformer_encoder_layer_fwd and pnnx stops)."""
+    torch.manual_seed(8)
+    model = Tokens(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)).eval()
+    result = convert_with_pnnx(model, torch.randn(1, 3, 16, 16))
+    types = {line.split()[0] for line in result.param_text.splitlines()[2:]}
+    assert {"MultiHeadAttention", "Gemm", "LayerNorm"} <= types, types
+    assert torch.backends.mha.get_fastpath_enabled()
