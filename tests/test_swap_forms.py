@@ -140,6 +140,24 @@ def test_inline_forms_are_named_with_their_line() -> None:
     assert kinds == [("SiLU", "x * sigmoid(x)"), ("GELU", "x * (1 + erf(...)) / 2")]
 
 
+class SigmoidChild(nn.Module):
+    """x * self.sig(x) with an nn.Sigmoid child: not a leaf, so named as an inline form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sig = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.sig(x)
+
+
+def test_form_through_a_sigmoid_module_is_named() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), SigmoidChild(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 4, 1))
+    rep = swap_activations(m, example_input=X1)
+    assert rep.swapped == {} and rep.functional == {"x * sigmoid(x)": 1}, rep.functional
+    assert rep.where["x * sigmoid(x)"][0].startswith("test_swap_forms.py:")
+
+
 class PoolNet(nn.Module):
     """Breakers that sit between a conv and a pooling (no int8 conv after them), plus an inline SiLU."""
 

@@ -110,6 +110,7 @@ _ARITH = frozenset(
 #: The nonlinearity that names the form's kind (x * tanh(softplus(x)), Mish, is not one: softplus
 #: is no elementwise arithmetic, so the walk stops there and the two sides have different roots).
 _MARKS = {"sigmoid": "SiLU", "sigmoid_": "SiLU", "erf": "GELU", "erf_": "GELU", "tanh": "GELU", "tanh_": "GELU"}
+_MARK_MODULES: dict[type, str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 _MULS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__"})
 _DIRECT = {"silu": "SiLU", "silu_": "SiLU", "gelu": "GELU"}
 _MAX_DEPTH = 10
@@ -122,13 +123,14 @@ def _root(flow: DataFlow, v: int, stops: set[int], depth: int = 0) -> tuple[int,
     if p is None or v in stops or depth >= _MAX_DEPTH:
         return v, frozenset()
     node = flow.nodes[p]
-    if node.module is not None or len(node.outputs) != 1 or not node.inputs or (
-            node.target not in _ARITH and node.target not in _MARKS):
+    # an nn.Sigmoid / nn.Tanh module (``x * self.sig(x)``) is the function it computes
+    target = _MARK_MODULES.get(type(node.module), "") if node.module is not None else node.target
+    if len(node.outputs) != 1 or not node.inputs or (target not in _ARITH and target not in _MARKS):
         return v, frozenset()
     roots = [_root(flow, i, stops, depth + 1) for i in node.inputs]
     if len({r for r, _ in roots}) != 1:
         return v, frozenset()
-    return roots[0][0], frozenset().union(*(ops for _, ops in roots)) | {node.target}
+    return roots[0][0], frozenset().union(*(ops for _, ops in roots)) | {target}
 
 
 def functional_forms(flow: DataFlow) -> list[FunctionalForm]:
