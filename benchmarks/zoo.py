@@ -79,6 +79,7 @@ EXTRA_MODELS: dict[str, tuple[str, int]] = {
     "yolov8n-seg": ("ultralytics", 320),
     "yolov8n-obb": ("ultralytics", 320),
     "yolo26n": ("ultralytics", 320),
+    "yolo11n": ("ultralytics", 320),  # C2PSA attention (issue 18)
 }
 ALL_MODELS = {**MODELS, **EXTRA_MODELS}
 
@@ -117,7 +118,7 @@ def build_model(name: str, source: str, workdir: Path) -> Any:
         SETTINGS.update({k: v for k, v in {**off, **dirs}.items() if k in SETTINGS})  # no telemetry, nothing in the repo
         from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
 
-        builders = {"yolov8n": DetectionModel, "yolov10n": DetectionModel, "yolo26n": DetectionModel,
+        builders = {"yolov8n": DetectionModel, "yolov10n": DetectionModel, "yolo26n": DetectionModel, "yolo11n": DetectionModel,
                     "yolov8n-pose": PoseModel, "yolov8n-seg": SegmentationModel, "yolov8n-obb": OBBModel,
                     "yolov8n-cls": ClassificationModel}
         if name in builders:

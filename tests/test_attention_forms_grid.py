@@ -75,6 +75,35 @@ class BiasedAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, -1, self.num_heads * self.val_dim))
 
 
+class LinearNorm(nn.Module):
+    """levit.LinearNorm: Linear, then BatchNorm1d over the tokens folded into the batch."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class NormedTokens(nn.Module):
+    """Stem -> tokens -> LinearNorm MLP with a residual -> biased attention over LinearNorm qkv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.ln1, self.ln2 = LinearNorm(16, 32), LinearNorm(32, 16)
+        self.attn = BiasedAttention(16, 2, 8, 4)
+        self.attn.qkv = LinearNorm(16, self.attn.qkv.out_features)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.ln2(nn.functional.hardswish(self.ln1(t)))
+        return self.head((t + self.attn(t)).mean(1))
+
+
 class LeVitish(nn.Module):
     """Conv stem -> 4x4 token grid -> biased attention -> attention downsample -> subsample -> head."""
 
@@ -140,3 +169,30 @@ def test_grid_forms_export_int8_sdpa_with_no_flagged_layer(tmp_path: Path) -> No
     param = NcnnParam.parse((tmp_path / "model.int8.param").read_text())
     assert [lay.get_int(18, 0) for lay in param.layers if lay.type == "SDPA"] == [2, 2]
     assert report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.999
+
+
+def test_linear_norm_form_converts_to_the_same_float_model() -> None:
+    """pnnx writes ``bn(x.flatten(0, 1)).reshape_as(x)`` with one token (then ncnn's SDPA never
+    returns); in the form, ncnn's float model computes what PyTorch does."""
+    import ncnn
+    import numpy as np
+
+    torch.manual_seed(11)
+    m = NormedTokens().train()
+    with torch.no_grad():
+        m(torch.randn(8, 3, 16, 16))  # BatchNorm statistics off their init
+    m.eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), export_form(m):
+        assert all(mod.__dict__.get(GRID_FORM_ATTR) for mod in (m.ln1, m.ln2, m.attn.qkv, m.attn))
+        want = m(x).numpy().ravel()
+        res = convert_with_pnnx(m, x)
+    net = ncnn.Net()
+    net.opt.num_threads, net.opt.use_packing_layout = 1, False
+    net.load_param_mem(res.param_text)
+    net.load_model_mem(res.bin_bytes)
+    ex = net.create_extractor()
+    ex.input("in0", ncnn.Mat(x[0].numpy()))
+    got = np.array(ex.extract("out0")[1]).ravel()
+    cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cos > 0.99999 and np.abs(got - want).max() < 1e-3 * np.abs(want).max(), (cos, got, want)

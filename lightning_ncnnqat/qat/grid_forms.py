@@ -6,6 +6,12 @@ grid and use two forms pnnx 20261020 cannot convert or cannot write as one ncnn 
 * a **strided subsample** of the grid, ``x.view(B, R, R, C)[:, ::s, ::s]`` (timm
   ``levit.Downsample``): pnnx has no strided slice on these axes. The same values are a 1x1 max
   pool with stride s on ``[B, C, R, R]`` (ncnn ``Pooling``): :func:`subsample_forward`.
+* a **Linear + BatchNorm1d over the tokens folded into the batch**,
+  ``bn(linear(x).flatten(0, 1)).reshape_as(...)`` (timm ``levit.LinearNorm``): pnnx takes the
+  merged ``B * N`` for the batch and writes the ``reshape_as`` back with one token (measured:
+  ``Reshape 0=256 1=1`` on levit_128s, then the next SDPA gets 1 query against a 196 x 196 mask and
+  ncnn's float run never returns). The same values are the BatchNorm1d on ``[B, C, N]``:
+  :func:`linear_norm_forward`.
 * **attention with a learned bias table**, ``softmax(q @ k^T * scale + B[:, idx]) @ v`` computed by
   hand (timm ``levit.Attention`` / ``AttentionDownsample``, q/k and v of different widths): it
   converts to float MatMul / Softmax layers. The same values are ONE
@@ -47,6 +53,17 @@ def subsample_forward(m: nn.Module, x: Tensor) -> Tensor:
     b, _, c = x.shape
     g = x.transpose(1, 2).reshape(b, c, r0, r1)
     return F.max_pool2d(g, kernel_size=1, stride=m.stride).flatten(2).transpose(1, 2)
+
+
+def is_linear_norm(m: nn.Module) -> bool:
+    """A ``linear`` (nn.Linear) then ``bn`` (BatchNorm1d) module, and nothing else with weights."""
+    return (isinstance(getattr(m, "linear", None), nn.Linear) and isinstance(getattr(m, "bn", None), nn.BatchNorm1d)
+            and {n for n, _ in m.named_children()} == {"linear", "bn"})
+
+
+def linear_norm_forward(m: nn.Module, x: Tensor) -> Tensor:
+    """``[B, N, C_in]`` -> ``[B, N, C_out]``: the BatchNorm1d over channels of ``[B, C, N]``."""
+    return m.bn(m.linear(x).transpose(1, 2)).transpose(1, 2)
 
 
 _ATTN = ("proj", "num_heads", "key_dim", "val_dim", "scale", "attention_biases", "attention_bias_idxs")
@@ -123,6 +140,9 @@ def enter_grid_form(m: nn.Module, stack: contextlib.ExitStack) -> bool:
     if is_subsample(m):
         r0, r1 = _resolution(m)  # type: ignore[misc]
         return stack.enter_context(_rewritten(m, subsample_forward, "1x1 max pool, stride s", r0 * r1, 4))
+    if is_linear_norm(m):
+        return stack.enter_context(_rewritten(m, linear_norm_forward, "BatchNorm1d on [B, C, N]", 5,
+                                              m.linear.in_features))
     if is_biased_attention(m):
         idx = m.attention_bias_idxs
         chs = _in_features(m)
