@@ -268,3 +268,15 @@ def test_submodules_load_as_attributes_and_old_ones_forward() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_every_module_is_on_the_room_map() -> None:
+    """DEVELOPERS.md's room map names every module of the package (by file name), so a newcomer
+    finds each concern there; a new module without a row fails here."""
+    text = (PKG.parent / "DEVELOPERS.md").read_text()
+    missing = sorted(
+        str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and p.name not in text
+        and not p.relative_to(PKG).parts[0] == "targets"  # release 0.1's forwarding package
+    )
+    assert missing == [], f"modules missing from DEVELOPERS.md's room map: {missing}"
