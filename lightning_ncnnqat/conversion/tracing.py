@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lightning_ncnnqat.qat.wrappers import eager_compiled
+from lightning_ncnnqat.qat.wrappers import eager_compiled, instance_attributes
 
 
 @contextlib.contextmanager
@@ -19,18 +19,8 @@ def traceable(model: nn.Module) -> Iterator[nn.Module]:
     it; Lightning's own ``to_torchscript`` sets ``_jit_is_scripting`` around tracing, which makes
     the property return None instead. We do the same on the (already copied) model.
     """
-    touched = []
-    for m in model.modules():
-        if hasattr(type(m), "_jit_is_scripting") or "_jit_is_scripting" in m.__dict__:
-            touched.append((m, m.__dict__.get("_jit_is_scripting", None)))
-            m._jit_is_scripting = True
-    try:
+    lightning = [m for m in model.modules() if hasattr(type(m), "_jit_is_scripting") or "_jit_is_scripting" in m.__dict__]
+    with instance_attributes([(m, "_jit_is_scripting", True) for m in lightning]):
         with warnings.catch_warnings(), eager_compiled(model):  # compiled submodules run as written
             warnings.simplefilter("ignore")
             yield model
-    finally:
-        for m, old in touched:
-            if old is None:
-                m.__dict__.pop("_jit_is_scripting", None)
-            else:
-                m._jit_is_scripting = old

@@ -22,7 +22,8 @@ captures or exports (a compiled graph skips hooks added after it compiled).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,18 +93,29 @@ def eager_compiled(model: nn.Module) -> Iterator[nn.Module]:
     if not compiled:
         yield model
         return
-    saved = [(m, m.__dict__.get("forward")) for m in compiled]
-    for m in compiled:
-        m.__dict__["forward"] = m._orig_mod.__call__
-    try:
+    with instance_attributes([(m, "forward", m._orig_mod.__call__) for m in compiled]):
         with torch.compiler.set_stance("force_eager"):
             yield model
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def instance_attributes(changes: Sequence[tuple[object, str, Any]]) -> Iterator[None]:
+    """Set ``obj.__dict__[name] = value`` for each ``(obj, name, value)`` for one ``with`` block,
+    then give each instance back what it held under that name (or nothing), even on error."""
+    saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name, _ in changes]
+    for obj, name, value in changes:
+        obj.__dict__[name] = value
+    try:
+        yield
     finally:
-        for m, fwd in saved:
-            if fwd is None:
-                m.__dict__.pop("forward", None)
+        for obj, name, old in reversed(saved):
+            if old is _ABSENT:
+                obj.__dict__.pop(name, None)
             else:
-                m.__dict__["forward"] = fwd
+                obj.__dict__[name] = old
 
 
 def is_wrapped(model: nn.Module) -> bool:
