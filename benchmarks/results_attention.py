@@ -6,9 +6,11 @@ q/k/v and projection Linears Gemms) -> each block's MLP as Linear on tokens (Gem
 LayerNorm and GELU stay float in ncnn. Trained float, then ``prepare_qat`` and QAT fine-tuning,
 then ``export`` to x86 and the emulated A53/A76 with report.json; prints the figures
 docs/results.md records: accuracy (PyTorch float / QAT, ncnn int8 on x86), int8 vs QAT cosine and
-top-1 per target, flagged layers, int8 vs float timing (the export report's).
+top-1 per target, flagged layers, int8 vs float timing (the export report's), and ncnn's own PTQ of
+the float model (pnnx, ncnn2table KL on 200 training images, ncnn2int8) where ``$NCNN_TOOLS`` holds
+the tools.
 
-    python benchmarks/results_attention.py [--dataset fashion_mnist|digits] [--out runs/attention]
+    NCNN_TOOLS=../shared/ncnn-tools python benchmarks/results_attention.py [--dataset fashion_mnist|digits] [--out runs/attention]
 
 Fashion-MNIST needs Debian's ``dataset-fashion-mnist``; without it use ``--dataset digits``.
 """
@@ -16,6 +18,7 @@ Fashion-MNIST needs Debian's ``dataset-fashion-mnist``; without it use ``--datas
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -31,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_data import load_splits  # noqa: E402
 
 from lightning_ncnnqat import export, prepare_qat  # noqa: E402
+from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8, run_ncnn2table  # noqa: E402
+from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx  # noqa: E402
 from lightning_ncnnqat.ncnn.isolated import run_ncnn  # noqa: E402
 
 DIM, TOKENS_SIDE = 32, 4
@@ -91,6 +96,29 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def _ncnn_acc(param: Path, bin_path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    got = run_ncnn(param, bin_path, {"in0": x.numpy()}, ["out0"], target="x86")
+    return float((np.asarray(got.outputs["out0"]).reshape(len(x), -1).argmax(1) == y.numpy()).mean())
+
+
+def _ptq(model: nn.Module, xtr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, out: Path) -> dict:
+    """ncnn's own PTQ of the float model: pnnx, ncnn2table (KL, 200 training images), ncnn2int8."""
+    tools = find_tools()
+    if tools is None:
+        return {"ptq": "ncnn tools not found"}
+    out.mkdir(parents=True, exist_ok=True)
+    res = convert_with_pnnx(model, xtr[:1])
+    (out / "f.param").write_text(res.param_text)
+    (out / "f.bin").write_bytes(res.bin_bytes)
+    run_ncnn2table(tools, out / "f.param", out / "f.bin", xtr[:200], "kl", out / "f.table")
+    run_ncnn2int8(tools, out / "f.param", out / "f.bin", out / "f.table", out / "i.param", out / "i.bin")
+    int8 = (out / "i.param").read_text()
+    return {"ncnn_fp32_x86_acc": _ncnn_acc(out / "f.param", out / "f.bin", xva, yva),
+            "ptq_kl_int8_x86_acc": _ncnn_acc(out / "i.param", out / "i.bin", xva, yva),
+            "ptq_int8_layers": {t: sum(1 for line in int8.splitlines() if line.startswith(t) and "18=2" in line)
+                                for t in ("MultiHeadAttention", "SDPA", "Gemm")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="digits", choices=("fashion_mnist", "digits"))
@@ -108,6 +136,7 @@ def main() -> None:
     model = AttnNet()
     _fit(model, xtr, s.y_train, a.float_epochs, 3e-3, 0)
     float_acc = _acc(model, xva, s.y_val)
+    ptq = _ptq(copy.deepcopy(model), xtr, xva, s.y_val, Path(a.out) / "ptq")
     plan = prepare_qat(model, xtr[:1])
     print(plan.summary())
     _fit(model, xtr, s.y_train, a.qat_epochs, 5e-4, 1)
@@ -120,6 +149,7 @@ def main() -> None:
         "data": s.note + " (resized to 16x16)", "float_acc": float_acc, "qat_acc": qat_acc, "ncnn_int8_x86_acc": int8_acc,
         "int8_layers": {"attention": plan.attention_layers, "sdpa": plan.sdpa_calls, "gemm": list(plan.gemm_layers),
                         "table": list(plan.layers)},
+        **ptq,
         "flagged": report.flagged_layers,
         "int8_vs_qat": {t: {k: report.runtime[t]["int8_vs_qat"].get(k) for k in ("cosine", "top1_agreement")}
                         for t in a.targets if t in report.runtime},
