@@ -171,7 +171,7 @@ def test_grid_forms_export_int8_sdpa_with_no_flagged_layer(tmp_path: Path) -> No
     assert report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.999
 
 
-def test_linear_norm_form_converts_to_the_same_float_model() -> None:
+def test_linear_norm_form_converts_to_the_same_float_model(tmp_path: Path) -> None:
     """pnnx writes ``bn(x.flatten(0, 1)).reshape_as(x)`` with one token (then ncnn's SDPA never
     returns); in the form, ncnn's float model computes what PyTorch does."""
     import ncnn
@@ -187,12 +187,15 @@ def test_linear_norm_form_converts_to_the_same_float_model() -> None:
         assert all(mod.__dict__.get(GRID_FORM_ATTR) for mod in (m.ln1, m.ln2, m.attn.qkv, m.attn))
         want = m(x).numpy().ravel()
         res = convert_with_pnnx(m, x)
+    (tmp_path / "f.param").write_text(res.param_text)
+    (tmp_path / "f.bin").write_bytes(res.bin_bytes)
     net = ncnn.Net()
     net.opt.num_threads, net.opt.use_packing_layout = 1, False
-    net.load_param_mem(res.param_text)
-    net.load_model_mem(res.bin_bytes)
+    net.load_param(str(tmp_path / "f.param"))
+    net.load_model(str(tmp_path / "f.bin"))
     ex = net.create_extractor()
-    ex.input("in0", ncnn.Mat(x[0].numpy()))
+    image = x[0].numpy().copy()  # ncnn.Mat shares this memory: it must outlive the extraction
+    ex.input("in0", ncnn.Mat(image))
     got = np.array(ex.extract("out0")[1]).ravel()
     cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
     assert cos > 0.99999 and np.abs(got - want).max() < 1e-3 * np.abs(want).max(), (cos, got, want)
