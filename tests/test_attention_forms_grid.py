@@ -199,3 +199,28 @@ def test_linear_norm_form_converts_to_the_same_float_model(tmp_path: Path) -> No
     got = np.array(ex.extract("out0")[1]).ravel()
     cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
     assert cos > 0.99999 and np.abs(got - want).max() < 1e-3 * np.abs(want).max(), (cos, got, want)
+
+
+def test_attention_by_hand_trains_as_its_int8_sdpa_and_unprepare_restores_it() -> None:
+    """The plan runs LeViT's attention as ncnn's int8 SDPA (its export form); training runs the
+    same form, so QAT trains what ncnn runs. ``unprepare`` gives back the module's own forward."""
+    from lightning_ncnnqat.qat.prepare import unprepare
+    from lightning_ncnnqat.qat.training_forms import TRAIN_FORM
+
+    torch.manual_seed(12)
+    m, x = LeVitish(), torch.randn(4, 3, 16, 16)
+    t = m.stem(x).flatten(2).transpose(1, 2).detach()
+    with torch.no_grad():
+        float_out = m.attn(t)
+    plan = prepare_qat(m, x[:1])
+    assert set(plan.sdpa_calls) == {"attn", "down"} and m.attn.__dict__.get(TRAIN_FORM)
+    m.train()
+    y = m.attn(t)
+    y.square().mean().backward()
+    assert m.attn.attention_biases.grad is not None and m.attn.attention_biases.grad.abs().sum() > 0
+    diff = (y.detach() - float_out).abs().max()
+    assert 0 < diff < 0.05 * float_out.abs().max(), diff  # int8 SDPA values: close to float, not equal
+    unprepare(m)
+    assert "forward" not in m.attn.__dict__ and TRAIN_FORM not in m.attn.__dict__
+    with torch.no_grad():
+        assert torch.allclose(m.attn(t), float_out, atol=1e-6)

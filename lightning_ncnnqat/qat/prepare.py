@@ -36,6 +36,7 @@ from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.qat.export_form import drop_unexported, export_form
 from lightning_ncnnqat.qat.attention_plan import apply_attention, plan_attention, unprepare_attention
+from lightning_ncnnqat.qat.training_forms import apply_training_forms, remove_training_forms
 from lightning_ncnnqat.qat.fast_path import block_fast_paths, restore_fast_paths
 from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, classify_gemm, split_gemm, unprepare_gemm
 from lightning_ncnnqat.qat.graph import DataFlow, trace_call
@@ -269,6 +270,7 @@ def apply_plan(model: nn.Module, plan: QATPlan) -> None:
             set_stats_live(bn, plan.config.freeze_bn_after > 0)  # statistics train until frozen
     apply_gemm(modules, plan)
     apply_attention(model, modules, plan)
+    apply_training_forms(model, modules, plan)  # SDPA calls only in the export form train in it
     block_fast_paths(model)  # eval under no_grad runs the QAT children, not torch's fused op
     model.__dict__[PLAN_ATTR] = plan
     install_plan_hooks(model)
@@ -311,6 +313,7 @@ def unprepare(model: nn.Module) -> nn.Module:
             unfold_bn(modules[p.bn], inner.training)
     unprepare_gemm(modules, plan)
     unprepare_attention(inner, modules, plan)
+    remove_training_forms(inner)
     restore_fast_paths(inner)
     del inner.__dict__[PLAN_ATTR]
     return model
