@@ -7,6 +7,11 @@ The issue's slower mobile families include ``shufflenet_v2_x0_5`` and ``mnasnet0
 ``torchvision.models.list_models()`` knows to the zoo's table (3x224x224), then runs
 ``deploy_speed.main`` unchanged with the same arguments: the same build, QAT steps, export and
 interleaved timing as every other zoo row.
+
+``googlenet`` is built without its auxiliary heads (``aux_logits=False``): with them, torchvision's
+GoogLeNet returns ``GoogLeNetOutputs`` in train mode and deploy_speed's QAT steps (cross-entropy
+on the output) fail with AttributeError; the heads are training-only (eval returns the logits
+alone), so the deployed graph is the same.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ def register(names: list[str]) -> list[str]:
     return added
 
 
+def build_model(name: str, source: str, workdir: Path):  # noqa: ANN201 - an nn.Module
+    """The zoo's builder, except googlenet without its training-only auxiliary heads."""
+    if name == "googlenet" and source == "torchvision":
+        return torchvision.models.get_model("googlenet", weights=None, aux_logits=False, init_weights=True)
+    return _zoo_build(name, source, workdir)
+
+
+_zoo_build = zoo.build_model
+
+
 def _zoo_names(argv: list[str]) -> list[str]:
     names, on = [], False
     for tok in argv:
@@ -52,4 +67,5 @@ def _zoo_names(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     args = sys.argv[1:]
     register(_zoo_names(args))
+    zoo.build_model = build_model
     sys.exit(deploy_speed.main(args))
