@@ -21,7 +21,7 @@ the trace is dropped by ONNX but crashes pnnx 20260526 (exit -11).
   numerically): its forward without the 5-D ``qkv.unbind`` pnnx cannot convert
   (``qat.attention_forms``), and MobileViT-style blocks without patches folded into the batch
   axis (``qat.patch_forms``), LeViT-style token-grid subsampling and bias-table attention
-  (``qat.grid_forms``);
+  (``qat.grid_forms``), ultralytics' feature-map ``Attention`` as one SDPA (``qat.conv_attention_forms``);
 * every module that defines ``ncnn_export_form()`` (the user hook, for any model family): it
   returns a context manager, entered here and exited on restore. Such a module gets only its
   hook, not the duck-typed settings.
@@ -47,6 +47,7 @@ from torch import nn
 
 from lightning_ncnnqat.errors import UnsupportedModelError
 from lightning_ncnnqat.qat.attention_forms import enter_attention_form
+from lightning_ncnnqat.qat.conv_attention_forms import enter_conv_attention_form
 from lightning_ncnnqat.qat.grid_forms import enter_grid_form
 from lightning_ncnnqat.qat.patch_forms import enter_patch_form
 from lightning_ncnnqat.qat.graph import DataFlow
@@ -163,7 +164,8 @@ def export_form(model: nn.Module) -> Iterator[nn.Module]:
                 if not hook and not is_export_head(m):
                     # MobileViT blocks without patches in the batch axis; fused-qkv attention without 5-D tensors
                     # LeViT token grids: strided subsample, attention with a bias table (qat.grid_forms)
-                    if enter_patch_form(m, stack) or enter_attention_form(m, stack) or enter_grid_form(m, stack):
+                    if (enter_patch_form(m, stack) or enter_attention_form(m, stack) or enter_grid_form(m, stack)
+                            or enter_conv_attention_form(m, stack)):  # ultralytics' Attention as one SDPA
                         touched.append((m, None))
                         m.__dict__[_ACTIVE] = True
                     continue

@@ -1,6 +1,6 @@
 """Modules whose int8 SDPA exists only in their export form train in that form.
 
-``qat.grid_forms`` rewrites LeViT-style attention (computed by hand: ``softmax(q @ k^T * s + bias)
+``qat.grid_forms`` / ``qat.conv_attention_forms`` rewrite LeViT / ultralytics attention (computed by hand: ``softmax(q @ k^T * s + bias)
 @ v``) as one ``F.scaled_dot_product_attention`` for the plan and the export, so the plan
 records its SDPA call (``QATPlan.sdpa_calls``) and the export writes it as ncnn's int8 SDPA. The
 module's own forward never calls SDPA, so without this QAT would train that attention in float
@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_ncnnqat.qat.conv_attention_forms import conv_attention_forward, is_conv_attention
 from lightning_ncnnqat.qat.grid_forms import biased_attention_forward, is_biased_attention
 
 TRAIN_FORM = "_ncnnqat_training_form"
@@ -24,12 +25,14 @@ TRAIN_FORM = "_ncnnqat_training_form"
 
 def apply_training_forms(model: nn.Module, modules: dict[str, nn.Module], plan: Any) -> list[str]:
     """Install the SDPA form on every module of ``plan.sdpa_calls`` that computes attention by
-    hand (``is_biased_attention``) and has no forward of its own instance; the names installed."""
+    hand (LeViT's ``is_biased_attention``, ultralytics' ``is_conv_attention``) and has no forward of its own instance; the names installed."""
     done = []
     for name in plan.sdpa_calls:
         m = modules[name] if name else model
-        if is_biased_attention(m) and "forward" not in m.__dict__:
-            m.__dict__["forward"] = types.MethodType(biased_attention_forward, m)  # deepcopy rebinds
+        form = biased_attention_forward if is_biased_attention(m) else (
+            conv_attention_forward if is_conv_attention(m) else None)
+        if form is not None and "forward" not in m.__dict__:
+            m.__dict__["forward"] = types.MethodType(form, m)  # deepcopy rebinds
             m.__dict__[TRAIN_FORM] = True
             done.append(name)
     return done
