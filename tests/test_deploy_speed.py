@@ -80,6 +80,17 @@ def test_time_models_interleaved_stats(exports: dict[str, Path]) -> None:
     assert judge(t["int8"], t["float"]) in ("faster", "slower", "tie")
 
 
+def test_time_models_with_paths_relative_to_the_callers_folder(exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export folder given relative (``ExportConfig(dir="out")``) is timed: the child runs
+    elsewhere, so the model's paths are resolved against the caller's folder."""
+    d = exports["relu"]
+    monkeypatch.chdir(d.parent)
+    f, q = whole_models(Path(d.name), threads=1)
+    rel = ModelToTime("rel", str(Path(d.name) / "model.int8.param"), str(Path(d.name) / "model.int8.bin"), q.inputs, q.extract)
+    assert Path(rel.param).is_absolute() and Path(rel.param).exists()
+    assert time_models([f, rel], runs=2, warmup=0)["rel"].runs == 2
+
+
 def test_time_models_threads_and_errors(exports: dict[str, Path], tmp_path: Path) -> None:
     f, q = whole_models(exports["relu6_1ch"], threads=2)
     assert f.inputs == {"in0": [1, 12, 12]} and q.options == {"num_threads": 2}

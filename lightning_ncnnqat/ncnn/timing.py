@@ -81,6 +81,12 @@ class ModelToTime:
     options: dict[str, Any] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the timing child runs in its own temporary folder: relative paths are made absolute
+        # here, against the caller's working directory
+        self.param, self.bin = os.path.abspath(self.param), os.path.abspath(self.bin)
+        self.data = {blob: os.path.abspath(path) for blob, path in self.data.items()}
+
 
 def _run_worker(job: dict, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ncnnqat_speed_") as tmp:
