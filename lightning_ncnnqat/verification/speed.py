@@ -91,7 +91,7 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
     t = report.get("timing") or {}
     out = ["## Speed", ""]
     if not t.get("float32_ms") or not t.get("int8_ms"):
-        out.append("Not measured by the export (timing_runs=0).")
+        out.append("Not measured by the export: `timing_runs=0`, or the timing failed (report.json's notes say which).")
     else:
         target = t.get("target", HOST)
         line = (f"- **{target}** ({t.get('machine', 'this machine')}): float {t['float32_ms']:.3f} ms, int8 "
