@@ -20,6 +20,8 @@ from lightning_ncnnqat.start import start_qat
 from lightning_ncnnqat.speed.decide import speed_check
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
 from lightning_ncnnqat.export.config import ExportConfig
+from lightning_ncnnqat.export.preflight import check_export_dir
+from lightning_ncnnqat.preprocessing import find_preprocessing
 from lightning_ncnnqat.callbacks._settings import export_config, qat_config, split_old
 from lightning_ncnnqat.callbacks._export import export_at_fit_end, export_path, preflight_measure
 from lightning_ncnnqat.callbacks._restore import install_restore_hook
@@ -184,12 +186,10 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         elif stage == "fit" and self.preflight and self.export_dir is not None:
             path = self._export_path(trainer)
 
-            def check() -> None:
-                from lightning_ncnnqat.export.preflight import check_export_dir
-
-                check_export_dir(path)
-
-            on_rank_zero(trainer, "export_dir check", check)
+            on_rank_zero(trainer, "export_dir check", lambda: check_export_dir(path))
+        if stage == "fit" and self.export_dir is not None:
+            # the preprocessing DEPLOY.md will state, read now: a bad one fails before training
+            find_preprocessing(self.preprocessing, getattr(trainer, "datamodule", None), pl_module)
 
     def _install_restore_hook(self, pl_module: Any) -> None:
         install_restore_hook(self, pl_module)
