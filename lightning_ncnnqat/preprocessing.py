@@ -21,9 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from lightning_ncnnqat.errors import ConfigError
+
 #: Channel orders the model may expect, and the ncnn pixel type that produces each from pixels
 #: already in that order (``ncnn::Mat::PIXEL_RGB`` ...).
 CHANNEL_ORDERS = {"RGB": ("PIXEL_RGB", 3), "BGR": ("PIXEL_BGR", 3), "GRAY": ("PIXEL_GRAY", 1)}
+
+
+def _bad(message: str) -> ConfigError:
+    """A preprocessing setting that cannot work (a ValueError, naming the field and the value)."""
+    return ConfigError(message, argument="preprocessing")
 
 
 @dataclass(frozen=True)
@@ -55,25 +62,26 @@ class Preprocessing:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         if self.channel_order not in CHANNEL_ORDERS:
-            raise ValueError(
+            raise _bad(
                 f"Preprocessing: `channel_order` must be one of {sorted(CHANNEL_ORDERS)}, got {self.channel_order!r}"
             )
         channels = CHANNEL_ORDERS[self.channel_order][1]
         for name, vals in (("mean", mean), ("std", std)):
             if len(vals) != channels:
-                raise ValueError(
+                raise _bad(
                     f"Preprocessing: `{name}` needs {channels} value(s) for channel_order {self.channel_order!r}, "
                     f"got {len(vals)}: {list(vals)}"
+                    + ("; a 1-channel input takes channel_order='GRAY'" if len(vals) == 1 else "")
                 )
         for c, s in enumerate(std):
             if not s > 0:
-                raise ValueError(f"Preprocessing: `std[{c}]` must be > 0, got {s!r}")
+                raise _bad(f"Preprocessing: `std[{c}]` must be > 0, got {s!r}")
         try:
             rng = float(self.input_range)
         except (TypeError, ValueError):
-            raise ValueError(f"Preprocessing: `input_range` must be a number, got {self.input_range!r}") from None
+            raise _bad(f"Preprocessing: `input_range` must be a number, got {self.input_range!r}") from None
         if not (math.isfinite(rng) and rng > 0):
-            raise ValueError(f"Preprocessing: `input_range` must be a finite number > 0, got {self.input_range!r}")
+            raise _bad(f"Preprocessing: `input_range` must be a finite number > 0, got {self.input_range!r}")
         object.__setattr__(self, "input_range", rng)
 
     # ---- ncnn's terms
@@ -104,7 +112,7 @@ class Preprocessing:
         if p.ndim == 2:
             p = p[:, :, None]
         if p.ndim != 3 or p.shape[2] != self.channels:
-            raise ValueError(
+            raise _bad(
                 f"Preprocessing.normalize: pixels must be HxWx{self.channels}, got shape {tuple(np.shape(pixels))}"
             )
         x = p.astype(np.float32).transpose(2, 0, 1) * np.float32(self.input_range / 255.0)
@@ -130,14 +138,14 @@ class Preprocessing:
         if isinstance(d, Preprocessing):
             return d
         if not isinstance(d, dict):
-            raise ValueError(f"Preprocessing.from_dict: expected a dict, got {type(d).__name__}")
+            raise _bad(f"Preprocessing.from_dict: expected a dict, got {type(d).__name__}")
         known = {"mean", "std", "input_range", "channel_order", "ncnn"}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Preprocessing.from_dict: unknown key(s) {unknown} (known: {sorted(known)})")
+            raise _bad(f"Preprocessing.from_dict: unknown key(s) {unknown} (known: {sorted(known)})")
         missing = [k for k in ("mean", "std") if k not in d]
         if missing:
-            raise ValueError(f"Preprocessing.from_dict: missing key(s) {missing}")
+            raise _bad(f"Preprocessing.from_dict: missing key(s) {missing}")
         return cls(
             tuple(d["mean"]), tuple(d["std"]), d.get("input_range", 1.0), d.get("channel_order", "RGB")
         )
@@ -149,12 +157,12 @@ def _floats(name: str, vals: Any) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in vals)
     except (TypeError, ValueError):
-        raise ValueError(f"Preprocessing: `{name}` must be a sequence of numbers, got {vals!r}") from None
+        raise _bad(f"Preprocessing: `{name}` must be a sequence of numbers, got {vals!r}") from None
     if not out:
-        raise ValueError(f"Preprocessing: `{name}` is empty")
+        raise _bad(f"Preprocessing: `{name}` is empty")
     for c, v in enumerate(out):
         if not math.isfinite(v):
-            raise ValueError(f"Preprocessing: `{name}[{c}]` must be finite, got {v!r}")
+            raise _bad(f"Preprocessing: `{name}[{c}]` must be finite, got {v!r}")
     return out
 
 
