@@ -12,6 +12,9 @@ from lightning_ncnnqat.policy import Finding, output_failing
 from lightning_ncnnqat.verification.layer_checks import LayerCheck
 from lightning_ncnnqat.verification.parity import Agreement
 
+#: ncnn layer types whose int8 input is quantized per row at run time (no table scale)
+DYNAMIC_INPUT_TYPES = frozenset({"Gemm", "MultiHeadAttention", "SDPA"})
+
 
 @dataclass
 class LayerReport:
@@ -153,9 +156,12 @@ class ExportReport:
                     verdict = "not judged (its ncnn input is garbage from upstream)"
                 else:
                     verdict = f"ok (cos {c.isolated_cosine:.5f})" if c.ok else f"WRONG (cos {c.isolated_cosine:.3f})"
+                # Gemm / MultiHeadAttention / SDPA quantize their inputs per row at run time:
+                # no fixed input scale exists (report.json holds 0 for them)
+                scale = "dynamic" if r.input_scale == 0 and r.kind in DYNAMIC_INPUT_TYPES else f"{r.input_scale:.6g}"
                 out.append(
                     f"  {r.torch_name:<{w}}  {r.ncnn_name or '-':<{wn}}  {r.kind:<20} {r.weight_bits:>4}  "
-                    f"{r.input_scale:<12.6g} {r.num_weight_scales:>6}  {verdict}"
+                    f"{scale:<12} {r.num_weight_scales:>6}  {verdict}"
                 )
         out += [f"  float: {f['name']}: {f['reason']}" for f in self.float_layers]
         return out
