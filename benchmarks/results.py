@@ -20,7 +20,7 @@ Per backbone (cached in ``--out``, so re-runs with other variants re-use the flo
 4. the package's ``calibrate`` with the same method on the same inputs: its table (written as
    ncnn2table prints it) compared with the tool's, and its int8 model (through ncnn2int8);
 5. QAT: the float model fine-tuned ``--ft-epochs`` at ``--ft-lr`` with
-   ``QATCallback(start_epoch=0, **variant)`` for each ``--variants`` entry, exported; its int8
+   ``QATCallback(start_epoch=0, config=QATConfig(...), export=ExportConfig(...))`` (the variant's fields split between them) for each ``--variants`` entry, exported; its int8
    model's accuracy on x86 and, on the first ``--arm-samples`` images, on the emulated
    Cortex-A53 / A76 (``python -m lightning_ncnnqat setup-arm``); int8 and float32 ms/img on x86.
 
@@ -40,8 +40,8 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -63,7 +63,7 @@ from benchmarks.results_merge import load_runs  # noqa: E402
 from benchmarks.results_ptq import ModelResult, float_ncnn, ncnn_accuracy, run_ptq, tools_present  # noqa: E402
 from benchmarks.results_table import FT, paired_stats, render, seed_label, targets  # noqa: E402
 from examples.cifar10 import CIFARClassifier  # noqa: E402
-from lightning_ncnnqat import QATCallback  # noqa: E402
+from lightning_ncnnqat import ExportConfig, QATCallback, QATConfig  # noqa: E402
 from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError  # noqa: E402
 
 DEFAULT_VARIANTS = [
@@ -90,10 +90,15 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kw
 
 
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def unsupported(kw: dict[str, Any]) -> list[str]:
-    """QATCallback keywords this checkout does not have (a variant that needs them is skipped)."""
-    params = inspect.signature(QATCallback.__init__).parameters
-    return [k for k in kw if k not in params]
+    """Variant keywords that are neither QATConfig nor ExportConfig fields in this checkout (a
+    variant that needs them is skipped)."""
+    known = _fields(QATConfig) | _fields(ExportConfig)
+    return [k for k in kw if k not in known]
 
 
 def _trainer(args: argparse.Namespace, epochs: int, root: Path, callbacks: list) -> L.Trainer:
@@ -224,9 +229,10 @@ def _run_variant(args: argparse.Namespace, backbone: str, name: str, kw: dict[st
         return
     export_dir = work / f"qat_{name}{tag}"
     try:
-        opts = {"preflight": args.preflight, **kw}
-        cb = QATCallback(start_epoch=0, export_dir=str(export_dir), targets=["x86"], verbose=False,
-                         held_batch_size=64, **opts)
+        export_kw = {"dir": str(export_dir), "targets": ["x86"], "held_batch_size": 64, "preflight": args.preflight}
+        export_kw.update({k: v for k, v in kw.items() if k in _fields(ExportConfig)})
+        config = QATConfig(**{k: v for k, v in kw.items() if k in _fields(QATConfig)})
+        cb = QATCallback(start_epoch=0, config=config, export=ExportConfig(**export_kw), verbose=False)
         qm, timing[seed_label(f"{label} s", seed, seeds)] = finetune(
             args, backbone, fm, dm, work / f"qat_{name}{tag}_run", [cb], seed)
     except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
