@@ -63,11 +63,6 @@ def int8_layer_loses(float_ms: float, int8_ms: float) -> bool:
     return int8_ms > 0 and float_ms / int8_ms < 1 - SPEED_LAYER_MARGIN
 
 
-def int8_layer_wins(float_ms: float, int8_ms: float) -> bool:
-    """Whether an int8 layer timed alone wins clearly over its float twin (beyond the margin)."""
-    return int8_ms > 0 and float_ms / int8_ms > 1 + SPEED_LAYER_MARGIN
-
-
 def keep_float_pays(gain: float, current_speedup: float, saved_ms: float, current_diff_ms: float | None = None) -> bool:
     """Whether an int8 model with more layers float should replace the current one: it runs
     ``gain`` times as fast as the current one (``saved_ms`` less per inference), which runs

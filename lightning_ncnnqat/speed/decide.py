@@ -230,20 +230,13 @@ def layers_to_keep_float(layers: dict[str, LayerSpeed]) -> list[str]:
 
 
 def _candidates(layers: dict[str, LayerSpeed]) -> list[list[str]]:
-    """Sets of layers to try float in the whole model: the clear losers, then every layer that
-    does not clearly win alone (for a model whose clear losers kept float still lose to float:
-    layers within the margin each, losing together). A set holding every int8 layer would leave
-    QAT nothing to quantize: its best layer stays int8 then."""
+    """Sets of layers to try float in the whole model: the clear losers. A set holding every int8
+    layer would leave QAT nothing to quantize: its best layer stays int8 then."""
     clear = layers_to_keep_float(layers)
-    wide = [s.name for s in layers.values() if not policy.int8_layer_wins(s.float_ms, s.int8_ms)]
-    sets: list[list[str]] = []
-    for c in (clear, wide):
-        if c and len(c) == len(layers):
-            best = max(c, key=lambda n: layers[n].ratio)
-            c = [n for n in c if n != best]
-        if c and c not in sets:
-            sets.append(c)
-    return sets
+    if clear and len(clear) == len(layers):
+        best = max(clear, key=lambda n: layers[n].ratio)
+        clear = [n for n in clear if n != best]
+    return [clear] if clear else []
 
 
 def _variant(d: Path, keep: set[str], float_weights: str) -> tuple[str, bytes]:
