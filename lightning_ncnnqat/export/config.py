@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
-from lightning_ncnnqat.errors import ConfigError, ConfigTypeError, NcnnQatError
+from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
 from lightning_ncnnqat.ncnn.int8_writer import FLOAT_WEIGHTS
 from lightning_ncnnqat.ncnn.isolated import HOST
 from lightning_ncnnqat.ncnn.targets import PROFILES, available_targets
@@ -211,9 +211,7 @@ def _preprocessing(value: Any) -> Optional[Preprocessing]:
         )
     try:
         return Preprocessing.from_dict(dict(value))
-    except NcnnQatError:
-        raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # Preprocessing's own ConfigErrors too: one wording here
         raise ConfigError(f"`preprocessing`: {e}", argument="preprocessing", value=value) from None
 
 
