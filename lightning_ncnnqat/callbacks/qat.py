@@ -18,7 +18,7 @@ from lightning_ncnnqat.qat.prepare import check_skip
 from lightning_ncnnqat.qat.ranges import LearnedRanges, check_one_input
 from lightning_ncnnqat.start import start_qat
 from lightning_ncnnqat.speed.decide import speed_check
-from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
+from lightning_ncnnqat.errors import ConfigError, ConfigTypeError, show
 from lightning_ncnnqat.export.config import ExportConfig
 from lightning_ncnnqat.export.preflight import check_export_dir
 from lightning_ncnnqat.preprocessing import find_preprocessing
@@ -106,7 +106,7 @@ class QATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             except TypeError as exc:
                 raise ConfigTypeError(f"`example_input`: {exc}", argument="example_input") from None
             if not any(isinstance(v, Tensor) for v in (*args, *kwargs.values())):
-                raise ConfigTypeError(f"`example_input` holds no Tensor: {example_input!r}", argument="example_input")
+                raise ConfigTypeError(f"`example_input` holds no Tensor: {show(example_input)}", argument="example_input")
         if not isinstance(verbose, bool):
             raise ConfigTypeError(f"`verbose` must be a bool, got {verbose!r}", argument="verbose", value=verbose)
         old_qat, old_export = split_old(deprecated)
