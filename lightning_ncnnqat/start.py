@@ -30,6 +30,7 @@ from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.speed.decide import SpeedCheck, keep_slow_layers_float, speed_check
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.export.api import resolve_targets
+from lightning_ncnnqat.export.attention_fusion import find_converter_units
 from lightning_ncnnqat.export.preflight import preflight
 from lightning_ncnnqat.qat.plan import QATPlan, get_plan
 from lightning_ncnnqat.qat.model_copies import follow_inner_copies
@@ -134,6 +135,7 @@ def start_qat(
     check_one_input(model, config, who)
     chains = ChainStart.begin(model, example_input, config.chain_activations)  # counts int8 chains (apply_plan swaps)
     try:
+        find_converter_units(model, example_input)  # Linears pnnx fuses into one MultiHeadAttention: planned as it
         plan = plan_and_apply(model, example_input, config)
         if config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
             _calibrate(model, config, calibration, run_once, log, warn)

@@ -3,7 +3,9 @@
 A planned ``nn.MultiheadAttention`` is found among pnnx's ``MultiHeadAttention`` layers by its
 weights (q/k/v/out equal to the trained ones, bit for bit: pnnx passes float32 weights through)
 and written int8 by ``ncnn/int8_attention.write_mha_int8``; its weight scales are then the ones
-the QAT forward used (both ``127 / absmax`` per row of the same float32 values). SDPA layers are
+the QAT forward used (both ``127 / absmax`` per row of the same float32 values). A unit of Linear
+layers pnnx fused into one MultiHeadAttention (``QATPlan.fused_attention``, ``qat/fused_attention.py``)
+is found and written the same way, by its parts' weights. SDPA layers are
 written int8 (18=2, as ncnn2int8 does) only when QAT trained the model's SDPA calls in int8, and
 then only when pnnx wrote as many SDPA layers as the plan counted calls; otherwise they stay float
 (a model QAT trained with float SDPA) and the report says so.
@@ -19,7 +21,8 @@ from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.ncnn.int8_attention import mha_weights
 from lightning_ncnnqat.ncnn.param import NcnnParam
-from lightning_ncnnqat.qat.attention import _weights as torch_mha_weights
+from lightning_ncnnqat.qat.attention import mha_module_weights
+from lightning_ncnnqat.qat.fused_attention import unit_weights
 from lightning_ncnnqat.qat.attention_plan import MHA_KIND
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.wrappers import unwrap
@@ -37,20 +40,31 @@ def _same(ncnn_w: dict[str, np.ndarray], torch_w: dict[str, torch.Tensor]) -> bo
     return True
 
 
-def match_mha(model: nn.Module, param: NcnnParam, bin_bytes: bytes) -> dict[str, str]:
-    """``{torch name: ncnn MultiHeadAttention name}`` of every MultiheadAttention the plan of
-    ``model`` runs in int8. Raises LayerError naming the layer when no ncnn layer, or more than
-    one, holds its weights (the converter wrote it as something else, or two layers share them)."""
+def _trained_mha(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``{label: weights}`` of every attention the plan of ``model`` trains as ncnn's int8
+    MultiHeadAttention: its ``nn.MultiheadAttention`` modules and the converter-fused units of Linear
+    layers (``QATPlan.fused_attention``, labelled as in the plan)."""
     plan = get_plan(model)
-    if plan is None or not plan.attention_layers:
+    if plan is None:
         return {}
     modules = dict(unwrap(model).named_modules())
+    out = {name: mha_module_weights(modules[name]) for name in plan.attention_layers}
+    out.update({label: unit_weights(modules, unit) for label, unit in plan.fused_attention.items()})
+    return out
+
+
+def match_mha(model: nn.Module, param: NcnnParam, bin_bytes: bytes) -> dict[str, str]:
+    """``{torch name: ncnn MultiHeadAttention name}`` of every attention the plan of ``model`` runs
+    in int8 (:func:`_trained_mha`). Raises LayerError naming the layer when no ncnn layer, or more
+    than one, holds its weights (the converter wrote it as something else, or two layers share them)."""
+    trained = _trained_mha(model)
+    if not trained:
+        return {}
     layout = locate(param.layers, bin_bytes)
     ncnn = {lay.name: mha_weights(lay, layout[i], bin_bytes) for i, lay in enumerate(param.layers)
             if lay.type == MHA_KIND}
     out: dict[str, str] = {}
-    for name in plan.attention_layers:
-        tw = torch_mha_weights(modules[name])
+    for name, tw in trained.items():
         hits = [n for n, w in ncnn.items() if _same(w, tw)]
         if len(hits) != 1:
             what = "no ncnn MultiHeadAttention holds its weights" if not hits else f"ncnn layers {hits} all hold its weights"
@@ -95,13 +109,15 @@ def attention_refs(model: nn.Module, mha: dict[str, str], param: NcnnParam, sdpa
     """The per-layer check entries of the attention layers written int8: each MultiheadAttention
     with the weights QAT trained, each SDPA (in the order of the graph, named after the module
     making the call: ``"<module>:sdpa<i>"``, which no module computes alone, so no chain figure)."""
+    plan = get_plan(model)
     modules = dict(unwrap(model).named_modules())
+    trained = _trained_mha(model)
     refs = []
     for t, n in mha.items():
-        w = {k: v.detach().float().cpu().clone() for k, v in torch_mha_weights(modules[t]).items()}
-        refs.append(AttentionRef(t, n, w, modules[t].num_heads))
+        w = {k: v.detach().float().cpu().clone() for k, v in trained[t].items()}
+        heads = plan.fused_attention[t]["heads"] if t in plan.fused_attention else modules[t].num_heads
+        refs.append(AttentionRef(t, n, w, heads))
     if sdpa:
-        plan = get_plan(model)
         labels = [f"{m or '(model)'}:sdpa{i}" for m, c in plan.sdpa_calls.items() for i in range(c)]
         layers = [lay.name for lay in param.layers if lay.type == "SDPA"]
         refs += [AttentionRef(label, n) for label, n in zip(labels, layers)]

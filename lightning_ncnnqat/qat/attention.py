@@ -26,8 +26,11 @@ def attention_unsupported(m: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def _weights(m: nn.MultiheadAttention) -> dict[str, Tensor]:
-    """The q/k/v/out weights and biases as ``mha_int8`` takes them (ncnn's layout)."""
+def mha_module_weights(m: nn.MultiheadAttention) -> dict[str, Tensor]:
+    """The q/k/v/out weights and biases of ``m`` as ``ops.attention_reference.mha_int8`` takes them
+    (ncnn's layout: ``in_proj_weight`` split in three rows blocks, or the separate q/k/v weights when
+    kdim/vdim differ; biases only where ``m`` has them). The module's own tensors (views), so the
+    QAT forward trains them and the export reads what was trained."""
     if m._qkv_same_embed_dim:
         wq, wk, wv = m.in_proj_weight.chunk(3)
     else:
@@ -81,7 +84,7 @@ class QATMultiheadAttention(nn.MultiheadAttention):
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         mask = _additive_mask(attn_mask, self.num_heads, query, is_causal, key.shape[1])
-        out = mha_int8_ste(query, key, value, _weights(self), self.num_heads, None, mask).to(query.dtype)
+        out = mha_int8_ste(query, key, value, mha_module_weights(self), self.num_heads, None, mask).to(query.dtype)
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None

@@ -21,6 +21,7 @@ int8"). So QAT trains them as ncnn computes them:
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,9 @@ from lightning_ncnnqat.qat.attention import attention_unsupported, to_qat_attent
 from lightning_ncnnqat.qat.computed_weights import restore_class
 from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.qat.export_form import export_form
+from lightning_ncnnqat.qat.fused_attention import (
+    CONVERTER_UNITS, FLOAT_TOL, apply_fused, unit_departure, unit_parts, unprepare_fused,
+)
 from lightning_ncnnqat.qat.graph import DataFlow
 from lightning_ncnnqat.qat.modules import ORIG_CLASS
 from lightning_ncnnqat.ops.attention_reference import sdpa_int8_ste
@@ -63,21 +67,43 @@ class _SdpaCounter(TorchFunctionMode):
     inside another function with torch-function handling (``F.multi_head_attention_forward``) runs
     with the mode off, so is not counted: pnnx writes that function as its own layer."""
 
-    def __init__(self, stack: list[str]) -> None:
+    def __init__(self, stack: list[str], open_units: set[str]) -> None:
         super().__init__()
-        self.stack, self.calls = stack, {}
+        self.stack, self.open, self.calls, self.absorbed = stack, open_units, {}, {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if getattr(func, "__name__", None) == SDPA_FN:
             where = self.stack[-1]
-            self.calls[where] = self.calls.get(where, 0) + 1
+            into = self.absorbed if self.open else self.calls  # inside a fused unit: no SDPA layer of its own
+            into[where] = into.get(where, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
-def _count_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, int], set[str]]:
-    """One eval, no-grad forward: SDPA calls per innermost calling module, and the names of the
-    MultiheadAttention modules called with a ``key_padding_mask``."""
-    stack, kpm, handles = [""], set(), []
+def _unit_hooks(modules: dict[str, nn.Module], units: dict[str, dict], open_units: set[str],
+                seen: dict[str, tuple[dict, Any]]) -> list:
+    """Hooks of the counting forward that keep each converter unit's q/k/v inputs and its output
+    (``seen``) and mark it open in between (``open_units``)."""
+    handles = []
+    for label, unit in units.items():
+        holder: dict[str, Tensor] = {}
+        for role in ("q", "k", "v"):
+            def keep(mod: nn.Module, a: tuple, role: str = role, holder: dict = holder, label: str = label) -> None:
+                holder[role] = a[0]
+                open_units.add(label)
+            handles.append(modules[unit[role][0]].register_forward_pre_hook(keep))
+
+        def close(mod: nn.Module, a: tuple, out: Any, holder: dict = holder, label: str = label) -> None:
+            open_units.discard(label)
+            seen[label] = (dict(holder), out)
+        handles.append(modules[unit["out"][0]].register_forward_hook(close))
+    return handles
+
+
+def _count_forward(model: nn.Module, args: tuple, kwargs: dict, units: dict[str, dict]) -> _Counted:
+    """One eval, no-grad forward: SDPA calls per innermost calling module (those inside a converter
+    unit apart), the MultiheadAttention modules called with a ``key_padding_mask``, and each
+    converter unit's inputs and output."""
+    stack, kpm, handles, open_units, seen = [""], set(), [], set(), {}
 
     def pre(mod: nn.Module, a: tuple, kw: dict, name: str) -> None:
         stack.append(name)
@@ -85,11 +111,13 @@ def _count_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[st
                                                         (len(a) > 3 and a[3] is not None)):
             kpm.add(name)
 
-    for n, m in model.named_modules():
+    modules = dict(model.named_modules())
+    for n, m in modules.items():
         if n:
             handles.append(m.register_forward_pre_hook(lambda mod, a, kw, n=n: pre(mod, a, kw, n), with_kwargs=True))
             handles.append(m.register_forward_hook(lambda *_: None if stack.pop() else None, always_call=True))
-    counter = _SdpaCounter(stack)
+    handles += _unit_hooks(modules, units, open_units, seen)
+    counter = _SdpaCounter(stack, open_units)
     was = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -100,21 +128,37 @@ def _count_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[st
             h.remove()
         for m, t in was.items():
             m.training = t
-    return counter.calls, kpm
+    return _Counted(counter.calls, kpm, counter.absorbed, seen)
+
+
+@dataclass
+class _Counted:
+    calls: dict[str, int]
+    kpm: set[str]
+    absorbed: dict[str, int]
+    seen: dict[str, tuple[dict, Any]]
 
 
 def plan_attention(
-    model: nn.Module, args: tuple, kwargs: dict, flow: DataFlow, config: QATConfig, floats: dict[str, str]
-) -> tuple[dict[str, str], dict[str, int]]:
-    """``(attention_layers, sdpa_calls)`` of the plan (see the module doc); every
+    model: nn.Module, args: tuple, kwargs: dict, flow: DataFlow, config: QATConfig, floats: dict[str, str],
+    gemm: dict[str, int] | None = None, layers: dict[str, Any] | None = None,
+) -> tuple[dict[str, str], dict[str, int], dict[str, dict[str, Any]]]:
+    """``(attention_layers, sdpa_calls, fused_attention)`` of the plan (see the module doc); every
     MultiheadAttention kept float goes to ``floats`` with its reason (in place), and its
-    ``out_proj`` (read as a weight, never called) leaves ``floats``. Runs one more eval forward
-    (in the deployed form, ``export_form``) only when the traced one holds attention."""
+    ``out_proj`` (read as a weight, never called) leaves ``floats``. The units the converter fuses
+    (:data:`~lightning_ncnnqat.qat.fused_attention.CONVERTER_UNITS`, found at the QAT start) take
+    their Linear parts out of ``gemm`` / ``layers`` (in place): int8 as one unit, or float with the
+    reason (:func:`_plan_units`). Runs one more eval forward (in the deployed form,
+    ``export_form``) only when the traced one holds attention or the converter made units."""
+    units = dict(model.__dict__.get(CONVERTER_UNITS) or {})
     mhas = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    if not mhas and not any(node.target == SDPA_FN for node in flow.nodes):
-        return {}, {}
+    if not mhas and not units and not any(node.target == SDPA_FN for node in flow.nodes):
+        return {}, {}, {}
     with export_form(model):
-        sdpa, kpm = _count_forward(model, args, kwargs)
+        counted = _count_forward(model, args, kwargs, units)
+    sdpa = counted.calls
+    fused = _plan_units(model, units, counted, config, floats, gemm if gemm is not None else {},
+                        layers if layers is not None else {})
     skipped = [n for n in sdpa if any(fnmatch.fnmatchcase(n, pat) for pat in config.skip)]
     if skipped:  # ncnn's SDPA layers are told apart by order only: all int8 or all float
         why = f"kept in float by `skip` ({', '.join(skipped)}); a model's SDPA calls are int8 all together or not at all"
@@ -123,12 +167,52 @@ def plan_attention(
     attention: dict[str, str] = {}
     for name, m in mhas.items():
         floats.pop(f"{name}.out_proj" if name else "out_proj", None)
-        why = _mha_float_reason(name, m, flow, config, kpm)
+        why = _mha_float_reason(name, m, flow, config, counted.kpm)
         if why is None:
             attention[name] = MHA_KIND
         else:
             floats[name] = why
-    return attention, sdpa
+    return attention, sdpa, fused
+
+
+def _unit_float_reason(label: str, unit: dict[str, Any], counted: _Counted, config: QATConfig,
+                       modules: dict[str, nn.Module]) -> str | None:
+    """Why converter unit ``label`` stays float (None: it trains as ncnn's int8 MultiHeadAttention)."""
+    parts = unit_parts(unit)
+    skipped = [n for n in parts if any(fnmatch.fnmatchcase(n, pat) for pat in config.skip)]
+    if skipped:
+        return f"kept in float by `skip` ({', '.join(skipped)}): the converter runs {', '.join(parts)} as one layer"
+    if unit.get("mask"):
+        return "the converter fused it with an attn_mask input, which QAT does not simulate for such a unit"
+    if label not in counted.seen:
+        return "its parts did not run as one unit in the eval forward"
+    holder, out = counted.seen[label]
+    err = unit_departure(modules, unit, holder, out) if isinstance(out, Tensor) else float("inf")
+    if not err <= FLOAT_TOL:
+        return (f"its float output departs from ncnn's MultiHeadAttention on the same inputs by {err:.2g} (relative; "
+                f"bar {FLOAT_TOL}): another layout, mask or head split than the converter assumed")
+    return None
+
+
+def _plan_units(model: nn.Module, units: dict[str, dict[str, Any]], counted: _Counted, config: QATConfig,
+                floats: dict[str, str], gemm: dict[str, int], layers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The converter units planned int8 (``QATPlan.fused_attention``); their parts leave ``gemm`` /
+    ``layers``, and go to ``floats`` (naming the unit and the reason) when the unit stays float."""
+    modules = dict(model.named_modules())
+    fused: dict[str, dict[str, Any]] = {}
+    for label, unit in units.items():
+        parts = unit_parts(unit)
+        why = unit.get("why") or _unit_float_reason(label, unit, counted, config, modules)
+        for n in parts:
+            gemm.pop(n, None)
+            layers.pop(n, None)
+            if why is not None:
+                floats[n] = f"the converter fuses {', '.join(parts)} into one MultiHeadAttention ('{unit['ncnn']}'); {why}"
+            else:
+                floats.pop(n, None)
+        if why is None:
+            fused[label] = unit
+    return fused
 
 
 def _sdpa_int8_call(
@@ -185,6 +269,7 @@ def apply_attention(model: nn.Module, modules: dict[str, nn.Module], plan: Any) 
             m.register_forward_hook(_sdpa_off, always_call=True)
             m.__dict__[_HOOKED] = True
         m.__dict__[_ON] = True
+    apply_fused(model, modules, getattr(plan, "fused_attention", {}))
 
 
 def unprepare_attention(model: nn.Module, modules: dict[str, nn.Module], plan: Any) -> None:
@@ -195,3 +280,4 @@ def unprepare_attention(model: nn.Module, modules: dict[str, nn.Module], plan: A
         restore_class(m, m.__dict__.pop(ORIG_CLASS, nn.MultiheadAttention))
     for name in plan.sdpa_calls:
         (modules[name] if name else model).__dict__.pop(_ON, None)
+    unprepare_fused(modules, getattr(plan, "fused_attention", {}))

@@ -48,6 +48,9 @@ class QATPlan:
     # ncnn's int8 SDPA (innermost calling module -> calls per forward; "" is the model itself)
     attention_layers: dict[str, str] = field(default_factory=dict)
     sdpa_calls: dict[str, int] = field(default_factory=dict)
+    # Linear layers the converter fuses into ONE MultiHeadAttention, trained as it (qat/fused_attention.py):
+    # unit label -> {"q"|"k"|"v"|"out": [module, row0, row1], "heads", "scale", "ncnn", "mask"}
+    fused_attention: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -59,7 +62,7 @@ class QATPlan:
         }
         if self.gemm_layers:  # plans without Gemm layers keep their earlier form
             d["gemm_layers"] = dict(self.gemm_layers)
-        for key in ("attention_layers", "sdpa_calls"):  # likewise: only when there are some
+        for key in ("attention_layers", "sdpa_calls", "fused_attention"):  # likewise: only when there are some
             if getattr(self, key):
                 d[key] = dict(getattr(self, key))
         return d
@@ -77,13 +80,16 @@ class QATPlan:
             gemm_layers={k: int(v) for k, v in d.get("gemm_layers", {}).items()},
             attention_layers={k: str(v) for k, v in d.get("attention_layers", {}).items()},
             sdpa_calls={k: int(v) for k, v in d.get("sdpa_calls", {}).items()},
+            fused_attention={k: dict(v) for k, v in d.get("fused_attention", {}).items()},
         )
 
     def summary(self) -> str:
         """A human-readable table of what runs in int8, what stays in float and why."""
-        n8 = len(self.layers) + len(self.gemm_layers) + len(self.attention_layers) + sum(self.sdpa_calls.values())
+        n8 = len(self.layers) + len(self.gemm_layers) + len(self.attention_layers) + sum(self.sdpa_calls.values()) \
+            + len(self.fused_attention)
         lines = [f"ncnn QAT: {n8} layers in int8, {len(self.float_layers)} kept in float"]
-        names = [*self.layers, *self.gemm_layers, *self.attention_layers, *self.sdpa_calls, *self.float_layers, *self.notes]
+        names = [*self.layers, *self.gemm_layers, *self.attention_layers, *self.sdpa_calls, *self.fused_attention,
+                 *self.float_layers, *self.notes]
         w = max([len(n) for n in names] + [5])
         lines.append(f"  {'layer':<{w}}  {'ncnn type':<20} {'w-bits':>6} {'scales':>6}  notes")
         for name, p in self.layers.items():
@@ -98,6 +104,9 @@ class QATPlan:
             lines.append(f"  {name:<{w}}  {'Gemm':<20} {8:>6} {1:>6}  {what}")
         for name, kind in self.attention_layers.items():
             lines.append(f"  {name:<{w}}  {kind:<20} {8:>6} {'rows':>6}  activations per row/tensor at run time")
+        for name, u in self.fused_attention.items():
+            parts = ", ".join(dict.fromkeys(u[r][0] for r in ("q", "k", "v", "out")))
+            lines.append(f"  {name:<{w}}  {'MultiHeadAttention':<20} {8:>6} {'rows':>6}  converter-fused unit of {parts}")
         for name, n in self.sdpa_calls.items():
             lines.append(f"  {name or '(model)':<{w}}  {'SDPA':<20} {'-':>6} {'-':>6}  {n} call(s), dynamic int8 at run time")
         for name, reason in self.float_layers.items():

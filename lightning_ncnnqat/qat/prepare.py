@@ -213,7 +213,8 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
             floats[name] = reason
     drop_unexported(flow, layers, floats)  # dead in the export form: the converters drop them
     gemm = split_gemm(layers, floats, modules, flow)  # no input range, no BN fold: a plan of their own
-    attention, sdpa = plan_attention(model, args, kwargs, flow, config, floats)  # MHA / SDPA: qat/attention_plan.py
+    # MHA / SDPA / converter-fused attention units (their Linear parts leave gemm/layers): qat/attention_plan.py
+    attention, sdpa, fused = plan_attention(model, args, kwargs, flow, config, floats, gemm, layers)
     for name in list(layers):
         bn, match, reason = _find_bn(name, modules[name], flow)
         if reason is not None:
@@ -231,7 +232,8 @@ def plan_qat(model: nn.Module, example_input: Any, config: QATConfig | None = No
     for name in sorted(layers, key=lambda n: flow.calls[n][0]):
         (call,) = flow.module_calls(name)
         layers[name].input_owner = owner_of_value.setdefault(call.inputs[0], name)
-    return QATPlan(layers, floats, config, notes=notes, gemm_layers=gemm, attention_layers=attention, sdpa_calls=sdpa)
+    return QATPlan(layers, floats, config, notes=notes, gemm_layers=gemm, attention_layers=attention, sdpa_calls=sdpa,
+                   fused_attention=fused)
 
 
 def apply_plan(model: nn.Module, plan: QATPlan) -> None:
@@ -280,7 +282,7 @@ def plan_and_apply(model: nn.Module, example_input: Any, config: QATConfig) -> Q
     """:func:`plan_qat` then :func:`apply_plan`; ValueError naming what was found if nothing can
     run in int8. The thresholds are left unset (the caller starts them)."""
     plan = plan_qat(model, example_input, config)
-    if not plan.layers and not plan.gemm_layers and not plan.attention_layers and not plan.sdpa_calls:
+    if not (plan.layers or plan.gemm_layers or plan.attention_layers or plan.sdpa_calls or plan.fused_attention):
         found = "; ".join(f"{n}: {r}" for n, r in plan.float_layers.items()) or "no Conv2d or Linear at all"
         raise ValueError(
             f"{type(unwrap(model)).__name__} has no layer ncnn can run in int8 (Conv2d, depthwise Conv2d, or "
