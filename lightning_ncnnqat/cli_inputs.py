@@ -312,7 +312,7 @@ def check_export_dir(path: str | Path) -> Path:
 #: ExportConfig fields the command takes, in --help order (``preflight`` is the callback's alone).
 EXPORT_FLAGS = (
     "dir", "targets", "float_weights", "preprocessing", "held_batch_size", "layer_check_samples", "timing_runs",
-    "timing_threads", "check_onnx", "opset", "target_time_limit_s",
+    "timing_threads", "check_onnx", "opset", "target_time_limit_s", "board_profile",
 )
 
 
@@ -340,6 +340,7 @@ _PARSE: dict[str, Any] = {
     "timing_threads": _number(int, True),
     "opset": _number(int, False),
     "target_time_limit_s": _number(float, True),
+    "board_profile": lambda t: None if t.strip().lower() == "none" else t,
 }
 
 _EXTRA_HELP = {

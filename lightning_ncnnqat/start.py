@@ -28,6 +28,7 @@ from torch import nn
 
 from lightning_ncnnqat.qat.config import QATConfig
 from lightning_ncnnqat.speed.decide import SpeedCheck, keep_slow_layers_float, speed_check
+from lightning_ncnnqat.speed.board_decision import keep_board_layers_float
 from lightning_ncnnqat.qat.model_forms import check_model_form
 from lightning_ncnnqat.export.api import resolve_targets
 from lightning_ncnnqat.export.attention_fusion import find_converter_units
@@ -139,17 +140,21 @@ def start_qat(
         plan = plan_and_apply(model, example_input, config)
         if config.calibrated_start:  # first, so the preflight measures the scales QAT starts from
             _calibrate(model, config, calibration, run_once, log, warn)
-        if measure is None:
+        if measure is None and config.board_profile is None:
             follow_inner_copies(model)  # an EMA held inside the model takes the plan too
             chains.note(model, plan, log)
             return plan
-        wrong = run_once("export preflight", lambda: measure(model, example_input))
+        wrong = run_once("export preflight", lambda: measure(model, example_input)) if measure else {}
         reasons = measured_float_reasons(model, wrong)
         if reasons:
             replan_as_float(model, example_input, reasons)
             kept = "; ".join(f"{n}: {r}" for n, r in reasons.items())
             log(f"measured at QAT start, kept in float before training: {kept}")
-        reasons.update(keep_slow_layers_float(model, example_input, speed, run_once, log, warn))  # int8 that pays
+        if config.board_profile is not None:  # the board decides; this machine's timing only reports
+            board = config.board_profile
+            reasons.update(keep_board_layers_float(model, example_input, board, speed, run_once, log, warn))
+        else:
+            reasons.update(keep_slow_layers_float(model, example_input, speed, run_once, log, warn))  # int8 that pays
         if reasons and config.calibrated_start:  # a new plan may have new range owners
             _calibrate(model, config, calibration, run_once, log, warn)
     except BaseException:  # undo, then re-raise: nothing is swallowed

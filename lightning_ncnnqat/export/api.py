@@ -35,6 +35,7 @@ from torch import nn
 from lightning_ncnnqat import policy
 from lightning_ncnnqat.errors import ConfigTypeError, ExportError
 from lightning_ncnnqat.export.config import ExportConfig, resolve_targets
+from lightning_ncnnqat.export.board_speed import board_speed
 from lightning_ncnnqat.export.deploy_kit import write_deploy_kit
 from lightning_ncnnqat.export.inputs import Prepared, fill_missing_ranges, prepare, validate_layers  # noqa: F401  (public here)
 from lightning_ncnnqat.export.ncnn_branch import ncnn_branch
@@ -107,6 +108,7 @@ def export(
             model32, cfg.dir, float32_example(example_input), held_batch, held_batch_source,
             verbose=verbose, check_onnx=cfg.check_onnx, opset=cfg.opset, checks=checks,
             preprocessing=find_preprocessing(cfg.preprocessing, unwrap(model)), float_weights=cfg.float_weights,
+            board_profile=cfg.board_profile,
         )
 
 
@@ -205,8 +207,10 @@ def _export(
     checks: Checks,
     preprocessing: Any = None,
     float_weights: str = "fp32",
+    board_profile: str | None = None,
 ) -> ExportReport:
-    """The export (see the module doc); ``checks`` says what runs once the int8 model is written."""
+    """The export (see the module doc); ``checks`` says what runs once the int8 model is written;
+    ``board_profile``: a board's figures added (:func:`.board_speed.board_speed`)."""
     checks, timing = split_timing(checks)  # float vs int8 timed interleaved below, and judged
     model = unwrap(model)
     example_input = _example(model, example_input)
@@ -219,6 +223,8 @@ def _export(
             run.attempt(lambda: onnx_branch(prepared, run.report, run.land, verbose, check_onnx, opset))
             run.attempt(lambda: ncnn_branch(prepared, run.report, run.land, run.dir, verbose, checks, float_weights))
             time_export(run.report, run.dir, prepared.held, **timing)  # verification.speed; never raises
+            if board_profile is not None and (run.dir / "model.int8.param").is_file():
+                run.attempt(lambda: board_speed(run.report, run.dir, board_profile))
     finally:
         model.train(was_training)
     return run.finish(checks, preprocessing)

@@ -20,6 +20,7 @@ from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
 from lightning_ncnnqat.ncnn.int8_writer import FLOAT_WEIGHTS
 from lightning_ncnnqat.ncnn.isolated import HOST
 from lightning_ncnnqat.ncnn.targets import PROFILES, available_targets
+from lightning_ncnnqat.ncnn.targets.profile import board_profile_argument
 from lightning_ncnnqat.preprocessing import Preprocessing
 
 DEFAULT_EXPORT_DIR = "ncnn_export"
@@ -123,6 +124,12 @@ class ExportConfig:
         target_time_limit_s: wall seconds all ncnn runs on ONE emulated ARM target may take
             (qemu runs a large model's checks slowly); once spent, that target's remaining
             checks are skipped with a warning naming it. None: no limit. x86 has none.
+        board_profile: path of a board profile (``python -m lightning_ncnnqat.ncnn.targets
+            profile`` run on the board on an export of this architecture): its int8 vs float
+            figures go into report.json (``board_profiles``), the summary and DEPLOY.md, judged
+            like this machine's, plainly when int8 does not pay on that board. Checked when the
+            config is made; a profile of another architecture fails the export's
+            ``board_profile`` step (the other files land). None: no board figures.
 
     Raises:
         ConfigError / ConfigTypeError: a field's value is wrong; the message and the error's
@@ -141,6 +148,7 @@ class ExportConfig:
     check_onnx: bool = True
     opset: int = 17
     target_time_limit_s: Optional[float] = 1800.0
+    board_profile: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dir, (str, os.PathLike)) or not os.fspath(self.dir):
@@ -169,6 +177,7 @@ class ExportConfig:
                 argument="target_time_limit_s", value=v,
             )
         object.__setattr__(self, "target_time_limit_s", None if v is None else float(v))
+        object.__setattr__(self, "board_profile", board_profile_argument(self.board_profile))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

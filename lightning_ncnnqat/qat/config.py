@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_ncnnqat.errors import ConfigError, ConfigTypeError
+from lightning_ncnnqat.ncnn.targets.profile import board_profile_argument
 from lightning_ncnnqat.policy.speed import PREFERS
 
 
@@ -72,6 +73,13 @@ class QATConfig:
             model is not slower than the float one on the measured target; ``"int8"``: every
             layer int8 anyway (timed and reported); ``"size"``: every layer int8, nothing timed
             (the smallest file). See :mod:`lightning_ncnnqat.speed.decide`.
+        board_profile: path of a board profile (``python -m lightning_ncnnqat.ncnn.targets profile
+            EXPORT_DIR -o board.json`` run on the board, on an export of this architecture at this
+            input size): ``prefer`` then decides for THAT board, from its per-layer int8 vs float
+            times, and the board decides even where this machine is timed too (x86 then only
+            reports). Read and checked when the config is made (ConfigError: missing, malformed or
+            emulated); a profile of another architecture is an error at QAT start, naming the
+            file. See ``docs/targets.md``.
     """
 
     momentum: float = 0.1
@@ -86,6 +94,7 @@ class QATConfig:
     chain_activations: str = "off"
     freeze_bn_after: int = 0
     prefer: str = "speed"
+    board_profile: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefer, str) or self.prefer not in PREFERS:
@@ -118,6 +127,7 @@ class QATConfig:
         if not isinstance(skip, Sequence) or not all(isinstance(s, str) and s for s in skip):
             raise ConfigTypeError(f"`skip` must be a list of non-empty module names or patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(skip))
+        object.__setattr__(self, "board_profile", board_profile_argument(self.board_profile))
         if not isinstance(self.chain_activations, str) or self.chain_activations not in CHAIN_ACTIVATIONS:
             raise ConfigError(f"`chain_activations` must be one of {CHAIN_ACTIVATIONS}, got {self.chain_activations!r}",
                               argument="chain_activations", value=self.chain_activations)
@@ -143,4 +153,11 @@ class QATConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QATConfig:
-        return cls(**{k: (tuple(v) if k == "skip" else v) for k, v in d.items()})
+        """The config :meth:`to_dict` gave (a checkpoint's plan). Its ``board_profile`` is kept as
+        recorded but not read again: the plan already holds what it decided, and the file may
+        not exist where the checkpoint is loaded."""
+        d = dict(d)
+        profile = d.pop("board_profile", None)
+        config = cls(**{k: (tuple(v) if k == "skip" else v) for k, v in d.items()})
+        object.__setattr__(config, "board_profile", profile)
+        return config

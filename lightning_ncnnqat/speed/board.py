@@ -20,11 +20,12 @@ __all__ = ["board_layer_speeds"]
 
 
 def board_layer_speeds(
-    profile: BoardProfile | str | Path, ncnn_names: Mapping[str, str], threads: int = 1
+    profile: BoardProfile | str | Path, ncnn_names: Mapping[str, str], threads: int = 1, *, allow_emulated: bool = False
 ) -> dict[str, LayerSpeed]:
     """torch module name -> its int8 and float ms on the board, for the layers of ``ncnn_names``
     (torch name -> ncnn layer name, the int8 layers of the plan) that the profile timed, in
-    ``ncnn_names``' order.
+    ``ncnn_names``' order. A layer the profiled int8 model ran in float has no int8 time there: it
+    is left out (``BoardProfile.float_in_int8``). ``allow_emulated``: tests of the mechanics only.
 
     Raises:
         EmulatedProfileError: the profile was measured under emulation (its times are not speeds).
@@ -32,7 +33,7 @@ def board_layer_speeds(
             of another architecture); the message names the file.
     """
     prof = profile if isinstance(profile, BoardProfile) else load_profile(profile)
-    timed = prof.layer_ms(threads)
+    timed = {n: t for n, t in prof.layer_ms(threads, allow_emulated=allow_emulated).items() if n not in prof.float_in_int8}
     kinds = {n: t for n, (t, _) in prof.times[threads]["int8"][1].items()}
     out = {
         t: LayerSpeed(t, timed[n][0], timed[n][1], kinds.get(n, ""))

@@ -76,6 +76,7 @@ class ExportReport:
     # agreements, layer_checks and flagged_layers (or "error")
     runtime: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
+    board_profiles: list[dict[str, Any]] = field(default_factory=list)  # ExportConfig.board_profile's figures
     sizes: dict[str, Any] = field(default_factory=dict)
     float_weights: str | None = None  # float layers' weights in model.int8.bin: "fp32" or "fp16" (ncnn2int8's)
     warnings: list[str] = field(default_factory=list)

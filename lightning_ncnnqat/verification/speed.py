@@ -22,6 +22,7 @@ import numpy as np
 from lightning_ncnnqat.ncnn.isolated import HOST, NcnnRuntimeError
 from lightning_ncnnqat.policy import speed as policy
 from lightning_ncnnqat.ncnn.machine import machine_info, machine_line
+from lightning_ncnnqat.ncnn.targets.profile import BOARD_SECTION, board_speed_lines
 from lightning_ncnnqat.ncnn.timing import ModelToTime, paired_speedup, time_models
 from lightning_ncnnqat.verification.verdicts import render
 
@@ -111,4 +112,6 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
                    "int8 against float on the device before choosing: `python board_profile.py EXPORT_DIR -o board.json` there "
                    "(lightning_ncnnqat/ncnn/targets/board_profile.py runs alone with ncnn + numpy), then `python -m "
                    "lightning_ncnnqat.ncnn.targets attach EXPORT_DIR board.json` here (docs/targets.md).")
+    if report.get("board_profiles"):  # ExportConfig(board_profile=...): the board's figures, judged
+        out += ["", BOARD_SECTION[0], *board_speed_lines(report["board_profiles"]), BOARD_SECTION[1]]
     return out + [""]

@@ -64,6 +64,28 @@ def layer_lines(param_text: str) -> list[tuple[str, str, list[str], list[str]]]:
     return out
 
 
+#: ncnn layer types -> the param id whose non-zero value makes them run in int8
+#: (``int8_scale_term``: param 8 of the convolutions and InnerProduct, 18 of Gemm and attention).
+_INT8_TERM = {"Convolution": 8, "ConvolutionDepthWise": 8, "Convolution1D": 8, "InnerProduct": 8,
+              "Gemm": 18, "MultiHeadAttention": 18, "SDPA": 18}  # fmt: skip
+
+
+def int8_layers(param_text: str) -> dict[str, bool]:
+    """Layer name -> whether it runs in int8 (its ``int8_scale_term`` is set), for the layer types
+    that have one; the int8 model keeps some of them float."""
+    out = {}
+    for line in param_text.splitlines()[2:]:
+        f = line.split()
+        if len(f) < 4 or f[0] not in _INT8_TERM:
+            continue
+        params = dict(kv.split("=", 1) for kv in f[4 + int(f[2]) + int(f[3]) :] if "=" in kv)
+        try:
+            out[f[1]] = int(params.get(str(_INT8_TERM[f[0]]), "0")) != 0
+        except ValueError:
+            out[f[1]] = False
+    return out
+
+
 def strip_fp32_mask(param_text: str) -> str:
     """The .param text without the float32-blob feature mask bits (other bits kept)."""
 
@@ -279,6 +301,7 @@ def profile(paths: list[str], inputs: list[str], runs: int, warmup: int, threads
     if stripped != texts["int8"]:
         variants.append(("int8_fp16_blobs", stripped, files["int8_bin"]))
     results: dict[str, dict] = {}
+    runs_int8 = int8_layers(texts["int8"])
     for n in counts:
         whole = time_models(variants, shapes, dtypes, n, runs, warmup)
         results[str(n)] = {
@@ -286,6 +309,9 @@ def profile(paths: list[str], inputs: list[str], runs: int, warmup: int, threads
                   "layers": time_layers(t, b, shapes, dtypes, n, runs, warmup) if layers and tag != "int8_fp16_blobs" else {}}
             for tag, t, b in variants
         }  # fmt: skip
+        for name, entry in results[str(n)]["int8"]["layers"].items():
+            if name in runs_int8:  # which layers the int8 model runs in int8: the reader needs it
+                entry["int8"] = runs_int8[name]
     evidence = emulation_evidence()
     return {
         "format": FORMAT, "version": VERSION, "label": label,

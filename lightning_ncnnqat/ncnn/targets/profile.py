@@ -5,21 +5,27 @@
 numbers: :meth:`BoardProfile.layer_ms` (ncnn layer name -> (int8 ms, float ms)) and
 :meth:`BoardProfile.model_ms`. A profile measured under emulation (qemu) loads, but asking it
 for speeds raises :class:`EmulatedProfileError`: emulated times say nothing about the device
-(``allow_emulated=True`` gives them to tests of the mechanics, never to a report).
+(``allow_emulated=True`` gives them to tests of the mechanics, never to a report;
+:func:`allow_emulated_profiles` lets a test hand such a profile to ``QATConfig(board_profile=)``).
+:func:`check_architecture` says whether a profile timed the layers of a given float model.
 
 Standard library only (and the package's error types); no torch, no ncnn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ncnnqat.errors import NcnnQatError
+import os
+
+from lightning_ncnnqat.errors import ConfigError, ConfigTypeError, NcnnQatError
 
 #: What :mod:`.board_profile` writes (kept equal to its FORMAT / VERSION; a test checks it).
 FORMAT = "lightning_ncnnqat.board_profile"
@@ -35,6 +41,26 @@ class ProfileError(NcnnQatError, ValueError):
 
 class EmulatedProfileError(ProfileError):
     """Speeds asked of a profile measured under emulation: its times are not the device's."""
+
+
+_ALLOW_EMULATED = [0]
+
+
+@contextlib.contextmanager
+def allow_emulated_profiles() -> Iterator[None]:
+    """Inside this block ``QATConfig(board_profile=)``, ``ExportConfig(board_profile=)`` and the QAT
+    start accept a profile measured under emulation: for TESTS of the mechanics (the emulated ARM
+    targets), never for a decision that matters; every line that shows its times says EMULATED."""
+    _ALLOW_EMULATED[0] += 1
+    try:
+        yield
+    finally:
+        _ALLOW_EMULATED[0] -= 1
+
+
+def emulated_allowed() -> bool:
+    """Whether :func:`allow_emulated_profiles` is active."""
+    return _ALLOW_EMULATED[0] > 0
 
 
 def _fail(path: Path, where: str, msg: str, value: Any = None) -> ProfileError:
@@ -68,6 +94,10 @@ class BoardProfile:
     threads: tuple[int, ...]
     times: dict[int, dict[str, tuple[float, dict[str, tuple[str, float]]]]] = field(repr=False)
     models: dict = field(default_factory=dict)
+    runs: int = 0  # timed runs per median on the board (0: not recorded)
+    #: layers the profiled int8 model ran in float (its ``int8`` flags): their "int8" time is a float time
+    float_in_int8: frozenset[str] = frozenset()
+    inputs: dict = field(default_factory=dict)  # input blob -> shape it was timed at (no batch dim)
 
     def describe(self) -> str:
         """One line naming the device: label, board, CPU parts, core count, ncnn version."""
@@ -131,7 +161,14 @@ def _variant(path: Path, v: Any, where: str) -> tuple[float, dict[str, tuple[str
     for name, e in layers.items():
         lw = f"{where}.layers.{name}"
         out[name] = (str(_get(path, e, "type", f"{lw}.type", str)), _ms(path, f"{lw}.ms", _get(path, e, "ms", f"{lw}.ms", (int, float))))
+        if "int8" in e:
+            _get(path, e, "int8", f"{lw}.int8", bool)
     return model, out
+
+
+def _float_in_int8(raw: dict) -> frozenset[str]:
+    """Layers whose ``int8`` flag says the profiled int8 model ran them in float (checked by :func:`_variant`)."""
+    return frozenset(n for r in raw["results"].values() for n, e in r["int8"]["layers"].items() if e.get("int8") is False)
 
 
 def load_profile(path: str | Path) -> BoardProfile:
@@ -169,8 +206,76 @@ def load_profile(path: str | Path) -> BoardProfile:
         for v in VARIANTS:
             if v in r or v != "int8_fp16_blobs":
                 times[n][v] = _variant(path, _get(path, r, v, f"results.{n}.{v}", dict), f"results.{n}.{v}")
+    runs = raw.get("runs") if isinstance(raw.get("runs"), int) and not isinstance(raw.get("runs"), bool) else 0
     return BoardProfile(path, str(raw.get("label") or ""), emulated, evidence, device, tuple(threads), times,
-                        raw.get("models") if isinstance(raw.get("models"), dict) else {})  # fmt: skip
+                        raw.get("models") if isinstance(raw.get("models"), dict) else {}, runs,
+                        _float_in_int8({"results": {str(n): results[str(n)] for n in threads}}),
+                        raw.get("inputs") if isinstance(raw.get("inputs"), dict) else {})  # fmt: skip
+
+
+def check_architecture(prof: BoardProfile, float_param_text: str, model: str = "this model",
+                       inputs: dict[str, list[int]] | None = None) -> None:
+    """Raise :class:`ProfileError` (naming the profile's file and the layers that differ) unless
+    ``prof`` timed the layers of the float ncnn model ``float_param_text`` (``model.ncnn.param``):
+    the same layer names with the same types. pnnx names layers by their place in the graph, so
+    every export of one architecture has the same names; another architecture, another input
+    form or another activation (``chain_activations``) differs. A profile without per-layer
+    times (``--no-layers``) raises too: no layer can be judged from it. ``inputs`` (blob ->
+    shape without the batch dim): where both are known, a profile timed at another input shape
+    raises (its times are of another workload)."""
+    lines = [ln.split() for ln in float_param_text.splitlines()[2:] if ln.strip()]
+    want = {f[1]: f[0] for f in lines if len(f) > 1 and f[0] != "Input"}
+    have = {n: t for n, (t, _) in prof.times[prof.threads[0]]["float"][1].items()}
+    if not have:
+        raise ProfileError(f"board profile {prof.path} has no per-layer times (profiled with --no-layers): profile the "
+                           "export again on the board without it", argument="board_profile", value=str(prof.path))  # fmt: skip
+    missing = [f"{n} ({t})" for n, t in want.items() if n in have and have[n] != t or n not in have]
+    extra = [n for n in have if n not in want]
+    if missing or extra:
+        raise ProfileError(
+            f"board profile {prof.path} timed another architecture than {model}: {len(missing)} of its {len(want)} "
+            f"float ncnn layers not in the profile as they are here ({', '.join(missing[:4]) or '-'}), {len(extra)} "
+            f"profiled layers not in it ({', '.join(extra[:4]) or '-'}); profile an export of this model (same "
+            "architecture, input size and chain_activations) on the board", argument="board_profile", value=str(prof.path),
+        )
+    timed = {k: [int(d) for d in v] for k, v in prof.inputs.items() if isinstance(v, list)}
+    here = {k: [int(d) for d in v] for k, v in (inputs or {}).items()}
+    if timed and here and timed != here:
+        raise ProfileError(f"board profile {prof.path} timed input shape(s) {timed}, {model} takes {here}: profile an "
+                           "export at this input size on the board", argument="board_profile", value=str(prof.path))
+
+
+def board_profile_argument(value: Any, argument: str = "board_profile") -> str | None:
+    """The checked value of a ``board_profile`` setting (``QATConfig`` / ``ExportConfig``): None,
+    or the profile's absolute path (so a later working directory does not change it). The file
+    is read and checked now, so a wrong one fails when the config is made.
+
+    Raises:
+        ConfigTypeError: not a path.
+        ConfigError: the file is missing or malformed (the field named), or it was measured under
+            emulation (outside :func:`allow_emulated_profiles`): ``argument`` and the value named.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigTypeError(f"`{argument}` must be the path of a board profile (JSON written by `python -m "
+                              f"lightning_ncnnqat.ncnn.targets profile`), got {value!r} ({type(value).__name__})",
+                              argument=argument, value=value)  # fmt: skip
+    path = Path(os.fspath(value)).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"`{argument}`: no board profile at {str(value)!r} ({path} is not a file)", argument=argument,
+                          value=str(value))  # fmt: skip
+    try:
+        prof = load_profile(path)
+    except ProfileError as e:
+        raise ConfigError(f"`{argument}`={str(value)!r}: {e}", argument=argument, value=str(value)) from None
+    if prof.emulated and not emulated_allowed():
+        raise ConfigError(
+            f"`{argument}`={str(value)!r} was measured under emulation ({'; '.join(prof.evidence)}): its times are not "
+            "the device's speed; run `python -m lightning_ncnnqat.ncnn.targets profile` on the board itself",
+            argument=argument, value=str(value),
+        )
+    return str(path)
 
 
 def _sha256(path: Path) -> str:
@@ -180,7 +285,9 @@ def _sha256(path: Path) -> str:
 def board_speed_lines(summaries: list[dict]) -> list[str]:
     """DEPLOY.md lines for board profiles (:meth:`BoardProfile.speed_summary` dicts): int8 vs
     float per board and thread count, plainly when int8 does not pay there; emulated ones say
-    that their times are not speeds."""
+    that their times are not speeds. A row's ``verdict`` (``policy.speed.speed_verdict``, added by
+    the export, :mod:`lightning_ncnnqat.export.board_speed`) decides the wording; without one
+    (the ``attach`` command, which uses no other room) int8 slower than float is said plainly."""
     out = ["## Speed on boards (measured there with `python -m lightning_ncnnqat.ncnn.targets profile`)", ""]
     for s in summaries:
         if s.get("emulated"):
@@ -189,8 +296,11 @@ def board_speed_lines(summaries: list[dict]) -> list[str]:
         for n, r in s.get("threads", {}).items():
             line = (f"- **{s['device']}**, {n} thread(s), ncnn's default options: float {r['float_ms']:.3f} ms, "
                     f"int8 {r['int8_ms']:.3f} ms ({r['speedup']:.2f}x)")
-            if r["speedup"] is not None and r["speedup"] < 1.0:
-                line += "; **int8 does not pay on this board: it is slower than float**"
+            verdict = r.get("verdict") or ("slower" if r["speedup"] is not None and r["speedup"] < 1.0 else None)
+            if verdict == "slower":
+                line += "; **int8 does not pay on this board: it is slower than float; deploy model.ncnn.* there**"
+            elif verdict == "tie":
+                line += "; int8 ties with float on this board: it pays in size only"
             if "int8_fp16_blobs_ms" in r:
                 line += (f"; int8 with fp16 blobs (feature mask removed) {r['int8_fp16_blobs_ms']:.3f} ms: the cost of "
                          "float32 blobs on this board")
@@ -199,6 +309,8 @@ def board_speed_lines(summaries: list[dict]) -> list[str]:
 
 
 _BEGIN, _END = "<!-- board-profiles -->", "<!-- /board-profiles -->"
+#: The markers around DEPLOY.md's board section: ``attach`` replaces what is between them.
+BOARD_SECTION = (_BEGIN, _END)
 
 
 def attach_profile(export_dir: str | Path, profile_path: str | Path) -> dict:
