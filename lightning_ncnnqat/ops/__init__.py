@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_ncnnqat.ops import _registry, reference  # noqa: F401  (registers the ops)
+from lightning_ncnnqat.ops import exporters  # noqa: F401  (the ops in torch.onnx / decompositions)
 from lightning_ncnnqat.ops._registry import STATUS
 
 __all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "fake_quantize_gemm", "STATUS", "reference"]

@@ -22,6 +22,7 @@ from lightning_ncnnqat import ops  # noqa: F401  (registers torch.ops.ncnnqat)
 from lightning_ncnnqat.qat.bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm, stats_live
 from lightning_ncnnqat.qat.computed_weights import refresh
 from lightning_ncnnqat.ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
+from lightning_ncnnqat.ops.exporters import refuse_script
 
 
 # The ops, resolved once (a call through torch.ops.ncnnqat.<name> resolves them on every call).
@@ -74,6 +75,8 @@ class InputQuantizer(nn.Module):
 
     running_absmax: Tensor
     log_threshold: Tensor
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, momentum: float = 0.1, bits: int = 8, sync: bool = True, learned: bool = False) -> None:
         super().__init__()
@@ -246,6 +249,7 @@ class _QATLayer:
     weight_bits: int
     weight_groups: int
     updates_range: bool
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: one clear refusal (ops/exporters.py)
 
     @property
     def folded_bn(self) -> FoldedBatchNorm | FoldedFrozenBatchNorm | None:
@@ -360,6 +364,8 @@ class QATGemmLinear(nn.Linear):
     (``ops.fake_quantize_gemm``, bit-exact with ncnn's kernels). Swapped in by class like the
     other QAT layers (``qat/gemm.py``), so the Parameters stay the same objects.
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def forward(self, x: Tensor) -> Tensor:
         return _GEMM(x, self.weight, self.bias)
