@@ -55,10 +55,13 @@ class BinEntry:
     offset: int = 0
     nbytes: int = 0
     tag: int | None = None
+    raw: str = "<f4"  # an untagged array's element type: "<f4", or "i1" (MemoryData 21=3)
 
     def values(self, data: bytes) -> np.ndarray:
         """The entry decoded to float32 (int8 payloads are returned as their integer values)."""
         start = self.offset + (4 if self.tagged else 0)
+        if not self.tagged and self.raw == "i1":
+            return np.frombuffer(data, np.int8, self.count, start).astype(np.float32)
         if not self.tagged or self.tag == TAG_FP32:
             return np.frombuffer(data, "<f4", self.count, start).copy()
         if self.tag == TAG_FP16:
@@ -165,6 +168,13 @@ def _recurrent(lay, g) -> list[BinEntry]:
     return out
 
 
+#: MemoryData's param 21 (``load_type``, ``src/layer/memorydata.cpp``: ``mb.load(..., load_type)``)
+#: -> (tagged, raw element type). 0: a tagged array; 1 (ncnn's default): raw float32; 3: raw signed
+#: bytes, padded to 4, read as float (pnnx 20261020 writes a constant bool mask so; measured with
+#: ncnn 1.0.20261020: bytes 255, 128, 1 load as -1, -128, 1). Other values are refused by name.
+MEMORYDATA_LOAD_TYPES = {0: (True, "<f4"), 1: (False, "<f4"), 3: (False, "i1")}
+
+
 def _memorydata(lay, g) -> list[BinEntry]:
     w, h, d, c = g(0, 0), g(1, 0), g(11, 0), g(2, 0)
     if d:
@@ -177,7 +187,14 @@ def _memorydata(lay, g) -> list[BinEntry]:
         n = w
     if not n:
         return []
-    return [BinEntry("data", n, g(21, 1) == 0)]
+    load_type = g(21, 1)
+    if load_type not in MEMORYDATA_LOAD_TYPES:
+        raise NcnnFormatError(
+            f"layer '{lay.name}' (MemoryData) has load type 21={load_type}; this exporter reads "
+            f"{sorted(MEMORYDATA_LOAD_TYPES)} (tagged, raw float32, raw int8)", layer=lay.name,
+        )
+    is_tagged, raw = MEMORYDATA_LOAD_TYPES[load_type]
+    return [BinEntry("data", n, is_tagged, raw=raw)]
 
 
 def _norm(lay, g) -> list[BinEntry]:
@@ -267,7 +284,7 @@ def locate(layers, data: bytes) -> list[list[BinEntry]]:
                         "(only float32, float16 and int8 are handled)"
                     )
             else:
-                e.nbytes = 4 * e.count
+                e.nbytes = _align4(e.count) if e.raw == "i1" else 4 * e.count
             pos += e.nbytes
             if pos > len(data):
                 raise NcnnFormatError(f"layer '{lay.name}': .bin ends inside its {e.role} ({pos} > {len(data)} bytes)", layer=lay.name)

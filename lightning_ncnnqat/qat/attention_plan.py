@@ -238,6 +238,32 @@ class _Int8Sdpa(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FloatMasks(TorchFunctionMode):
+    """While on: a bool ``attn_mask`` of ``F.scaled_dot_product_attention`` is passed as the additive
+    float mask it means (True: 0, False: -inf). pnnx 20261020 writes a constant bool mask as a
+    MemoryData of 1/0 bytes (21=3) that ncnn's SDPA ADDS to the logits (measured: output off by
+    1.6 on a causal 6x6 mask), so the converters trace this form, whose MemoryData is right."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", None) == SDPA_FN:
+            args = list(args)
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=args[0].dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+                if len(args) > 3:
+                    args[3] = mask
+                else:
+                    kwargs["attn_mask"] = mask
+        return func(*args, **kwargs)
+
+
+def sdpa_float_masks() -> TorchFunctionMode:
+    """A context (``with sdpa_float_masks(): ...``) in which every SDPA call's bool mask is the
+    additive float mask it means (see :class:`_FloatMasks`); the pnnx step traces under it."""
+    return _FloatMasks()
+
+
 def _sdpa_on(module: nn.Module, args: Any) -> None:
     if module.__dict__.get(_ON):
         mode = _Int8Sdpa()
