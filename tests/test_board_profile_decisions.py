@@ -322,3 +322,52 @@ def test_the_export_command_takes_board_profile(exports, tmp_path: Path, capsys)
         rc = main([*base, "--board-profile", bad])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith("error: --board-profile") and bad in err and err.count("\n") == 0, err
+
+
+def test_qat_callback_decides_for_the_board_and_its_export_reports_it(exports, tmp_path: Path) -> None:
+    """QATCallback (the other entry to the one QAT start): the board's loser is float in the
+    callback's plan; the export at fit end carries the board's figures and says that the profile
+    timed the model before that decision (another int8 model of this architecture)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ncnnqat import QATCallback
+    from lit_models import NetLit
+
+    d = exports["mobile"]
+    f = write_profile(d, tmp_path / "rk.json", {_ncnn_name(d, "2"): 3.0})
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    lit = NetLit(_mobile(), example=x[:1])
+    data = DataLoader(TensorDataset(x, torch.randint(0, 4, (8,))), batch_size=4)
+    cb = QATCallback(start_epoch=0, config=QATConfig(board_profile=str(f)), verbose=False,
+                     export=ExportConfig(dir=str(tmp_path / "export"), targets=["x86"], timing_runs=0, preflight=False,
+                                         layer_check_samples=1, check_onnx=False, board_profile=str(f)))  # fmt: skip
+    trainer = L.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)  # fmt: skip
+    trainer.fit(lit, data, data)
+    assert list(cb.plan.float_layers) == ["net.2"] and "RK3588" in cb.plan.float_layers["net.2"]
+    (board,) = json.loads((tmp_path / "export" / "report.json").read_text())["board_profiles"]
+    assert board["same_int8_model"] is False and board["threads"]["1"]["verdict"] == "slower"
+    assert "int8 does not pay on this board" in (tmp_path / "export" / "DEPLOY.md").read_text()
+
+
+def test_the_profile_command_records_which_layers_ran_int8(tmp_path: Path) -> None:
+    """The real profile command (here, on this machine: the mechanics) on an export with layer
+    "0" kept float: its int8 flags say so, the reader knows it, and a QAT start from that profile
+    keeps "0" float (no int8 time for it there) while the other layers are judged by their times."""
+    from lightning_ncnnqat.ncnn.targets.profile import load_profile
+
+    model, x = _trained("plain", QATConfig(skip=("0",)))
+    d = tmp_path / "e"
+    export(model, d, x[:1], x, verbose=False, timing_runs=0, layer_check_samples=1, targets="x86", check_onnx=False)
+    prof = board_profile.profile([str(d)], [], 1, 0, [1], True, "this machine")
+    flags = {n: e.get("int8") for n, e in prof["results"]["1"]["int8"]["layers"].items()}
+    first = next(n for n in flags if n.startswith("conv"))
+    assert flags[first] is False and sum(v is True for v in flags.values()) == 2, flags  # conv 2 and the Linear
+    f = tmp_path / "here.json"
+    f.write_text(json.dumps(prof))
+    assert load_profile(f).float_in_int8 == {first}
+    model, _ = _trained("plain", QATConfig(board_profile=str(f)))
+    reason = get_plan(model).float_layers["0"]
+    assert "no int8 time there" in reason and "this machine" in reason
