@@ -1,9 +1,11 @@
 """Int8 only where it pays (issue 20): the QAT start's speed decision (``speed.decide``), the
 export's judged int8 vs float timing (``verification.speed``) and ``QATConfig.prefer``.
 
-Real ncnn timings on tiny models whose layers are far from the decision margins: 3x3 depthwise
-layers lose in int8 on x86 (no AVX int8 depthwise kernel; 0.42-0.56x alone here), wide 3x3 convs
-gain. The rule itself (which candidate wins) is also tested on given figures."""
+Real ncnn timings on tiny models: 3x3 depthwise layers lose in int8 on x86 (no AVX int8
+depthwise kernel), wide 3x3 convs gain. A CPU with fast int8 depthwise must not fail these, so
+they assert the invariants (the deployed plan not slower than float beyond the tie tolerance,
+figures in the reasons, the same plan twice or plans of the same speed), not which layers. The
+rules on given figures: ``tests/test_speed_candidates.py``."""
 
 from __future__ import annotations
 
@@ -20,15 +22,12 @@ from lightning_ncnnqat import QATCallback, QATConfig, export, prepare_qat
 from lightning_ncnnqat.export.config import ExportConfig
 from lightning_ncnnqat.errors import ConfigError
 from lightning_ncnnqat.policy import speed as policy
-from lightning_ncnnqat.speed.decide import (
-    LayerSpeed,
-    ModelSpeed,
-    SpeedMeasurement,
-    _candidates,
-    choose,
-    decide_speed,
-    speed_check,
-)
+from lightning_ncnnqat.export.api import preflight_export
+from lightning_ncnnqat.ncnn.timing import ModelToTime, paired_speedup
+from lightning_ncnnqat.speed.decide import SpeedDecision, decide_speed, speed_check
+from lightning_ncnnqat.speed.plan import whole_models
+from lightning_ncnnqat.speed.segments import time_side_by_side
+from lightning_ncnnqat.speed.variants import write_variant
 
 
 class DepthwiseNet(nn.Module):
@@ -68,71 +67,79 @@ def test_prefer_defaults_to_speed_and_round_trips() -> None:
     assert QATConfig.from_dict(c.to_dict()) == c
 
 
-# ------------------------------------------------------------------ the rule, on given figures
-
-
-def _measurement(ratios: dict[str, float], models: dict[str, tuple[float, list[str]]]) -> SpeedMeasurement:
-    layers = {n: LayerSpeed(n, 1.0, r) for n, r in ratios.items()}
-    f = models["float"][0]
-    return SpeedMeasurement("x86", "test", 1, "cpu", layers,
-                            {k: ModelSpeed(ms, ms, ms, fl, f / ms) for k, (ms, fl) in models.items()})
-
-
-def test_candidates_keep_one_layer_int8_and_choose_needs_a_clear_gain() -> None:
-    ratios = {"a": 0.5, "b": 0.8, "c": 0.6}  # every layer loses: the best ("b") stays int8 in the candidate
-    assert _candidates({n: LayerSpeed(n, 1.0, r) for n, r in ratios.items()}) == [["a", "c"]]
-    assert _candidates({n: LayerSpeed(n, 1.0, r) for n, r in {"a": 0.5, "b": 0.95}.items()}) == [["a"]]
-    # a layer that loses by its median but not by its fastest runs is noise, not a loser
-    assert _candidates({"a": LayerSpeed("a", 1.0, 0.5), "b": LayerSpeed("b", 1.0, 0.8, "", 0.5, 0.6)}) == [["a"]]
-    big = 1.0 / (1 + 2 * policy.SPEED_KEEP_FLOAT_GAIN)  # the candidate's ms against all-int8's 1.0
-    small = 1.0 / (1 + (policy.SPEED_KEEP_FLOAT_GAIN + policy.SPEED_TIE_TOLERANCE) / 2)
-    two = ["a", "c"]
-    assert choose(_measurement(ratios, {"float": (1.2, []), "int8": (1.0, []), "int8-2f": (big, two)})) == "int8-2f"
-    # int8 already faster than float: a gain within the noise keeps every layer int8
-    assert choose(_measurement(ratios, {"float": (1.2, []), "int8": (1.0, []), "int8-2f": (small, two)})) == "int8"
-    # int8 slower than float: the same gain is taken (int8 must not lose to float)
-    assert choose(_measurement(ratios, {"float": (0.9, []), "int8": (1.0, []), "int8-2f": (small, two)})) == "int8-2f"
-    # a toy model: twice as fast, but 5 us saved per inference is no reason to change the plan
-    assert choose(_measurement(ratios, {"float": (0.009, []), "int8": (0.010, []), "int8-2f": (0.005, two)})) == "int8"
-
-
 # ------------------------------------------------------------ measured: decide_speed / prepare_qat
 
 
-def test_speed_keeps_losing_depthwise_float_and_int8_does_not() -> None:
-    """prefer='speed': the depthwise layers are kept float with their figures, the wide convs stay
-    int8, and the int8 model so planned is not slower than float; prefer='int8': every layer int8,
-    and the start says plainly that this int8 model is slower than float here."""
+def _not_slower(d: SpeedDecision) -> bool:
+    return d.measurement is not None and d.verdict != "slower"
+
+
+def test_speed_plans_a_model_not_slower_than_float_and_int8_keeps_every_layer() -> None:
+    """prefer='speed': the planned int8 model is not slower than float here, every layer kept
+    float has its figures in its reason; prefer='int8': every layer int8, the figures reported."""
     torch.manual_seed(0)
     fast, full = DepthwiseNet(), DepthwiseNet()
     full.load_state_dict(fast.state_dict())
     plan = prepare_qat(fast, _x(), QATConfig(prefer="speed"), targets=["x86"])
-    assert DEPTHWISE <= set(plan.float_layers), plan.summary()
-    assert "conv2.0" in plan.layers
-    for name in DEPTHWISE:
-        reason = plan.float_layers[name]
-        assert "int8 slower than float on x86" in reason and " ms vs float " in reason, reason
-    summary = plan.summary()
-    assert all(n in summary for n in DEPTHWISE) and "(speed on x86)" in summary
-    assert "int8 as planned" in plan.notes["(speed on x86)"] and ", slower)" not in plan.notes["(speed on x86)"]
+    note = plan.notes["(speed on x86)"]
+    assert "int8 as planned" in note and ", slower)" not in note, plan.summary()
+    kept = {n: r for n, r in plan.float_layers.items() if "kept float for speed" in r}
+    for name, reason in kept.items():
+        assert name in plan.summary() and " ms" in reason and "on x86 (" in reason, reason
+    assert set(kept) | set(plan.layers) >= DEPTHWISE | {"conv.0", "conv2.0"} and plan.layers
 
-    with pytest.warns(UserWarning, match="int8 does NOT pay on x86 for this model"):  # said plainly, QAT goes on
-        plan8 = prepare_qat(full, _x(), QATConfig(prefer="int8"), targets=["x86"])
+    plan8 = prepare_qat(full, _x(), QATConfig(prefer="int8"), targets=["x86"])
     assert DEPTHWISE <= set(plan8.layers) and not plan8.float_layers
-    assert "0 layer(s) kept float" in plan8.notes["(speed on x86)"] and ", slower)" in plan8.notes["(speed on x86)"]
+    assert "0 layer(s) kept float" in plan8.notes["(speed on x86)"]
 
 
-def test_decision_is_stable_across_runs() -> None:
-    """Two measurements of one prepared model keep the same layers float (margins, CPU time)."""
+def _plan_speeds(m: nn.Module, x: torch.Tensor, plans: list[list[str]], tmp: Path) -> list[float]:
+    """float / int8 of each plan's int8 model (layers of ``plans`` float), side by side."""
+    rep = preflight_export(m, x, export_dir=tmp)
+    ncnn_of = {r.torch_name: r.ncnn_name for r in rep.layers if r.ncnn_name}
+    fp, q = whole_models(tmp, 1, rep.io)
+    models = [fp]
+    for i, keep in enumerate(plans):
+        text, blob = write_variant(tmp, {ncnn_of[n] for n in keep}, rep.float_weights or "fp32")
+        (tmp / f"p{i}.param").write_text(text)
+        (tmp / f"p{i}.bin").write_bytes(blob)
+        models.append(ModelToTime(f"p{i}", str(tmp / f"p{i}.param"), str(tmp / f"p{i}.bin"), q.inputs, q.extract, q.options))
+    t = time_side_by_side(models, runs=60)
+    return [paired_speedup(t["float"], t[f"p{i}"], "cpu") for i in range(len(plans))]
+
+
+def test_decision_is_stable_across_runs(tmp_path: Path) -> None:
+    """Two measurements of one prepared model keep the same layers float, or plans of the same
+    speed (timed side by side, within the rule's own bar for a change); neither is slower than
+    float."""
     torch.manual_seed(1)
     m = DepthwiseNet(32, 96)
     x = _x(32)
     prepare_qat(m, x, QATConfig(prefer="int8"))
     a = decide_speed(m, x, "speed", speed_check("x86"))
     b = decide_speed(m, x, "speed", speed_check("x86"))
-    assert a.measurement is not None and b.measurement is not None
-    assert a.keep_float == b.keep_float and DEPTHWISE <= set(a.keep_float), (a.lines(), b.lines())
-    assert a.verdict != "slower" and b.verdict != "slower", (a.lines(), b.lines())
+    assert _not_slower(a) and _not_slower(b), (a.lines(), b.lines())
+    if a.keep_float != b.keep_float:
+        sa, sb = _plan_speeds(m, x, [a.keep_float, b.keep_float], tmp_path)
+        bar = 1 + policy.SPEED_KEEP_FLOAT_GAIN
+        assert 1 / bar <= sa / sb <= bar, (a.keep_float, b.keep_float, sa, sb, a.lines(), b.lines())
+
+
+def test_a_depthwise_heavy_model_gets_a_plan_not_slower_than_float() -> None:
+    """Three 3x3 depthwise layers chained into one wide conv, 32x32: on x86 every layer int8 is
+    slower than float here (no AVX int8 depthwise kernel); whatever this CPU does, the plan the
+    start chooses is not slower than float, and where all-int8 was, layers are kept float."""
+    torch.manual_seed(3)
+    dw = [nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU6()) for _ in range(3)]
+    m = nn.Sequential(*dw, nn.Conv2d(48, 96, 3, 1, 1), nn.ReLU())
+    x = torch.randn(1, 48, 32, 32, generator=torch.Generator().manual_seed(0))
+    prepare_qat(m, x, QATConfig(prefer="int8"))
+    d = decide_speed(m, x, "speed", speed_check("x86"))
+    assert _not_slower(d), d.lines()
+    meas = d.measurement
+    if policy.speed_verdict(meas.reported("int8").speedup) == "slower":
+        assert d.keep_float, d.lines()
+    assert len(meas.units) == 1 and len(meas.units[0].layers) == 4  # one requantize chain, timed whole
 
 
 def test_a_model_where_int8_pays_everywhere_keeps_every_layer() -> None:
@@ -188,11 +195,11 @@ def test_callback_takes_the_same_path_as_prepare_qat(tmp_path: Path) -> None:
     trainer = L.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(lit, data)
-    # the decision prepare_qat(targets=...) makes on this model (test above), with the same figures
+    # the decision prepare_qat(targets=...) makes on this model (test above), with its figures
     kept = {n: r for n, r in cb.plan.float_layers.items() if "kept float for speed" in r}
-    assert {n.removeprefix("net.") for n in kept} == DEPTHWISE, cb.plan.summary()
-    assert all("int8 slower than float on x86 (alone, 1 thread, cpu time: int8 " in r for r in kept.values())
-    assert "int8 as planned" in cb.plan.notes["(speed on x86)"]
+    assert all("on x86 (" in r and "1 thread, cpu time" in r and " ms" in r for r in kept.values()), kept
+    assert {n.removeprefix("net.") for n in kept} <= DEPTHWISE | {"conv.0", "conv2.0"}, cb.plan.summary()
+    assert "int8 as planned" in cb.plan.notes["(speed on x86)"] and ", slower)" not in cb.plan.notes["(speed on x86)"]
     # the export at fit end judged its own timing, and DEPLOY.md says it per target
     rep = json.loads((tmp_path / "export" / "report.json").read_text())
     t = rep["timing"]

@@ -25,9 +25,18 @@ SPEED_LAYER_MARGIN = 0.10
 #: main job read its all-int8 model at 1.37x and 1.35x float at load 10-12; the 3% tie tolerance
 #: is of that size), and a smaller gain is not worth a layer's int8 size.
 SPEED_KEEP_FLOAT_GAIN = 0.05
-#: Interleaved timed runs per single layer and per whole model at QAT start (after warm-up).
+#: Interleaved timed runs per chain unit and per whole model at QAT start (after warm-up). The
+#: whole-model rounds are split in two halves (pairs of rounds alternately): a plan with more layers
+#: float is taken only where it pays on both (two measurements then decide alike), the second
+#: half's figures are the ones reported, and the safety step looks at both.
 SPEED_LAYER_RUNS = 30
-SPEED_MODEL_RUNS = 40
+SPEED_MODEL_RUNS = 60
+#: ncnn layer kinds that may lose in int8 even inside a requantize chain, so a chain holding them
+#: is also timed with them float (its other layers int8 in the pieces left): ncnn's x86 int8
+#: depthwise (``src/layer/x86/convolutiondepthwise_x86.cpp``, ``forward_int8_x86``) is SSE only
+#: while its float depthwise has AVX/AVX-512 kernels (docs/speed.md). Measured, not assumed: where
+#: the chain wins whole (a CPU with fast int8 depthwise) it stays int8.
+SPEED_SPLIT_KINDS = ("ConvolutionDepthWise",)
 #: A difference of less than this many ms per inference between int8 and float is a tie whatever
 #: the ratio: it is within the fixed cost of one ncnn Extractor run here (a Linear 64->10 alone
 #: times at 5-10 us), no application notices it, and on toy models (8x8 inputs, a few channels:
@@ -61,6 +70,12 @@ def speed_verdict(speedup: float, diff_ms: float | None = None) -> str:
 def int8_layer_loses(float_ms: float, int8_ms: float) -> bool:
     """Whether an int8 layer timed alone loses clearly to its float twin (beyond the margin)."""
     return int8_ms > 0 and float_ms / int8_ms < 1 - SPEED_LAYER_MARGIN
+
+
+def int8_layer_wins(float_ms: float, int8_ms: float) -> bool:
+    """Whether an int8 layer or chain timed alone wins clearly over its float twin (beyond the
+    margin): the fallback plan keeps only such units int8."""
+    return int8_ms > 0 and float_ms / int8_ms > 1 + SPEED_LAYER_MARGIN
 
 
 def keep_float_pays(gain: float, current_speedup: float, saved_ms: float, current_diff_ms: float | None = None) -> bool:

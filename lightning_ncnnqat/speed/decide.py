@@ -11,15 +11,18 @@ and ``prepare_qat(targets=...)`` alike) measures on the one target whose timing 
 machine (``"x86"``):
 
 1. the just-prepared model is exported (x86 only) into a temporary directory;
-2. every int8 layer is timed ALONE, int8 against its float twin (:func:`speed.plan.measure_layers`,
-   one child process, interleaved, process CPU time at one thread: a busy machine's preemption
-   does not inflate it); the layers that lose clearly (:func:`policy.int8_layer_loses`) are the
-   candidates to keep float;
-3. int8 models with those layers float are written from the same float model and table (no
-   second export: :func:`ncnn.int8_writer.write_int8`), and the whole float, all-int8 and
-   candidate models are timed side by side; a candidate is chosen only when it beats all-int8
-   by :data:`policy.SPEED_KEEP_FLOAT_GAIN` (:func:`policy.keep_float_pays`), so the whole model decides,
-   not the single layers.
+2. its int8 model's requantize chains (``speed.segments``: what ncnn2int8 fuses) are timed as
+   units, int8 against float (one child process, interleaved, process CPU time at one thread: a
+   busy machine's preemption does not inflate it); a chain holding layers that lose in int8 even
+   inside a chain (:data:`policy.SPEED_SPLIT_KINDS`) is also timed in the pieces it breaks into
+   with them float;
+3. three candidate plans come from those figures (``speed.candidates``: ``clear``, ``loose``, and
+   the ``floor`` fallback, int8 only where a unit clearly wins), their int8 models are written from
+   the same export as the export itself would write them (``speed.variants``, no second export),
+   and float, all-int8 and the candidates are timed side by side; the rounds are split in two
+   halves: :func:`choose` takes a plan with more layers float only where it beats the current one
+   by :func:`policy.keep_float_pays` on both, and steps to a safer plan while the chosen one is
+   slower than float on either; the second half's figures are the ones reported.
 
 ``QATConfig.prefer``: ``"speed"`` keeps the chosen layers float; ``"int8"`` measures and reports
 but keeps every layer int8; ``"size"`` times nothing (every layer int8: the smallest file). The
@@ -37,32 +40,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from lightning_ncnnqat.errors import NcnnQatError
 from lightning_ncnnqat.export.api import preflight_export
 from lightning_ncnnqat.export.config import resolve_targets
-from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, write_int8
 from lightning_ncnnqat.ncnn.isolated import HOST, NcnnRuntimeError
-from lightning_ncnnqat.ncnn.param import NcnnParam
-from lightning_ncnnqat.ncnn.table import parse_table
+from lightning_ncnnqat.ncnn.machine import machine_line
+from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing, paired_speedup
 from lightning_ncnnqat.policy import speed as policy
 from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.prepare import replan_as_float
-from lightning_ncnnqat.ncnn.machine import machine_line
-from lightning_ncnnqat.speed.plan import measure_layers, whole_models
-from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing, paired_speedup, time_models
+from lightning_ncnnqat.speed.candidates import UnitSpeed, candidate_plans
+from lightning_ncnnqat.speed.plan import whole_models
+from lightning_ncnnqat.speed.segments import time_side_by_side
+from lightning_ncnnqat.speed.unit_timing import split_rounds, time_chains
+from lightning_ncnnqat.speed.variants import write_variant
 
 __all__ = ["LayerSpeed", "ModelSpeed", "SpeedMeasurement", "SpeedDecision", "SpeedCheck", "speed_check",
-           "layers_to_keep_float", "measure_speed", "decide_speed", "keep_slow_layers_float"]
+           "layers_to_keep_float", "measure_speed", "choose", "decide_speed", "keep_slow_layers_float"]
 
 
 @dataclass
 class LayerSpeed:
-    """One int8 layer timed alone on one target: median ms of its int8 and its float form (and
-    their fastest runs, where timed: the figure least disturbed by other work on the machine)."""
+    """One int8 layer timed on one target: median ms of its int8 and its float form (and their
+    fastest runs, where timed: the figure least disturbed by other work on the machine).
+    ``unit``: the torch layers timed together with it (its int8 chain); empty when alone."""
 
     name: str  # torch module name
     int8_ms: float
@@ -70,6 +74,7 @@ class LayerSpeed:
     kind: str = ""  # ncnn layer type
     int8_min_ms: float | None = None
     float_min_ms: float | None = None
+    unit: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -89,7 +94,8 @@ class LayerSpeed:
 class ModelSpeed:
     """One whole model timed: median [min-max] ms; ``float_layers``: int8 layers left float in it;
     ``speedup``: float / this, the median of per-round ratios (:func:`ncnn.timing.paired_speedup`);
-    ``rounds``: its ms per round, in the order of the interleaved timing (empty from a profile)."""
+    ``rounds``: its ms per round, in the order of the interleaved timing (empty from a profile);
+    ``why``: per float layer, the figures that proposed it."""
 
     median_ms: float
     min_ms: float
@@ -97,6 +103,7 @@ class ModelSpeed:
     float_layers: list[str] = field(default_factory=list)
     speedup: float = 1.0
     rounds: list[float] = field(default_factory=list, repr=False)
+    why: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def _faster(base: ModelSpeed, other: ModelSpeed) -> float:
@@ -108,15 +115,25 @@ def _faster(base: ModelSpeed, other: ModelSpeed) -> float:
 
 @dataclass
 class SpeedMeasurement:
-    """What was timed on one target (``clock``: "cpu" = process CPU time, "wall" = wall time)."""
+    """What was timed on one target (``clock``: "cpu" = process CPU time, "wall" = wall time).
+
+    ``models``: "float", "int8" (every layer int8) and candidate plans, from the rounds that
+    choose; ``check``: the same models from the other rounds (empty: no held-out rounds), the
+    figures reported; ``units``: the chains timed whole."""
 
     target: str
     machine: str
     threads: int
     clock: str
     layers: dict[str, LayerSpeed]
-    models: dict[str, ModelSpeed]  # "float", "int8" (every layer int8) and "int8-<n>f" candidates
+    models: dict[str, ModelSpeed]
     seconds: float = 0.0  # what measuring cost
+    check: dict[str, ModelSpeed] = field(default_factory=dict)
+    units: list[UnitSpeed] = field(default_factory=list)
+
+    def reported(self, key: str) -> ModelSpeed:
+        """The figure of ``key`` to report: from the held-out rounds where there are some."""
+        return self.check.get(key, self.models[key])
 
 
 @dataclass
@@ -137,11 +154,12 @@ class SpeedDecision:
 
     @property
     def verdict(self) -> str | None:
-        """``"faster"`` / ``"tie"`` / ``"slower"``: the chosen int8 model against float; None untimed."""
+        """``"faster"`` / ``"tie"`` / ``"slower"``: the chosen int8 model against float (reported
+        rounds); None untimed."""
         m = self.measurement
         if m is None:
             return None
-        f, s = m.models["float"], m.models[self.chosen]
+        f, s = m.reported("float"), m.reported(self.chosen)
         return policy.speed_verdict(s.speedup, f.median_ms - s.median_ms)
 
     def reasons(self) -> dict[str, str]:
@@ -149,46 +167,47 @@ class SpeedDecision:
         m = self.measurement
         if m is None:
             return {}
-        return {
-            n: f"int8 slower than float on {m.target} (alone, {m.threads} thread, {m.clock} time: int8 "
-               f"{m.layers[n].int8_ms:.4f} ms vs float {m.layers[n].float_ms:.4f} ms, {m.layers[n].ratio:.2f}x); "
-               f"kept float for speed (prefer='speed'), measured at QAT start"
-            for n in self.keep_float
-        }
+        why = m.models[self.chosen].why
+        tail = "kept float for speed (prefer='speed'), measured at QAT start"
+        return {n: f"{why.get(n, 'int8 slower than float on ' + m.target)}; {tail}" for n in self.keep_float}
 
     def lines(self) -> list[str]:
         """The summary: whole-model figures, what was decided, and plainly when int8 does not pay."""
         if self.measurement is None:
             return [f"int8 speed not measured: {self.not_measured}"] if self.not_measured else []
         m = self.measurement
-        f = m.models["float"]
+        f = m.reported("float")
 
         def fig(key: str) -> str:
-            s = m.models[key]
+            s = m.reported(key)
             return f"{s.median_ms:.3f} ms [{s.min_ms:.3f}-{s.max_ms:.3f}] ({s.speedup:.2f}x)"
 
+        held = "; figures from the second half of the rounds" if m.check else ""
         out = [f"int8 speed on {m.target} ({m.machine}; {m.threads} thread, {m.clock} time, medians of interleaved "
-               f"runs, measured in {m.seconds:.1f} s): float {f.median_ms:.3f} ms, int8 {fig('int8')}"]
+               f"runs{held}, measured in {m.seconds:.1f} s): float {f.median_ms:.3f} ms, int8 {fig('int8')}"]
         for key, s in m.models.items():
             if key not in ("float", "int8"):
-                out.append(f"  int8 with {len(s.float_layers)} layer(s) that lose alone kept float: {fig(key)}")
-        losers = layers_to_keep_float(m.layers)
+                out.append(f"  int8 with {len(s.float_layers)} layer(s) float ({key}): {fig(key)}")
         if self.prefer == "speed":
             keep = self.keep_float
             out.append(f"prefer='speed': {len(keep)} of {len(m.layers)} int8 layer(s) kept float"
                        + (f" ({', '.join(keep)})" if keep
                           else " (none loses enough, or keeping them float does not pay)"))
-        elif losers:
-            out.append(f"prefer={self.prefer!r}: every layer stays int8; {len(losers)} lose alone: {', '.join(losers)}"
-                       " (prefer='speed' keeps such layers float where the whole model gains)")
+        else:
+            losers = [k for k in m.models if k not in ("float", "int8")]
+            if losers:
+                best = max(losers, key=lambda k: m.reported(k).speedup)
+                out.append(f"prefer={self.prefer!r}: every layer stays int8; with {len(m.models[best].float_layers)} "
+                           f"float ({best}) it would run {m.reported(best).speedup:.2f}x float (prefer='speed' "
+                           "keeps such layers float where the whole model gains)")
         v = self.verdict
-        s = m.models[self.chosen]
+        s = m.reported(self.chosen)
         if v == "slower":
             out.append(f"int8 does NOT pay on {m.target} for this model: its int8 model is {s.speedup:.2f}x "
                        "the float model's speed; deploy the float model (model.ncnn.*) there, or measure on your board")
         elif v == "tie":
             out.append(f"int8 ties with float on {m.target} (within {policy.SPEED_TIE_TOLERANCE:.0%} or "
-                       f"{policy.SPEED_MIN_DIFF_MS * 1000:.0f} us): it pays in size only")
+                       f"{policy.SPEED_MIN_DIFF_MS * 1000:.0f} us): it pays in size only; int8 does not pay in speed here")
         return out
 
     def note(self) -> str | None:
@@ -196,7 +215,7 @@ class SpeedDecision:
         m = self.measurement
         if m is None:
             return None
-        f, s = m.models["float"], m.models[self.chosen]
+        f, s = m.reported("float"), m.reported(self.chosen)
         return (f"{m.threads} thread, {m.clock} ms: float {f.median_ms:.3f}, int8 as planned {s.median_ms:.3f} "
                 f"({s.speedup:.2f}x, {self.verdict}); {len(self.keep_float)} layer(s) kept float for speed")
 
@@ -229,38 +248,30 @@ def layers_to_keep_float(layers: dict[str, LayerSpeed]) -> list[str]:
     return [s.name for s in layers.values() if s.loses]
 
 
-def _candidates(layers: dict[str, LayerSpeed]) -> list[list[str]]:
-    """Sets of layers to try float in the whole model: the clear losers. A set holding every int8
-    layer would leave QAT nothing to quantize: its best layer stays int8 then."""
-    clear = layers_to_keep_float(layers)
-    if clear and len(clear) == len(layers):
-        best = max(clear, key=lambda n: layers[n].ratio)
-        clear = [n for n in clear if n != best]
-    return [clear] if clear else []
+def _layer_speeds(units: list[UnitSpeed]) -> dict[str, LayerSpeed]:
+    """Per torch layer: the figures of the smallest unit timed with it (a piece, else its chain)."""
+    out: dict[str, LayerSpeed] = {}
+    for u in units:
+        for v in [u, *u.pieces]:
+            for n, k in zip(v.layers, v.kinds):
+                out[n] = LayerSpeed(n, v.int8_ms, v.float_ms, k, v.int8_min_ms, v.float_min_ms,
+                                    v.layers if len(v.layers) > 1 else ())
+    order = [n for u in units for n in u.layers]
+    return {n: out[n] for n in order}
 
 
-def _variant(d: Path, keep: set[str], float_weights: str) -> tuple[str, bytes]:
-    """The int8 model of export ``d`` with the ncnn layers ``keep`` float: its table rows dropped
-    and the int8 writer run again on the same float model."""
-    fparam = NcnnParam.parse((d / "model.ncnn.param").read_text(encoding="utf-8"))
-    weights, inputs = parse_table((d / "model.ncnn.table").read_text(encoding="utf-8"))
-    specs = {n: Int8Spec(n, n, np.asarray(w, dtype=np.float32), inputs[n]) for n, w in weights.items() if n not in keep}
-    res = write_int8(fparam, (d / "model.ncnn.bin").read_bytes(), specs, quantize_gemm=False,
-                     float_weights=float_weights)
-    return res.param_text, res.bin_bytes
-
-
-def _model_speed(t: Timing, fp: Timing, clock: str, float_layers: list[str]) -> ModelSpeed:
+def _model_speed(t: Timing, fp: Timing, clock: str, float_layers: list[str], why: dict[str, str] | None = None
+                 ) -> ModelSpeed:
     speedup = paired_speedup(fp, t, clock)
     if clock == "cpu" and t.cpu_median_ms is not None:
         return ModelSpeed(t.cpu_median_ms, t.cpu_min_ms or 0.0, t.cpu_max_ms or 0.0, float_layers, speedup,
-                          list(t.cpu_runs or []))
-    return ModelSpeed(t.median_ms, t.min_ms, t.max_ms, float_layers, speedup, list(t.wall_runs or []))
+                          list(t.cpu_runs or []), dict(why or {}))
+    return ModelSpeed(t.median_ms, t.min_ms, t.max_ms, float_layers, speedup, list(t.wall_runs or []), dict(why or {}))
 
 
 def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> SpeedMeasurement:
     """Export a QAT-prepared ``model`` (x86) into a temporary directory and time it here: every
-    int8 layer alone, then the whole float, all-int8 and candidate models (module docstring).
+    int8 chain whole, then the whole float, all-int8 and candidate models (module docstring).
 
     Raises ExportError when the model cannot export; NcnnRuntimeError when a timing fails.
     """
@@ -271,37 +282,64 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> Spe
         # the export chain up to the int8 model, no runtime checks (the preflight's, files kept)
         report = preflight_export(m32, float32_example(example_input), export_dir=d)
         torch_of = {r.ncnn_name: r.torch_name for r in report.layers if r.ncnn_name}
-        layers = {}
-        for t in measure_layers(d, threads=threads, runs=policy.SPEED_LAYER_RUNS, io=report.io, quantize=False):
-            name = torch_of.get(t.ncnn_name, t.ncnn_name)
-            low = (t.int8.cpu_min_ms, t.float.cpu_min_ms) if clock == "cpu" else (t.int8.min_ms, t.float.min_ms)
-            layers[name] = LayerSpeed(name, t.int8.ms(clock), t.float.ms(clock), t.type, *low)
         ncnn_of = {v: k for k, v in torch_of.items()}
+        fw = report.float_weights or "fp32"
         fp, q = whole_models(d, threads, report.io)
+        units = time_chains(d, fp, torch_of, threads, clock, fw)
+        plans = candidate_plans(units, HOST, threads, clock)
         models = [fp, q]
-        cands = {f"int8-{len(c)}f": c for c in _candidates(layers)}
-        for key, c in cands.items():
-            text, blob = _variant(d, {ncnn_of.get(n, n) for n in c}, report.float_weights or "fp32")
-            (d / f"{key}.param").write_text(text, encoding="utf-8")
-            (d / f"{key}.bin").write_bytes(blob)
-            models.append(ModelToTime(key, str(d / f"{key}.param"), str(d / f"{key}.bin"), q.inputs, q.extract,
-                                      q.options))
-        timed = time_models(models, runs=policy.SPEED_MODEL_RUNS)
-    tf = timed["float"]
-    speeds = {"float": _model_speed(tf, tf, clock, []), "int8": _model_speed(timed["int8"], tf, clock, [])}
-    speeds.update({k: _model_speed(timed[k], tf, clock, c) for k, c in cands.items()})
-    return SpeedMeasurement(HOST, machine_line(), threads, clock, layers, speeds, time.perf_counter() - t0)
+        for p in plans:
+            text, blob = write_variant(d, {ncnn_of.get(n, n) for n in p.float_layers}, fw)
+            (d / f"{p.name}.param").write_text(text, encoding="utf-8")
+            (d / f"{p.name}.bin").write_bytes(blob)
+            models.append(ModelToTime(p.name, str(d / f"{p.name}.param"), str(d / f"{p.name}.bin"), q.inputs,
+                                      q.extract, q.options))
+        timed = time_side_by_side(models, runs=policy.SPEED_MODEL_RUNS)
+    halves = [{k: split_rounds(t)[h] for k, t in timed.items()} for h in (0, 1)]
+
+    def speeds(half: dict[str, Timing]) -> dict[str, ModelSpeed]:
+        tf = half["float"]
+        out = {"float": _model_speed(tf, tf, clock, []), "int8": _model_speed(half["int8"], tf, clock, [])}
+        out.update({p.name: _model_speed(half[p.name], tf, clock, p.float_layers, p.why) for p in plans})
+        return out
+
+    return SpeedMeasurement(HOST, machine_line(), threads, clock, _layer_speeds(units), speeds(halves[0]),
+                            time.perf_counter() - t0, speeds(halves[1]), units)
+
+
+def _slower(models: dict[str, ModelSpeed], key: str) -> bool:
+    f, s = models["float"], models[key]
+    return policy.speed_verdict(s.speedup, f.median_ms - s.median_ms) == "slower"
+
+
+def _pays(models: dict[str, ModelSpeed], cur_key: str, key: str) -> bool:
+    cur, cand = models[cur_key], models[key]
+    return policy.keep_float_pays(_faster(cur, cand), cur.speedup, cur.median_ms - cand.median_ms,
+                                  models["float"].median_ms - cur.median_ms)
 
 
 def choose(m: SpeedMeasurement) -> str:
-    """The int8 model to deploy: all-int8 unless a candidate with layers float beats it clearly
-    (:func:`policy.keep_float_pays`; fewer float layers first: on a tie the smaller model)."""
+    """The int8 model to deploy: all-int8 unless a plan with more layers float beats the current
+    one clearly (:func:`policy.keep_float_pays`) on BOTH halves of the rounds (``m.models`` and
+    ``m.check``: one half's noise does not move the plan, so two measurements decide alike; fewer
+    float layers first: on a tie the smaller model). Then the safety step: while the chosen model
+    is slower than float on either half, the next plan with more layers float that is slower on
+    neither is taken; where none is, the one whose worse half is fastest (int8 does not pay there:
+    the summary says so)."""
+    keys = sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers))
+    halves = [h for h in (m.models, m.check) if h]
     chosen = "int8"
-    for key in sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers)):
-        cur, cand = m.models[chosen], m.models[key]
-        if policy.keep_float_pays(_faster(cur, cand), cur.speedup, cur.median_ms - cand.median_ms,
-                                  m.models["float"].median_ms - cur.median_ms):
+    for key in keys:
+        if all(_pays(h, chosen, key) for h in halves):
             chosen = key
+    if any(_slower(h, chosen) for h in halves):
+        n = len(m.models[chosen].float_layers)
+        safer = [k for k in keys if len(m.models[k].float_layers) > n]
+        ok = [k for k in safer if not any(_slower(h, k) for h in halves)]
+        if ok:
+            chosen = ok[0]
+        elif safer:
+            chosen = max([chosen, *safer], key=lambda k: min(h[k].speedup for h in halves))
     return chosen
 
 
