@@ -41,12 +41,12 @@ from lightning_ncnnqat.ncnn.machine import machine_info  # noqa: E402
 from lightning_ncnnqat.ncnn.timing import paired_speedup  # noqa: E402
 from lightning_ncnnqat.policy.speed import speed_verdict  # noqa: E402
 from lightning_ncnnqat.speed.activation_swap import DEFAULT_SWAPS, swap_activations  # noqa: E402
+from lightning_ncnnqat.speed.segments import time_side_by_side  # noqa: E402
 from lightning_ncnnqat.speed.plan import (  # noqa: E402
     count_chains,
     judge,
     measure_layers,
     plan_speed,
-    time_models,
     whole_models,
 )
 
@@ -120,7 +120,7 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
         model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     for _ in range(steps):
-        out_t = model(x)
+        out_t = logits(model(x))
         loss = nn.functional.cross_entropy(out_t, torch.randint(0, out_t.shape[-1], (x.shape[0],)))
         opt.zero_grad()
         loss.backward()
@@ -132,6 +132,28 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
         raise RuntimeError(f"export of {out.name} failed: {rep.failures}")
     info["int8_vs_qat_cosine"] = rep.int8_vs_qat.cosine if rep.int8_vs_qat else None
     return info
+
+
+def logits(out: Any) -> torch.Tensor:
+    """The class scores in a model's train-mode output: the output itself when it is a tensor,
+    else the first tensor inside it, depth first (a namedtuple such as torchvision's
+    ``GoogLeNetOutputs`` / ``InceptionOutputs`` puts the main logits first, auxiliary heads after;
+    a dict: its ``"out"`` or ``"logits"`` entry if present, else its first value). Raises
+    TypeError naming the output's type when it holds no tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        items = [out[k] for k in ("out", "logits") if k in out] + list(out.values())
+    elif isinstance(out, (tuple, list)):
+        items = list(out)
+    else:
+        items = []
+    for item in items:
+        try:
+            return logits(item)
+        except TypeError:
+            continue
+    raise TypeError(f"deploy_speed: the model's train-mode output ({type(out).__name__}) holds no tensor to train on")
 
 
 def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
@@ -184,7 +206,8 @@ def time_export(d: Path, threads: list[int | None], runs: int, warmup: int, plan
         extra = []
         if plan_dir is not None:
             extra = [dataclasses.replace(whole_models(plan_dir, th)[1], name="int8_planned")]
-        t = time_models([f, q, *extra], runs=runs, warmup=warmup)
+        # a copy of the first and the last model around them: no model gets a warm second run
+        t = time_side_by_side([f, q, *extra], runs=runs, warmup=warmup)
         on = "cpu" if th == 1 else "wall"  # 1 thread: CPU time, immune to preemption on a busy machine
         rows.append({"threads": "default" if th is None else th, "float": asdict(t["float"]), "int8": asdict(t["int8"]),
                      "speedup": t["float"].median_ms / t["int8"].median_ms,

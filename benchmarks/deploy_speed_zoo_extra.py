@@ -8,10 +8,10 @@ The issue's slower mobile families include ``shufflenet_v2_x0_5`` and ``mnasnet0
 ``deploy_speed.main`` unchanged with the same arguments: the same build, QAT steps, export and
 interleaved timing as every other zoo row.
 
-``googlenet`` is built without its auxiliary heads (``aux_logits=False``): with them, torchvision's
-GoogLeNet returns ``GoogLeNetOutputs`` in train mode and deploy_speed's QAT steps (cross-entropy
-on the output) fail with AttributeError; the heads are training-only (eval returns the logits
-alone), so the deployed graph is the same.
+Models whose train-mode output is not a tensor (torchvision's ``googlenet`` and ``inception_v3``
+return a namedtuple with their auxiliary heads, segmentation models a dict) train on the first
+tensor in it (``deploy_speed.logits``); eval returns the logits alone, so the deployed graph is
+the one exported.
 """
 
 from __future__ import annotations
@@ -44,16 +44,6 @@ def register(names: list[str]) -> list[str]:
     return added
 
 
-def build_model(name: str, source: str, workdir: Path):  # noqa: ANN201 - an nn.Module
-    """The zoo's builder, except googlenet without its training-only auxiliary heads."""
-    if name == "googlenet" and source == "torchvision":
-        return torchvision.models.get_model("googlenet", weights=None, aux_logits=False, init_weights=True)
-    return _zoo_build(name, source, workdir)
-
-
-_zoo_build = zoo.build_model
-
-
 def _zoo_names(argv: list[str]) -> list[str]:
     names, on = [], False
     for tok in argv:
@@ -67,5 +57,4 @@ def _zoo_names(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     args = sys.argv[1:]
     register(_zoo_names(args))
-    zoo.build_model = build_model
     sys.exit(deploy_speed.main(args))
