@@ -165,7 +165,11 @@ def _refresh_inv_std(module: nn.Module, incompatible_keys: object = None) -> Non
 
 
 class _FoldedMixin:
-    """Shared behaviour of folded BN-like modules: forward is the tail, statistics frozen."""
+    """Shared behaviour of folded BN-like modules: forward is the tail, statistics frozen.
+
+    ``training`` follows the model as any module's does; it changes nothing here. The statistics
+    train only while :func:`stats_live` (set by :func:`set_stats_live`), in the layer's forward.
+    """
 
     inv_std: Tensor
     running_mean: Tensor
@@ -176,11 +180,6 @@ class _FoldedMixin:
         for name in self.__dict__.get(_TAIL, ()):
             x = self._modules[name](x)
         return x
-
-    def train(self, mode: bool = True) -> Any:
-        nn.Module.train(self, mode)  # type: ignore[arg-type]  # the tail's children follow the model
-        self.training = False  # the statistics are frozen
-        return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # The user's class's loading rules (e.g. FrozenBatchNorm2d drops num_batches_tracked),
@@ -319,7 +318,8 @@ def fold_bn(bn: nn.Module, match: BNMatch | None = None) -> nn.Module:
     bn.__dict__[_TAIL] = tuple(match.tail)
     bn.__dict__[_EPS] = float(match.eps)
     bn.__class__ = FoldedBatchNorm if isinstance(bn, nn.modules.batchnorm._BatchNorm) else FoldedFrozenBatchNorm
-    bn.training = False
+    # ``training`` follows model.train()/eval() like any module's (Lightning counts modules left in
+    # eval at fit start); whether the statistics train is the separate stats_live flag.
     bn.register_buffer("inv_std", torch.empty_like(bn.running_var), persistent=False)
     _refresh_inv_std(bn)
     bn.__dict__[_HOOK] = bn.register_load_state_dict_post_hook(_refresh_inv_std)
