@@ -16,7 +16,7 @@ from lightning_ncnnqat.ncnn.int8_attention import write_mha_int8
 from lightning_ncnnqat.ncnn.isolated import run_ncnn
 from lightning_ncnnqat.ncnn.param import NcnnParam, bin_layout
 from lightning_ncnnqat.ops.attention_reference import mha_int8
-from lightning_ncnnqat.qat.attention import QATMultiheadAttention, to_float_attention, to_qat_attention
+from lightning_ncnnqat.qat.attention import QATMultiheadAttention, mha_module_weights, to_float_attention, to_qat_attention
 
 
 class Block(nn.Module):
@@ -98,6 +98,26 @@ def test_unsupported_forms_are_named() -> None:
         to_qat_attention(nn.MultiheadAttention(8, 2, add_zero_attn=True), "a")
     m = to_qat_attention(nn.MultiheadAttention(8, 2, batch_first=True), "a")
     x = torch.randn(1, 3, 8)
-    with pytest.raises(LayerError, match="key_padding_mask"):
-        m(x, x, x, key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))
     assert np.isfinite(m(x, x, x)[0].detach().numpy()).all()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_key_padding_mask_is_an_additive_mask_per_sample(batch_first: bool) -> None:
+    """A key_padding_mask (bool, or float) is ncnn's mask input ``[1, S]`` of each sample, added
+    to ``attn_mask``: the int8 layer on the same weights with that mask."""
+    torch.manual_seed(9)
+    m = to_qat_attention(nn.MultiheadAttention(8, 2, batch_first=batch_first), "a")
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    w = {k: t.detach() for k, t in mha_module_weights(m).items()}
+    with torch.no_grad():
+        for i in range(2):
+            add = torch.zeros(1, 5).masked_fill(pad[i : i + 1], float("-inf"))
+            mask = add + torch.zeros(5, 5).masked_fill(causal, float("-inf"))
+            want = mha_int8(x[i : i + 1], x[i : i + 1], x[i : i + 1], w, 2, None, mask)
+            inp = x if batch_first else x.transpose(0, 1)
+            for kpm in (pad, torch.zeros(2, 5).masked_fill(pad, float("-inf"))):
+                got = m(inp, inp, inp, key_padding_mask=kpm, attn_mask=causal)[0]
+                got = got if batch_first else got.transpose(0, 1)
+                assert torch.equal(got[i], want[0]), (i, kpm.dtype)

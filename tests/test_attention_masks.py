@@ -18,7 +18,7 @@ from lightning_ncnnqat import export, prepare_qat
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
 from lightning_ncnnqat.ncnn.bin_layout import TAG_FP16, TAG_FP32, NcnnFormatError, locate
 from lightning_ncnnqat.ncnn.param import NcnnParam
-from test_attention_plan import SdpaNet
+from test_attention_plan import PaddedMha, SdpaNet
 
 ncnn = pytest.importorskip("ncnn")
 
@@ -112,4 +112,43 @@ def test_bool_mask_sdpa_exports_int8_at_parity(tmp_path: Path) -> None:
     assert plan.sdpa_calls == {"block": 1}
     report = export(net, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False,
                     layer_check_samples=1)
+    assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.9999
+
+
+class _PaddedConst(nn.Module):
+    """nn.MultiheadAttention with a constant key_padding_mask (bool or float)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        pad = torch.tensor([[False] * 5 + [True] * 3])
+        self.register_buffer("pad", pad if dtype == torch.bool else torch.zeros(1, 8).masked_fill(pad, float("-inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=self.pad, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_key_padding_mask_converts_to_the_mha_mask_input(dtype: torch.dtype) -> None:
+    """A constant bool key_padding_mask: pnnx alone feeds it to MultiHeadAttention as the FIRST
+    input (output off by 9e21); traced as its float mask it is the mask input, at float parity."""
+    torch.manual_seed(41)
+    m, x = _PaddedConst(dtype).eval(), torch.randn(1, 8, 16)
+    pn = convert_with_pnnx(m, [x])
+    (mha,) = [lay for lay in NcnnParam.parse(pn.param_text).layers if lay.type == "MultiHeadAttention"]
+    assert mha.get_int(5, 0) == 1, mha
+    got = _run_ncnn(pn.param_text, pn.bin_bytes, {"in0": x[0].numpy()}, "out0")
+    with torch.no_grad():
+        want = m(x)[0].numpy()
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
+
+
+def test_key_padding_mask_mha_exports_int8_at_parity(tmp_path: Path) -> None:
+    torch.manual_seed(42)
+    net, x = PaddedMha(2), torch.randn(6, 3, 8, 8)
+    assert prepare_qat(net, x[:1]).attention_layers == {"attn": "MultiHeadAttention"}
+    report = export(net, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False,
+                    layer_check_samples=1)
+    int8 = NcnnParam.parse((tmp_path / "model.int8.param").read_text())
+    assert [lay.get_int(18, 0) for lay in int8.layers if lay.type == "MultiHeadAttention"] == [2]
     assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.9999

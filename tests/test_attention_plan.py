@@ -164,10 +164,16 @@ class WeightsReadMha(MhaNet):
         return self.head(out.mean(1)) + w.mean()
 
 
-@pytest.mark.parametrize("cls, why", [(PaddedMha, "key_padding_mask"), (WeightsReadMha, "attention weights are read")])
-def test_calls_ncnn_cannot_compute_stay_float(cls: type, why: str) -> None:
-    plan = plan_and_apply(cls(2), torch.randn(2, 3, 8, 8)[:1], QATConfig())
-    assert plan.attention_layers == {} and why in plan.float_layers["attn"]
+def test_calls_ncnn_cannot_compute_stay_float() -> None:
+    plan = plan_and_apply(WeightsReadMha(2), torch.randn(2, 3, 8, 8)[:1], QATConfig())
+    assert plan.attention_layers == {} and "attention weights are read" in plan.float_layers["attn"]
+
+
+def test_key_padding_mask_is_planned_int8() -> None:
+    """pnnx writes a constant key_padding_mask as the MultiHeadAttention's mask input
+    (tests/test_attention_masks.py exports it), so the module trains as ncnn's int8 layer."""
+    plan = plan_and_apply(PaddedMha(2), torch.randn(2, 3, 8, 8)[:1], QATConfig())
+    assert plan.attention_layers == {"attn": "MultiHeadAttention"}
 
 
 def test_plan_travels_in_dict_and_state_dict() -> None:

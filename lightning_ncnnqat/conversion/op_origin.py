@@ -88,8 +88,10 @@ def _module_name(node: torch._C.Node, root: nn.Module) -> str:
 
 
 def _frame(node: torch._C.Node) -> str:
-    """The innermost Python frame the node was traced from (``file(line): function``), shortened."""
-    src = (node.sourceRange() or "").strip().splitlines()
+    """The innermost Python frame the node was traced from (``file(line): function``), shortened;
+    frames of this package (a ``TorchFunctionMode`` the trace runs under) are passed over."""
+    lines = (node.sourceRange() or "").strip().splitlines()
+    src = [ln for ln in lines if "/lightning_ncnnqat/" not in ln.split("(", 1)[0]] or lines
     return src[0].rsplit("site-packages/", 1)[-1].strip() if src else ""
 
 

@@ -23,7 +23,7 @@ from lightning_ncnnqat.errors import LayerError
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.conversion.op_origin import EXPORT_FORM_HINT, op_origins
 from lightning_ncnnqat.conversion.tracing import traceable
-from lightning_ncnnqat.qat.attention_plan import sdpa_float_masks
+from lightning_ncnnqat.qat.attention_plan import float_attention_masks
 from lightning_ncnnqat.qat.fast_path import python_paths
 
 
@@ -71,8 +71,8 @@ def convert_with_pnnx(
         tmpdir = Path(tmp)
         pt = tmpdir / "model.pt"
         # python_paths: torch's fused eval ops (aten::_transformer_encoder_layer_fwd, ...) have no pnnx conversion
-        # sdpa_float_masks: a bool SDPA mask traced as the float mask ncnn's SDPA must add
-        with traceable(model), python_paths(), sdpa_float_masks(), torch.no_grad():
+        # float_attention_masks: a bool attention mask traced as the float mask ncnn must add
+        with traceable(model), python_paths(), float_attention_masks(model), torch.no_grad():
             traced = torch.jit.trace(model, tuple(example), check_trace=False)
         traced.save(str(pt))
         shapes = ",".join(_inputshape(x) for x in example)

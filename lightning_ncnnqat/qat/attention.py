@@ -43,27 +43,39 @@ def mha_module_weights(m: nn.MultiheadAttention) -> dict[str, Tensor]:
     return w
 
 
-def _additive_mask(mask: Tensor | None, heads: int, q: Tensor, is_causal: bool, lk: int) -> Tensor | None:
-    """``attn_mask`` as ncnn adds it, for batch-first ``q [B, L, E]``: float (True of a bool mask
-    -> -inf), ``[B*H, L, S]`` as ``[B, H, L, S]``; a causal mask when ``is_causal`` and no mask."""
+def _additive_mask(
+    mask: Tensor | None, heads: int, q: Tensor, is_causal: bool, lk: int, key_padding_mask: Tensor | None = None
+) -> Tensor | None:
+    """``attn_mask`` and ``key_padding_mask`` as ONE additive float mask, for batch-first
+    ``q [B, L, E]`` (True of a bool mask -> -inf): ``attn_mask`` ``[L, S]``, or ``[B*H, L, S]`` as
+    ``[B, H, L, S]``; ``key_padding_mask [B, S]`` added as ``[B, 1, 1, S]`` (what pnnx writes for
+    a float one: a ``[1, S]`` mask blob of ncnn's MultiHeadAttention, which it broadcasts over rows
+    and heads); a causal mask when ``is_causal`` and no ``attn_mask``."""
     batch, lq = q.shape[0], q.shape[1]
     if mask is None and is_causal:
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(mask, float("-inf"))
-    if mask.dim() == 3:
-        mask = mask.reshape(batch, heads, lq, lk)
-    return mask.float()
+    def additive(m: Tensor) -> Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf"))
+        return m.float()
+
+    if mask is not None:
+        mask = additive(mask)
+        mask = mask.reshape(batch, heads, lq, lk) if mask.dim() == 3 else mask
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).reshape(batch, 1, 1, lk)
+        mask = kpm if mask is None else mask + kpm
+    return mask
 
 
 class QATMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose forward is ncnn's int8 MultiHeadAttention (see module doc).
 
     Returns ``(output, None)``: ncnn's layer has no attention-weights output. Dropout is not
-    applied (ncnn has none). LayerError for a ``key_padding_mask`` (pnnx writes it as a separate
-    mask computation this layer does not model)."""
+    applied (ncnn has none). A ``key_padding_mask`` is added to ``attn_mask`` (see
+    :func:`_additive_mask`): pnnx writes a constant one, or a float one given as an input, as
+    the mask input of ncnn's MultiHeadAttention (one that the model computes from its inputs
+    may not convert: the export names the op)."""
 
     def forward(  # type: ignore[override]
         self,
@@ -76,14 +88,13 @@ class QATMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
-        if key_padding_mask is not None:
-            raise LayerError(None, "QATMultiheadAttention: key_padding_mask is not simulated; fold it into attn_mask")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.reshape(1, -1)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        mask = _additive_mask(attn_mask, self.num_heads, query, is_causal, key.shape[1])
+        mask = _additive_mask(attn_mask, self.num_heads, query, is_causal, key.shape[1], key_padding_mask)
         out = mha_int8_ste(query, key, value, mha_module_weights(self), self.num_heads, None, mask).to(query.dtype)
         if unbatched:
             return out.squeeze(0), None

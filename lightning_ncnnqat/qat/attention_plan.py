@@ -8,8 +8,9 @@ int8"). So QAT trains them as ncnn computes them:
 * an ``nn.MultiheadAttention`` called once per forward is swapped by class to
   :class:`~lightning_ncnnqat.qat.attention.QATMultiheadAttention` (same Parameters); it stays
   float, with the reason in the plan, when ncnn's layer cannot compute it
-  (:func:`~lightning_ncnnqat.qat.attention.attention_unsupported`), when it is called with a
-  ``key_padding_mask`` or its attention weights are read (neither is in ncnn's layer), or by ``skip``;
+  (:func:`~lightning_ncnnqat.qat.attention.attention_unsupported`), when its attention weights
+  are read (ncnn's layer has no such output), or by ``skip``; a ``key_padding_mask`` trains as
+  part of its additive mask, as pnnx writes it (:func:`float_attention_masks`);
 * every ``F.scaled_dot_product_attention`` call of the traced forward runs
   :func:`~lightning_ncnnqat.ops.attention_reference.sdpa_int8_ste` instead: the plan records the
   innermost module making the calls (``QATPlan.sdpa_calls``), which gets a pair of forward hooks
@@ -20,7 +21,9 @@ int8"). So QAT trains them as ncnn computes them:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +49,7 @@ _HOOKED = "_ncnnqat_sdpa_hooks"
 _MODES = "_ncnnqat_sdpa_modes"
 
 
-def _mha_float_reason(name: str, m: nn.MultiheadAttention, flow: DataFlow, config: QATConfig, kpm: set[str]) -> str | None:
+def _mha_float_reason(name: str, m: nn.MultiheadAttention, flow: DataFlow, config: QATConfig) -> str | None:
     """Why the MultiheadAttention ``name`` stays float (None: it runs as ncnn's int8 layer)."""
     if type(m).forward is not nn.MultiheadAttention.forward:
         return f"{type(m).__name__} overrides forward() with other math than nn.MultiheadAttention's"
@@ -55,8 +58,6 @@ def _mha_float_reason(name: str, m: nn.MultiheadAttention, flow: DataFlow, confi
     calls = flow.module_calls(name)
     if len(calls) != 1:
         return "not called in the traced forward" if not calls else f"called {len(calls)} times per forward; kept in float"
-    if name in kpm:
-        return "called with a key_padding_mask, which ncnn's MultiHeadAttention lacks (fold it into attn_mask)"
     if any(flow.consumers.get(v) for v in calls[0].outputs[1:]):
         return "its attention weights are read (need_weights=True): ncnn's MultiHeadAttention has no such output"
     return attention_unsupported(m)
@@ -101,20 +102,13 @@ def _unit_hooks(modules: dict[str, nn.Module], units: dict[str, dict], open_unit
 
 def _count_forward(model: nn.Module, args: tuple, kwargs: dict, units: dict[str, dict]) -> _Counted:
     """One eval, no-grad forward: SDPA calls per innermost calling module (those inside a converter
-    unit apart), the MultiheadAttention modules called with a ``key_padding_mask``, and each
-    converter unit's inputs and output."""
-    stack, kpm, handles, open_units, seen = [""], set(), [], set(), {}
-
-    def pre(mod: nn.Module, a: tuple, kw: dict, name: str) -> None:
-        stack.append(name)
-        if isinstance(mod, nn.MultiheadAttention) and (kw.get("key_padding_mask") is not None or
-                                                        (len(a) > 3 and a[3] is not None)):
-            kpm.add(name)
+    unit apart), and each converter unit's inputs and output."""
+    stack, handles, open_units, seen = [""], [], set(), {}
 
     modules = dict(model.named_modules())
     for n, m in modules.items():
         if n:
-            handles.append(m.register_forward_pre_hook(lambda mod, a, kw, n=n: pre(mod, a, kw, n), with_kwargs=True))
+            handles.append(m.register_forward_pre_hook(lambda *_, n=n: stack.append(n)))
             handles.append(m.register_forward_hook(lambda *_: None if stack.pop() else None, always_call=True))
     handles += _unit_hooks(modules, units, open_units, seen)
     counter = _SdpaCounter(stack, open_units)
@@ -128,13 +122,12 @@ def _count_forward(model: nn.Module, args: tuple, kwargs: dict, units: dict[str,
             h.remove()
         for m, t in was.items():
             m.training = t
-    return _Counted(counter.calls, kpm, counter.absorbed, seen)
+    return _Counted(counter.calls, counter.absorbed, seen)
 
 
 @dataclass
 class _Counted:
     calls: dict[str, int]
-    kpm: set[str]
     absorbed: dict[str, int]
     seen: dict[str, tuple[dict, Any]]
 
@@ -167,7 +160,7 @@ def plan_attention(
     attention: dict[str, str] = {}
     for name, m in mhas.items():
         floats.pop(f"{name}.out_proj" if name else "out_proj", None)
-        why = _mha_float_reason(name, m, flow, config, counted.kpm)
+        why = _mha_float_reason(name, m, flow, config)
         if why is None:
             attention[name] = MHA_KIND
         else:
@@ -238,30 +231,60 @@ class _Int8Sdpa(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _additive(mask: Any, dtype: torch.dtype, masked: bool) -> Any:
+    """A bool mask as the additive float mask it means (``-inf`` where ``mask == masked``); a float
+    one as ``0 + mask``, a value of its own (see :func:`float_attention_masks`)."""
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask if masked else ~mask, float("-inf"))
+    if isinstance(mask, Tensor):
+        return torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device) + mask
+    return mask
+
+
 class _FloatMasks(TorchFunctionMode):
     """While on: a bool ``attn_mask`` of ``F.scaled_dot_product_attention`` is passed as the additive
-    float mask it means (True: 0, False: -inf). pnnx 20261020 writes a constant bool mask as a
-    MemoryData of 1/0 bytes (21=3) that ncnn's SDPA ADDS to the logits (measured: output off by
-    1.6 on a causal 6x6 mask), so the converters trace this form, whose MemoryData is right."""
+    float mask it means (True: attend)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = dict(kwargs or {})
         if getattr(func, "__name__", None) == SDPA_FN:
             args = list(args)
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            if isinstance(mask, Tensor) and mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=args[0].dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-                if len(args) > 3:
-                    args[3] = mask
-                else:
-                    kwargs["attn_mask"] = mask
+            if len(args) > 3:
+                args[3] = _additive(args[3], args[0].dtype, False)
+            else:
+                kwargs["attn_mask"] = _additive(kwargs.get("attn_mask"), args[0].dtype, False)
         return func(*args, **kwargs)
 
 
-def sdpa_float_masks() -> TorchFunctionMode:
-    """A context (``with sdpa_float_masks(): ...``) in which every SDPA call's bool mask is the
-    additive float mask it means (see :class:`_FloatMasks`); the pnnx step traces under it."""
-    return _FloatMasks()
+def _mha_float_masks(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``nn.MultiheadAttention``'s bool ``key_padding_mask`` (arg 3) / ``attn_mask`` (arg 5) as
+    additive float masks (True: masked out)."""
+    args, kwargs = list(args), dict(kwargs)
+    dtype = args[0].dtype
+    for i, key in ((3, "key_padding_mask"), (5, "attn_mask")):
+        if len(args) > i:
+            args[i] = _additive(args[i], dtype, True)
+        elif key in kwargs:
+            kwargs[key] = _additive(kwargs[key], dtype, True)
+    return tuple(args), kwargs
+
+
+@contextlib.contextmanager
+def float_attention_masks(model: nn.Module) -> Iterator[None]:
+    """Within: every bool attention mask is the additive float mask it means, for the converters'
+    trace. pnnx 20261020 writes a constant bool mask as a MemoryData of 1/0 bytes (21=3) that ncnn
+    ADDS to the logits (measured: SDPA output off by 1.6 on a causal 6x6 mask), and a constant
+    bool ``key_padding_mask`` of ``nn.MultiheadAttention`` reaches ncnn's MultiHeadAttention as its
+    FIRST input (output off by 9e21); with float masks pnnx writes a float32 MemoryData and the
+    right input order (both match torch to 1e-7)."""
+    handles = [m.register_forward_pre_hook(_mha_float_masks, with_kwargs=True)
+               for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    try:
+        with _FloatMasks():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _sdpa_on(module: nn.Module, args: Any) -> None:
