@@ -166,3 +166,27 @@ def test_unit_departure_catches_another_head_split() -> None:
         out = m.block(z)
     assert unit_departure(modules, unit, {"q": z, "k": z, "v": z}, out) < 1e-5
     assert unit_departure(modules, {**unit, "heads": 4}, {"q": z, "k": z, "v": z}, out) > 1e-2
+
+
+class RootAttn(Attn):
+    """The unit's parts are children of the model itself: its label is its out module's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z = self.embed(x)
+        return (z + super().forward(z)).mean(1)
+
+
+def test_skip_by_unit_label_keeps_it_float() -> None:
+    """``skip`` naming a unit's label (a module name: the measured re-plan at QAT start uses it)."""
+    torch.manual_seed(27)
+    x = torch.randn(2, 6, 8)
+    plan = prepare_qat(RootAttn(), x[:1])
+    assert list(plan.fused_attention) == ["out_proj"]
+    for label, model in (("out_proj", RootAttn()), ("block", Net(Attn()))):
+        plan = prepare_qat(model, x[:1], QATConfig(skip=(label,)))
+        assert plan.fused_attention == {} and "one MultiHeadAttention" in plan.float_layers[
+            "q_proj" if label == "out_proj" else "block.q_proj"]

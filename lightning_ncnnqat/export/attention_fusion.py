@@ -87,12 +87,13 @@ def _find_rows(target: np.ndarray, linears: dict[str, np.ndarray]) -> list[Any] 
     return None
 
 
-def _unit_label(parts: list[str], taken: dict[str, Any]) -> str:
-    """The unit's label: the module holding all its parts (``(model)`` for the root), made unique."""
+def _unit_label(parts: list[str], out: str, taken: dict[str, Any]) -> str:
+    """The unit's label, a module name (so ``skip`` can name it): the module holding all its
+    parts, or its ``out`` module when that is the model itself; made unique."""
     common = os.path.commonprefix([p.split(".") for p in parts])
-    label = ".".join(common) or "(model)"
-    if label in parts:  # one packed module is not the whole unit
-        label = ".".join(common[:-1]) or "(model)"
+    if ".".join(common) in parts:  # one packed module is not the whole unit
+        common = common[:-1]
+    label = ".".join(common) or out
     base, i = label, 2
     while label in taken:
         label, i = f"{base}#{i}", i + 1
@@ -125,7 +126,7 @@ def converter_units(model: nn.Module, param: NcnnParam, data: bytes) -> dict[str
             unit["why"] = f"its {'/'.join(missing)} weights are not the model's (the converter changed them)"
             for r in missing:
                 unit[r] = [parts[0], 0, 0]
-        units[_unit_label(parts, units)] = unit
+        units[_unit_label(parts, unit["out"][0], units)] = unit
     return units
 
 

@@ -172,7 +172,7 @@ def _unit_float_reason(label: str, unit: dict[str, Any], counted: _Counted, conf
                        modules: dict[str, nn.Module]) -> str | None:
     """Why converter unit ``label`` stays float (None: it trains as ncnn's int8 MultiHeadAttention)."""
     parts = unit_parts(unit)
-    skipped = [n for n in parts if any(fnmatch.fnmatchcase(n, pat) for pat in config.skip)]
+    skipped = [n for n in (label, *parts) if any(fnmatch.fnmatchcase(n, pat) for pat in config.skip)]
     if skipped:
         return f"kept in float by `skip` ({', '.join(skipped)}): the converter runs {', '.join(parts)} as one layer"
     if unit.get("mask"):

@@ -340,7 +340,8 @@ def measured_float_reasons(model: nn.Module, wrong: dict[str, dict[str, float]])
     where: dict[str, list[str]] = {}
     for target, layers in wrong.items():
         for name, cos in layers.items():
-            if name not in forced and (name in plan.layers or name in plan.gemm_layers or name in plan.attention_layers):
+            if name not in forced and (name in plan.layers or name in plan.gemm_layers or name in plan.attention_layers
+                                       or name in plan.fused_attention):
                 where.setdefault(name, []).append(f"{target} (cosine {cos:.3f})")
     return {
         name: f"ncnn's int8 runtime computes it wrongly under default options on {', '.join(w)}; measured at QAT start"
