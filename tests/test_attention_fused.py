@@ -118,12 +118,18 @@ def test_fused_forward_is_ncnn_int8_mha_with_float_gradients() -> None:
     assert all(modules[n].weight.grad is not None and modules[n].weight.grad.abs().sum() > 0 for n in PARTS)
 
 
-def test_form_the_converter_leaves_apart_stays_gemm() -> None:
-    """The scale on q: pnnx writes four Gemms and MatMuls, so the plan keeps four int8 Gemms."""
+def test_form_the_converter_leaves_apart_stays_gemm(tmp_path: Path) -> None:
+    """The scale on q: pnnx writes four Gemms and two MatMuls, so the plan keeps four int8 Gemms;
+    the report names the MatMuls as float with the reason (ncnn has no int8 MatMul)."""
     torch.manual_seed(23)
-    m, x = Net(Attn(core="q")), torch.randn(2, 6, 8)
+    m, x = Net(Attn(core="q")), torch.randn(6, 6, 8)
     plan = prepare_qat(m, x[:1])
     assert plan.fused_attention == {} and set(PARTS) <= set(plan.gemm_layers)
+    report = export(m, tmp_path, x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False,
+                    layer_check_samples=1)
+    assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.9999
+    matmuls = [f for f in report.float_layers if f["name"].endswith("(ncnn MatMul)")]
+    assert len(matmuls) == 2 and all("no int8 MatMul" in f["reason"] for f in matmuls)
 
 
 def test_skipped_part_keeps_the_unit_float_with_its_reason(tmp_path: Path) -> None:

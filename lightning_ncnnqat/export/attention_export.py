@@ -98,6 +98,24 @@ def sdpa_int8(model: nn.Module, param: NcnnParam) -> tuple[bool, list[str]]:
                   "run time, as QAT trained them"]
 
 
+#: Why a MatMul of two activations stays float (checked in ncnn's source, commit a4d2ea1 of
+#: 2026-07-22: ``src/layer/matmul.cpp`` reads only ``0=transB``, the x86/arm MatMul layers have
+#: no int8 path, ncnn2int8 has no MatMul pass; measured on ncnn 1.0.20261020: a MatMul with 18=2,
+#: 18=1 or 8=1 under ``use_int8_inference`` computes the float product, max error 2.4e-7).
+MATMUL_FLOAT_REASON = (
+    "ncnn has no int8 MatMul (src/layer/matmul.cpp reads only transB; ncnn2int8 has no MatMul pass; "
+    "int8 params are ignored): a product of two activations (linear attention, manual attention pnnx "
+    "leaves apart) runs in float in ncnn, as QAT trained it"
+)
+
+
+def matmul_float_layers(param: NcnnParam) -> list[dict[str, str]]:
+    """The report's float-layer entries of the converted model's ``MatMul`` layers (ncnn names:
+    they are functions of the model, not modules), each with :data:`MATMUL_FLOAT_REASON`."""
+    return [{"name": f"{lay.name} (ncnn MatMul)", "reason": MATMUL_FLOAT_REASON}
+            for lay in param.layers if lay.type == "MatMul"]
+
+
 def attention_layer_reports(refs: list[AttentionRef], param: NcnnParam) -> list[LayerReport]:
     """One report line per int8 MultiHeadAttention / SDPA (no input scale: activations are
     quantized at run time; no weight scale for SDPA, which has no weights)."""

@@ -16,7 +16,9 @@ from lightning_ncnnqat.conversion.matching import converted_int8_kind, match_own
 from lightning_ncnnqat.conversion.model_io import FlatModel
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
 from lightning_ncnnqat.errors import LayerError
-from lightning_ncnnqat.export.attention_export import attention_layer_reports, attention_refs, match_mha, sdpa_int8
+from lightning_ncnnqat.export.attention_export import (
+    attention_layer_reports, attention_refs, match_mha, matmul_float_layers, sdpa_int8,
+)
 from lightning_ncnnqat.export.gemm_export import check_gemm_owners, gemm_notes, gemm_specs_and_refs
 from lightning_ncnnqat.export.inputs import Prepared, table_rows
 from lightning_ncnnqat.export.onnx_branch import Land
@@ -112,6 +114,7 @@ def _write_int8(p: Prepared, report: ExportReport, nc: _Ncnn, float_weights: str
     mha = match_mha(p.qmodel, nc.param, nc.bin_bytes)  # attention QAT trained int8 (export/attention_export.py)
     sdpa, sdpa_notes = sdpa_int8(p.qmodel, nc.param)
     render(report, policy.facts("attention_int8", sdpa_notes))
+    report.float_layers += matmul_float_layers(nc.param)  # products of activations: no int8 MatMul in ncnn
     res = write_int8(nc.param, nc.bin_bytes, specs, quantize_gemm=False, float_weights=float_weights, gemm_specs=gemm_specs,
                      mha_int8=set(mha.values()), sdpa_int8=sdpa)
     att = attention_refs(p.qmodel, mha, nc.param, sdpa)
