@@ -17,11 +17,12 @@ a probe; ``qat.training_forms`` gives a planned module the same forward for trai
 from __future__ import annotations
 
 import contextlib
-import types
+from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ncnnqat.qat.checked_forms import checked_form, probe_output, seeded_probe
 
 CONV_ATTENTION_FORM_ATTR = "_ncnnqat_conv_attention_form"
 _REQUIRED = ("qkv", "proj", "pe", "num_heads", "key_dim", "head_dim", "scale")
@@ -45,41 +46,8 @@ def conv_attention_forward(m: nn.Module, x: Tensor) -> Tensor:
     return m.proj(y)
 
 
-def _probe(m: nn.Module, chs: int) -> Tensor | None:
-    p = next(iter(m.parameters()), None)
-    x = torch.randn(2, chs, 3, 4, generator=torch.Generator().manual_seed(0))
-    if p is not None:
-        x = x.to(p.device, p.dtype)
-    try:
-        with torch.no_grad():
-            y = m(x)
-        return y if isinstance(y, Tensor) else None
-    except Exception:  # noqa: BLE001 - a module this form does not compute is simply not rewritten
-        return None
-
-
-@contextlib.contextmanager
-def _rewritten(m: nn.Module, chs: int):  # noqa: ANN202 - a generator context manager of bool
-    flags = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        want = _probe(m, chs)
-        m.__dict__["forward"] = types.MethodType(conv_attention_forward, m)  # deepcopy rebinds it
-        got = _probe(m, chs)
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
-    same = want is not None and got is not None and want.shape == got.shape and bool(
-        torch.allclose(want, got, rtol=1e-4, atol=1e-5))
-    if same:
-        m.__dict__[CONV_ATTENTION_FORM_ATTR] = "SDPA on q^T, k^T, v^T"
-    else:
-        m.__dict__.pop("forward", None)
-    try:
-        yield same
-    finally:
-        m.__dict__.pop("forward", None)
-        m.__dict__.pop(CONV_ATTENTION_FORM_ATTR, None)
+def _probe(chs: int) -> Callable[[nn.Module], Tensor | None]:
+    return lambda m: probe_output(m, seeded_probe(2, chs, 3, 4))
 
 
 def enter_conv_attention_form(m: nn.Module, stack: contextlib.ExitStack) -> bool:
@@ -89,4 +57,5 @@ def enter_conv_attention_form(m: nn.Module, stack: contextlib.ExitStack) -> bool
     conv = next((c for c in m.qkv.modules() if isinstance(c, nn.Conv2d)), None)
     if conv is None:
         return False
-    return stack.enter_context(_rewritten(m, conv.in_channels))
+    return stack.enter_context(checked_form(m, conv_attention_forward, CONV_ATTENTION_FORM_ATTR,
+                                            "SDPA on q^T, k^T, v^T", _probe(conv.in_channels)))

@@ -25,12 +25,12 @@ those attributes (duck typing, no timm import) whose output the form reproduces 
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ncnnqat.qat.checked_forms import checked_form, probe_output, seeded_probe
 
 GRID_FORM_ATTR = "_ncnnqat_grid_form"
 
@@ -90,47 +90,15 @@ def biased_attention_forward(m: nn.Module, x: Tensor) -> Tensor:
     return m.proj(y.transpose(1, 2).reshape(b, q.shape[2], h * vd))
 
 
-def _probe(m: nn.Module, n_tokens: int, chs: int) -> Tensor | None:
-    p = next(iter(m.parameters()), None)
-    x = torch.randn(2, n_tokens, chs, generator=torch.Generator().manual_seed(0))
-    if p is not None:
-        x = x.to(p.device, p.dtype)
-    try:
-        with torch.no_grad():
-            y = m(x)
-        return y if isinstance(y, Tensor) else None
-    except Exception:  # noqa: BLE001 - a module this form does not compute is simply not rewritten
-        return None
-
-
 def _in_features(m: nn.Module) -> int | None:
     lin = next((c for c in m.modules() if isinstance(c, nn.Linear)), None)
     return lin.in_features if lin is not None else None
 
 
-@contextlib.contextmanager
-def _rewritten(m: nn.Module, fn: Callable[..., Tensor], name: str, n_tokens: int, chs: int) -> Iterator[bool]:
-    """``m.forward`` as ``fn`` for the block when the probe's output is the module's own."""
-    flags = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        want = _probe(m, n_tokens, chs)
-        m.__dict__["forward"] = types.MethodType(fn, m)  # deepcopy rebinds it to a copy
-        got = _probe(m, n_tokens, chs)
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
-    same = want is not None and got is not None and want.shape == got.shape and bool(
-        torch.allclose(want, got, rtol=1e-4, atol=1e-5))
-    if same:
-        m.__dict__[GRID_FORM_ATTR] = name
-    else:
-        m.__dict__.pop("forward", None)
-    try:
-        yield same
-    finally:
-        m.__dict__.pop("forward", None)
-        m.__dict__.pop(GRID_FORM_ATTR, None)
+def _rewritten(m: nn.Module, fn: Callable[..., Tensor], name: str, n_tokens: int, chs: int
+               ) -> contextlib.AbstractContextManager[bool]:
+    """``m.forward`` as ``fn`` for the block when a ``[2, n_tokens, chs]`` probe's output is the module's own."""
+    return checked_form(m, fn, GRID_FORM_ATTR, name, lambda mod: probe_output(mod, seeded_probe(2, n_tokens, chs)))
 
 
 def enter_grid_form(m: nn.Module, stack: contextlib.ExitStack) -> bool:

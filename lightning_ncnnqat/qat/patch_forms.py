@@ -21,7 +21,6 @@ forward (its interpolation).
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ncnnqat.qat.attention_forms import enter_attention_form
+from lightning_ncnnqat.qat.checked_forms import checked_form, probe_output, seeded_probe
 
 PATCH_FORM_ATTR = "_ncnnqat_patch_form"
 _REQUIRED = ("conv_kxk", "conv_1x1", "transformer", "norm", "conv_proj", "conv_fusion", "patch_size")
@@ -67,14 +67,7 @@ def patch_forward(m: nn.Module, x: Tensor) -> Tensor:
 def _probe(m: nn.Module) -> Tensor | None:
     conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
     s = _patch(m)
-    x = torch.randn(2, conv.in_channels, 2 * s, 3 * s, generator=torch.Generator().manual_seed(0))
-    x = x.to(conv.weight.device, conv.weight.dtype)
-    try:
-        with torch.no_grad():
-            y = m(x)
-        return y if isinstance(y, Tensor) else None
-    except Exception:  # noqa: BLE001 - a module this form does not compute is simply not rewritten
-        return None
+    return probe_output(m, seeded_probe(2, conv.in_channels, 2 * s, 3 * s))
 
 
 @contextlib.contextmanager
@@ -82,32 +75,17 @@ def patch_form(m: nn.Module) -> Iterator[bool]:
     """``m``'s forward as :func:`patch_forward`, its attention modules in their form, for the
     block, when the probe's output is the module's own; yields whether it was rewritten. Instance
     attributes are removed on exit (also on error)."""
-    if not is_patch_block(m) or "forward" in m.__dict__:
+    if not is_patch_block(m):
         yield False
         return
-    flags = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    with contextlib.ExitStack() as stack:
-        try:
-            want = _probe(m)
-            for sub in m.transformer.modules():
-                enter_attention_form(sub, stack)
-            m.__dict__["forward"] = types.MethodType(patch_forward, m)  # deepcopy rebinds it to a copy
-            m.__dict__[PATCH_FORM_ATTR] = "patches as an axis: pixel_unshuffle -> [B, P, N, C]"
-            got = _probe(m)
-        finally:
-            for mod, flag in flags:
-                mod.training = flag
-        same = want is not None and got is not None and want.shape == got.shape and bool(
-            torch.allclose(want, got, rtol=1e-4, atol=1e-5))
-        try:
-            if not same:  # not this computation: everything undone before the block runs
-                m.__dict__.pop("forward", None)
-                stack.close()
-            yield same
-        finally:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop(PATCH_FORM_ATTR, None)
+
+    def inner(stack: contextlib.ExitStack) -> None:
+        for sub in m.transformer.modules():
+            enter_attention_form(sub, stack)
+
+    with checked_form(m, patch_forward, PATCH_FORM_ATTR, "patches as an axis: pixel_unshuffle -> [B, P, N, C]",
+                      _probe, inner) as same:
+        yield same
 
 
 def enter_patch_form(m: nn.Module, stack: contextlib.ExitStack) -> bool:
