@@ -266,6 +266,7 @@ def test_export_carries_the_board_speed_judged(exports, tmp_path: Path, name, ga
     text = rep.summary()
     if verdict == "slower":
         assert any("int8 does NOT pay on the board RK3588" in w for w in rep.warnings), rep.warnings
+        assert any(f"QATConfig(board_profile={str(f)!r})" in n for n in rep.notes), rep.notes
     else:
         assert "the board RK3588" in text and not any("RK3588" in w for w in rep.warnings)
 

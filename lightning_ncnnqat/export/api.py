@@ -12,6 +12,8 @@ Steps (each named in errors and in ``report.json``):
 ``ncnn_table``  ``model.ncnn.table``: the table keyed by the layer names in model.ncnn.param.
 ``int8``        ``model.int8.param/.bin``: what ncnn2int8 writes from model.ncnn.* + the table.
 ``parity``      parity on the held batch per output, per-layer checks, timing: in a child process.
+``board_profile`` with ``ExportConfig.board_profile``: a board's int8 vs float figures, judged
+                (:mod:`.board_speed`).
 ``deploy_kit``  ``DEPLOY.md``, ``run_int8.py``, ``main.cpp`` for the device.
 ``report``      ``report.json``: always written (failures included) once the directory exists.
 

@@ -74,6 +74,9 @@ def board_speed(report: Any, export_dir: str | Path, profile: str | Path) -> dic
         findings.append(note("board_profile_other_model", f"board profile {prof.path} timed another int8 model of this "
                              "architecture (model.int8.param differs: other layers int8, or other feature masks); "
                              "its figures are that model's: profile this export on the board to confirm"))  # fmt: skip
+    if any(r.get("verdict") == "slower" for r in summary.get("threads", {}).values()):
+        findings.append(note("board_profile_for_qat", f"QATConfig(board_profile={str(prof.path)!r}) makes the QAT start "
+                             "keep float the int8 layers that lose on that board (docs/targets.md)"))  # fmt: skip
     render(report, findings)
     report.board_profiles.append(summary)
     return summary

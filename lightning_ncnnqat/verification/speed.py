@@ -111,7 +111,8 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
         out.append(f"- {', '.join(others)}: checked emulated, not timed (emulated times are not speeds); time "
                    "int8 against float on the device before choosing: `python board_profile.py EXPORT_DIR -o board.json` there "
                    "(lightning_ncnnqat/ncnn/targets/board_profile.py runs alone with ncnn + numpy), then `python -m "
-                   "lightning_ncnnqat.ncnn.targets attach EXPORT_DIR board.json` here (docs/targets.md).")
+                   "lightning_ncnnqat.ncnn.targets attach EXPORT_DIR board.json` here; give it to QAT as "
+                   "`QATConfig(board_profile='board.json')` so the layers that lose there stay float (docs/targets.md).")
     if report.get("board_profiles"):  # ExportConfig(board_profile=...): the board's figures, judged
         out += ["", BOARD_SECTION[0], *board_speed_lines(report["board_profiles"]), BOARD_SECTION[1]]
     return out + [""]
