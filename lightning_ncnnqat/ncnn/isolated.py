@@ -55,6 +55,39 @@ def _target_command(target: str) -> tuple[list[str], dict[str, str]]:
     return worker_command(target)
 
 
+# A child's time limit, sized to the model (:func:`sized_timeout`). ncnn's float and int8 runs of
+# the models this package exports take milliseconds to a second per sample on one x86 core; a run
+# far beyond that is a hang inside ncnn (a layer looping on a shape it does not support), which
+# used to cost the fixed 900 s before the QAT start went on.
+TIMEOUT_FLOOR_S = 60.0  # loading the model, starting Python and ncnn, the first sample
+SAMPLE_S = 0.5  # per sample, whatever the model
+SAMPLE_S_PER_MB = 0.05  # per sample and MB of weights (~50x ncnn's float speed on one core)
+SAMPLE_S_PER_MVALUE = 1.0  # per sample and million input values (large images)
+EMULATED_SLOWDOWN = 40.0  # an emulated ARM target (qemu) against the host
+
+
+def _weights_mb(bin_path: str | Path) -> float:
+    try:
+        return Path(bin_path).stat().st_size / 2**20
+    except OSError:
+        return 0.0
+
+
+def sized_timeout(bin_path: str | Path, n_samples: int, input_values: int = 0, target: str = HOST,
+                  floor_s: float | None = None) -> float:
+    """Seconds a child may run ``n_samples`` samples of the model whose weights are ``bin_path``
+    (``input_values``: values of one sample's inputs) before it counts as hung.
+
+    ``floor + n * (SAMPLE_S + SAMPLE_S_PER_MB * MB + SAMPLE_S_PER_MVALUE * Mvalues)``, times
+    :data:`EMULATED_SLOWDOWN` on an emulated target: about a minute for a small model at QAT
+    start, far above what a run that works takes, and minutes for a model of hundreds of MB.
+    """
+    floor = TIMEOUT_FLOOR_S if floor_s is None else float(floor_s)
+    per_sample = SAMPLE_S + SAMPLE_S_PER_MB * _weights_mb(bin_path) + SAMPLE_S_PER_MVALUE * input_values / 1e6
+    limit = floor + max(int(n_samples), 1) * per_sample
+    return limit * (1.0 if target == HOST else EMULATED_SLOWDOWN)
+
+
 def _signal_name(returncode: int) -> str | None:
     if returncode >= 0:
         return None
@@ -125,7 +158,7 @@ def run_ncnn(
     target: str = HOST,
     light_mode: bool = True,
     time_runs: int = 0,
-    timeout_s: float = 900.0,
+    timeout_s: float | None = None,
 ) -> RunResult:
     """Run ``param``/``bin_path`` on every sample of ``inputs`` in a child process.
 
@@ -137,6 +170,9 @@ def run_ncnn(
         target: ``"x86"`` (this machine's ncnn) or an emulated ARM profile name.
         light_mode: False keeps intermediate blobs (cheaper when extracting many of them).
         time_runs: also time this many inferences of the first sample (median in ``info``).
+        timeout_s: seconds before the child counts as hung and is killed; None: sized to the
+            model, the samples and the target (:func:`sized_timeout`, about a minute for a
+            small model on the host).
 
     Raises:
         NcnnRuntimeError: the child crashed (signal named), timed out or reported an error.
@@ -146,6 +182,14 @@ def run_ncnn(
     with tempfile.TemporaryDirectory(prefix="ncnnqat_run_") as tmp:
         tmpdir = Path(tmp)
         arrays, _ = ncnn_inputs(Path(param).read_text(encoding="utf-8"), inputs)
+        n = max((len(a) for a in arrays.values()), default=1)
+        if timeout_s is None:
+            per = sum(a[0].size for a in arrays.values() if len(a))
+            timeout_s = sized_timeout(bin_path, n + int(time_runs), per, target)
+            sized = (f", far longer than this model needs ({_weights_mb(bin_path):.1f} MB of "
+                     f"weights, limit sized by isolated.sized_timeout): ncnn loops in one of its layers")
+        else:
+            sized = ""
         np.savez(tmpdir / "inputs.npz", **arrays)
         job = {
             "param": str(Path(param).resolve()),
@@ -171,7 +215,9 @@ def run_ncnn(
                 cwd=tmpdir,
             )
         except subprocess.TimeoutExpired as e:
-            raise NcnnRuntimeError(f"{what} did not finish within {timeout_s:.0f} s") from e
+            raise NcnnRuntimeError(
+                f"{what} on {n} sample(s) did not finish within {timeout_s:.0f} s{sized}"
+            ) from e
         sig = _signal_name(proc.returncode)
         if sig is not None:
             raise NcnnRuntimeError(f"{what} crashed with {sig} inside the ncnn runtime", sig)

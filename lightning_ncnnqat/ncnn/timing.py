@@ -10,6 +10,7 @@ itself may time (the ncnn layer: standard library here, numpy and ncnn in the ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError
+from lightning_ncnnqat.ncnn.isolated import TIMEOUT_FLOOR_S, NcnnRuntimeError, sized_timeout
 
 WORKER = Path(__file__).with_name("speed_worker.py")
 
@@ -88,6 +89,11 @@ class ModelToTime:
         self.data = {blob: os.path.abspath(path) for blob, path in self.data.items()}
 
 
+def _values(m: ModelToTime) -> int:
+    """Values of one sample's inputs of ``m``."""
+    return sum(int(math.prod(shape)) for shape in m.inputs.values())
+
+
 def _run_worker(job: dict, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ncnnqat_speed_") as tmp:
         job = {**job, "result": str(Path(tmp) / "result.json")}
@@ -104,7 +110,7 @@ def _run_worker(job: dict, timeout_s: float) -> dict:
         return json.loads((Path(tmp) / "result.json").read_text(encoding="utf-8"))
 
 
-def time_models(models: Sequence[ModelToTime], runs: int = 30, warmup: int = 5, timeout_s: float = 900.0) -> dict[str, Timing]:
+def time_models(models: Sequence[ModelToTime], runs: int = 30, warmup: int = 5, timeout_s: float | None = None) -> dict[str, Timing]:
     """Time ``models`` interleaved in one child process; name -> :class:`Timing`.
 
     Raises ValueError for runs < 1, duplicate names or no model; NcnnRuntimeError when the child
@@ -117,11 +123,14 @@ def time_models(models: Sequence[ModelToTime], runs: int = 30, warmup: int = 5, 
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"time_models: model names must be unique, got {names}")
+    if timeout_s is None:  # sized to the models (isolated.sized_timeout): a hang costs about a minute, not 15
+        timeout_s = TIMEOUT_FLOOR_S + sum(sized_timeout(m.bin, runs + int(warmup), _values(m), floor_s=0) for m in models)
     res = _run_worker({"models": [asdict(m) for m in models], "runs": runs, "warmup": int(warmup)}, timeout_s)
     cpu = res.get("cpu_ms", {})
     return {k: Timing.of(v, cpu.get(k)) for k, v in res["times_ms"].items()}
 
 
-def blob_shapes(model: ModelToTime, blobs: Sequence[str], timeout_s: float = 300.0) -> dict[str, list[int]]:
+def blob_shapes(model: ModelToTime, blobs: Sequence[str], timeout_s: float | None = None) -> dict[str, list[int]]:
     """Shapes ncnn gives ``blobs`` of ``model`` on its input shapes ([c, h, w], [h, w] or [w])."""
+    timeout_s = sized_timeout(model.bin, 1, _values(model)) if timeout_s is None else timeout_s
     return _run_worker({"models": [asdict(model)], "runs": 1, "shapes": list(blobs)}, timeout_s)["shapes"]
