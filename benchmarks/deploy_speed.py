@@ -113,7 +113,7 @@ def prepare_and_export(model: nn.Module, size: int, out: Path, steps: int, swap:
         prepare_qat(model, x[:1], QATConfig(skip=tuple(skip or ())))
     else:
         t0 = time.perf_counter()
-        plan = prepare_qat(model, x[:1], QATConfig(prefer=prefer), targets=["x86"])
+        plan = prepare_qat(model, x[:1], QATConfig(prefer=prefer), targets=["x86"], verbose=True)  # its lines logged
         info["start_s"] = time.perf_counter() - t0
         info["kept_float"] = {n: r for n, r in plan.float_layers.items() if "for speed" in r}
         info["speed_note"] = plan.notes.get("(speed on x86)")

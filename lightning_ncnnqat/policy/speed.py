@@ -31,6 +31,10 @@ SPEED_KEEP_FLOAT_GAIN = 0.05
 #: half's figures are the ones reported, and the safety step looks at both.
 SPEED_LAYER_RUNS = 30
 SPEED_MODEL_RUNS = 60
+#: Interleaved runs of the confirming timing (float, the chosen plan, the next safer plan): a
+#: figure of its own, so the one reported is not the best of several noisy readings (the QAT
+#: start's figure read 4-5% above the export's own timing on four zoo runs without it).
+SPEED_CONFIRM_RUNS = 30
 #: ncnn layer kinds that may lose in int8 even inside a requantize chain, so a chain holding them
 #: is also timed with them float (its other layers int8 in the pieces left): ncnn's x86 int8
 #: depthwise (``src/layer/x86/convolutiondepthwise_x86.cpp``, ``forward_int8_x86``) is SSE only

@@ -32,11 +32,10 @@ measured on a board can feed the same rule (:func:`layers_to_keep_float`).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,13 @@ from lightning_ncnnqat.export.api import preflight_export
 from lightning_ncnnqat.export.config import resolve_targets
 from lightning_ncnnqat.ncnn.isolated import HOST, NcnnRuntimeError
 from lightning_ncnnqat.ncnn.machine import machine_line
-from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing, paired_speedup
+from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing
 from lightning_ncnnqat.policy import speed as policy
 from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.prepare import replan_as_float
 from lightning_ncnnqat.speed.candidates import UnitSpeed, candidate_plans
+from lightning_ncnnqat.speed.choice import LayerSpeed, ModelSpeed, SpeedMeasurement, _model_speed, choose, confirm
 from lightning_ncnnqat.speed.plan import whole_models
 from lightning_ncnnqat.speed.segments import time_side_by_side
 from lightning_ncnnqat.speed.unit_timing import split_rounds, time_chains
@@ -60,80 +60,6 @@ from lightning_ncnnqat.speed.variants import write_variant
 
 __all__ = ["LayerSpeed", "ModelSpeed", "SpeedMeasurement", "SpeedDecision", "SpeedCheck", "speed_check",
            "layers_to_keep_float", "measure_speed", "choose", "decide_speed", "keep_slow_layers_float"]
-
-
-@dataclass
-class LayerSpeed:
-    """One int8 layer timed on one target: median ms of its int8 and its float form (and their
-    fastest runs, where timed: the figure least disturbed by other work on the machine).
-    ``unit``: the torch layers timed together with it (its int8 chain); empty when alone."""
-
-    name: str  # torch module name
-    int8_ms: float
-    float_ms: float
-    kind: str = ""  # ncnn layer type
-    int8_min_ms: float | None = None
-    float_min_ms: float | None = None
-    unit: tuple[str, ...] = ()
-
-    @property
-    def ratio(self) -> float:
-        """float / int8 of the medians: above 1 int8 is faster."""
-        return self.float_ms / self.int8_ms
-
-    @property
-    def loses(self) -> bool:
-        """Whether int8 loses clearly (:func:`policy.int8_layer_loses`) by the medians AND by the
-        fastest runs, where timed: a layer near the margin is not flipped by one noisy run."""
-        by_min = self.int8_min_ms is None or self.float_min_ms is None or policy.int8_layer_loses(
-            self.float_min_ms, self.int8_min_ms)
-        return policy.int8_layer_loses(self.float_ms, self.int8_ms) and by_min
-
-
-@dataclass
-class ModelSpeed:
-    """One whole model timed: median [min-max] ms; ``float_layers``: int8 layers left float in it;
-    ``speedup``: float / this, the median of per-round ratios (:func:`ncnn.timing.paired_speedup`);
-    ``rounds``: its ms per round, in the order of the interleaved timing (empty from a profile);
-    ``why``: per float layer, the figures that proposed it."""
-
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    float_layers: list[str] = field(default_factory=list)
-    speedup: float = 1.0
-    rounds: list[float] = field(default_factory=list, repr=False)
-    why: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-def _faster(base: ModelSpeed, other: ModelSpeed) -> float:
-    """How much faster ``other`` runs than ``base``: paired per round where both kept their rounds."""
-    if base.rounds and len(base.rounds) == len(other.rounds):
-        return statistics.median(a / b for a, b in zip(base.rounds, other.rounds) if b > 0)
-    return base.median_ms / other.median_ms
-
-
-@dataclass
-class SpeedMeasurement:
-    """What was timed on one target (``clock``: "cpu" = process CPU time, "wall" = wall time).
-
-    ``models``: "float", "int8" (every layer int8) and candidate plans, from the rounds that
-    choose; ``check``: the same models from the other rounds (empty: no held-out rounds), the
-    figures reported; ``units``: the chains timed whole."""
-
-    target: str
-    machine: str
-    threads: int
-    clock: str
-    layers: dict[str, LayerSpeed]
-    models: dict[str, ModelSpeed]
-    seconds: float = 0.0  # what measuring cost
-    check: dict[str, ModelSpeed] = field(default_factory=dict)
-    units: list[UnitSpeed] = field(default_factory=list)
-
-    def reported(self, key: str) -> ModelSpeed:
-        """The figure of ``key`` to report: from the held-out rounds where there are some."""
-        return self.check.get(key, self.models[key])
 
 
 @dataclass
@@ -182,7 +108,8 @@ class SpeedDecision:
             s = m.reported(key)
             return f"{s.median_ms:.3f} ms [{s.min_ms:.3f}-{s.max_ms:.3f}] ({s.speedup:.2f}x)"
 
-        held = "; figures from the second half of the rounds" if m.check else ""
+        held = ("; figures from a confirming timing of the plan chosen" if m.confirmed
+                else "; figures from the second half of the rounds" if m.check else "")
         out = [f"int8 speed on {m.target} ({m.machine}; {m.threads} thread, {m.clock} time, medians of interleaved "
                f"runs{held}, measured in {m.seconds:.1f} s): float {f.median_ms:.3f} ms, int8 {fig('int8')}"]
         for key, s in m.models.items():
@@ -260,18 +187,11 @@ def _layer_speeds(units: list[UnitSpeed]) -> dict[str, LayerSpeed]:
     return {n: out[n] for n in order}
 
 
-def _model_speed(t: Timing, fp: Timing, clock: str, float_layers: list[str], why: dict[str, str] | None = None
-                 ) -> ModelSpeed:
-    speedup = paired_speedup(fp, t, clock)
-    if clock == "cpu" and t.cpu_median_ms is not None:
-        return ModelSpeed(t.cpu_median_ms, t.cpu_min_ms or 0.0, t.cpu_max_ms or 0.0, float_layers, speedup,
-                          list(t.cpu_runs or []), dict(why or {}))
-    return ModelSpeed(t.median_ms, t.min_ms, t.max_ms, float_layers, speedup, list(t.wall_runs or []), dict(why or {}))
-
-
-def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> SpeedMeasurement:
+def measure_speed(model: nn.Module, example_input: Any, threads: int = 1, decide: bool = False) -> SpeedMeasurement:
     """Export a QAT-prepared ``model`` (x86) into a temporary directory and time it here: every
     int8 chain whole, then the whole float, all-int8 and candidate models (module docstring).
+    ``decide``: also choose the plan (:func:`speed.choice.choose`) and confirm it in a timing of
+    its own (:func:`speed.choice.confirm`; ``m.chosen``, ``m.confirmed``).
 
     Raises ExportError when the model cannot export; NcnnRuntimeError when a timing fails.
     """
@@ -295,52 +215,20 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1) -> Spe
             models.append(ModelToTime(p.name, str(d / f"{p.name}.param"), str(d / f"{p.name}.bin"), q.inputs,
                                       q.extract, q.options))
         timed = time_side_by_side(models, runs=policy.SPEED_MODEL_RUNS)
-    halves = [{k: split_rounds(t)[h] for k, t in timed.items()} for h in (0, 1)]
+        halves = [{k: split_rounds(t)[h] for k, t in timed.items()} for h in (0, 1)]
 
-    def speeds(half: dict[str, Timing]) -> dict[str, ModelSpeed]:
-        tf = half["float"]
-        out = {"float": _model_speed(tf, tf, clock, []), "int8": _model_speed(half["int8"], tf, clock, [])}
-        out.update({p.name: _model_speed(half[p.name], tf, clock, p.float_layers, p.why) for p in plans})
-        return out
+        def speeds(half: dict[str, Timing]) -> dict[str, ModelSpeed]:
+            tf = half["float"]
+            out = {"float": _model_speed(tf, tf, clock, []), "int8": _model_speed(half["int8"], tf, clock, [])}
+            out.update({p.name: _model_speed(half[p.name], tf, clock, p.float_layers, p.why) for p in plans})
+            return out
 
-    return SpeedMeasurement(HOST, machine_line(), threads, clock, _layer_speeds(units), speeds(halves[0]),
-                            time.perf_counter() - t0, speeds(halves[1]), units)
-
-
-def _slower(models: dict[str, ModelSpeed], key: str) -> bool:
-    f, s = models["float"], models[key]
-    return policy.speed_verdict(s.speedup, f.median_ms - s.median_ms) == "slower"
-
-
-def _pays(models: dict[str, ModelSpeed], cur_key: str, key: str) -> bool:
-    cur, cand = models[cur_key], models[key]
-    return policy.keep_float_pays(_faster(cur, cand), cur.speedup, cur.median_ms - cand.median_ms,
-                                  models["float"].median_ms - cur.median_ms)
-
-
-def choose(m: SpeedMeasurement) -> str:
-    """The int8 model to deploy: all-int8 unless a plan with more layers float beats the current
-    one clearly (:func:`policy.keep_float_pays`) on BOTH halves of the rounds (``m.models`` and
-    ``m.check``: one half's noise does not move the plan, so two measurements decide alike; fewer
-    float layers first: on a tie the smaller model). Then the safety step: while the chosen model
-    is slower than float on either half, the next plan with more layers float that is slower on
-    neither is taken; where none is, the one whose worse half is fastest (int8 does not pay there:
-    the summary says so)."""
-    keys = sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers))
-    halves = [h for h in (m.models, m.check) if h]
-    chosen = "int8"
-    for key in keys:
-        if all(_pays(h, chosen, key) for h in halves):
-            chosen = key
-    if any(_slower(h, chosen) for h in halves):
-        n = len(m.models[chosen].float_layers)
-        safer = [k for k in keys if len(m.models[k].float_layers) > n]
-        ok = [k for k in safer if not any(_slower(h, k) for h in halves)]
-        if ok:
-            chosen = ok[0]
-        elif safer:
-            chosen = max([chosen, *safer], key=lambda k: min(h[k].speedup for h in halves))
-    return chosen
+        m = SpeedMeasurement(HOST, machine_line(), threads, clock, _layer_speeds(units), speeds(halves[0]), 0.0,
+                             speeds(halves[1]), units)
+        if decide:
+            m.chosen = confirm(m, choose(m), {mt.name: mt for mt in models})
+    m.seconds = time.perf_counter() - t0
+    return m
 
 
 def decide_speed(model: nn.Module, example_input: Any, prefer: str, check: SpeedCheck | None) -> SpeedDecision:
@@ -352,12 +240,12 @@ def decide_speed(model: nn.Module, example_input: Any, prefer: str, check: Speed
         why = "no target timed here" + (f" ({', '.join(check.others)}: emulated)" if check and check.others else "")
         return SpeedDecision(prefer, not_measured=why)
     try:
-        m = measure_speed(model, example_input, check.threads)
+        m = measure_speed(model, example_input, check.threads, decide=prefer == "speed")
     except (NcnnQatError, NcnnRuntimeError, OSError, ValueError, KeyError) as e:
         # a timing never stops QAT: the export's own errors, the child's, files, a table or
         # .param the writer could not read back; the summary says what failed
         return SpeedDecision(prefer, not_measured=f"the timing failed ({type(e).__name__}: {str(e)[:200]})")
-    return SpeedDecision(prefer, m, choose(m) if prefer == "speed" else "int8")  # "int8": what deploys
+    return SpeedDecision(prefer, m, m.chosen or "int8" if prefer == "speed" else "int8")  # "int8": what deploys
 
 
 RunOnce = Callable[[str, Callable[[], Any]], Any]
