@@ -142,6 +142,9 @@ SPLIT, FLOOR = ["b"], ["a", "b", "c"]
     ({"float": 1.3, "int8": 1.0, "split": 0.97, "floor": 0.96}, None, "int8"),
     # the split plan gains on one half only: one half's noise does not move the plan
     ({"float": 1.3, "int8": 1.0, "split": 0.85, "floor": 0.84}, {"float": 1.3, "int8": 1.0, "split": 1.0, "floor": 0.99}, "int8"),
+    # the floor passed on both halves, the split plan (as fast) on one: the smaller plan is taken
+    ({"float": 1.6, "int8": 1.0, "split": 0.96, "floor": 0.94}, {"float": 1.6, "int8": 1.0, "split": 0.93, "floor": 0.93},
+     "split"),
     # int8 slower than float: a 4% gain is taken (int8 must not lose to float)
     ({"float": 0.9, "int8": 1.0, "split": 0.96, "floor": 0.99}, None, "split"),
     # the plan taken is still slower than float: the safety step goes on to the floor

@@ -122,16 +122,24 @@ def choose(m: SpeedMeasurement) -> str:
     """The int8 model to deploy: all-int8 unless a plan with more layers float beats the current
     one clearly (:func:`policy.keep_float_pays`) on BOTH halves of the rounds (``m.models`` and
     ``m.check``: one half's noise does not move the plan, so two measurements decide alike; fewer
-    float layers first: on a tie the smaller model). Then the safety step: while the chosen model
-    is slower than float on either half, the next plan with more layers float that is slower on
-    neither is taken; where none is, the one whose worse half is fastest (int8 does not pay there:
-    the summary says so)."""
+    float layers first: on a tie the smaller model, also when the walk stepped past it). Then the
+    safety step: while the chosen model is slower than float on either half, the next plan with
+    more layers float that is slower on neither is taken; where none is, the one whose worse half
+    is fastest (int8 does not pay there: the summary says so)."""
     keys = sorted((k for k in m.models if k not in ("float", "int8")), key=lambda k: len(m.models[k].float_layers))
     halves = [h for h in (m.models, m.check) if h]
     chosen = "int8"
     for key in keys:
         if all(_pays(h, chosen, key) for h in halves):
             chosen = key
+    # then the plan with the fewest layers float that the chosen one does not clearly beat (one
+    # half's noise let it past a smaller plan of the same speed): float layers only where they pay
+    for key in ["int8", *keys]:
+        if key == chosen or len(m.models[key].float_layers) >= len(m.models[chosen].float_layers):
+            break
+        if not all(_pays(h, key, chosen) for h in halves) and not any(_slower(h, key) for h in halves):
+            chosen = key
+            break
     if any(_slower(h, chosen) for h in halves):
         n = len(m.models[chosen].float_layers)
         safer = [k for k in keys if len(m.models[k].float_layers) > n]
