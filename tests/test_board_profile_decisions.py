@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -301,11 +302,24 @@ def test_an_emulated_profile_feeds_the_qat_start_in_tests_only(exports, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     with pytest.raises(ConfigError, match="emulation"):
         QATConfig(board_profile=str(out))
-    with allow_emulated_profiles():
+    with allow_emulated_profiles(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does NOT pay")  # no speed verdict from emulated times
         model, _ = _trained("mobile", QATConfig(board_profile=str(out), prefer="int8"), verbose=True)
     text = capsys.readouterr().out
     assert "EMULATED board profile" in text and "(EMULATED)" in text
+    board_lines = [ln for ln in text.splitlines() if "on the board" in ln or "speed on the board" in ln]
+    assert board_lines and not any(" ms" in ln or "does NOT pay" in ln for ln in board_lines), board_lines
     assert not get_plan(model).float_layers  # prefer="int8": every layer timed there, none moved
+    with allow_emulated_profiles():
+        model, x = _trained("mobile")
+        rep = export(model, tmp_path / "e", x[:1], x, verbose=False, timing_runs=0, layer_check_samples=1,
+                     targets="x86", check_onnx=False, board_profile=str(out))  # fmt: skip
+    (board,) = rep.board_profiles
+    assert board["emulated"] and "threads" not in board  # no emulated time reaches the report
+    assert any("measured under emulation" in n for n in rep.notes) and not any("a53" in w.lower() for w in rep.warnings)
+    deploy = (tmp_path / "e" / "DEPLOY.md").read_text()
+    section = deploy[deploy.index("<!-- board-profiles -->"):deploy.index("<!-- /board-profiles -->")]
+    assert "emulation" in section and " ms" not in section
 
 
 # ---- the export command's flag

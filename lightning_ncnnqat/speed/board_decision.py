@@ -49,6 +49,9 @@ from lightning_ncnnqat.speed.decide import LayerSpeed, SpeedCheck, SpeedDecision
 
 __all__ = ["BoardDecision", "decide_on_board", "keep_board_layers_float"]
 
+#: What stands for the figures of an emulated profile (tests of the mechanics): never shown as speeds.
+_HIDDEN = "EMULATED, times not shown: they are not speeds"
+
 
 @dataclass
 class BoardDecision:
@@ -75,9 +78,12 @@ class BoardDecision:
         return f"{self.profile.describe()}; {self.threads} thread(s); board profile {self.profile.path}"
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> str | None:
         """The planned int8 model against float on the board: ``faster`` / ``tie`` / ``slower``
-        (:func:`policy.speed_verdict`; estimated when layers are kept float)."""
+        (:func:`policy.speed_verdict`; estimated when layers are kept float); None for an
+        emulated profile (its times are not speeds, so they give no verdict)."""
+        if self.profile.emulated:
+            return None
         m = self.model_ms
         q = self.estimated_ms if self.keep and self.estimated_ms else m["int8"]
         return policy.speed_verdict(m["float"] / q, m["float"] - q)
@@ -91,9 +97,10 @@ class BoardDecision:
                 out[n] = (f"ran in float in the profiled int8 model on {self.where}: no int8 time there; kept float "
                           "(prefer='speed'), from the board profile at QAT start")
                 continue
-            out[n] = (f"int8 slower than float on {self.where} (alone: int8 {s.int8_ms:.4f} ms vs float "
-                      f"{s.float_ms:.4f} ms, {s.ratio:.2f}x); kept float for speed (prefer='speed'), decided at QAT "
-                      "start from the board's layer times, not confirmed as a whole model")
+            figures = (_HIDDEN if self.profile.emulated else
+                       f"int8 {s.int8_ms:.4f} ms vs float {s.float_ms:.4f} ms, {s.ratio:.2f}x")  # fmt: skip
+            out[n] = (f"int8 slower than float on {self.where} (alone: {figures}); kept float for speed "
+                      "(prefer='speed'), decided at QAT start from the board's layer times, not confirmed as a whole model")
         return out
 
     def lines(self) -> list[str]:
@@ -104,11 +111,12 @@ class BoardDecision:
         if self.profile.emulated:
             out.append("EMULATED board profile, accepted by allow_emulated_profiles() to test the mechanics: its "
                        "times are not speeds and decide nothing that matters")
-        out.append(f"int8 speed on the board ({self.where}; ncnn's default options, medians measured there): float "
-                   f"{m['float']:.3f} ms, int8 {m['int8']:.3f} ms ({m['float'] / m['int8']:.2f}x)")
+        figures = _HIDDEN if self.profile.emulated else (
+            f"float {m['float']:.3f} ms, int8 {m['int8']:.3f} ms ({m['float'] / m['int8']:.2f}x)")
+        out.append(f"int8 speed on the board ({self.where}; ncnn's default options, medians measured there): {figures}")
         losers = layers_to_keep_float(self.layers)
         if self.prefer == "speed":
-            est = "" if not self.keep or self.estimated_ms is None else (
+            est = "" if not self.keep or self.estimated_ms is None or self.profile.emulated else (
                 f"; its int8 model with them float estimated at {self.estimated_ms:.3f} ms "
                 f"({m['float'] / self.estimated_ms:.2f}x float)")
             out.append(f"prefer='speed': {len(self.keep)} of {len(self.layers) + len(self.untimed)} int8 layer(s) kept "
@@ -139,7 +147,8 @@ class BoardDecision:
     def note(self) -> str:
         """One line for the QAT plan's notes."""
         m = self.model_ms
-        return (f"{self.where}: float {m['float']:.3f} ms, int8 {m['int8']:.3f} ms as profiled; "
+        figures = _HIDDEN if self.profile.emulated else f"float {m['float']:.3f} ms, int8 {m['int8']:.3f} ms as profiled"
+        return (f"{self.where}: {figures}; "
                 f"{len(self.keep)} layer(s) kept float from its layer times (not confirmed as a whole model)")
 
 
