@@ -29,12 +29,12 @@ Softmax float layers, which is what QAT trains for them.
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ncnnqat.qat.checked_forms import checked_form, probe_output, seeded_probe
 
 FORM_ATTR = "_ncnnqat_attention_form"
 """In a module's ``__dict__`` while its forward is the rewritten form (the form's name)."""
@@ -97,59 +97,22 @@ def fused_qkv_forward(m: nn.Module, x: Tensor, attn_mask: Tensor | None = None, 
     return m.proj(y)
 
 
-def _install(m: nn.Module) -> None:
-    # a bound method, not a closure: copies of the model made in the block (the export's folded
-    # float copy) get a forward bound to the copy (copy.deepcopy rebinds methods)
-    m.__dict__["forward"] = types.MethodType(fused_qkv_forward, m)
-    m.__dict__[FORM_ATTR] = "fused qkv -> chunk -> SDPA"
-
-
-def _uninstall(m: nn.Module) -> None:
-    m.__dict__.pop("forward", None)
-    m.__dict__.pop(FORM_ATTR, None)
-
-
 def _probe(m: nn.Module) -> Tensor | None:
-    """``m(x)`` on a fixed random ``[2, 5, C]`` probe in eval mode (through ``__call__``, so the
-    module's hooks, e.g. QAT's int8 SDPA, run as in the export); None on any error."""
-    p = next(m.parameters())
-    x = torch.randn(2, 5, m.qkv.in_features, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-    try:
-        with torch.no_grad():
-            y = m(x)
-        return y if isinstance(y, Tensor) else None
-    except Exception:  # noqa: BLE001 - a module whose forward does not take this form is simply not rewritten
-        return None
+    """``m(x)`` on a fixed random ``[2, 5, C]`` probe (through ``__call__``, so the module's hooks,
+    e.g. QAT's int8 SDPA, run as in the export); None on any error."""
+    return probe_output(m, seeded_probe(2, 5, m.qkv.in_features))
 
 
 @contextlib.contextmanager
 def attention_form(m: nn.Module) -> Iterator[bool]:
     """``m``'s forward as :func:`fused_qkv_forward` for the block when ``m`` is a fused-qkv
-    attention module whose output the form reproduces on a probe (``m``'s training flag kept);
-    yields whether it was rewritten. The instance attribute ``forward`` is removed on exit (also
-    on error), so the class's is back."""
-    if not is_fused_qkv_attention(m) or "forward" in m.__dict__:
+    attention module whose output the form reproduces on a probe (``qat/checked_forms.py``);
+    yields whether it was rewritten; the class's forward is back on exit (also on error)."""
+    if not is_fused_qkv_attention(m):
         yield False
         return
-    flags = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        want = _probe(m)
-        _install(m)
-        got = _probe(m)
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
-    same = want is not None and got is not None and want.shape == got.shape and bool(
-        torch.allclose(want, got, rtol=1e-4, atol=_PROBE_ATOL))
-    if not same:
-        _uninstall(m)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        _uninstall(m)
+    with checked_form(m, fused_qkv_forward, FORM_ATTR, "fused qkv -> chunk -> SDPA", _probe, atol=_PROBE_ATOL) as same:
+        yield same
 
 
 def enter_attention_form(m: nn.Module, stack: contextlib.ExitStack) -> bool:
