@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_ncnnqat.ncnn.fp32_blobs import featmask, mask_fp32_blobs
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing, paired_speedup
 from lightning_ncnnqat.policy import speed as policy
@@ -28,10 +29,17 @@ def _low(t: Timing, clock: str) -> float | None:
 
 def time_chains(d: Path, fp: ModelToTime, torch_of: dict[str, str], threads: int, clock: str,
                  float_weights: str) -> list[UnitSpeed]:
-    """Every int8 chain of export ``d`` timed whole, int8 against float; a chain holding layers of
+    """Every int8 chain of export ``d`` timed whole, int8 against float (its layers as they run in
+    the int8 model when kept float: with its feature masks); a chain holding layers of
     :data:`policy.SPEED_SPLIT_KINDS` among others also in its pieces with those layers float."""
-    fparam = NcnnParam.parse((d / "model.ncnn.param").read_text(encoding="utf-8"))
     qparam = NcnnParam.parse((d / "model.int8.param").read_text(encoding="utf-8"))
+    ftext = (d / "model.ncnn.param").read_text(encoding="utf-8")
+    if any(featmask(lay) for lay in qparam.layers):
+        # a unit kept float runs in the int8 model with the export's feature mask (float32 blobs;
+        # on x86 that also keeps a float InnerProduct's weights float32 instead of F16C's fp16: a
+        # 1024->1000 classifier ran 1.5x slower so): its float form is timed as it will run there
+        ftext = mask_fp32_blobs(ftext)[0]
+    fparam = NcnnParam.parse(ftext)
     fbin, qbin = (d / "model.ncnn.bin").read_bytes(), (d / "model.int8.bin").read_bytes()
     kind = {lay.name: lay.type for lay in qparam.layers}
     segs = chain_units(qparam)
