@@ -83,3 +83,37 @@ def test_a_hanging_timing_child_is_stopped_by_its_sized_limit(tmp_path, monkeypa
     with pytest.raises(NcnnRuntimeError, match="did not finish"):
         timing.time_models([model], runs=2, warmup=0)
     assert time.monotonic() - t0 < 15  # 1 s floor + 2 runs at 0.5 s: seconds, not 900
+
+
+PARAM3 = ("7767517\n3 3\nInput data 0 1 data 0=4 1=4 2=2\nReLU first 1 1 data mid\n"
+          "Clip second 1 1 mid out 0=-0.5 1=0.5\n")
+
+
+def test_sample_zero_runs_layer_by_layer_with_the_same_outputs(tmp_path) -> None:
+    (tmp_path / "m.param").write_text(PARAM3)
+    (tmp_path / "m.bin").write_bytes(b"")
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    out = run_ncnn(tmp_path / "m.param", tmp_path / "m.bin", {"data": x}, ["mid", "out"]).outputs
+    assert np.array_equal(out["mid"], np.maximum(x, 0)) and np.array_equal(out["out"], np.clip(np.maximum(x, 0), -0.5, 0.5))
+
+
+def test_a_child_hanging_in_a_layer_is_named(tmp_path, monkeypatch) -> None:
+    """The real worker, with ncnn's computation of layer 'first' replaced by a sleep."""
+    (tmp_path / "m.param").write_text(PARAM3)
+    (tmp_path / "m.bin").write_bytes(b"")
+    hang = tmp_path / "hang_worker.py"
+    hang.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(isolated.WORKER.parent)!r})\n"
+        "import worker\n"
+        "real = worker.extract\n"
+        "def extract(ex, blob):\n"
+        "    if blob == 'mid':\n"
+        "        time.sleep(120)\n"
+        "    return real(ex, blob)\n"
+        "worker.extract = extract\n"
+        "sys.exit(worker.main(sys.argv))\n")
+    monkeypatch.setattr(isolated, "WORKER", hang)
+    monkeypatch.setattr(isolated, "TIMEOUT_FLOOR_S", 3.0)
+    with pytest.raises(NcnnRuntimeError, match=r"computing layer 'first' \(ReLU\) of sample 0"):
+        run_ncnn(tmp_path / "m.param", tmp_path / "m.bin", {"data": np.ones((1, 2, 4, 4), np.float32)}, ["out"])

@@ -88,6 +88,15 @@ def sized_timeout(bin_path: str | Path, n_samples: int, input_values: int = 0, t
     return limit * (1.0 if target == HOST else EMULATED_SLOWDOWN)
 
 
+def _hung_at(tmpdir: Path) -> str:
+    """``: ... layer 'name' (Type)`` from the worker's progress file, '' when it has none."""
+    try:
+        kind, name = (tmpdir / "progress.txt").read_text(encoding="utf-8").split(maxsplit=1)
+    except (OSError, ValueError):
+        return ""
+    return f"; it was computing layer '{name}' ({kind}) of sample 0"
+
+
 def _signal_name(returncode: int) -> str | None:
     if returncode >= 0:
         return None
@@ -201,6 +210,7 @@ def run_ncnn(
             "time_runs": int(time_runs),
             "out": str(tmpdir / "out.npz"),
             "result": str(tmpdir / "result.json"),
+            "progress": str(tmpdir / "progress.txt") if sized else "",  # sample 0 layer by layer
         }
         (tmpdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env_extra}
@@ -216,7 +226,7 @@ def run_ncnn(
             )
         except subprocess.TimeoutExpired as e:
             raise NcnnRuntimeError(
-                f"{what} on {n} sample(s) did not finish within {timeout_s:.0f} s{sized}"
+                f"{what} on {n} sample(s) did not finish within {timeout_s:.0f} s{sized}{_hung_at(tmpdir)}"
             ) from e
         sig = _signal_name(proc.returncode)
         if sig is not None:

@@ -16,6 +16,8 @@ same file runs under the aarch64 Python of the ARM emulation environment.
      "options": {ncnn.Option attribute: value}  (set before loading; ncnn's defaults otherwise),
      "light_mode": bool (default true; false keeps intermediate blobs),
      "time_runs": int (0: no timing), "time_warmup": int,
+     "progress": path (optional): sample 0 is first run layer by layer, each layer's name written
+                 there before ncnn computes it, so a parent that stops a hung child names the layer,
      "out": path of the .npz written: one array per extracted blob, [N, ...] float32,
      "result": path of the JSON written: ncnn version, CPU features, effective options, time}
 
@@ -139,6 +141,25 @@ def extract(ex: ncnn.Extractor, blob: str) -> ncnn.Mat:
     return mat
 
 
+def walk_layers(net: ncnn.Net, param: str, mats: dict[str, ncnn.Mat], progress: str) -> None:
+    """Compute one sample layer by layer (param order is ncnn's topological order), writing each
+    layer's ``type name`` to ``progress`` before it runs: if ncnn never returns, the file names
+    the layer it loops in."""
+    with open(param, encoding="utf-8") as f:
+        lines = f.read().split("\n")[2:]
+    ex = net.create_extractor()
+    ex.set_light_mode(False)  # keep every blob: each extract computes one more layer
+    feed(ex, mats)
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[0] == "Input" or int(fields[3]) < 1:
+            continue
+        with open(progress, "w", encoding="utf-8") as f:
+            f.write(f"{fields[0]} {fields[1]}")
+        extract(ex, fields[4 + int(fields[2])])  # the layer's first top
+    del ex
+
+
 def run(job: dict) -> dict:
     """Run the job (see the module doc); returns the result dict (also written to job['result'])."""
     net = load_net(job["param"], job["bin"], job.get("options", {}))
@@ -155,6 +176,8 @@ def run(job: dict) -> dict:
         ex = net.create_extractor()
         ex.set_light_mode(light)
         mats = {name: owned_mat(inputs[name][i]) for name in inputs}
+        if i == 0 and job.get("progress"):
+            walk_layers(net, job["param"], mats, job["progress"])
         feed(ex, mats)
         for b in blobs:
             outs[b].append(np.array(extract(ex, b), copy=True).astype(np.float32, copy=False))
