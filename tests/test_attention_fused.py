@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ncnnqat import QATConfig, export, prepare_qat
-from lightning_ncnnqat.export.attention_fusion import find_converter_units
+from lightning_ncnnqat.export.attention_fusion import find_converter_units, may_fuse
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.ops.attention_reference import mha_int8
 from lightning_ncnnqat.qat.fused_attention import CONVERTER_UNITS, unit_departure, unit_weights
@@ -196,3 +196,20 @@ def test_skip_by_unit_label_keeps_it_float() -> None:
         plan = prepare_qat(model, x[:1], QATConfig(skip=(label,)))
         assert plan.fused_attention == {} and "one MultiHeadAttention" in plan.float_layers[
             "q_proj" if label == "out_proj" else "block.q_proj"]
+
+
+def test_probe_runs_only_where_pnnx_may_fuse() -> None:
+    """The QAT start converts with pnnx only for SDPA or a softmax over scores (3-D or more): a
+    classifier's softmax over ``[B, C]`` costs no conversion."""
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)).softmax(-1)
+
+    x = torch.randn(2, 6, 8)
+    assert not may_fuse(Mlp(), x[:, 0]) and may_fuse(Mlp(), x)  # [B, 4] vs [B, 6, 4] scores
+    assert may_fuse(Net(Attn(core="logits")), x) and may_fuse(Net(Attn(core="sdpa")), x)
+    assert find_converter_units(Mlp(), x[:, 0]) == {}

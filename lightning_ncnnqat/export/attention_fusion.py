@@ -5,10 +5,11 @@ fuse_multiheadattention.cpp``: separate or packed q/k/v projections, with or wit
 or ``matmul -> softmax -> matmul``, self- or cross-attention), which ncnn runs as one
 ``MultiHeadAttention`` layer. The plan must train such a unit as that layer
 (``qat/fused_attention.py``), so before planning :func:`find_converter_units` converts a float
-copy of the model with pnnx (only when it calls a softmax or SDPA outside ``nn.MultiheadAttention``
-and has two or more Linear layers: the signal that pnnx may fuse) and finds each converted
-MultiHeadAttention's q/k/v/out weights among the model's Linear weights, bit for bit (pnnx copies
-them unchanged, concatenating q/k/v). The units found are left on the model
+copy of the model with pnnx (only when it has two or more Linear layers and calls an SDPA, or a
+softmax on scores of 3 or more dims, outside ``nn.MultiheadAttention``: the signal that pnnx
+may fuse) and finds each converted MultiHeadAttention's q/k/v/out weights among the model's
+Linear weights, bit for bit (pnnx copies them unchanged, concatenating q/k/v). It costs one pnnx
+conversion at the QAT start (1-3 s for a small model). The units found are left on the model
 (:data:`~lightning_ncnnqat.qat.fused_attention.CONVERTER_UNITS`) for ``plan_attention``.
 """
 
@@ -40,19 +41,24 @@ PROBE_ENV = "LIGHTNING_NCNNQAT_NO_FUSION_PROBE"
 
 
 class _Softmaxes(TorchFunctionMode):
-    """Counts softmax / SDPA calls made outside ``nn.MultiheadAttention`` (``inside`` > 0 there)."""
+    """Counts SDPA calls, and softmax calls on 3-D or larger tensors (attention scores; a
+    classifier's ``[B, C]`` softmax is not one), made outside ``nn.MultiheadAttention``
+    (``inside`` > 0 there)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inside, self.count = 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if not self.inside and getattr(func, "__name__", None) in _ATTENTION_FNS:
-            self.count += 1
+        name = getattr(func, "__name__", None)
+        if not self.inside and name in _ATTENTION_FNS:
+            scores = args[0] if args else kwargs.get("input")
+            if name != "softmax" or (isinstance(scores, torch.Tensor) and scores.dim() >= 3):
+                self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-def _may_fuse(model: nn.Module, example_input: Any) -> bool:
+def may_fuse(model: nn.Module, example_input: Any) -> bool:
     """Two or more ``nn.Linear`` outside ``nn.MultiheadAttention`` and a softmax / SDPA call
     outside it in one eval forward (export form)."""
     mha_children = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules()}
@@ -141,7 +147,7 @@ def find_converter_units(model: nn.Module, example_input: Any) -> dict[str, dict
         return {}
     copy_ = deepcopy_model(inner).float().cpu().eval()
     example = float32_example(from_call(*map_tensors(lambda t: t.detach().cpu(), as_call(example_input))))
-    if not _may_fuse(copy_, example):
+    if not may_fuse(copy_, example):
         return {}
     io = model_io(copy_, example)
     try:
