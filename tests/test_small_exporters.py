@@ -92,6 +92,14 @@ def test_dynamo_onnx_export_and_lightning_to_onnx(tmp_path) -> None:
     assert np.abs(sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0] - qat[:1]).max() < 1e-5
 
 
+def test_dynamo_onnx_export_of_an_int8_gemm(tmp_path) -> None:
+    model = _prepared(_Tokens(), (4, 8))
+    x = torch.randn(3, 4, 8) * 3
+    qat, flt = _qat_and_float(model, x)
+    got = _onnx_outputs(model, x, True, str(tmp_path / "g.onnx"))
+    assert np.abs(got - qat).max() < 1e-5 and np.abs(got - flt).max() > 1e-3
+
+
 def test_rounding_ties_and_clipping_match_the_op_exactly() -> None:
     """Ties go away from zero, 0.49999997 rounds down, beyond the range saturates: as the op does."""
 
