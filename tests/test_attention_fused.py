@@ -213,3 +213,35 @@ def test_probe_runs_only_where_pnnx_may_fuse() -> None:
     assert not may_fuse(Mlp(), x[:, 0]) and may_fuse(Mlp(), x)  # [B, 4] vs [B, 6, 4] scores
     assert may_fuse(Net(Attn(core="logits")), x) and may_fuse(Net(Attn(core="sdpa")), x)
     assert find_converter_units(Mlp(), x[:, 0]) == {}
+
+
+class ImageAttn(nn.Module):
+    """Conv stem -> tokens -> CLIP-style attention (residual) -> 10-class head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, 2)
+        self.block = Attn(16, 2, core="sdpa")
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((t + self.block(t)).mean(1))
+
+
+def test_qat_callback_plans_trains_and_exports_the_fused_unit(tmp_path: Path) -> None:
+    """The main job's path: QATCallback finds the unit at fit start, trains and exports it int8."""
+    from lightning_ncnnqat import QATCallback
+    from lightning_ncnnqat.export.config import ExportConfig
+    from lit_models import NetLit, loader, make_data, quiet_trainer
+
+    torch.manual_seed(28)
+    ds = make_data(32, 8, seed=28)
+    lit = NetLit(ImageAttn(), lr=0.02, example=ds.tensors[0][:1])
+    cb = QATCallback(start_epoch=0, export=ExportConfig(dir=str(tmp_path), targets=("x86",)))
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(lit, loader(ds), loader(ds))
+    plan = get_plan(lit)
+    assert list(plan.fused_attention) == ["net.block"] and plan.sdpa_calls == {}
+    report = cb.export_report
+    assert report.flagged_layers == [] and _mha_terms(tmp_path) == [2]
+    assert "net.block" in {r.torch_name for r in report.layers}
