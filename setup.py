@@ -74,6 +74,7 @@ def extensions() -> list:
                 for name in (
                     "fake_quant_cpu_forward.cpp",
                     "fake_quant_cpu_backward.cpp",
+                    "fake_quant_cpu_dynamic.cpp",
                     "fake_quant_cpu_register.cpp",
                     "autograd.cpp",
                 )
@@ -92,6 +93,7 @@ def extensions() -> list:
                 sources=[
                     os.path.join(CSRC, "cuda", "fake_quant_cuda.cpp"),
                     os.path.join(CSRC, "cuda", "fake_quant_kernels.cu"),
+                    os.path.join(CSRC, "cuda", "dynamic_quant_kernels.cu"),
                 ],
                 include_dirs=[os.path.join(ROOT, CSRC), os.path.join(ROOT, CSRC, "cuda")],
                 extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": NVCC_FLAGS},

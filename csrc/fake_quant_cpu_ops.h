@@ -33,4 +33,9 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight, const at::Tensor& bn_mean,
     const at::Tensor& bn_inv_std);
 
+// ncnn's dynamic int8 quantization, groups of the last `dims` dims (fake_quant_cpu_dynamic.cpp):
+// (int8 levels, absmax, scale) and (float32 fake-quantized values, scale).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_quantize_cpu(const at::Tensor& x, int64_t dims);
+std::tuple<at::Tensor, at::Tensor> dynamic_fake_quantize_cpu(const at::Tensor& x, int64_t dims);
+
 }  // namespace ncnnqat

@@ -1,5 +1,6 @@
-// The Python module of the CPU library (lightning_ncnnqat._C) and the registration of its
-// kernels (fake_quant_cpu_forward.cpp, fake_quant_cpu_backward.cpp) for the CPU dispatch key.
+// The Python module of the CPU library (lightning_ncnnqat._C) and the registration of its kernels
+// (fake_quant_cpu_forward.cpp, fake_quant_cpu_backward.cpp, fake_quant_cpu_dynamic.cpp) for the
+// CPU dispatch key.
 // The schemas are defined in Python (lightning_ncnnqat/ops/_registry.py); the library's autograd
 // and composite kernels are registered in autograd.cpp.
 #include <Python.h>
@@ -26,6 +27,8 @@ TORCH_LIBRARY_IMPL(ncnnqat, CPU, m) {
   m.impl("fake_quantize_per_tensor_threshold_backward", &fake_quantize_per_tensor_threshold_backward_cpu);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cpu);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cpu);
+  m.impl("dynamic_quantize", &dynamic_quantize_cpu);
+  m.impl("dynamic_fake_quantize", &dynamic_fake_quantize_cpu);
 }
 
 }  // namespace ncnnqat

@@ -41,6 +41,12 @@ inline void check_per_channel_groups(const char* op, int64_t num_groups, int64_t
               " must divide weight.numel()=", num_str(numel));
 }
 
+// The dynamic quantizers' `dims`: how many trailing dims make one group, in [1, x.dim()].
+inline void check_dynamic_dims(const char* op, int64_t dims, int64_t x_dim) {
+  TORCH_CHECK(dims >= 1 && dims <= x_dim, "ncnnqat::", op, ": `dims` must be in [1, x.dim()=", num_str(x_dim),
+              "], got ", num_str(dims));
+}
+
 // `running_absmax`: one float32 element (the range, < 0 while uninitialised), on x's device.
 inline void check_running(const char* op, const at::Tensor& running, const at::Tensor& x) {
   TORCH_CHECK(running.scalar_type() == at::kFloat && running.numel() == 1, "ncnnqat::", op,

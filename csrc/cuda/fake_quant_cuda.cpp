@@ -15,6 +15,7 @@
 #include <atomic>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../fold_args.h"
 #include "../op_args.h"
@@ -208,6 +209,39 @@ std::tuple<Tensor, Tensor> fold_fake_quantize_weight_backward_cuda(
   return {grad_w, vecs};
 }
 
+// ncnn's dynamic int8 quantization (dynamic_quant_kernels.cu): (levels or fake-quantized values,
+// absmax, scale) over groups of the last `dims` dims.
+std::tuple<Tensor, Tensor, Tensor> dynamic_run_cuda(const char* op, const Tensor& x, int64_t dims, bool levels) {
+  check_cuda(op, "x", x);
+  const cuda::DType dtype = to_dtype(op, "x", x);
+  check_dynamic_dims(op, dims, x.dim());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous();
+  const int64_t keep = xc.dim() - dims;
+  const std::vector<int64_t> lead(xc.sizes().begin(), xc.sizes().begin() + keep);
+  int64_t groups = 1;
+  for (int64_t d : lead) groups *= d;
+  const int64_t n = groups > 0 ? xc.numel() / groups : 0;
+  Tensor out = at::empty(xc.sizes(), xc.options().dtype(levels ? at::kChar : at::kFloat));
+  Tensor absmax = at::empty(lead, xc.options().dtype(at::kFloat));
+  Tensor scale = at::empty(lead, xc.options().dtype(at::kFloat));
+  if (groups > 0) {
+    C10_CUDA_CHECK(cuda::launch_dynamic_quantize(xc.data_ptr(), dtype, out.data_ptr(), levels,
+                                                 absmax.data_ptr<float>(), scale.data_ptr<float>(), groups, n,
+                                                 sm_count(), current_stream()));
+  }
+  return {out, absmax, scale};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dynamic_quantize_cuda(const Tensor& x, int64_t dims) {
+  return dynamic_run_cuda("dynamic_quantize", x, dims, true);
+}
+
+std::tuple<Tensor, Tensor> dynamic_fake_quantize_cuda(const Tensor& x, int64_t dims) {
+  auto [out, absmax, scale] = dynamic_run_cuda("dynamic_fake_quantize", x, dims, false);
+  return {out, scale};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
@@ -218,6 +252,8 @@ TORCH_LIBRARY_IMPL(ncnnqat, CUDA, m) {
   m.impl("fake_quantize_per_tensor_threshold_backward", &fake_quantize_per_tensor_threshold_backward_cuda);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight_cuda);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward_cuda);
+  m.impl("dynamic_quantize", &dynamic_quantize_cuda);
+  m.impl("dynamic_fake_quantize", &dynamic_fake_quantize_cuda);
 }
 
 }  // namespace ncnnqat

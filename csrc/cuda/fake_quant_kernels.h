@@ -83,5 +83,11 @@ cudaError_t launch_fold_fake_quantize_weight_backward(const void* grad, const vo
                                                       const float* grad_bias, float* vecs, DType dtype, int64_t rows,
                                                       int64_t row_len, FoldVectors v, cudaStream_t stream);
 
+// ncnn's dynamic int8 quantization (dynamic_quant_kernels.cu): per group g of `n` consecutive
+// elements, absmax[g] = max finite |x| and scale[g] = 127 / absmax (1 when 0), both NaN for a group
+// holding a NaN; out = int8 levels (`levels`) or float32 level / scale (0 / NaN in a NaN group).
+cudaError_t launch_dynamic_quantize(const void* x, DType dtype, void* out, bool levels, float* absmax, float* scale,
+                                    int64_t groups, int64_t n, int sm_count, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ncnnqat

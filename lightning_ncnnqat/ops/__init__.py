@@ -14,6 +14,11 @@ library, in Python when it is not loaded.
 Inputs may be float32, float16 or bfloat16 of any rank and layout; math is float32, outputs
 keep the input dtype and are contiguous.
 
+ncnn's dynamic int8 (Gemm, MultiHeadAttention, SDPA: activations quantized at run time from their
+own absmax) is :func:`dynamic_quantize` (int8 levels and scales) and :func:`dynamic_fake_quantize`
+(float32, straight-through gradient), with compiled CPU / CUDA kernels too; :func:`fake_quantize_gemm`
+and ``ops.attention_reference`` are built on them.
+
 Gradients (straight-through estimator): weights pass their gradient unchanged (an absmax
 scale never clips a weight). Activations pass it only where the value was not clipped at
 +-qmax: there the forward is constant, so the true derivative is 0, and passing it (as
@@ -37,7 +42,15 @@ from lightning_ncnnqat.ops import _registry, reference  # noqa: F401  (registers
 from lightning_ncnnqat.ops import exporters  # noqa: F401  (the ops in torch.onnx / decompositions)
 from lightning_ncnnqat.ops._registry import STATUS
 
-__all__ = ["fake_quantize_per_channel", "fake_quantize_per_tensor", "fake_quantize_gemm", "STATUS", "reference"]
+__all__ = [
+    "fake_quantize_per_channel",
+    "fake_quantize_per_tensor",
+    "fake_quantize_gemm",
+    "dynamic_quantize",
+    "dynamic_fake_quantize",
+    "STATUS",
+    "reference",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -132,3 +145,29 @@ def fake_quantize_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) ->
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: `{name}` is on {t.device} but `x` is on {x.device}")
     return torch.ops.ncnnqat.fake_quantize_gemm(x, weight, bias)
+
+
+def _check_dynamic(op: str, x: Tensor, dims: int) -> None:
+    _check_common(op, x, "x", 8)
+    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= x.dim():
+        raise ValueError(f"{op}: `dims` must be an int in [1, x.dim()={x.dim()}], got {dims!r}")
+
+
+def dynamic_quantize(x: Tensor, dims: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """ncnn's run-time int8 quantization (Gemm / MultiHeadAttention / SDPA activations): one scale
+    ``127 / absmax`` per group of the last ``dims`` dims of ``x`` (1: per row, ``x.dim()``: per tensor).
+
+    Returns ``(levels, absmax, scale)``: int8 ``[x.shape]`` and float32 ``[x.shape[:-dims]]``; a
+    group holding a NaN has ``absmax = scale = NaN`` and levels 0 (:func:`reference.dynamic_quantize`).
+    Not differentiable (:func:`dynamic_fake_quantize` is). Raises TypeError for a dtype other than
+    float32/16/bf16, ValueError for ``dims`` outside ``[1, x.dim()]``.
+    """
+    _check_dynamic("dynamic_quantize", x, dims)
+    return torch.ops.ncnnqat.dynamic_quantize(x, dims)
+
+
+def dynamic_fake_quantize(x: Tensor, dims: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`dynamic_quantize` dequantized: ``(levels / scale`` float32 ``[x.shape]``, ``scale)``.
+    The gradient of ``x`` is straight-through (an absmax scale never clips); same errors."""
+    _check_dynamic("dynamic_fake_quantize", x, dims)
+    return torch.ops.ncnnqat.dynamic_fake_quantize(x, dims)

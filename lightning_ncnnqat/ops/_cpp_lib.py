@@ -30,6 +30,8 @@ OPS = (
     "fake_quantize_per_tensor_threshold_backward",
     "fold_fake_quantize_weight",
     "fold_fake_quantize_weight_backward",
+    "dynamic_quantize",
+    "dynamic_fake_quantize",
 )
 
 
@@ -73,9 +75,10 @@ def _load_one(module: str, dispatch_key: str) -> str | None:
         return f"the compiled {dispatch_key} library could not be loaded ({err})"
     missing = _missing_kernels(dispatch_key)
     if missing:
+        older = " (a build older than this package's ops: rebuild it)" if len(missing) < len(OPS) else ""
         return f"{module} loaded but registered no {dispatch_key} kernel for " + ", ".join(
             f"ncnnqat::{op}" for op in missing
-        )
+        ) + older
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_ncnnqat.ops import _cpp_lib, reference
+from lightning_ncnnqat.ops import _cpp_lib, dynamic_int8, reference
 
 NAMESPACE = "ncnnqat"
 
@@ -35,7 +35,10 @@ SCHEMAS = {
         "fold_fake_quantize_weight_backward(Tensor grad_weight_fq, Tensor grad_bias, Tensor weight, Tensor? bias, "
         "Tensor? bn_weight, Tensor bn_mean, Tensor bn_inv_std) -> (Tensor, Tensor)"
     ),
-    # ncnn's int8 Gemm (Linear on 3-D/4-D input): dynamic per-row A, per-tensor B; reference kernel only
+    # ncnn's dynamic int8 (Gemm / MHA / SDPA activations): one scale per group of the last `dims` dims
+    "dynamic_quantize": "dynamic_quantize(Tensor x, int dims) -> (Tensor, Tensor, Tensor)",
+    "dynamic_fake_quantize": "dynamic_fake_quantize(Tensor x, int dims) -> (Tensor, Tensor)",
+    # ncnn's int8 Gemm (Linear on 3-D/4-D input): dynamic per-row A, per-tensor B (ops/dynamic_int8.py)
     "fake_quantize_gemm": "fake_quantize_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
 
@@ -193,8 +196,52 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::threshold_f
     )
 
 
-# --- Gemm int8 (Linear on 3-D/4-D input): the reference is its only kernel (CPU and CUDA) -------
-_lib.impl("fake_quantize_gemm", reference.fake_quantize_gemm, "CompositeExplicitAutograd")
+# --- Dynamic int8: CPU/CUDA kernels where built (csrc/fake_quant_cpu_dynamic.cpp, csrc/cuda/) ----
+_lib.impl("dynamic_quantize", reference.dynamic_quantize, "CompositeExplicitAutograd")
+_lib.impl("dynamic_fake_quantize", reference.dynamic_fake_quantize, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dynamic_quantize")
+def _fake_dynamic(x: Tensor, dims: int) -> tuple[Tensor, Tensor, Tensor]:
+    lead = x.shape[: x.dim() - dims]
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32), x.new_empty(
+        lead, dtype=torch.float32
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dynamic_fake_quantize")
+def _fake_dynamic_fq(x: Tensor, dims: int) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape[: x.dim() - dims], dtype=torch.float32)
+
+
+def _dynamic_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.mark_non_differentiable(*output)  # int8 levels and their statistics: no gradient
+
+
+def _dynamic_backward(ctx, *grads: Tensor):  # noqa: ANN001, ANN202
+    return None, None
+
+
+def _dynamic_fq_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.x_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _dynamic_fq_backward(ctx, grad: Tensor, grad_scale: Tensor):  # noqa: ANN001, ANN202
+    # straight-through: an absmax scale never clips, so only the rounding is skipped
+    return grad.to(ctx.x_dtype), None
+
+
+# Python autograd on every build: the forms call these ops below autograd (the Gemm op) or under
+# no_grad (attention), so no training step pays for it per call.
+torch.library.register_autograd(f"{NAMESPACE}::dynamic_quantize", _dynamic_backward, setup_context=_dynamic_setup)
+torch.library.register_autograd(
+    f"{NAMESPACE}::dynamic_fake_quantize", _dynamic_fq_backward, setup_context=_dynamic_fq_setup
+)
+
+
+# --- Gemm int8 (Linear on 3-D/4-D input): composed of the dynamic ops (ops/dynamic_int8.py) -------
+_lib.impl("fake_quantize_gemm", dynamic_int8.fake_quantize_gemm, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fake_quantize_gemm")
@@ -209,9 +256,9 @@ def _gemm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _gemm_backward(ctx, grad: Tensor):  # noqa: ANN001
-    # straight-through: the levels are recomputed from the saved float inputs (reference)
+    # straight-through: the fake-quantized operands are recomputed from the saved float inputs
     x, weight = ctx.saved_tensors
-    gx, gw, gb = reference.fake_quantize_gemm_backward(grad, x, weight, ctx.has_bias)
+    gx, gw, gb = dynamic_int8.fake_quantize_gemm_backward(grad, x, weight, ctx.has_bias)
     need = ctx.needs_input_grad
     return (gx if need[0] else None), (gw if need[1] else None), (gb if need[2] else None)
 

@@ -24,6 +24,10 @@ ncnn's x86/arm Gemm kernels (``compute_A_tile_fp32_int8_scales``, the same as
 ``1 / (a_scale * b_scale)`` (``gemm_AT_*_int8``). Softmax uses ncnn's vectorised ``exp``
 approximation there, so the reference matches ncnn to float32 rounding, not bit for bit: a
 row's int8 level may move by one step (see docs/export.md, "Attention in int8").
+
+Each quantization is ``torch.ops.ncnnqat.dynamic_quantize`` (the compiled CPU / CUDA kernel where
+built, bit-exact with ``reference.dynamic_quantize``); a group holding a NaN (a row, a matrix)
+dequantizes to NaN as a whole. The integer products are exact (``reference.exact_level_matmul``).
 """
 
 from __future__ import annotations
@@ -33,20 +37,22 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_ncnnqat.ops.reference import finite_absmax, round_half_away, scale_from_absmax
+from lightning_ncnnqat.ops import _registry  # noqa: F401  (defines torch.ops.ncnnqat.dynamic_quantize)
+from lightning_ncnnqat.ops.reference import exact_level_matmul
 
 QMAX = 127.0
 
 
-def _levels(x: Tensor, scale: Tensor) -> Tensor:
-    """int8 levels of float32 ``x`` with ``scale`` broadcast against it (float32 values)."""
-    return round_half_away(torch.clamp(x * scale, -QMAX, QMAX))
+def _quantized(x: Tensor, dims: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ncnn's run-time quantization of ``x`` per group of its last ``dims`` dims: ``(levels`` as
+    float32, ``absmax, scale)`` (``ops.dynamic_quantize``: the compiled kernel where built)."""
+    q, absmax, scale = torch.ops.ncnnqat.dynamic_quantize(x, dims)
+    return q.float(), absmax, scale
 
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` of integer-valued float32 tensors, exact (ncnn accumulates in int32)."""
-    with torch.autocast(a.device.type, enabled=False):
-        return (a.double() @ b.double()).float()
+    return exact_level_matmul(a, b)
 
 
 def _row_dequant(acc: Tensor, row_absmax: Tensor, b_scale: Tensor) -> Tensor:
@@ -55,24 +61,13 @@ def _row_dequant(acc: Tensor, row_absmax: Tensor, b_scale: Tensor) -> Tensor:
     return acc * (row_absmax * (inv / b_scale)).unsqueeze(-1)
 
 
-def _per_sample_absmax(x: Tensor, dims: int) -> Tensor:
-    """absmax of each sample (the last ``dims`` dims), shaped to broadcast back on ``x``."""
-    a = finite_absmax(x.flatten(-dims), dim=-1)
-    return a.reshape(*a.shape, *([1] * dims))
-
-
-def weight_row_scales(w: Tensor) -> Tensor:
-    """``127 / absmax`` of each row of ``w [rows, cols]`` (ncnn2table's weight rule)."""
-    return scale_from_absmax(finite_absmax(w.float(), dim=1), 8)
-
-
-def _projection(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """A constant-weight int8 projection (ncnn Gemm with constant A = ``w``, row scales
-    ``w_scale``; B = ``x [..., L, K]`` one scale per sample): ``acc / (w_s[j] * x_s) + b[j]``."""
-    x_scale = scale_from_absmax(_per_sample_absmax(x, 2), 8)
-    wq = _levels(w.float(), w_scale.reshape(-1, 1))
-    acc = _matmul(_levels(x, x_scale), wq.T)
-    descale = torch.ones_like(acc) / (w_scale * x_scale)
+def _projection(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """A constant-weight int8 projection (ncnn Gemm with constant A = ``w``, one scale per row
+    ``w_s``; B = ``x [..., L, K]`` one scale per sample): ``acc / (w_s[j] * x_s) + b[j]``."""
+    qx, _, x_scale = _quantized(x, 2)
+    wq, _, w_scale = _quantized(w.float(), 1)
+    acc = _matmul(qx, wq.T)
+    descale = torch.ones_like(acc) / (w_scale * x_scale.reshape(*x_scale.shape, 1, 1))
     y = acc * descale
     return y if bias is None else y + bias.float()
 
@@ -80,12 +75,10 @@ def _projection(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> T
 def _row_by_tensor(a: Tensor, b: Tensor, b_transposed: bool) -> Tensor:
     """Dynamic int8 ``a @ b.T`` (or ``a @ b`` when not ``b_transposed``) of ``[..., M, K]`` and a
     per-matrix-quantized ``b``: rows of ``a`` with their own scales, ``b`` with one per matrix."""
-    a_abs = finite_absmax(a, dim=-1)
-    qa = _levels(a, scale_from_absmax(a_abs, 8).unsqueeze(-1))
-    b_scale = scale_from_absmax(_per_sample_absmax(b, 2), 8)
-    qb = _levels(b, b_scale)
+    qa, a_abs, _ = _quantized(a, 1)
+    qb, _, b_scale = _quantized(b, 2)
     acc = _matmul(qa, qb.transpose(-1, -2) if b_transposed else qb)
-    return _row_dequant(acc, a_abs, b_scale.squeeze(-1))
+    return _row_dequant(acc, a_abs, b_scale.unsqueeze(-1))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, mask: Tensor | None) -> Tensor:
@@ -128,20 +121,18 @@ def mha_int8(
         alpha = torch.ones((), dtype=torch.float32) / torch.sqrt(torch.tensor(float(d), dtype=torch.float32))
     else:
         alpha = torch.tensor(scale, dtype=torch.float32)
-    q = _projection(query.float(), w["q_weight"], weight_row_scales(w["q_weight"]), w.get("q_bias")) * alpha
-    k = _projection(key.float(), w["k_weight"], weight_row_scales(w["k_weight"]), w.get("k_bias"))
-    v = _projection(value.float(), w["v_weight"], weight_row_scales(w["v_weight"]), w.get("v_bias"))
+    q = _projection(query.float(), w["q_weight"], w.get("q_bias")) * alpha
+    k = _projection(key.float(), w["k_weight"], w.get("k_bias"))
+    v = _projection(value.float(), w["v_weight"], w.get("v_bias"))
 
     def heads(t: Tensor) -> Tensor:
         return t.reshape(*t.shape[:-1], num_heads, d).transpose(-2, -3)  # [B, H, L, d]
 
     o = _attend(heads(q), heads(k), heads(v), None, attn_mask)
     o = o.transpose(-2, -3).reshape(*query.shape[:-1], e)  # [B, L, E]
-    o_abs = finite_absmax(o, dim=-1)
-    out_w = w["out_weight"]
-    out_scale = scale_from_absmax(finite_absmax(out_w), 8)
-    acc = _matmul(_levels(o, scale_from_absmax(o_abs, 8).unsqueeze(-1)), _levels(out_w, out_scale).T)
-    y = _row_dequant(acc, o_abs, out_scale)
+    qo, o_abs, _ = _quantized(o, 1)
+    qw, _, out_scale = _quantized(w["out_weight"], 2)
+    y = _row_dequant(_matmul(qo, qw.T), o_abs, out_scale)
     return y + w["out_bias"] if "out_bias" in w else y
 
 

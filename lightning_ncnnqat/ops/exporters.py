@@ -31,6 +31,7 @@ from lightning_ncnnqat.ops import _registry, reference
 FLT_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _DOUBLE = 11  # onnx.TensorProto.DOUBLE
+_INT8 = 3  # onnx.TensorProto.INT8
 OPSET = 13  # lowest opset the symbolics are written for (ReduceMax's axes attribute until 18)
 
 
@@ -156,12 +157,45 @@ def _sym_gemm(g, x, weight, bias):  # noqa: ANN001, ANN202
     return g.op("Reshape", y, g.op("Concat", lead, _const(g, [n]), axis_i=0))
 
 
+def _dynamic(g, x, dims: int, levels: bool):  # noqa: ANN001, ANN202
+    """reference.dynamic_quantize over groups of the last ``dims`` dims: ``(levels int8, absmax,
+    scale)``, or ``(level / scale`` float32, ``scale)``; a group holding a NaN gets NaN scales."""
+    rank = sh._get_tensor_rank(x)
+    if rank is None:
+        raise torch.onnx.errors.SymbolicValueError("ncnnqat::dynamic_quantize: the input's rank is unknown", x)
+    qmax = reference.GEMM_QMAX
+    rows = g.op("Flatten", _float(g, x), axis_i=rank - dims)  # [groups, n]
+    nan = g.op("Greater", _reduce_max(g, _float(g, g.op("IsNaN", rows)), 1), _const(g, 0.0))
+    absmax = _reduce_max(g, _finite_abs(g, rows), 1)
+    scale = _scale(g, absmax, qmax)
+    col = g.op("Reshape", scale, _const(g, [-1, 1]))
+    q = g.op("Where", g.op("Reshape", nan, _const(g, [-1, 1])), _const(g, 0.0), _levels(g, rows, col, qmax))
+    lead = g.op("Slice", g.op("Shape", x), _const(g, [0]), _const(g, [rank - dims]))
+    absmax, scale = (g.op("Reshape", g.op("Where", nan, _const(g, float("nan")), v), lead) for v in (absmax, scale))
+    if levels:
+        return g.op("Reshape", g.op("Cast", q, to_i=_INT8), g.op("Shape", x)), absmax, scale
+    nan_col = g.op("Where", g.op("Reshape", nan, _const(g, [-1, 1])), _const(g, float("nan")), col)
+    return g.op("Reshape", g.op("Div", q, nan_col), g.op("Shape", x)), scale
+
+
+@sh.parse_args("v", "i")
+def _sym_dynamic_quantize(g, x, dims: int):  # noqa: ANN001, ANN202
+    return _dynamic(g, x, dims, True)
+
+
+@sh.parse_args("v", "i")
+def _sym_dynamic_fake_quantize(g, x, dims: int):  # noqa: ANN001, ANN202
+    return _dynamic(g, x, dims, False)
+
+
 SYMBOLICS: dict[str, Callable] = {
     "fake_quantize_per_tensor": _sym_per_tensor,
     "fake_quantize_per_channel": _sym_per_channel,
     "fold_fake_quantize_weight": _sym_fold,
     "threshold_from_log": _sym_threshold_from_log,
     "fake_quantize_gemm": _sym_gemm,
+    "dynamic_quantize": _sym_dynamic_quantize,  # the int8 attention forms (ops/attention_reference.py)
+    "dynamic_fake_quantize": _sym_dynamic_fake_quantize,
 }
 """The ops a prepared model calls in eval mode, each with its TorchScript-exporter symbolic."""
 
@@ -171,6 +205,8 @@ DECOMPOSITIONS: dict[str, Callable] = {
     "fold_fake_quantize_weight": reference.fold_fake_quantize_weight,
     "threshold_from_log": reference.threshold_from_log,
     "fake_quantize_gemm": reference.fake_quantize_gemm,
+    "dynamic_quantize": reference.dynamic_quantize,
+    "dynamic_fake_quantize": reference.dynamic_fake_quantize,
 }
 """The same ops as aten math, for exporters that decompose an exported program (dynamo ONNX)."""
 

@@ -9,7 +9,10 @@ Every step is float32 and matches ncnn (see ``NCNN_INT8.md``):
 * absmax ignores non-finite values (NaN and +-inf never poison a range); a NaN input gives
   a NaN output, +-inf saturates to +-qmax / scale;
 * the running range is ``-1`` until the first training batch initialises it; a quantizer
-  whose range is uninitialised passes its input through unchanged.
+  whose range is uninitialised passes its input through unchanged;
+* ncnn's dynamic int8 (Gemm, MultiHeadAttention, SDPA activations, :func:`dynamic_quantize`)
+  takes its scale from each group's own absmax at run time, 8-bit; a group holding a NaN gets
+  a NaN scale, so all of it dequantizes to NaN.
 """
 
 from __future__ import annotations
@@ -218,11 +221,58 @@ def fold_fake_quantize_weight_backward(
     return grad_weight, vecs.contiguous()
 
 
-# --- Gemm int8 (Linear on 3-D/4-D input, pnnx's ``Gemm``) ---------------------------------------
-#: ncnn's Gemm int8 is 8-bit only (src/layer/gemm.cpp: ``127 / absmax`` for A rows and for B).
+# --- Dynamic int8 (activations of Gemm, MultiHeadAttention, SDPA) ------------------------------
+#: ncnn's dynamic int8 is 8-bit only (src/layer/gemm.cpp: ``127 / absmax`` for A rows and for B).
 GEMM_QMAX = 127.0
 #: Largest K whose int8 dot products stay exact in a float32 accumulator (K * 127 * 127 < 2**24).
 _GEMM_F32_EXACT_K = int(2**24 // (GEMM_QMAX * GEMM_QMAX))
+
+
+def _groups(x: Tensor, dims: int) -> tuple[tuple[int, ...], Tensor]:
+    """``x`` as float32 ``[G, n]``: one row per group of its last ``dims`` dims; and the lead shape."""
+    lead = tuple(x.shape[: x.dim() - dims])
+    g = 1
+    for d in lead:
+        g *= d
+    n = 1
+    for d in x.shape[x.dim() - dims:]:
+        n *= d
+    return lead, x.contiguous().float().reshape(g, n)
+
+
+def dynamic_quantize(x: Tensor, dims: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ncnn's run-time int8 quantization of ``x``, one symmetric scale per group of its last ``dims``
+    dims (1: per row; 2: per matrix; ``x.dim()``: per tensor).
+
+    Per group, in float32: ``absmax`` = max |x| over finite values, ``scale = 127 / absmax`` (1 when
+    absmax is 0; clamped to FLT_MAX), ``q = clamp(round_half_away(x * scale), -127, 127)``: ncnn's
+    ``absmax == 0.f ? 1.f : 127.f / absmax`` and ``float2int8`` (src/layer/gemm.cpp, sdpa.cpp,
+    multiheadattention.cpp). A group holding a NaN gets ``absmax = scale = NaN`` and levels 0, so
+    whatever is dequantized with it is NaN (ncnn's own result there is undefined); +-inf saturates.
+    Returns ``(levels int8 [x.shape], absmax float32 [x.shape[:-dims]], scale float32 [same])``.
+    """
+    lead, xf = _groups(x, dims)
+    absmax = finite_absmax(xf, dim=1)
+    nan = torch.isnan(xf).any(dim=1) if xf.shape[1] else torch.zeros_like(absmax, dtype=torch.bool)
+    scale = scale_from_absmax(absmax, 8)
+    q = round_half_away(torch.clamp(xf * scale[:, None], -GEMM_QMAX, GEMM_QMAX))
+    q = torch.where(nan[:, None], torch.zeros_like(q), q).to(torch.int8)
+    nan_value = torch.full_like(absmax, float("nan"))
+    absmax = torch.where(nan, nan_value, absmax)
+    scale = torch.where(nan, nan_value, scale)
+    return q.reshape(x.shape).contiguous(), absmax.reshape(lead).contiguous(), scale.reshape(lead).contiguous()
+
+
+def dynamic_fake_quantize(x: Tensor, dims: int) -> tuple[Tensor, Tensor]:
+    """:func:`dynamic_quantize` dequantized: ``(q / scale`` float32 ``[x.shape]``, ``scale)``; NaN for
+    a group holding a NaN. Its gradient is straight-through (an absmax scale never clips)."""
+    q, _, scale = dynamic_quantize(x, dims)
+    lead, qf = _groups(q, dims)
+    out = qf / scale.reshape(-1, 1)
+    return out.reshape(x.shape).contiguous(), scale
+
+
+# --- Gemm int8 (Linear on 3-D/4-D input, pnnx's ``Gemm``) ---------------------------------------
 
 
 def gemm_int8_levels(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -233,30 +283,36 @@ def gemm_int8_levels(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor,
     weight ``[N, K]`` is B, one scale ``127 / absmax(B)`` for the whole tensor (what this
     package writes: ncnn2int8 takes the absmax of B's first row only, see ``ncnn/int8_gemm.py``).
     Returns ``(qa [M, K], a_absmax [M], qb [N, K], b_scale [])`` with ``M = x.numel() // K``.
-    Rounding is half away from zero, clamped to +-127 (``float2int8``); absmax ignores non-finite
-    values, as every range of this package does.
+    Rounding is half away from zero, clamped to +-127 (``float2int8``); absmax ignores +-inf,
+    and a row (or B) holding a NaN has absmax and scale NaN: see :func:`dynamic_quantize`.
     """
     k = weight.shape[-1]
-    rows = x.contiguous().float().reshape(-1, k)
-    a_abs = finite_absmax(rows, dim=1)
-    a_scale = scale_from_absmax(a_abs, 8)
-    qa = round_half_away(torch.clamp(rows * a_scale[:, None], -GEMM_QMAX, GEMM_QMAX))
-    w = weight.contiguous().float()
-    b_scale = scale_from_absmax(finite_absmax(w), 8)
-    qb = round_half_away(torch.clamp(w * b_scale, -GEMM_QMAX, GEMM_QMAX))
-    return qa, a_abs, qb, b_scale
+    qa, a_abs, _ = dynamic_quantize(x.reshape(-1, k), 1)
+    qb, _, b_scale = dynamic_quantize(weight, 2)
+    return qa.float(), a_abs, qb.float(), b_scale
+
+
+def exact_level_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of integer-valued float32 tensors (int8 levels, ``[..., M, K] @ [..., K, N]``),
+    exact as ncnn's int32 accumulation: float32 is exact while ``K * 127**2 < 2**24`` whatever
+    the summation order (also TF32 and bf16 inputs: |q| <= 127 is exact there), so K is split
+    in such blocks whose exact float32 products are summed in float64 and rounded once to
+    float32: the same bits as one float64 product. Autocast is off: it would round the sums to
+    16 bits."""
+    k = a.shape[-1]
+    with torch.autocast(a.device.type, enabled=False):
+        if k <= _GEMM_F32_EXACT_K:
+            return a @ b
+        acc = None
+        for start in range(0, k, _GEMM_F32_EXACT_K):
+            part = (a[..., start:start + _GEMM_F32_EXACT_K] @ b[..., start:start + _GEMM_F32_EXACT_K, :]).double()
+            acc = part if acc is None else acc.add_(part)
+        return acc.float()
 
 
 def _int_matmul(qa: Tensor, qb: Tensor) -> Tensor:
-    """``qa @ qb.T`` of integer-valued float32 matrices, exact (ncnn accumulates in int32).
-
-    float32 is exact while ``K * 127**2 < 2**24``, whatever the summation order (also TF32 and
-    bf16 inputs: |q| <= 127 is exact there); beyond that float64. Autocast is off: it would
-    round the products' sums to 16 bits."""
-    with torch.autocast(qa.device.type, enabled=False):
-        if qa.shape[1] <= _GEMM_F32_EXACT_K:
-            return qa @ qb.T
-        return (qa.double() @ qb.double().T).float()
+    """``qa @ qb.T`` of integer-valued float32 matrices, exact (ncnn accumulates in int32)."""
+    return exact_level_matmul(qa, qb.T)
 
 
 def fake_quantize_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -287,9 +343,8 @@ def fake_quantize_gemm_backward(
     ``x_fq @ w_fq.T + bias`` with the rounding skipped (absmax scales never clip, so there is
     no clipped region): ``grad_x = grad @ w_fq``, ``grad_w = grad.T @ x_fq``, ``grad_bias =
     sum(grad)``; float32 math, each in its input's dtype (``grad_bias`` in ``weight``'s)."""
-    qa, a_abs, qb, b_scale = gemm_int8_levels(x, weight)
-    x_fq = qa / scale_from_absmax(a_abs, 8)[:, None]
-    w_fq = qb / b_scale
+    x_fq, _ = dynamic_fake_quantize(x.reshape(-1, weight.shape[1]), 1)
+    w_fq, _ = dynamic_fake_quantize(weight, 2)
     g = grad.contiguous().float().reshape(-1, weight.shape[0])
     with torch.autocast(g.device.type, enabled=False):
         grad_x = (g @ w_fq).reshape(x.shape).to(x.dtype).contiguous()
