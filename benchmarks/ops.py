@@ -19,6 +19,14 @@ For each size N (float32 elements), side by side in one run:
 for the quantize) over clone's bytes/s counting 8: 100% means running at clone's bandwidth.
 "x torch" is torch's time over ours. Times are medians over --repeat runs after --warmup runs
 (CUDA: device events; inputs rotate among buffers so small sizes are not all L2 hits).
+
+    python benchmarks/ops.py --layers --threads 1 --rounds 3   # ncnn's dynamic int8 layers
+
+``--layers`` times a training step's forward + backward of the int8 Gemm op
+(``ops.fake_quantize_gemm``) against a float ``F.linear`` of the same shapes, and of a small
+attention block: ``mha_int8_ste`` against ``nn.MultiheadAttention``, ``sdpa_int8_ste`` against
+``F.scaled_dot_product_attention``. Each figure is the median of --repeat steps; the table is
+measured --rounds times and shows min / median / max of those medians (a shared machine is noisy).
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import torch.nn.functional as F  # noqa: E402
+
 import lightning_ncnnqat.ops as ncnn_ops  # noqa: E402
+from lightning_ncnnqat.ops import attention_reference  # noqa: E402
 
 GROUP = 576  # 64 * 3 * 3: one output channel of a 3x3 conv with 64 input channels
 OUR_BYTES = 12
@@ -138,6 +149,58 @@ def bench_size(n: int, device: str, warmup: int, repeat: int) -> dict[str, float
     return res
 
 
+# (name, x shape, N): Linear layers on tokens as ConvNeXt / ViT blocks have them (K > 1040 in the last).
+GEMM_CASES = [("gemm 96->384", (8, 196, 96), 384), ("gemm 384->96", (8, 196, 384), 96),
+              ("gemm 1536->384", (8, 64, 1536), 384)]
+
+
+def layer_steps(device: str) -> list[tuple[str, Callable[[int], object], Callable[[int], object]]]:
+    """(name, float step, int8 step): forward + backward with a fixed random output gradient."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_(grad)
+
+    steps = []
+    for name, shape, n in GEMM_CASES:
+        x, w, b, gy = rnd(*shape), rnd(n, shape[-1]), rnd(n), rnd(*shape[:-1], n, grad=False)
+        steps.append((name, lambda i, x=x, w=w, b=b, gy=gy: F.linear(x, w, b).backward(gy),
+                      lambda i, x=x, w=w, b=b, gy=gy: ncnn_ops.fake_quantize_gemm(x, w, b).backward(gy)))
+    e, h, length = 64, 4, 64
+    mha = torch.nn.MultiheadAttention(e, h, batch_first=True).to(device)
+    ws = {"q_weight": mha.in_proj_weight[:e], "k_weight": mha.in_proj_weight[e:2 * e],
+          "v_weight": mha.in_proj_weight[2 * e:], "out_weight": mha.out_proj.weight, "q_bias": mha.in_proj_bias[:e],
+          "k_bias": mha.in_proj_bias[e:2 * e], "v_bias": mha.in_proj_bias[2 * e:], "out_bias": mha.out_proj.bias}
+    xq, gq = rnd(8, length, e), rnd(8, length, e, grad=False)
+    steps.append((f"MHA E{e} H{h} L{length}", lambda i: mha(xq, xq, xq, need_weights=False)[0].backward(gq),
+                  lambda i: attention_reference.mha_int8_ste(xq, xq, xq, ws, h).backward(gq)))
+    q, k, v, go = rnd(8, 4, length, 16), rnd(8, 4, length, 16), rnd(8, 4, length, 16), rnd(8, 4, length, 16, grad=False)
+    steps.append((f"SDPA 4x{length}x16", lambda i: F.scaled_dot_product_attention(q, k, v).backward(go),
+                  lambda i: attention_reference.sdpa_int8_ste(q, k, v).backward(go)))
+    return steps
+
+
+def run_layers(device: str, warmup: int, repeat: int, rounds: int) -> None:
+    steps = layer_steps(device)
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in steps}
+    for _ in range(rounds):
+        for name, f_float, f_int8 in steps:
+            got[name].append((time_it(f_float, device, warmup, repeat), time_it(f_int8, device, warmup, repeat)))
+    print(f"# fwd+bwd ms, min / median / max over {rounds} rounds (each a median of {repeat} steps)")
+    header = f"{'layer':>18} | {'float':>20} | {'int8 (ncnnqat)':>20} | {'int8 / float':>18}"
+    print(header)
+    print("-" * len(header))
+
+    def mmm(v: list[float], fmt: str) -> str:
+        return "/".join(format(t, fmt) for t in (min(v), statistics.median(v), max(v)))
+
+    for name, pairs in got.items():
+        fl = [a * 1e3 for a, _ in pairs]
+        q8 = [b * 1e3 for _, b in pairs]
+        ratio = [b / a for a, b in pairs]
+        print(f"{name:>18} | {mmm(fl, '.2f'):>20} | {mmm(q8, '.2f'):>20} | {mmm(ratio, '.2f'):>18}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -145,6 +208,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=0, help="timed runs per measurement (default: by size)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all the machine gives)")
+    parser.add_argument("--layers", action="store_true", help="time the dynamic int8 Gemm / attention layers")
+    parser.add_argument("--rounds", type=int, default=3, help="--layers: how many times the table is measured")
     args = parser.parse_args()
 
     if args.device == "cpu":
@@ -159,6 +224,11 @@ def main() -> None:
     compiled = status.cpu if args.device == "cpu" else status.cuda
     print(f"# {where}; torch {torch.__version__}; ncnnqat kernels: "
           f"{'compiled' if compiled else 'REFERENCE (' + status.reasons.get(args.device, '?') + ')'}")
+    if args.layers:
+        load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
+        print(f"# ncnnqat {os.path.dirname(ncnn_ops.__file__)}{load}")
+        run_layers(args.device, args.warmup, args.repeat or 20, args.rounds)
+        return
     print(f"# median times in ms; '% clone' = our bytes/s ({OUR_BYTES} B/elem) over clone's ({CLONE_BYTES} B/elem)")
     header = (f"{'N':>6} {'clone':>8} {'GB/s':>7} | {'per-ch':>8} {'torch':>8} {'x torch':>7} {'% clone':>7} | "
               f"{'per-t':>8} {'torch':>8} {'x torch':>7} {'% clone':>7} | "
