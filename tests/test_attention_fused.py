@@ -5,6 +5,7 @@ leaves apart stay separate int8 Gemms; a unit kept float names the unit and the 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_plan_round_trip_rebuilds_the_fused_unit() -> None:
     fresh = Net(Attn())
     fresh.load_state_dict(m.state_dict())
     plan = prepare_qat(m, x[:1])
-    apply_plan(fresh, QATPlan.from_dict(plan.to_dict()))
+    apply_plan(fresh, QATPlan.from_dict(json.loads(json.dumps(plan.to_dict()))))  # as the state dict holds it
     assert get_plan(fresh).fused_attention == plan.fused_attention
     with torch.no_grad():
         z = m.embed(x)
@@ -245,3 +246,32 @@ def test_qat_callback_plans_trains_and_exports_the_fused_unit(tmp_path: Path) ->
     report = cb.export_report
     assert report.flagged_layers == [] and _mha_terms(tmp_path) == [2]
     assert "net.block" in {r.torch_name for r in report.layers}
+
+
+class SeqFirstAttn(nn.Module):
+    """Hand-written attention on ``[L, B, E]`` tokens (nn.MultiheadAttention's default layout):
+    pnnx 20261020 leaves it as Gemms + MatMuls, so it plans as four int8 Gemms."""
+
+    def __init__(self, d: int = 16, h: int = 2) -> None:
+        super().__init__()
+        self.h = h
+        self.embed = nn.Linear(8, d)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.embed(x).transpose(0, 1)  # [L, B, E]
+        n, b, e = z.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(n, b * self.h, e // self.h).transpose(0, 1)
+
+        q, k, v = heads(self.q_proj(z)), heads(self.k_proj(z)), heads(self.v_proj(z))
+        a = torch.softmax((q @ k.transpose(1, 2)) / math.sqrt(e // self.h), dim=-1) @ v
+        return self.head((z + self.out_proj(a.transpose(0, 1).reshape(n, b, e))).mean(0))
+
+
+def test_seq_first_attention_stays_gemm() -> None:
+    torch.manual_seed(29)
+    plan = prepare_qat(SeqFirstAttn(), torch.randn(2, 6, 8))
+    assert plan.fused_attention == {} and {"q_proj", "k_proj", "v_proj", "out_proj"} <= set(plan.gemm_layers)
