@@ -104,6 +104,9 @@ def test_embedding_text_model_exports_with_parity(tmp_path) -> None:  # noqa: AN
     subprocess.run([sys.executable, str(tmp_path / "run_int8.py"), str(tmp_path / "ids.npy"), "--save",
                     str(tmp_path / "kit.npz")], check=True, capture_output=True)
     assert np.abs(np.load(tmp_path / "kit.npz")["out0"] - ref[2]).max() < 0.05 * np.abs(ref).max()
+    # DEPLOY.md tells a C++ user the ids go in as int32
+    note = (tmp_path / "DEPLOY.md").read_text()
+    assert "Input(s) `in0` hold token ids" in note and "int32" in note
 
 
 def test_two_input_model_with_an_integer_input_exports(tmp_path) -> None:  # noqa: ANN001
@@ -119,6 +122,24 @@ def test_two_input_model_with_an_integer_input_exports(tmp_path) -> None:  # noq
     assert rep.ok, rep.summary()
     assert rep.int8_vs_qat.cosine > 0.999
     assert [i["dtype"] for i in json.loads((tmp_path / "report.json").read_text())["io"]["inputs"]] == ["float32", "int64"]
+    note = (tmp_path / "DEPLOY.md").read_text()
+    assert "Input(s) `in1` hold token ids" in note and "`in0`" not in note.split("hold token ids")[0].splitlines()[-1]
+
+
+def test_id_inputs_follow_split_copies_and_need_embed_only() -> None:
+    """Inputs read only by Embed (directly or through Split) take int32 ids; one also read by a
+    float layer does not (that model casts the ids to float itself)."""
+    from lightning_ncnnqat.ncnn.param import NcnnParam
+
+    head = "7767517\n{} {}\n"
+    body = [
+        "Input in0 0 1 in0", "Input in1 0 1 in1", "Input in2 0 1 in2",
+        "Split sp 1 2 in0 a b", "Embed e1 1 1 a ea 0=4 1=10 3=40", "Embed e2 1 1 b eb 0=4 1=10 3=40",
+        "Embed e3 1 1 in1 ec 0=4 1=10 3=40", "Split sp2 1 2 in2 c d", "Embed e4 1 1 c ed 0=4 1=10 3=40",
+        "ReLU r 1 1 d ee",
+    ]
+    param = NcnnParam.parse(head.format(len(body), 12) + "\n".join(body) + "\n")
+    assert param.id_inputs() == {"in0", "in1"}
 
 
 def test_calibrated_start_reads_integer_batches() -> None:

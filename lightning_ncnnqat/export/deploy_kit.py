@@ -225,8 +225,9 @@ def deploy_note(
     report: Mapping[str, Any],
     expected: str | None,
     expected_error: str | None = None,
+    id_inputs: set[str] | frozenset[str] = frozenset(),
 ) -> str:
-    """Text of DEPLOY.md."""
+    """Text of DEPLOY.md (``id_inputs``: input blobs that take int32 token ids)."""
     version, defaults = _installed_ncnn()
     out = [
         "# Running model.int8 with ncnn",
@@ -244,6 +245,15 @@ def deploy_note(
     ]
     for role, blobs in (("input", inputs), ("output", outputs)):
         out += [f"| {role} | `{n}` | {_fmt_shape(s)} | {_mat_dims(s)} |" for n, s in blobs]
+    if id_inputs:
+        names = ", ".join(f"`{n}`" for n in sorted(id_inputs))
+        out += [
+            "",
+            f"Input(s) {names} hold token ids: ncnn's `Embed` reads the Mat's memory as **int32**",
+            "(`src/layer/embed.cpp`). Fill it with int32 values (`np.int32` array viewed as float32 in",
+            "Python, as `run_int8.py` does; in C++ `ncnn::Mat in(w, (size_t)4u)` and write `int` ids",
+            "through `(int*)in.data`). Float values holding the ids read as wrong rows, with no error.",
+        ]
     out += ["", "## Input preprocessing", ""]
     if preprocessing is None:
         out += [
@@ -375,7 +385,7 @@ def write_deploy_kit(
         {
             "run_int8.py": script,
             "main.cpp": cpp_source(inputs, out_names, pre),
-            "DEPLOY.md": deploy_note(inputs, outputs, pre, report, expected, error),
+            "DEPLOY.md": deploy_note(inputs, outputs, pre, report, expected, error, param.id_inputs()),
         },
     )
     return list(KIT_NAMES)

@@ -200,6 +200,20 @@ class NcnnParam:
                 return lay
         return None
 
+    def id_inputs(self) -> set[str]:
+        """Input blobs read (through Split copies) only by ``Embed`` layers. Embed reads its input
+        Mat's memory as int32 token ids (ncnn ``src/layer/embed.cpp``): such an input takes int32
+        values, and floats holding the ids read wrong rows with no error."""
+
+        def kinds(blob: str) -> set[str]:
+            out: set[str] = set()
+            for lay in self.consumers(blob):
+                out |= set().union(*(kinds(t) for t in lay.tops)) if lay.type == "Split" else {lay.type}
+            return out
+
+        inputs = [t for lay in self.layers if lay.type == "Input" for t in lay.tops]
+        return {b for b in inputs if kinds(b) == {"Embed"}}
+
     def consumers(self, blob: str) -> list[NcnnLayer]:
         return [lay for lay in self.layers if blob in lay.bottoms]
 
