@@ -21,7 +21,8 @@ from lightning_ncnnqat.speed.candidates import UnitSpeed, candidate_plans
 from lightning_ncnnqat.speed.decide import ModelSpeed, SpeedDecision, SpeedMeasurement, choose
 from lightning_ncnnqat.speed.plan import count_chains
 from lightning_ncnnqat.speed.segments import chain_units, unit_model
-from lightning_ncnnqat.speed.unit_timing import split_rounds
+from lightning_ncnnqat.speed.plan import whole_models
+from lightning_ncnnqat.speed.unit_timing import split_rounds, time_chains
 from lightning_ncnnqat.speed.variants import write_variant
 from lightning_ncnnqat.ncnn.timing import Timing
 
@@ -259,3 +260,22 @@ def test_chain_units_of_a_real_export_match_its_requantized_convs(tmp_path: Path
     n_int8 = count_chains(text).int8_layers
     assert sum(len(u.int8) for u in units) == n_int8
     assert sum(len(u.int8) - 1 for u in units) == count_chains(text).requantized
+
+
+def test_time_chains_times_a_depthwise_chain_whole_and_in_pieces(tmp_path: Path) -> None:
+    """conv -> depthwise -> conv is one unit, timed whole and in its two pieces with the
+    depthwise float (each piece's int8 alone, its ends dequantized); the Linear a unit alone.
+    Torch names throughout, every figure positive."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    d, fw = _export(tmp_path, Mixed(), x)
+    q = NcnnParam.parse((d / "model.int8.param").read_text())
+    names = {lay.name: f"t.{lay.name}" for lay in q.layers}
+    fp, _ = whole_models(d, 1, {"inputs": [{"blob": "in0", "shape": [3, 16, 16]}],
+                                "outputs": [{"blob": "out0", "shape": [10]}]})
+    units = time_chains(d, fp, names, 1, "cpu", fw)
+    chain, head = units
+    assert chain.kinds == ("Convolution", "ConvolutionDepthWise", "Convolution") and head.kinds == ("InnerProduct",)
+    assert [p.kinds for p in chain.pieces] == [("Convolution",), ("Convolution",)] and not head.pieces
+    assert chain.split_layers == (chain.layers[1],) and all(n.startswith("t.") for n in chain.layers)
+    assert all(v.int8_ms > 0 and v.float_ms > 0 and v.ratio > 0 for v in [chain, head, *chain.pieces])
