@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_ncnnqat import ops
 from lightning_ncnnqat.qat.bn_fold import float_replacement
 from lightning_ncnnqat.errors import DivergedError
-from lightning_ncnnqat.qat.computed_weights import bake, deepcopy_memo, reading, strip
+from lightning_ncnnqat.qat.computed_weights import bake, computing_hooks, deepcopy_memo, reading, strip
 from lightning_ncnnqat.qat.attention_plan import unprepare_attention
 from lightning_ncnnqat.qat.gemm import float_gemm
 from lightning_ncnnqat.qat.modules import ORIG_CLASS, InputQuantizer
@@ -100,16 +100,84 @@ def float_layers(model: nn.Module) -> list[tuple[str, str]]:
     return list(require_plan(model).float_layers.items())
 
 
+#: The tables of hooks a module runs around its forward and backward (``torch/nn/modules/module.py``).
+_CALL_HOOK_TABLES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
+#: A module's own tables (not its attributes): never shared by :func:`_share_uncopyable`.
+_TORCH_TABLES = frozenset(_CALL_HOOK_TABLES) | {"_parameters", "_buffers", "_modules"}
+
+
+def _own_hook(hook: Any) -> bool:
+    """Whether ``hook`` (a function, bound method, ``functools.partial`` or callable object) is the
+    package's own: defined in a ``lightning_ncnnqat`` module (the attention and fast-path hooks)."""
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound method
+    module = getattr(fn, "__module__", None) if callable(fn) and hasattr(fn, "__code__") else type(fn).__module__
+    return isinstance(module, str) and module.split(".")[0] == "lightning_ncnnqat"
+
+
+def _hooks_memo(model: nn.Module, memo: dict[int, Any]) -> None:
+    """Put into ``memo`` each module's hook tables holding only the hooks that are part of its
+    computation: torch's weight-computing forward pre-hooks (weight_norm, spectral_norm, prune:
+    :func:`~lightning_ncnnqat.qat.computed_weights.computing_hooks`) and the package's own (int8
+    attention, fast paths). Every other hook (Lightning's PyTorchProfiler records, feature
+    recorders, debuggers) watches the user's model: a copy running it would feed the user's
+    profiler or lists with the package's own calls, and its live state (``record_function``,
+    locks) refuses deepcopy. A user hook that REPLACES a module's output is therefore not part
+    of the copies (nor of the export): put such a computation in a module's forward."""
+    for m in model.modules():
+        keep = {key for key, _, _ in computing_hooks(m)}
+        keep |= {key for attr in _CALL_HOOK_TABLES for key, h in m.__dict__.get(attr, {}).items()
+                 if callable(h) and _own_hook(h)}
+        for attr in _CALL_HOOK_TABLES:
+            table = m.__dict__.get(attr)
+            if table is not None and id(table) not in memo:
+                memo[id(table)] = type(table)((k, copy.deepcopy(v, memo)) for k, v in table.items() if k in keep)
+
+
+def _share_uncopyable(model: nn.Module, memo: dict[int, Any]) -> list[str]:
+    """Put into ``memo`` (as themselves: the copy shares them) the module attributes deepcopy
+    refuses (a ``threading.Lock``, an open file, a live native handle), each probed alone with
+    the model's modules and tensors standing for themselves. Their ``module.attr`` names."""
+    probe: dict[int, Any] = {id(m): m for m in model.modules()}
+    probe.update({id(t): t for t in (*model.parameters(), *model.buffers())})
+    shared = []
+    for name, m in model.named_modules():
+        for attr, value in m.__dict__.items():
+            if attr in _TORCH_TABLES or id(value) in memo or isinstance(value, (Tensor, nn.Module)):
+                continue
+            try:
+                copy.deepcopy(value, dict(probe))
+            except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, PicklingError) means share it
+                memo[id(value)] = value
+                shared.append(f"{name or type(model).__name__}.{attr}")
+    return shared
+
+
 def deepcopy_model(model: nn.Module) -> nn.Module:
-    """A deep copy that leaves out a LightningModule's Trainer / Fabric references (weights that
-    forward pre-hooks compute, which deepcopy refuses after a training step, are copied detached:
-    the copy recomputes them at its first call)."""
+    """A deep copy of the user's model for the package's own work (export, calibration, the
+    float32 floor, the attention-fusion probe).
+
+    Left out: a LightningModule's Trainer / Fabric references, and the hooks that watch the
+    model rather than compute it (:func:`_hooks_memo`). Weights that forward pre-hooks compute,
+    which deepcopy refuses after a training step, are copied detached (the copy recomputes them
+    at its first call). Attributes deepcopy refuses (locks, open handles) are shared with the
+    original instead of copied. Raises what ``copy.deepcopy`` raises for anything else.
+    """
     memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         obj = model.__dict__.get(attr)
         if obj is not None:
             memo[id(obj)] = None
     deepcopy_memo(model, memo)
+    _hooks_memo(model, memo)
+    try:
+        return copy.deepcopy(model, dict(memo))
+    except Exception:  # noqa: BLE001 - retried once with the refused attributes shared; a second failure raises
+        if not _share_uncopyable(model, memo):
+            raise
     return copy.deepcopy(model, memo)
 
 
