@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ncnnqat.qat.recompute import recomputing
+
 _ORIG = "_ncnnqat_orig_class"
 _TAIL = "_ncnnqat_tail"
 _EPS = "_ncnnqat_eps"
@@ -220,9 +222,10 @@ class _FoldedMixin:
         r32 = raw.float()
         mean = r32.mean(dims)
         var = (r32 - mean.reshape(shape)).square().mean(dims)
-        with torch.no_grad():
-            shift = 0.0 if bias is None else bias.detach().float()
-            self._momentum_step(mean.detach() + shift, var.detach(), raw.numel() // max(raw.shape[1], 1))
+        if not recomputing():  # a checkpoint's recompute folds with the statistics its forward left
+            with torch.no_grad():
+                shift = 0.0 if bias is None else bias.detach().float()
+                self._momentum_step(mean.detach() + shift, var.detach(), raw.numel() // max(raw.shape[1], 1))
         gamma, beta, rmean, inv_std = self.fold_args()
         # clones: the next step updates the statistics in place before this graph's backward may run
         wq = quantize(gamma, beta, rmean.clone(), inv_std)

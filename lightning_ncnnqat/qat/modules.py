@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lightning_ncnnqat import ops  # noqa: F401  (registers torch.ops.ncnnqat)
 from lightning_ncnnqat.qat.bn_fold import FoldedBatchNorm, FoldedFrozenBatchNorm, stats_live
 from lightning_ncnnqat.qat.computed_weights import refresh
+from lightning_ncnnqat.qat.recompute import recomputing
 from lightning_ncnnqat.ops.reference import fold_weight_bias, qmax_of, scale_from_absmax
 from lightning_ncnnqat.ops.exporters import refuse_script
 
@@ -104,6 +105,8 @@ class InputQuantizer(nn.Module):
         return out
 
     def forward(self, x: Tensor, update: bool = True) -> Tensor:
+        if update and self.training and recomputing():
+            update = False  # a checkpoint's recompute in backward: this step's forward updated already
         if self.learned:
             return self._forward_learned(x, update)
         if self.training and update:
