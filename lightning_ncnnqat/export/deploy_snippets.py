@@ -134,7 +134,11 @@ def embed_inputs() -> set[str]:
 
 
 def to_mat(a: np.ndarray, name: str, shape: tuple[int, ...] | None) -> tuple[ncnn.Mat, np.ndarray | None]:
-    """The ncnn.Mat for one input (and the array it borrows memory from, to keep alive)."""
+    """The ncnn.Mat for one input, an ncnn-owned copy (and the array it was copied from).
+
+    Never the borrowing ``ncnn.Mat(array)`` itself: it has no reference count, and a first layer
+    that works in place (a BatchNorm or ``x / 255`` on the input) crashes ncnn on it (src/net.cpp
+    reads ``*refcount`` before an in-place layer); the owned copy is cloned there instead."""
     if a.dtype == np.uint8 and a.ndim in (2, 3) and (shape is None or a.shape != shape):
         return pixels_to_mat(a, name), None
     ids = a.dtype.kind in "iu" and name in embed_inputs()
@@ -144,7 +148,7 @@ def to_mat(a: np.ndarray, name: str, shape: tuple[int, ...] | None) -> tuple[ncn
     if shape is not None and a.shape != shape:
         sys.exit(f"input '{name}': expected shape {shape} (or (1, *shape)), got {a.shape}")
     a = np.ascontiguousarray(a)
-    return ncnn.Mat(a.view(np.float32) if ids else a), a
+    return ncnn.Mat(a.view(np.float32) if ids else a).clone(), a
 
 
 def fmt(name: str, v: np.ndarray) -> str:

@@ -1,9 +1,15 @@
 """Running ncnn models from Python: outputs, intermediate blobs, timing.
 
-``ncnn.Mat(array)`` borrows the numpy array's memory, so every input array is kept referenced
-until its ``extract`` has returned. Options are set before loading. A blob written by a layer
-with requantize fusion holds int8 values; ``extract`` casts them to float32 WITHOUT dequantizing
-(``src/net.cpp``: ``cast_int8_to_float32``), so the caller divides by the scale it wrote.
+Every input is handed to ncnn as an ncnn-owned copy (:func:`owned_mat`, as ``worker.py``
+does): ``ncnn.Mat(array)`` borrows the numpy array's memory without a reference count, and a
+first layer that works in place (BatchNorm, BinaryOp, ReLU on the input) then dereferences that
+missing count (``src/net.cpp``, the light-mode in-place check ``*bottom_blob.refcount != 1``): a
+segfault however long the array stays referenced. An owned Mat held here has a count of 2
+there, so ncnn clones it before writing: the caller's input is never changed.
+
+Options are set before loading. A blob written by a layer with requantize fusion holds int8
+values; ``extract`` casts them to float32 WITHOUT dequantizing (``src/net.cpp``:
+``cast_int8_to_float32``), so the caller divides by the scale it wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from lightning_ncnnqat.ncnn.param import NcnnParam
+
+
+def owned_mat(arr: np.ndarray) -> "ncnn.Mat":  # noqa: F821 - ncnn is imported when called
+    """An ncnn-owned float32 copy of ``arr`` (see the module doc for why never a borrowed Mat)."""
+    import ncnn
+
+    borrowed = ncnn.Mat(np.ascontiguousarray(arr, dtype=np.float32))
+    owned = borrowed.clone()
+    del borrowed
+    return owned
 
 
 class NcnnNet:
@@ -44,13 +60,11 @@ class NcnnNet:
 
     def blobs(self, x: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Run one sample (no batch dim) and extract ``names``."""
-        import ncnn
-
         arr = np.ascontiguousarray(x, dtype=np.float32)
         ex = self.net.create_extractor()
         if len(names) > 1:
             ex.set_light_mode(False)  # keep intermediate blobs instead of recomputing them
-        mat_in = ncnn.Mat(arr)
+        mat_in = owned_mat(arr)
         ex.input(self.input_name, mat_in)
         out = {}
         for name in names:
@@ -58,7 +72,7 @@ class NcnnNet:
             if ret != 0:
                 raise RuntimeError(f"ncnn could not extract blob '{name}' (error {ret})")
             out[name] = np.array(mat, copy=True).astype(np.float32, copy=False)
-        del mat_in, arr
+        del mat_in
         return out
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -71,12 +85,9 @@ class NcnnNet:
 
     def time_per_image(self, x: np.ndarray, runs: int = 30, warmup: int = 5) -> float:
         """Median wall time of one inference, in milliseconds."""
-        import ncnn
-
-        arr = np.ascontiguousarray(x, dtype=np.float32)
+        mat_in = owned_mat(np.asarray(x, dtype=np.float32))
         times = []
         for i in range(warmup + runs):
-            mat_in = ncnn.Mat(arr)
             t0 = time.perf_counter()
             ex = self.net.create_extractor()
             ex.input(self.input_name, mat_in)
@@ -86,5 +97,5 @@ class NcnnNet:
                 raise RuntimeError(f"ncnn inference failed (error {ret})")
             if i >= warmup:
                 times.append((t1 - t0) * 1e3)
-            del ex, mat_in
+            del ex
         return statistics.median(times)
