@@ -4,14 +4,17 @@ Lightning's ``PyTorchProfiler`` hangs forward pre/post hooks holding live ``reco
 objects on every module (``lightning/pytorch/profilers/pytorch.py``, ``RegisterRecordFunction``):
 ``copy.deepcopy`` refuses them, and the QAT start's copies crashed. The rule
 (``qat/prepared.py``, ``deepcopy_model``): a copy keeps torch's weight-computing pre-hooks
-(prune, weight_norm, spectral_norm) and the package's own hooks, leaves out every other hook, and
-shares (does not copy) attributes deepcopy refuses (locks, open files).
+(prune, weight_norm, spectral_norm), the package's own hooks and every user hook deepcopy
+accepts (one may change what a module computes); it leaves out the profiler's hooks and hooks
+deepcopy refuses (with a warning naming them), and shares attributes deepcopy refuses (locks,
+open files).
 """
 
 from __future__ import annotations
 
 import tempfile
 import threading
+import warnings
 
 import pytest
 import torch
@@ -62,43 +65,79 @@ def test_fit_with_a_lightning_profiler_starts_qat(profiler: str, tmp_path) -> No
     assert trainer.global_step == 2
 
 
-def test_copy_leaves_out_watching_hooks_and_shares_locks() -> None:
-    """A bound-method hook whose owner holds a lock, a closure recording outputs, a module
-    attribute holding a lock and one holding an open file: the copy runs, has none of the hooks,
-    feeds none of the user's records, and shares the lock and file."""
+def test_copy_leaves_out_hooks_deepcopy_refuses_and_shares_locks() -> None:
+    """A bound-method hook whose owner holds a lock is left out (a warning names it), a module
+    attribute holding a lock and one holding an open file are shared; the copy runs and feeds
+    the user's recorder nothing, and computes what the model computes."""
     net = _net()
-    rec, calls = Recorder(), []
+    rec = Recorder()
     net[0].register_forward_hook(rec.hook)
-    net[3].register_forward_pre_hook(lambda m, args: calls.append(m))
-    net[7].register_full_backward_hook(lambda m, gi, go: calls.append("backward"))
     net.lock = threading.Lock()
     with tempfile.TemporaryFile() as f:
         net[3].log_file = f
-        cp = deepcopy_model(net)
+        with pytest.warns(UserWarning, match=r"leave out 1 hook.*'0': forward_hooks Recorder.hook"):
+            cp = deepcopy_model(net)
         assert cp.lock is net.lock and cp[3].log_file is f
-    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in cp.modules())
+    assert not cp[0]._forward_hooks
     x = torch.randn(2, 3, 16, 16)
     net.eval(), cp.eval()
     y = cp(x)
     y.sum().backward()
-    assert rec.seen == [] and calls == []
-    assert torch.equal(y, net(x))  # the computation is the same
-    assert rec.seen == [(2, 8, 16, 16)] and calls == [net[3]]  # the user's own model still records
+    assert rec.seen == []
+    assert torch.equal(y, net(x))
+    assert rec.seen == [(2, 8, 16, 16)]  # the user's own model still records
+
+
+def test_copy_leaves_out_lightnings_profiler_hooks_silently() -> None:
+    """Lightning's ``RegisterRecordFunction`` hooks (the PyTorchProfiler's) are left out with no
+    warning, before its first recorded call (nothing refuses deepcopy yet) and after it."""
+    from lightning.pytorch.profilers.pytorch import RegisterRecordFunction
+
+    net, x = _net().eval(), torch.randn(2, 3, 16, 16)
+    with RegisterRecordFunction(net):
+        for run in range(2):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                cp = deepcopy_model(net)
+            assert all(not m._forward_hooks and not m._forward_pre_hooks for m in cp.modules()), run
+            net(x)
+    assert torch.equal(cp(x), net(x))
+
+
+def test_copy_keeps_user_hooks_that_compute() -> None:
+    """User hooks deepcopy accepts stay (a hook may change what a module computes): an output
+    rewrite, an input rewrite with kwargs, a backward hook; the copy's hooks are its own."""
+    net = _net()
+    grads = []
+    net[7].register_forward_hook(lambda m, args, out: out * 3 + 1)
+    net[3].register_forward_pre_hook(lambda m, args, kwargs: ((args[0] * 0.5,), kwargs), with_kwargs=True)
+    net[7].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    x = torch.randn(2, 3, 16, 16)
+    cp = deepcopy_model(net)
+    net.eval(), cp.eval()
+    with torch.no_grad():
+        y = net(x)
+        assert torch.equal(cp(x), y)
+        net[7].weight.mul_(0)  # the copy's weights and hooks are its own
+        assert torch.equal(cp(x), y)
+    cp(x).sum().backward()
+    assert grads == [(2, 10)]
 
 
 def test_copy_keeps_weight_computing_prehooks() -> None:
     """Pruning and (hook-based) weight norm change what a layer computes: the copy keeps their
-    pre-hooks, after a training step too, next to a profiler-like hook it leaves out."""
+    pre-hooks, after a training step too, next to a lock-holding recorder it leaves out."""
     net = _net()
     prune.l1_unstructured(net[0], "weight", amount=0.5)
     torch.nn.utils.weight_norm(net[7])
-    net[0].register_forward_pre_hook(lambda m, args: None)
+    net[0].register_forward_hook(Recorder().hook)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x = torch.randn(4, 3, 16, 16)
     F.cross_entropy(net(x), torch.arange(4)).backward()
     opt.step()
-    cp = deepcopy_model(net)
-    assert len(cp[0]._forward_pre_hooks) == 1 and len(cp[7]._forward_pre_hooks) == 1
+    with pytest.warns(UserWarning, match="leave out 1 hook"):
+        cp = deepcopy_model(net)
+    assert len(cp[0]._forward_pre_hooks) == 1 and len(cp[7]._forward_pre_hooks) == 1 and not cp[0]._forward_hooks
     net.eval(), cp.eval()
     with torch.no_grad():
         y, yc = net(x), cp(x)

@@ -6,6 +6,7 @@ Every function accepts the model inside DataParallel/DDP/torch.compile/Fabric wr
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -109,6 +110,11 @@ _CALL_HOOK_TABLES = (
 _TORCH_TABLES = frozenset(_CALL_HOOK_TABLES) | {"_parameters", "_buffers", "_modules"}
 
 
+#: Owners of hooks known to watch a model and never change it: Lightning's PyTorchProfiler
+#: (``profilers/pytorch.py``, ``RegisterRecordFunction``: a ``record_function`` per module call).
+_OBSERVERS = frozenset({"RegisterRecordFunction"})
+
+
 def _own_hook(hook: Any) -> bool:
     """Whether ``hook`` (a function, bound method, ``functools.partial`` or callable object) is the
     package's own: defined in a ``lightning_ncnnqat`` module (the attention and fast-path hooks)."""
@@ -118,32 +124,63 @@ def _own_hook(hook: Any) -> bool:
     return isinstance(module, str) and module.split(".")[0] == "lightning_ncnnqat"
 
 
-def _hooks_memo(model: nn.Module, memo: dict[int, Any]) -> None:
-    """Put into ``memo`` each module's hook tables holding only the hooks that are part of its
-    computation: torch's weight-computing forward pre-hooks (weight_norm, spectral_norm, prune:
-    :func:`~lightning_ncnnqat.qat.computed_weights.computing_hooks`) and the package's own (int8
-    attention, fast paths). Every other hook (Lightning's PyTorchProfiler records, feature
-    recorders, debuggers) watches the user's model: a copy running it would feed the user's
-    profiler or lists with the package's own calls, and its live state (``record_function``,
-    locks) refuses deepcopy. A user hook that REPLACES a module's output is therefore not part
-    of the copies (nor of the export): put such a computation in a module's forward."""
-    for m in model.modules():
-        keep = {key for key, _, _ in computing_hooks(m)}
-        keep |= {key for attr in _CALL_HOOK_TABLES for key, h in m.__dict__.get(attr, {}).items()
-                 if callable(h) and _own_hook(h)}
+def _observer(hook: Any) -> bool:
+    """Whether ``hook`` is a method of a known observer (:data:`_OBSERVERS`), plain or in a partial."""
+    owner = getattr(getattr(hook, "func", hook), "__self__", None)
+    return type(owner).__name__ in _OBSERVERS
+
+
+def _probe(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo in which the model's modules and tensors stand for themselves: deep-copying
+    an object with it tests whether deepcopy accepts the object without copying the model."""
+    probe: dict[int, Any] = {id(m): m for m in model.modules()}
+    probe.update({id(t): t for t in (*model.parameters(), *model.buffers())})
+    return probe
+
+
+def _hooks_memo(model: nn.Module, memo: dict[int, Any]) -> list[str]:
+    """Put into ``memo`` the hook tables of each module that holds hooks a copy must not carry, and
+    return those hooks as ``'module': kind Name`` for a warning (observers are left out silently).
+
+    A copy keeps what computes: torch's weight-computing pre-hooks (weight_norm, spectral_norm,
+    prune: :func:`~lightning_ncnnqat.qat.computed_weights.computing_hooks`), the package's own
+    (int8 attention, fast paths) and every user hook deepcopy accepts (deep-copied as before: a
+    hook that changes a module's output stays part of the copies and the export). Left out: hooks
+    of known observers (:data:`_OBSERVERS`) and hooks holding state deepcopy refuses (live
+    ``record_function`` objects, locks, open files), which only a watcher holds; the copy cannot
+    carry them anyway, and running them would feed the user's watcher the package's calls."""
+    probe, refused = _probe(model), []
+    for name, m in model.named_modules():
+        computing = {key for key, _, _ in computing_hooks(m)}
+        drop = set()
         for attr in _CALL_HOOK_TABLES:
+            for key, h in m.__dict__.get(attr, {}).items():
+                if key in computing or not callable(h) or _own_hook(h):
+                    continue
+                if _observer(h):
+                    drop.add(key)
+                    continue
+                try:
+                    copy.deepcopy(h, dict(probe))
+                except Exception:  # noqa: BLE001 - any refusal (TypeError, RuntimeError, PicklingError)
+                    drop.add(key)
+                    refused.append(f"'{name}': {attr.strip('_')} {getattr(h, '__qualname__', type(h).__name__)}")
+        for attr in _CALL_HOOK_TABLES if drop else ():
             table = m.__dict__.get(attr)
             if table is not None and id(table) not in memo:
-                memo[id(table)] = type(table)((k, copy.deepcopy(v, memo)) for k, v in table.items() if k in keep)
+                kept = type(table)()
+                memo[id(table)] = kept  # first: a kept hook bound to this module finds the table copying
+                for k, v in table.items():
+                    if k not in drop:
+                        kept[k] = copy.deepcopy(v, memo)
+    return refused
 
 
 def _share_uncopyable(model: nn.Module, memo: dict[int, Any]) -> list[str]:
     """Put into ``memo`` (as themselves: the copy shares them) the module attributes deepcopy
     refuses (a ``threading.Lock``, an open file, a live native handle), each probed alone with
     the model's modules and tensors standing for themselves. Their ``module.attr`` names."""
-    probe: dict[int, Any] = {id(m): m for m in model.modules()}
-    probe.update({id(t): t for t in (*model.parameters(), *model.buffers())})
-    shared = []
+    probe, shared = _probe(model), []
     for name, m in model.named_modules():
         for attr, value in m.__dict__.items():
             if attr in _TORCH_TABLES or id(value) in memo or isinstance(value, (Tensor, nn.Module)):
@@ -156,29 +193,45 @@ def _share_uncopyable(model: nn.Module, memo: dict[int, Any]) -> list[str]:
     return shared
 
 
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of the user's model for the package's own work (export, calibration, the
-    float32 floor, the attention-fusion probe).
-
-    Left out: a LightningModule's Trainer / Fabric references, and the hooks that watch the
-    model rather than compute it (:func:`_hooks_memo`). Weights that forward pre-hooks compute,
-    which deepcopy refuses after a training step, are copied detached (the copy recomputes them
-    at its first call). Attributes deepcopy refuses (locks, open handles) are shared with the
-    original instead of copied. Raises what ``copy.deepcopy`` raises for anything else.
-    """
+def _memo(model: nn.Module, share: bool) -> tuple[dict[int, Any], list[str], list[str]]:
+    """The deepcopy memo of :func:`deepcopy_model`, the hooks it leaves out that deepcopy refuses,
+    and (``share``) the attributes it shares."""
     memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         obj = model.__dict__.get(attr)
         if obj is not None:
             memo[id(obj)] = None
     deepcopy_memo(model, memo)
-    _hooks_memo(model, memo)
+    shared = _share_uncopyable(model, memo) if share else []
+    return memo, _hooks_memo(model, memo), shared
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of the user's model for the package's own work (export, calibration, the
+    float32 floor, the attention-fusion probe).
+
+    Left out: a LightningModule's Trainer / Fabric references, and hooks that watch the model
+    and cannot or must not be copied (:func:`_hooks_memo`; a UserWarning names those deepcopy
+    refuses). Weights that forward pre-hooks compute, which deepcopy refuses after a training
+    step, are copied detached (the copy recomputes them at its first call). Attributes deepcopy
+    refuses (locks, open files) are shared with the original, found by a retry after a first
+    attempt failed. Raises what ``copy.deepcopy`` raises for anything else.
+    """
     try:
-        return copy.deepcopy(model, dict(memo))
+        memo, left_out, _ = _memo(model, share=False)
+        out = copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 - retried once with the refused attributes shared; a second failure raises
-        if not _share_uncopyable(model, memo):
+        memo, left_out, shared = _memo(model, share=True)
+        if not shared:
             raise
-    return copy.deepcopy(model, memo)
+        out = copy.deepcopy(model, memo)
+    if left_out:
+        warnings.warn(
+            f"the package's copies of the model (export, calibration, checks) leave out {len(left_out)} hook(s) "
+            f"that deepcopy refuses: {'; '.join(left_out[:4])}{' ...' if len(left_out) > 4 else ''}; a hook "
+            "that changes a module's output is then not part of the int8 model (compute it in a forward)",
+            stacklevel=2)
+    return out
 
 
 def folded_float_model(model: nn.Module) -> nn.Module:
