@@ -15,6 +15,7 @@ from torch import nn
 from lightning_ncnnqat import export, prepare_qat
 from lightning_ncnnqat.ncnn.isolated import NcnnRuntimeError, run_ncnn
 from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.timing import paired_speedup
 from lightning_ncnnqat.speed.plan import (
     ModelToTime,
     SpeedPlan,
@@ -78,6 +79,21 @@ def test_time_models_interleaved_stats(exports: dict[str, Path]) -> None:
         assert 0 < v.min_ms <= v.median_ms <= v.max_ms
         assert 0 <= v.cpu_min_ms <= v.cpu_median_ms <= v.cpu_max_ms
     assert judge(t["int8"], t["float"]) in ("faster", "slower", "tie")
+
+
+def test_time_models_three_or_more_return_only_the_models_timed(exports: dict[str, Path]) -> None:
+    """With three or more models the child also runs a copy of the first and the last (so no
+    timed model gets a warm second run in a row); only the models given come back, each with
+    every run, and per-round ratios pair up."""
+    import dataclasses
+
+    f, q = whole_models(exports["silu"], threads=1)
+    f2, r = whole_models(exports["relu"], threads=1)
+    models = [f, q, dataclasses.replace(r, name="relu-int8"), dataclasses.replace(f2, name="relu-float")]
+    t = time_models(models, runs=5, warmup=1)
+    assert list(t) == ["float", "int8", "relu-int8", "relu-float"]
+    assert all(v.runs == 5 and len(v.cpu_runs or []) == 5 for v in t.values())
+    assert paired_speedup(t["float"], t["int8"], "cpu") > 0
 
 
 def test_time_models_with_paths_relative_to_the_callers_folder(exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,6 @@ Torch-free (ncnn files and the timing child only).
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.ncnn.param import CONV_TYPES, INT8_TYPES, NcnnLayer, NcnnParam
 from lightning_ncnnqat.ncnn.timing import ModelToTime, Timing, blob_shapes, time_models
 
-__all__ = ["ChainUnit", "chain_units", "unit_model", "UnitToTime", "time_units", "time_side_by_side"]
+__all__ = ["DYNAMIC_INT8_TYPES", "ChainUnit", "chain_units", "unit_model", "UnitToTime", "time_units", "time_side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,17 @@ class ChainUnit:
         return self.int8 + self.splits
 
 
+#: Layers the export writes int8 with activations quantized at run time (``int8_scale_term``,
+#: param 18, as ncnn's gemm.cpp / multiheadattention.cpp / sdpa.cpp read it): float in, float out,
+#: never in a requantize chain, so each is a unit of its own, except SDPA: the export tells ncnn's
+#: SDPA layers apart by order only, so a model's SDPA layers are int8 all together or not at all
+#: (``qat/attention_plan.py``) and are one unit.
+DYNAMIC_INT8_TYPES = ("Gemm", "MultiHeadAttention", "SDPA")
+
+
 def _is_int8(lay: NcnnLayer) -> bool:
+    if lay.type in DYNAMIC_INT8_TYPES:
+        return lay.get_int(18, 0) > 0
     return lay.type in INT8_TYPES and lay.get_int(8, 0) > 0
 
 
@@ -69,7 +78,8 @@ def _fused_readers(param: NcnnParam, lay: NcnnLayer) -> tuple[list[NcnnLayer], l
 def chain_units(param: NcnnParam) -> list[ChainUnit]:
     """The int8 layers of an int8 ``param`` grouped into units: connected under the fused
     requantize edges (module docstring); a layer whose input and output are float is a unit of
-    its own. In .param order of each unit's first layer."""
+    its own; the SDPA layers are one unit (:data:`DYNAMIC_INT8_TYPES`). In .param order of each
+    unit's first layer."""
     int8 = [lay for lay in param.layers if _is_int8(lay)]
     parent = {lay.name: lay.name for lay in int8}
 
@@ -79,6 +89,9 @@ def chain_units(param: NcnnParam) -> list[ChainUnit]:
             n = parent[n]
         return n
 
+    sdpa = [lay.name for lay in int8 if lay.type == "SDPA"]
+    for n in sdpa[1:]:  # one unit: all int8 or all float (DYNAMIC_INT8_TYPES)
+        parent[root(n)] = root(sdpa[0])
     splits_of: dict[str, list[str]] = {}
     for lay in int8:
         readers, splits = _fused_readers(param, lay)
@@ -119,21 +132,9 @@ def unit_model(param: NcnnParam, bin_bytes: bytes, names: Sequence[str], shapes:
 
 
 def time_side_by_side(models: Sequence[ModelToTime], runs: int, warmup: int = 3) -> dict[str, Timing]:
-    """:func:`ncnn.timing.time_models` with a copy of the first model before and of the last
-    after the ones timed (loaded as nets of their own, their times dropped).
-
-    Why: the timing child runs the models in rounds A B C, then C B A, then A B C: the first and
-    the last model run twice in a row at every turn, their second run with the caches warm from
-    the first. With more than two models that favours them over the rest (measured here on a
-    16x16 toy model: all-int8 against float read 1.22x and 1.18x with int8 first, 0.94x and 0.93x
-    with float first; 1.07x and 1.12x with the copies). With the copies, every timed model runs
-    after another model's run in every round."""
-    if len(models) <= 2:  # A B, B A: each runs twice in a row on alternate turns, alike
-        return time_models(models, runs=runs, warmup=warmup)
-    pre = dataclasses.replace(models[0], name="(copy before)")
-    post = dataclasses.replace(models[-1], name="(copy after)")
-    t = time_models([pre, *models, post], runs=runs, warmup=warmup)
-    return {m.name: t[m.name] for m in models}
+    """:func:`ncnn.timing.time_models` (which puts every timed run right after another model's
+    run, however many models: see its comment on the round order)."""
+    return time_models(models, runs=runs, warmup=warmup)
 
 
 @dataclass(frozen=True)
