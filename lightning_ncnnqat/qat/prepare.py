@@ -354,19 +354,31 @@ def replan_as_float(model: nn.Module, example_input: Any, reasons: dict[str, str
 
     The model is unprepared and prepared again with them added to ``skip`` (same Parameters:
     nothing trained is lost); the input thresholds of range owners that stay int8 are kept (a
-    calibrated start survives). Returns the new plan (the old one when ``reasons`` is empty).
+    calibrated start survives). A Gemm Linear or a MultiheadAttention is named by its module; an
+    SDPA call by the export's label ``"<module>:sdpa<i>"``: ``skip`` names its calling module, so
+    all the model's SDPA calls go float (the plan's one unit). Returns the new plan (the old one
+    when ``reasons`` is empty). Raises ConfigError for SDPA called by the model itself (no module
+    for ``skip`` to name).
     """
     plan = require_plan(model)
     if not reasons:
         return plan
+    caller = {n: n.rsplit(":sdpa", 1)[0] if ":sdpa" in n else None for n in reasons}
+    if any(c == "(model)" for c in caller.values()):
+        raise ConfigError(f"replan_as_float: {sorted(reasons)} name the model's own SDPA calls; `skip` cannot "
+                          "name the model itself", argument="reasons", value=sorted(reasons))
+    names = list(dict.fromkeys(c if c is not None else n for n, c in caller.items()))
     kept = {n: {k: v.clone() for k, v in q.state_dict().items()} for n, q in input_quantizers(model).items()}
     unprepare(model)
-    config = replace(plan.config, skip=tuple(plan.config.skip) + tuple(n for n in reasons if n not in plan.config.skip))
+    config = replace(plan.config, skip=tuple(plan.config.skip) + tuple(n for n in names if n not in plan.config.skip))
     new_plan = plan_and_apply(model, example_input, config)
     for name, q in input_quantizers(model).items():
         if name in kept:
             q.load_state_dict(kept[name], strict=False)
-    new_plan.float_layers.update({n: r for n, r in reasons.items() if n in new_plan.float_layers})
+    for n, r in reasons.items():  # the measured reason in place of "kept in float by `skip`"
+        key = n if caller[n] is None else f"{caller[n]}:sdpa"
+        if key in new_plan.float_layers:
+            new_plan.float_layers[key] = r
     return new_plan
 
 

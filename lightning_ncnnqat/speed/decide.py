@@ -205,7 +205,9 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1, decide
         ncnn_of = {v: k for k, v in torch_of.items()}
         fw = report.float_weights or "fp32"
         fp, q = whole_models(d, threads, report.io)
-        units = time_chains(d, fp, torch_of, threads, clock, fw)
+        # SDPA called by the model itself stays int8: `skip` (replan_as_float) has no module to name
+        units = [u for u in time_chains(d, fp, torch_of, threads, clock, fw)
+                 if not any(n.startswith("(model):sdpa") for n in u.layers)]
         plans = candidate_plans(units, HOST, threads, clock)
         models = [fp, q]
         for p in plans:

@@ -21,7 +21,7 @@ import numpy as np
 from lightning_ncnnqat.ncnn.bin_layout import locate
 from lightning_ncnnqat.ncnn.fp32_blobs import featmask, mask_fp32_blobs
 from lightning_ncnnqat.ncnn.int8_writer import Int8Spec, write_int8
-from lightning_ncnnqat.ncnn.param import NcnnParam
+from lightning_ncnnqat.ncnn.param import NcnnLayer, NcnnParam
 from lightning_ncnnqat.ncnn.table import parse_table
 
 __all__ = ["EXPORT_WRITTEN_TYPES", "write_variant"]
@@ -35,7 +35,8 @@ def write_variant(export_dir: str | Path, keep_float: set[str], float_weights: s
     """``(param text, bin bytes)`` of export ``export_dir``'s int8 model with the ncnn layers
     ``keep_float`` float: the int8 writer run on ``model.ncnn.*`` and ``model.ncnn.table`` without
     their rows, then the layers of :data:`EXPORT_WRITTEN_TYPES` and the feature masks as in
-    ``model.int8.*``. ``float_weights``: as the export wrote them (``report.float_weights``).
+    ``model.int8.*``; such a layer in ``keep_float`` float (without the writer's 18=2: what the
+    export writes for one QAT keeps float). ``float_weights``: as the export wrote them (``report.float_weights``).
 
     Raises FileNotFoundError naming a missing file; NcnnFormatError when a file does not parse.
     """
@@ -54,7 +55,11 @@ def write_variant(export_dir: str | Path, keep_float: set[str], float_weights: s
         layers, chunks = [], []
         for i, lay in enumerate(v.layers):
             src, entries, data = (lay, vl[i], vbin)
-            if lay.type in EXPORT_WRITTEN_TYPES:
+            if lay.type in EXPORT_WRITTEN_TYPES and lay.name in keep_float:  # the writer's float layer; it
+                # sets 18=2 on an SDPA as ncnn2int8 does: dropped, as the export writes one QAT keeps float
+                src = NcnnLayer(lay.type, lay.name, list(lay.bottoms), list(lay.tops),
+                                [(k, x) for k, x in lay.params if str(k) != "18"])
+            elif lay.type in EXPORT_WRITTEN_TYPES:
                 j = q.index(lay.name)
                 src, entries, data = q.layers[j], ql[j], qbin
             layers.append(src)
