@@ -28,6 +28,7 @@ from lightning_ncnnqat.speed.candidates import UnitSpeed, candidate_plans
 from lightning_ncnnqat.speed.decide import ModelSpeed, SpeedDecision, SpeedMeasurement, choose, decide_speed, speed_check
 from lightning_ncnnqat.speed.segments import chain_units
 from lightning_ncnnqat.speed.variants import write_variant
+from test_attention_fused import Attn, Net
 from test_attention_plan import SdpaAttn
 
 DYNAMIC = ("Gemm", "MultiHeadAttention", "SDPA")
@@ -154,6 +155,29 @@ def test_winning_attention_units_stay_int8(tmp_path: Path, cls: type[nn.Module],
     before = get_plan(m)
     assert replan_as_float(m, x[:1], d.reasons()) is before
     assert all(v == 2 for v in _int8_flags(tmp_path).values()) and _int8_flags(tmp_path)
+
+
+def test_a_losing_fused_unit_goes_float_with_the_reason_on_its_parts(tmp_path: Path) -> None:
+    """Hand-written attention pnnx fuses into one MultiHeadAttention (QATPlan.fused_attention): the
+    decision names the unit by its label; its q/k/v/out Linears go float with the figures, and the
+    export writes no int8 MultiHeadAttention."""
+    torch.manual_seed(8)
+    m, x = Net(Attn(h=4)).eval(), torch.randn(4, 6, 8)
+    plan = prepare_qat(m, x[:1], QATConfig(prefer="size"), targets=["x86"])
+    (label,) = plan.fused_attention
+    units, _ = _units(m, x, tmp_path / "before")
+    assert ((label,), ("MultiHeadAttention",)) in units
+    d = _decision(units, {"MultiHeadAttention"})
+    assert d.keep_float == [label]
+    plan = replan_as_float(m, x[:1], d.reasons())
+    assert plan.fused_attention == {}
+    for part in ("block.q_proj", "block.k_proj", "block.v_proj", "block.out_proj"):
+        assert plan.float_layers[part].startswith(f"{label}: int8 slower than float on x86"), plan.float_layers[part]
+    report = export(m, tmp_path / "after", x[:1], x, targets=["x86"], verbose=False, timing_runs=0, check_onnx=False)
+    mha = lambda d: [lay.get_int(18, 0) for lay in NcnnParam.parse((d / "model.int8.param").read_text()).layers  # noqa: E731
+                     if lay.type == "MultiHeadAttention"]
+    assert mha(tmp_path / "before") == [2] and mha(tmp_path / "after") == [0]
+    assert report.flagged_layers == [] and report.runtime["x86"]["int8_vs_qat"]["cosine"] > 0.9999
 
 
 class RootSdpa(nn.Module):

@@ -38,6 +38,7 @@ from lightning_ncnnqat.qat.export_form import drop_unexported, export_form
 from lightning_ncnnqat.qat.attention_plan import apply_attention, plan_attention, unprepare_attention
 from lightning_ncnnqat.qat.training_forms import apply_training_forms, remove_training_forms
 from lightning_ncnnqat.qat.fast_path import block_fast_paths, restore_fast_paths
+from lightning_ncnnqat.qat.fused_attention import unit_parts
 from lightning_ncnnqat.qat.gemm import GEMM_RANKS, apply_gemm, classify_gemm, split_gemm, unprepare_gemm
 from lightning_ncnnqat.qat.graph import DataFlow, trace_call
 from lightning_ncnnqat.qat.layer_forms import _computes_like, _is_plain
@@ -354,11 +355,11 @@ def replan_as_float(model: nn.Module, example_input: Any, reasons: dict[str, str
 
     The model is unprepared and prepared again with them added to ``skip`` (same Parameters:
     nothing trained is lost); the input thresholds of range owners that stay int8 are kept (a
-    calibrated start survives). A Gemm Linear or a MultiheadAttention is named by its module; an
-    SDPA call by the export's label ``"<module>:sdpa<i>"``: ``skip`` names its calling module, so
-    all the model's SDPA calls go float (the plan's one unit). Returns the new plan (the old one
-    when ``reasons`` is empty). Raises ConfigError for SDPA called by the model itself (no module
-    for ``skip`` to name).
+    calibrated start survives). A Gemm Linear, a MultiheadAttention or a fused unit (its label;
+    the reason goes to its parts) is named by its module, an SDPA call by the export's label
+    ``"<module>:sdpa<i>"``: ``skip`` names its calling module, so all the model's SDPA calls go
+    float (the plan's one unit). Returns the new plan (the old one when ``reasons`` is empty).
+    Raises ConfigError for SDPA called by the model itself (no module for ``skip`` to name).
     """
     plan = require_plan(model)
     if not reasons:
@@ -375,10 +376,11 @@ def replan_as_float(model: nn.Module, example_input: Any, reasons: dict[str, str
     for name, q in input_quantizers(model).items():
         if name in kept:
             q.load_state_dict(kept[name], strict=False)
-    for n, r in reasons.items():  # the measured reason in place of "kept in float by `skip`"
-        key = n if caller[n] is None else f"{caller[n]}:sdpa"
-        if key in new_plan.float_layers:
-            new_plan.float_layers[key] = r
+    for n, r in reasons.items():  # the measured reason in place of "kept in float by `skip`"; a fused unit's on its parts
+        own = [n if caller[n] is None else f"{caller[n]}:sdpa"]
+        keys = unit_parts(plan.fused_attention[n]) if n in plan.fused_attention else own
+        why = f"{n}: {r}" if n in plan.fused_attention else r
+        new_plan.float_layers.update({k: why for k in keys if k in new_plan.float_layers})
     return new_plan
 
 

@@ -84,8 +84,9 @@ class UnitSpeed:
 
     def describe(self, target: str, threads: int, clock: str) -> str:
         """The figures, for a reason: alone, or as one chain."""
-        how = ("alone" if len(self.layers) == 1 else f"its int8 chain of {len(self.layers)} layers timed as one"
-               if set(self.kinds) != {"SDPA"} else f"the model's {len(self.layers)} SDPA layers, int8 all together or not at all")
+        how = "alone" if len(self.layers) == 1 else f"its int8 chain of {len(self.layers)} layers timed as one"
+        if len(self.layers) > 1 and set(self.kinds) == {"SDPA"}:  # speed.segments: one unit, never a chain
+            how = f"the model's {len(self.layers)} SDPA layers timed together: int8 all together or not at all"
         verb = ("int8 slower than float" if self.ratio < 1 else "int8 not clearly faster than float" if not self.wins
                 else "int8 faster alone, but the whole int8 model lost to float")
         return (f"{verb} on {target} ({how}, {threads} thread, {clock} time: int8 {self.int8_ms:.4f} ms "

@@ -15,7 +15,9 @@ machine (``"x86"``):
    units, int8 against float (one child process, interleaved, process CPU time at one thread: a
    busy machine's preemption does not inflate it); a chain holding layers that lose in int8 even
    inside a chain (:data:`policy.SPEED_SPLIT_KINDS`) is also timed in the pieces it breaks into
-   with them float;
+   with them float; each int8 Gemm and MultiHeadAttention is a unit alone and the model's SDPA
+   layers one unit (dynamic int8: float in, float out; SDPA int8 all together or not at all), so
+   a losing one is re-planned float like any unit (``replan_as_float`` via ``skip``);
 3. three candidate plans come from those figures (``speed.candidates``: ``clear``, ``loose``, and
    the ``floor`` fallback, int8 only where a unit clearly wins), their int8 models are written from
    the same export as the export itself would write them (``speed.variants``, no second export),
