@@ -151,7 +151,7 @@ def find_converter_units(model: nn.Module, example_input: Any) -> dict[str, dict
         return {}
     io = model_io(copy_, example)
     try:
-        pn = convert_with_pnnx(FlatModel(copy_, io), [t[:1] for t in io.example_tensors()])
+        pn = convert_with_pnnx(FlatModel(copy_, io), [t[:1] for t in io.example_tensors()], timeout_s=300.0)
     except Exception:  # noqa: BLE001 - the preflight / export converts again and reports it
         return {}
     units = converter_units(copy_, NcnnParam.parse(pn.param_text), pn.bin_bytes)
