@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ncnnqat import export, prepare_qat
+from lightning_ncnnqat import QATConfig, export, prepare_qat
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.qat.conv_attention_forms import CONV_ATTENTION_FORM_ATTR
@@ -92,7 +92,7 @@ def test_conv_attention_trains_and_exports_as_int8_sdpa(tmp_path: Path) -> None:
     torch.manual_seed(14)
     m, x = Net(), torch.randn(4, 3, 16, 16)
     _warm(m)
-    plan = prepare_qat(m, x[:1], targets=["x86"])
+    plan = prepare_qat(m, x[:1], QATConfig(prefer="int8"), targets=["x86"])  # int8 writing, not the speed decision
     assert set(plan.sdpa_calls) == {"attn"} and m.attn.__dict__.get(TRAIN_FORM)
     m.train()
     with torch.no_grad():

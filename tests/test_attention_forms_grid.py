@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ncnnqat import export, prepare_qat
+from lightning_ncnnqat import QATConfig, export, prepare_qat
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.qat.export_form import export_form
@@ -157,7 +157,7 @@ def test_pnnx_converts_the_grid_forms() -> None:
 def test_grid_forms_export_int8_sdpa_with_no_flagged_layer(tmp_path: Path) -> None:
     torch.manual_seed(10)
     m, x = LeVitish(), torch.randn(4, 3, 16, 16)
-    plan = prepare_qat(m, x[:1], targets=["x86"])
+    plan = prepare_qat(m, x[:1], QATConfig(prefer="int8"), targets=["x86"])  # int8 writing, not the speed decision
     assert set(plan.sdpa_calls) == {"attn", "down"}
     m.train()
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ncnnqat import export, prepare_qat
+from lightning_ncnnqat import QATConfig, export, prepare_qat
 from lightning_ncnnqat.ncnn.param import NcnnParam
 from lightning_ncnnqat.qat.export_form import export_form
 from lightning_ncnnqat.qat.patch_forms import PATCH_FORM_ATTR
@@ -95,7 +95,7 @@ def test_patch_form_computes_the_same_outputs(kw: dict) -> None:
 def test_patch_form_exports_gemms_and_sdpa_in_int8(tmp_path: Path) -> None:
     torch.manual_seed(7)
     m, x = Net(), torch.randn(4, 3, 16, 16)
-    plan = prepare_qat(m, x[:1], targets=["x86"])
+    plan = prepare_qat(m, x[:1], QATConfig(prefer="int8"), targets=["x86"])  # int8 writing, not the speed decision
     assert {"block.transformer.0.attn.qkv", "block.transformer.0.mlp.0"} <= set(plan.gemm_layers)
     m.train()
     with torch.no_grad():

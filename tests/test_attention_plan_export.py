@@ -131,7 +131,7 @@ def test_qat_callback_trains_and_exports_attention(tmp_path: Path) -> None:
     torch.manual_seed(15)
     ds = make_data(32, 8, seed=15)
     lit = NetLit(Mixed(2, classes=10), lr=0.02, example=ds.tensors[0][:1])
-    cb = QATCallback(start_epoch=0, export=ExportConfig(dir=str(tmp_path), targets=("x86",)))
+    cb = QATCallback(start_epoch=0, config=QATConfig(prefer="int8"), export=ExportConfig(dir=str(tmp_path), targets=("x86",)))  # int8 writing, not the speed decision
     quiet_trainer(max_epochs=1, callbacks=[cb]).fit(lit, loader(ds), loader(ds))
     plan = get_plan(lit)
     assert plan.attention_layers == {"net.mha": "MultiHeadAttention"} and plan.sdpa_calls == {"net.sa": 1}
