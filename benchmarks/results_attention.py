@@ -3,7 +3,9 @@
 Conv stem (4x4 patches of a 16x16 image: 16 tokens of 32) -> block 1 with ``nn.MultiheadAttention``
 (pnnx: one MultiHeadAttention) -> block 2 with ``F.scaled_dot_product_attention`` (one SDPA, its
 q/k/v and projection Linears Gemms) -> each block's MLP as Linear on tokens (Gemm) -> mean -> head.
-LayerNorm and GELU stay float in ncnn. Trained float, then ``prepare_qat`` and QAT fine-tuning,
+LayerNorm and GELU stay float in ncnn. Trained float, then ``prepare_qat`` (with
+``targets=["x86"]``: the QAT start the callback runs, its speed decision under ``--prefer``,
+default ``speed``; ``--prefer int8`` keeps every layer int8) and QAT fine-tuning,
 then ``export`` to x86 and the emulated A53/A76 with report.json; prints the figures
 docs/results.md records: accuracy (PyTorch float / QAT, ncnn int8 on x86), int8 vs QAT cosine and
 top-1 per target, flagged layers, int8 vs float timing (the export report's), and ncnn's own PTQ of
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_data import load_splits  # noqa: E402
 
-from lightning_ncnnqat import export, prepare_qat  # noqa: E402
+from lightning_ncnnqat import QATConfig, export, prepare_qat  # noqa: E402
 from lightning_ncnnqat.calibration.ncnn_tools import find_tools, run_ncnn2int8, run_ncnn2table  # noqa: E402
 from lightning_ncnnqat.conversion.pnnx import convert_with_pnnx  # noqa: E402
 from lightning_ncnnqat.ncnn.isolated import run_ncnn  # noqa: E402
@@ -126,6 +128,8 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--out", default="runs/attention")
     ap.add_argument("--targets", nargs="+", default=["x86", "arm64-a53", "arm64-a76"])
+    ap.add_argument("--prefer", default="speed", choices=["speed", "int8", "size"],
+                    help="QATConfig(prefer=): 'speed' (the default) keeps the int8 layers that lose on x86 float")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -137,7 +141,7 @@ def main() -> None:
     _fit(model, xtr, s.y_train, a.float_epochs, 3e-3, 0)
     float_acc = _acc(model, xva, s.y_val)
     ptq = _ptq(copy.deepcopy(model), xtr, xva, s.y_val, Path(a.out) / "ptq")
-    plan = prepare_qat(model, xtr[:1])
+    plan = prepare_qat(model, xtr[:1], QATConfig(prefer=a.prefer), targets=["x86"])  # the QAT start as the callback runs it
     print(plan.summary())
     _fit(model, xtr, s.y_train, a.qat_epochs, 5e-4, 1)
     qat_acc = _acc(model, xva, s.y_val)
@@ -149,6 +153,7 @@ def main() -> None:
         "data": s.note + " (resized to 16x16)", "float_acc": float_acc, "qat_acc": qat_acc, "ncnn_int8_x86_acc": int8_acc,
         "int8_layers": {"attention": plan.attention_layers, "sdpa": plan.sdpa_calls, "gemm": list(plan.gemm_layers),
                         "table": list(plan.layers)},
+        "prefer": a.prefer, "float_layers": dict(plan.float_layers),
         **ptq,
         "flagged": report.flagged_layers,
         "int8_vs_qat": {t: {k: report.runtime[t]["int8_vs_qat"].get(k) for k in ("cosine", "top1_agreement")}
