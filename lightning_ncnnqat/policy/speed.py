@@ -50,6 +50,16 @@ SPEED_MIN_DIFF_MS = 0.01
 #: the median of fewer per-round ratios is one or two rounds' noise (export(timing_runs=1) is a
 #: smoke test of the timing, not a measurement).
 SPEED_MIN_JUDGED_RUNS = 10
+#: int8 "pays in size" only where its weights file (.bin) is at least this many times smaller than
+#: the float model's: a model whose int8 layers are a few small ones (7 of 8 layers kept float:
+#: 34608 B float vs 33380 B int8, 1.04x) gains nothing worth an int8 deployment when it does not
+#: gain speed either; an all-int8 model of 8-bit weights is about 4x smaller (2x against fp16).
+SIZE_PAYS_RATIO = 1.5
+#: How a speed-up figure reads in every line that shows one next to medians: it is the median of
+#: per-round float/int8 ratios (each int8 run against the float run beside it, so a drift of the
+#: machine cancels), not the ratio of the two medians shown, which may point the other way on a
+#: noisy machine.
+PER_ROUND = "per round"
 #: ``QATConfig.prefer``: "speed" keeps float the int8 layers that lose on the measured target;
 #: "int8" measures and reports but keeps every layer int8; "size" times nothing (every layer int8).
 PREFERS = ("speed", "int8", "size")
@@ -69,6 +79,31 @@ def speed_verdict(speedup: float, diff_ms: float | None = None) -> str:
     if speedup <= 1 - SPEED_TIE_TOLERANCE:
         return "slower"
     return "tie"
+
+
+def size_pays(float_bytes: int | None, int8_bytes: int | None) -> bool | None:
+    """Whether the int8 weights file is smaller enough to pay in size (:data:`SIZE_PAYS_RATIO`);
+    None when a size is not known."""
+    if not float_bytes or not int8_bytes:
+        return None
+    return float_bytes / int8_bytes >= SIZE_PAYS_RATIO
+
+
+def sizes_text(float_bytes: int | None, int8_bytes: int | None) -> str:
+    """``"weights float N B, int8 M B (Rx smaller)"``; empty when a size is not known."""
+    if not float_bytes or not int8_bytes:
+        return ""
+    return f"weights (.bin) float {float_bytes} B, int8 {int8_bytes} B ({float_bytes / int8_bytes:.2f}x smaller)"
+
+
+def tie_message(target: str, figures: str, float_bytes: int | None = None, int8_bytes: int | None = None) -> str:
+    """What an int8 model that ties with float on ``target`` gives: size only where
+    :func:`size_pays` (with the size figures), else plainly nothing: deploy the float model."""
+    sizes = sizes_text(float_bytes, int8_bytes)
+    if size_pays(float_bytes, int8_bytes) is False:
+        return (f"int8 ties with float on {target} ({figures}) and is barely smaller ({sizes}): int8 pays neither "
+                "in speed nor much in size here: deploy the float model (model.ncnn.*)")
+    return f"int8 ties with float on {target} ({figures}): it pays in size only" + (f" ({sizes})" if sizes else "")
 
 
 def int8_layer_loses(float_ms: float, int8_ms: float) -> bool:
@@ -97,14 +132,16 @@ def keep_float_pays(gain: float, current_speedup: float, saved_ms: float, curren
 
 
 def judge_speed(
-    target: str, speedup: float, figures: str, runs: int = SPEED_MIN_JUDGED_RUNS, diff_ms: float | None = None
+    target: str, speedup: float, figures: str, runs: int = SPEED_MIN_JUDGED_RUNS, diff_ms: float | None = None,
+    sizes: tuple[int | None, int | None] = (None, None),
 ) -> list[Finding]:
     """The export's int8 vs float timing on ``target`` (``speedup``: float time / int8 time, over
     ``runs`` interleaved runs): int8 slower is a warning that says plainly that int8 does not pay
     there; a tie a note (size only); faster a note with the figures; fewer than
     :data:`SPEED_MIN_JUDGED_RUNS` runs a note that the figure is not judged. ``figures``: how it
     was timed, for the message; ``diff_ms``: float ms - int8 ms (a smaller difference than
-    :data:`SPEED_MIN_DIFF_MS` is a tie)."""
+    :data:`SPEED_MIN_DIFF_MS` is a tie); ``sizes``: the float and int8 .bin bytes (a tie with
+    a small size gain says to deploy float, :func:`tie_message`)."""
     if runs < SPEED_MIN_JUDGED_RUNS:
         return [note("speed_not_judged", f"int8 vs float on {target} not judged: {runs} run(s) ({figures}); "
                      f"time with timing_runs >= {SPEED_MIN_JUDGED_RUNS} for a verdict", value=speedup)]
@@ -116,8 +153,8 @@ def judge_speed(
             "model.ncnn.* there, or run QAT with prefer='speed' (the default) so the layers that lose stay float",
             value=speedup, bar=1 - SPEED_TIE_TOLERANCE)]
     if verdict == "tie":
-        return [note("int8_ties_float", f"int8 ties with float on {target} ({figures}): it pays in size, not speed, there",
-                     value=speedup, bar=1 - SPEED_TIE_TOLERANCE)]
+        code = "int8_pays_nothing" if size_pays(*sizes) is False else "int8_ties_float"
+        return [note(code, tie_message(target, figures, *sizes), value=speedup, bar=1 - SPEED_TIE_TOLERANCE)]
     return [note("int8_faster", f"int8 is faster than float on {target} ({figures})", value=speedup,
                  bar=1 + SPEED_TIE_TOLERANCE)]
 

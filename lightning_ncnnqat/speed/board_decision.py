@@ -112,13 +112,14 @@ class BoardDecision:
             out.append("EMULATED board profile, accepted by allow_emulated_profiles() to test the mechanics: its "
                        "times are not speeds and decide nothing that matters")
         figures = _HIDDEN if self.profile.emulated else (
-            f"float {m['float']:.3f} ms, int8 {m['int8']:.3f} ms ({m['float'] / m['int8']:.2f}x)")
+            f"float {m['float']:.3f} ms, int8 {m['int8']:.3f} ms ({m['float'] / m['int8']:.2f}x float, "
+            f"{policy.speed_verdict(m['float'] / m['int8'], m['float'] - m['int8'])})")
         out.append(f"int8 speed on the board ({self.where}; ncnn's default options, medians measured there): {figures}")
         losers = layers_to_keep_float(self.layers)
         if self.prefer == "speed":
             est = "" if not self.keep or self.estimated_ms is None or self.profile.emulated else (
                 f"; its int8 model with them float estimated at {self.estimated_ms:.3f} ms "
-                f"({m['float'] / self.estimated_ms:.2f}x float)")
+                f"({m['float'] / self.estimated_ms:.2f}x float, {self.verdict})")
             out.append(f"prefer='speed': {len(self.keep)} of {len(self.layers) + len(self.untimed)} int8 layer(s) kept "
                        f"float for the board" + (f" ({', '.join(self.keep)})" if self.keep else
                                                  " (none loses there, or keeping them float does not pay)")
@@ -127,11 +128,22 @@ class BoardDecision:
         elif losers:
             out.append(f"prefer={self.prefer!r}: every layer stays int8; {len(losers)} lose alone on the board: "
                        f"{', '.join(losers)} (prefer='speed' keeps such layers float where the model gains)")
-        if self.verdict == "slower":
-            out.append(f"int8 does NOT pay on the board ({self.profile.describe()}) for this model: deploy the float "
-                       "model (model.ncnn.*) there")
-        out += self._x86_lines()
+        last = self.verdict_line()
+        out += ([last] if last else []) + self._x86_lines()
         return out
+
+    def verdict_line(self) -> str | None:
+        """The planned int8 model's verdict on the board in words where int8 does not clearly pay
+        (slower, or a tie: :func:`policy.tie_message`); None where it is faster or emulated."""
+        v, m = self.verdict, self.model_ms
+        q = self.estimated_ms if self.keep and self.estimated_ms else m.get("int8")
+        how = "estimated from its layer times" if self.keep and self.estimated_ms else "as profiled"
+        if v == "slower":
+            return (f"int8 does NOT pay on the board ({self.profile.describe()}) for this model ({how}: "
+                    f"{m['float'] / q:.2f}x float): deploy the float model (model.ncnn.*) there")
+        if v == "tie":
+            return policy.tie_message(f"the board ({self.profile.describe()})", f"{how}: {m['float'] / q:.2f}x float")
+        return None
 
     def _x86_lines(self) -> list[str]:
         if self.x86 is None:
@@ -142,7 +154,7 @@ class BoardDecision:
         f, q = x.models["float"], x.models["int8"]
         return [f"int8 speed on {x.target} ({x.machine}; {x.threads} thread, {x.clock} time), REPORTED ONLY (the "
                 f"board profile decides): float {f.median_ms:.3f} ms, int8 as planned for the board {q.median_ms:.3f} "
-                f"ms ({q.speedup:.2f}x, {self.x86.verdict})"]
+                f"ms ({q.speedup:.2f}x {policy.PER_ROUND}, {self.x86.verdict})"]
 
     def note(self) -> str:
         """One line for the QAT plan's notes."""
@@ -236,8 +248,10 @@ def keep_board_layers_float(
                                     lambda: decide_speed(model, example_input, "int8", check))
         except NcnnQatError as e:  # decide_speed reports its own failures; a report never stops QAT
             decision.x86 = SpeedDecision("int8", not_measured=str(e)[:200])
+    warned = decision.verdict_line() if decision.verdict == "slower" else None
     for line in decision.lines():
-        log(line)
-    if decision.verdict == "slower":
-        warn(next(ln for ln in decision.lines() if "does NOT pay" in ln))
+        if line != warned:  # the warning shows it: once, not twice
+            log(line)
+    if warned:
+        warn(warned)
     return reasons

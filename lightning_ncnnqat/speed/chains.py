@@ -154,15 +154,21 @@ class ChainStart:
         if self.flow is None:
             return
         before = predict_chains(self.flow, plan)
+        swap = chain_swap(model)
+        swapped = swap is not None and bool(swap.swapped)
+        kinds: dict[str, int] = {}
+        for old, new in (swap.swapped.values() if swap is not None else ()):
+            kinds[f"{old} -> {new}"] = kinds.get(f"{old} -> {new}", 0) + 1
         if before.int8_convs == 0:
+            if swapped:  # the swap changed the model even where no conv stays int8 (prefer='speed' kept them float)
+                text = (f"chain_activations={self.chain_activations!r} swapped {_names(kinds)}; no int8 conv left to "
+                        "chain (every conv is float in this plan)")
+                plan.notes[NOTE_KEY] = text
+                log(f"int8 chains: {text}")
             return
         text = f"{before.requantized} of {before.int8_convs} int8 convs hand their output on in int8 (requantize)"
-        swap = chain_swap(model)
-        if swap is not None and swap.swapped:
+        if swap is not None and swapped:
             after = predict_chains(self.flow, plan, {n: new for n, (_, new) in swap.swapped.items()})
-            kinds: dict[str, int] = {}
-            for old, new in swap.swapped.values():
-                kinds[f"{old} -> {new}"] = kinds.get(f"{old} -> {new}", 0) + 1
             text = (f"{before.requantized} -> {after.requantized} of {before.int8_convs} int8 convs hand their output on "
                     f"in int8 (requantize) after chain_activations={self.chain_activations!r} swapped {_names(kinds)}")
             if after.breakers:

@@ -19,7 +19,7 @@ from lightning_ncnnqat.policy import speed as policy
 from lightning_ncnnqat.speed.candidates import UnitSpeed
 from lightning_ncnnqat.speed.segments import time_side_by_side
 
-__all__ = ["LayerSpeed", "ModelSpeed", "SpeedMeasurement", "choose", "confirm"]
+__all__ = ["LayerSpeed", "ModelSpeed", "SpeedMeasurement", "choose", "confirm", "explain", "PLAN_LABELS"]
 
 
 @dataclass
@@ -92,6 +92,7 @@ class SpeedMeasurement:
     units: list[UnitSpeed] = field(default_factory=list)
     chosen: str | None = None  # the plan chosen and confirmed (prefer="speed"), else None
     confirmed: dict[str, ModelSpeed] = field(default_factory=dict)  # its confirming timing (and the next safer plan's)
+    sizes: dict[str, int] = field(default_factory=dict)  # per model key: its .bin bytes (float, int8, the plans)
 
     def reported(self, key: str) -> ModelSpeed:
         """The figure of ``key`` to report: the confirming timing's, else the second half's."""
@@ -168,3 +169,46 @@ def confirm(m: SpeedMeasurement, chosen: str, files: dict[str, ModelToTime], run
     if safer is not None and _slower(m.confirmed, chosen) and not _slower(m.confirmed, safer):
         return safer
     return chosen
+
+
+#: What each candidate plan is (``speed.candidates``), said once in the summary.
+PLAN_LABELS = {
+    "split": "depthwise convs of int8 chains float, other layers float where they lose clearly",
+    "loose": "per int8 chain whichever form timed cheapest",
+    "floor": "int8 only where a chain clearly wins",
+    "minimal": "every layer float but the best chain",
+}
+
+
+def _label(key: str) -> str:
+    return "all-int8" if key == "int8" else f"'{key}'"
+
+
+def explain(m: SpeedMeasurement, chosen: str) -> dict[str, str]:
+    """Per model key ("int8" and each plan): in a few words why it was or was not deployed, by the
+    rules :func:`choose` and :func:`confirm` applied (``chosen``: what they returned)."""
+    halves = [h for h in (m.models, m.check) if h]
+    walked = choose(m)  # before the confirming timing: a plan it found slower than float gave way
+    keys = ["int8", *sorted((k for k in m.models if k not in ("float", "int8")),
+                            key=lambda k: len(m.models[k].float_layers))]
+    nc = len(m.models[chosen].float_layers)
+    out: dict[str, str] = {}
+    for k in keys:
+        slow = [_slower(h, k) for h in halves]
+        if k == chosen:
+            out[k] = "taken" + (" (int8 does not pay: the least slow)" if any(slow) else "")
+        elif k == walked:
+            out[k] = f"slower than float in the confirming timing: {_label(chosen)} taken instead"
+        elif all(slow):
+            out[k] = "slower than float"
+        elif any(slow):
+            out[k] = "slower than float on one half of the rounds"
+        elif len(m.models[k].float_layers) >= nc:
+            pays = [_pays(h, chosen, k) for h in halves]
+            out[k] = (f"faster than {_label(chosen)} on one half of the rounds only" if any(pays) else
+                      f"not clearly faster than {_label(chosen)}, which keeps "
+                      f"{'fewer' if len(m.models[k].float_layers) > nc else 'as many'} layers float "
+                      f"(needs {policy.SPEED_KEEP_FLOAT_GAIN:.0%} and {policy.SPEED_MIN_DIFF_MS * 1000:.0f} us on both halves)")
+        else:
+            out[k] = f"{_label(chosen)} ran clearly faster on both halves of the rounds"
+    return out

@@ -54,7 +54,8 @@ from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.prepare import replan_as_float
 from lightning_ncnnqat.speed.candidates import UnitSpeed, candidate_plans
-from lightning_ncnnqat.speed.choice import LayerSpeed, ModelSpeed, SpeedMeasurement, _model_speed, choose, confirm
+from lightning_ncnnqat.speed.choice import (PLAN_LABELS, LayerSpeed, ModelSpeed, SpeedMeasurement, _model_speed, choose,
+                                            confirm, explain)
 from lightning_ncnnqat.speed.plan import whole_models
 from lightning_ncnnqat.speed.segments import time_side_by_side
 from lightning_ncnnqat.speed.unit_timing import split_rounds, time_chains
@@ -100,7 +101,8 @@ class SpeedDecision:
         return {n: f"{why.get(n, 'int8 slower than float on ' + m.target)}; {tail}" for n in self.keep_float}
 
     def lines(self) -> list[str]:
-        """The summary: whole-model figures, what was decided, and plainly when int8 does not pay."""
+        """The summary: whole-model figures, each plan tried and why it was or was not taken, and
+        plainly when int8 does not pay (last line; :meth:`verdict_line`)."""
         if self.measurement is None:
             return [f"int8 speed not measured: {self.not_measured}"] if self.not_measured else []
         m = self.measurement
@@ -108,36 +110,50 @@ class SpeedDecision:
 
         def fig(key: str) -> str:
             s = m.reported(key)
-            return f"{s.median_ms:.3f} ms [{s.min_ms:.3f}-{s.max_ms:.3f}] ({s.speedup:.2f}x)"
+            return f"{s.median_ms:.3f} ms [{s.min_ms:.3f}-{s.max_ms:.3f}] ({s.speedup:.2f}x {policy.PER_ROUND})"
 
         held = ("; figures from a confirming timing of the plan chosen" if m.confirmed
                 else "; figures from the second half of the rounds" if m.check else "")
-        out = [f"int8 speed on {m.target} ({m.machine}; {m.threads} thread, {m.clock} time, medians of interleaved "
-               f"runs{held}, measured in {m.seconds:.1f} s): float {f.median_ms:.3f} ms, int8 {fig('int8')}"]
-        for key, s in m.models.items():
-            if key not in ("float", "int8"):
-                out.append(f"  int8 with {len(s.float_layers)} layer(s) float ({key}): {fig(key)}")
+        why = explain(m, self.chosen) if self.prefer == "speed" else {}
+        out = [f"int8 speed on {m.target} ({m.machine}; {m.threads} thread, {m.clock} time; ms: median [min-max] of "
+               f"interleaved runs; Nx {policy.PER_ROUND}: float / int8 in each round, the median over rounds, so it can "
+               f"differ from the ratio of the medians{held}; measured in {m.seconds:.1f} s): float {f.median_ms:.3f} ms, "
+               f"int8 {fig('int8')}" + (f": {why['int8']}" if "int8" in why else "")]
+        plans = [k for k in m.models if k not in ("float", "int8")]
+        if plans:
+            out.append("  plans tried (int8 layers kept float): " + "; ".join(
+                f"{k} = {PLAN_LABELS.get(k, k)}" for k in plans))
+        for key in plans:
+            out.append(f"  {key}, {len(m.models[key].float_layers)} layer(s) float: {fig(key)}"
+                       + (f": {why[key]}" if key in why else ""))
         if self.prefer == "speed":
             keep = self.keep_float
             out.append(f"prefer='speed': {len(keep)} of {len(m.layers)} int8 layer(s) kept float"
                        + (f" ({', '.join(keep)})" if keep
                           else " (none loses enough, or keeping them float does not pay)"))
-        else:
-            losers = [k for k in m.models if k not in ("float", "int8")]
-            if losers:
-                best = max(losers, key=lambda k: m.reported(k).speedup)
-                out.append(f"prefer={self.prefer!r}: every layer stays int8; with {len(m.models[best].float_layers)} "
-                           f"float ({best}) it would run {m.reported(best).speedup:.2f}x float (prefer='speed' "
-                           "keeps such layers float where the whole model gains)")
-        v = self.verdict
-        s = m.reported(self.chosen)
+        elif plans:
+            best = max(plans, key=lambda k: m.reported(k).speedup)
+            out.append(f"prefer={self.prefer!r}: every layer stays int8; with {len(m.models[best].float_layers)} "
+                       f"float ({best}) it would run {m.reported(best).speedup:.2f}x float {policy.PER_ROUND} "
+                       "(prefer='speed' keeps such layers float where the whole model gains)")
+        last = self.verdict_line()
+        return out + ([last] if last else [])
+
+    def verdict_line(self) -> str | None:
+        """The deployed int8 model's verdict in words where int8 does not clearly pay: slower than
+        float, or a tie (size only, or nothing where the .bin is barely smaller: policy.tie_message)."""
+        m = self.measurement
+        if m is None:
+            return None
+        v, s = self.verdict, m.reported(self.chosen)
         if v == "slower":
-            out.append(f"int8 does NOT pay on {m.target} for this model: its int8 model is {s.speedup:.2f}x "
-                       "the float model's speed; deploy the float model (model.ncnn.*) there, or measure on your board")
-        elif v == "tie":
-            out.append(f"int8 ties with float on {m.target} (within {policy.SPEED_TIE_TOLERANCE:.0%} or "
-                       f"{policy.SPEED_MIN_DIFF_MS * 1000:.0f} us): it pays in size only; int8 does not pay in speed here")
-        return out
+            return (f"int8 does NOT pay on {m.target} for this model: its int8 model is {s.speedup:.2f}x the float "
+                    f"model's speed {policy.PER_ROUND}; deploy the float model (model.ncnn.*) there, or measure on your board")
+        if v == "tie":
+            tol = (f"within {policy.SPEED_TIE_TOLERANCE:.0%} or {policy.SPEED_MIN_DIFF_MS * 1000:.0f} us, "
+                   f"{s.speedup:.2f}x {policy.PER_ROUND}")
+            return policy.tie_message(m.target, tol, m.sizes.get("float"), m.sizes.get(self.chosen))
+        return None
 
     def note(self) -> str | None:
         """One line for the QAT plan's notes: the deployed int8 model against float."""
@@ -146,7 +162,7 @@ class SpeedDecision:
             return None
         f, s = m.reported("float"), m.reported(self.chosen)
         return (f"{m.threads} thread, {m.clock} ms: float {f.median_ms:.3f}, int8 as planned {s.median_ms:.3f} "
-                f"({s.speedup:.2f}x, {self.verdict}); {len(self.keep_float)} layer(s) kept float for speed")
+                f"({s.speedup:.2f}x {policy.PER_ROUND}, {self.verdict}); {len(self.keep_float)} layer(s) kept float for speed")
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,7 @@ def measure_speed(model: nn.Module, example_input: Any, threads: int = 1, decide
 
         m = SpeedMeasurement(HOST, machine_line(), threads, clock, _layer_speeds(units), speeds(halves[0]), 0.0,
                              speeds(halves[1]), units)
+        m.sizes = {mt.name: Path(mt.bin).stat().st_size for mt in models if Path(mt.bin).is_file()}
         if decide:
             m.chosen = confirm(m, choose(m), {mt.name: mt for mt in models})
     m.seconds = time.perf_counter() - t0
@@ -272,8 +289,10 @@ def keep_slow_layers_float(
     note = decision.note()
     if plan is not None and note is not None:
         plan.notes[f"(speed on {decision.measurement.target})"] = note
+    warned = decision.verdict_line() if decision.verdict == "slower" else None
     for line in decision.lines():
-        log(line)
-    if decision.verdict == "slower":
-        warn(decision.lines()[-1])
+        if line != warned:  # the warning shows it: once, not twice
+            log(line)
+    if warned:
+        warn(warned)
     return reasons

@@ -71,6 +71,8 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
     speedup = paired_speedup(f, q, clock)  # per round, each int8 run against the float run beside it
     verdict = policy.speed_verdict(speedup, f_ms - q_ms) if runs >= policy.SPEED_MIN_JUDGED_RUNS else "not judged"
     m = machine_info()
+    sizes = tuple((d / f"model.{ext}.bin").stat().st_size if (d / f"model.{ext}.bin").is_file() else None
+                  for ext in ("ncnn", "int8"))
     report.timing = {
         "target": HOST, "clock": clock, "verdict": verdict,
         "float32_ms": f_ms, "int8_ms": q_ms, "speedup": speedup,
@@ -80,10 +82,12 @@ def time_export(report: Any, export_dir: str | Path, held: Sequence[Any], runs: 
         "threads": int(threads) if threads is not None else 0, "runs": runs,
         "input_shapes": [list(i["shape"]) for i in report.io.get("inputs", [])],
         "load_average_1min": m["load_1min"], "cpu_count": m["cpus"], "machine": machine_line(m),
+        "float32_bin_bytes": sizes[0], "int8_bin_bytes": sizes[1],
     }
     figures = (f"{clock} time, {report.timing['threads'] or 'default'} thread(s), medians of {runs} interleaved runs: "
-               f"float {f_ms:.3f} ms, int8 {q_ms:.3f} ms ({speedup:.2f}x); {machine_line(m)}")
-    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures, runs, f_ms - q_ms))
+               f"float {f_ms:.3f} ms, int8 {q_ms:.3f} ms; int8 {speedup:.2f}x float's speed {policy.PER_ROUND}, the median "
+               f"of per-round ratios; {machine_line(m)}")
+    render(report, policy.judge_speed(f"{HOST} (this machine)", speedup, figures, runs, f_ms - q_ms, sizes))
 
 
 def speed_lines(report: dict[str, Any]) -> list[str]:
@@ -96,7 +100,8 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
     else:
         target = t.get("target", HOST)
         line = (f"- **{target}** ({t.get('machine', 'this machine')}): float {t['float32_ms']:.3f} ms, int8 "
-                f"{t['int8_ms']:.3f} ms per inference ({t['speedup']:.2f}x; {t.get('clock', 'wall')} time, "
+                f"{t['int8_ms']:.3f} ms per inference (medians; int8 {t['speedup']:.2f}x float's speed {policy.PER_ROUND}, "
+                f"the median of per-round ratios; {t.get('clock', 'wall')} time, "
                 f"{t.get('threads') or 'default'} thread(s), ncnn's default options).")
         verdict = t.get("verdict")
         if verdict == "not judged":
@@ -104,7 +109,13 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
         elif verdict == "slower":
             line += f" **int8 does not pay here: it is slower than float; deploy model.ncnn.* on {target}.**"
         elif verdict == "tie":
-            line += " int8 ties with float here: it pays in size only."
+            fb, qb = t.get("float32_bin_bytes"), t.get("int8_bin_bytes")
+            if policy.size_pays(fb, qb) is False:
+                line += (f" **int8 pays neither in speed nor much in size here ({policy.sizes_text(fb, qb)}): deploy "
+                         f"the float model (model.ncnn.*) on {target}.**")
+            else:
+                sizes = policy.sizes_text(fb, qb)
+                line += " int8 ties with float here: it pays in size only" + (f" ({sizes})." if sizes else ".")
         out.append(line)
     others = [k for k, v in (report.get("runtime") or {}).items() if isinstance(v, dict) and v.get("emulated")]
     if others:
