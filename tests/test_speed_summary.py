@@ -119,3 +119,31 @@ def test_a_slower_or_faster_export_line_is_labelled_and_sizes_do_not_change_its_
                           "float32_bin_bytes": 34608, "int8_bin_bytes": 33380}}
         line = next(ln for ln in speed_lines(rep) if ln.startswith("- **"))
         assert f"{speedup:.2f}x float's speed per round" in line and word in line and "pays neither" not in line
+
+
+@pytest.mark.parametrize(("float_ms", "int8_ms", "keep", "est", "first", "last"), [
+    # the new user's board run: int8 0.72x as profiled; 7 kept float, estimated 0.065 ms: within 10 us, a tie
+    (0.058, 0.081, ["a"], 0.065, "0.72x float, slower", "int8 ties with float on the board"),
+    # kept float, still estimated slower: said plainly
+    (1.0, 2.0, ["a"], 1.5, "0.50x float, slower", "int8 does NOT pay on the board"),
+    # faster as profiled, nothing kept: the verdict word, no verdict line
+    (2.0, 1.0, [], None, "2.00x float, faster", None),
+])
+def test_board_lines_carry_the_verdict_word(tmp_path, float_ms: float, int8_ms: float, keep: list[str],
+                                            est: float | None, first: str, last: str | None) -> None:
+    from lightning_ncnnqat.ncnn.targets.profile import BoardProfile
+    from lightning_ncnnqat.speed.board_decision import BoardDecision
+    from lightning_ncnnqat.speed.choice import LayerSpeed
+
+    prof = BoardProfile(tmp_path / "b.json", "RK3588", False, (), {"machine": "aarch64", "cpu_count": 8}, (1,),
+                        {1: {"float": (float_ms, {}), "int8": (int8_ms, {})}})
+    d = BoardDecision("speed", prof, 1, {"a": LayerSpeed("a", 0.02, 0.01), "b": LayerSpeed("b", 0.01, 0.02)},
+                      keep=keep, estimated_ms=est)
+    lines = d.lines()
+    assert first in lines[0], lines
+    if est is not None:
+        assert f"x float, {d.verdict})" in next(ln for ln in lines if "estimated at" in ln)
+    if last is None:
+        assert d.verdict_line() is None and not any("does NOT pay" in ln or "ties" in ln for ln in lines)
+    else:
+        assert lines[-1].startswith(last) and lines[-1] == d.verdict_line(), lines
