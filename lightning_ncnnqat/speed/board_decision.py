@@ -45,7 +45,9 @@ from lightning_ncnnqat.qat.dtypes import float32_example, float32_model
 from lightning_ncnnqat.qat.plan import get_plan
 from lightning_ncnnqat.qat.prepare import replan_as_float
 from lightning_ncnnqat.speed.board import board_layer_speeds
-from lightning_ncnnqat.speed.decide import LayerSpeed, SpeedCheck, SpeedDecision, decide_speed, layers_to_keep_float
+from lightning_ncnnqat.speed.decide import (
+    LayerSpeed, SpeedCheck, SpeedDecision, decide_speed, layers_to_keep_float, show_decision,
+)
 
 __all__ = ["BoardDecision", "decide_on_board", "keep_board_layers_float"]
 
@@ -248,10 +250,5 @@ def keep_board_layers_float(
                                     lambda: decide_speed(model, example_input, "int8", check))
         except NcnnQatError as e:  # decide_speed reports its own failures; a report never stops QAT
             decision.x86 = SpeedDecision("int8", not_measured=str(e)[:200])
-    warned = decision.verdict_line() if decision.verdict == "slower" else None
-    for line in decision.lines():
-        if line != warned:  # the warning shows it: once, not twice
-            log(line)
-    if warned:
-        warn(warned)
+    show_decision(decision, log, warn)
     return reasons

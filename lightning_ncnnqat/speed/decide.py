@@ -289,10 +289,15 @@ def keep_slow_layers_float(
     note = decision.note()
     if plan is not None and note is not None:
         plan.notes[f"(speed on {decision.measurement.target})"] = note
+    show_decision(decision, log, warn)
+    return reasons
+
+
+def show_decision(decision: Any, log: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    """Log a decision's summary lines; a "slower" verdict goes out once, as the warning only."""
     warned = decision.verdict_line() if decision.verdict == "slower" else None
     for line in decision.lines():
-        if line != warned:  # the warning shows it: once, not twice
+        if line != warned:
             log(line)
     if warned:
         warn(warned)
-    return reasons
